@@ -1,0 +1,4 @@
+# Lets `python -m criu_py` behave exactly like the criu-py console script.
+from criu_py.cli import main
+
+main()

@@ -1,0 +1,1 @@
+# crit: decode, encode, show and explore CRIU-format images. Kept import-light.
