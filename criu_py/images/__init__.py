@@ -1,0 +1,472 @@
+# Reading and writing CRIU image files (the format of upstream CRIU 4.2, criu/include/magic.h and
+# criu/image-desc.c): a magic header, then entries framed as a u32 length + protobuf bytes, some
+# followed by raw payload. Import-light: protobuf modules are imported only when a kind is used.
+#
+#   from criu_py.images import ImageDir
+#   d = ImageDir("/tmp/ckpt", create=True)
+#   d.write_entries("core-42.img", [core])       # framed, magic header, file 0600
+#   core = d.read_one("core-42.img")
+#
+# Every problem with an image raises criu_py.errors.ImageError whose text names the file.
+import importlib
+import os
+import re
+import struct
+
+from criu_py.errors import ImageError
+
+COMMON_MAGIC = 0x54564319   # first word of every image but inventory.img, stats and irmap-cache
+SERVICE_MAGIC = 0x55105940  # first word of the service images (stats-*, irmap-cache.img)
+RAW = "raw"                 # kind of images without magic and framing (pages-N.img, tarballs, ...)
+
+# pagemap_entry.flags
+PE_PARENT = 1 << 0
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+
+# kind -> (magic, protobuf module, message name). The kind is magic.h's name in lower case; crit's
+# JSON "magic" field is the same name in upper case.
+MAGICS = {
+    "inventory": (0x58313116, "inventory_pb2", "inventory_entry"),
+    "pstree": (0x50273030, "pstree_pb2", "pstree_entry"),
+    "fdinfo": (0x56213732, "fdinfo_pb2", "fdinfo_entry"),
+    "pagemap": (0x56084025, "pagemap_pb2", "pagemap_entry"),   # first entry: pagemap_head
+    "core": (0x55053847, "core_pb2", "core_entry"),
+    "ids": (0x54432030, "core_pb2", "task_kobj_ids_entry"),
+    "vmas": (0x54123737, "vma_pb2", "vma_entry"),
+    "pipes": (0x56513555, "pipe_pb2", "pipe_entry"),
+    "pipes_data": (0x56453709, "pipe_data_pb2", "pipe_data_entry"),
+    "fifo": (0x58364939, "fifo_pb2", "fifo_entry"),
+    "fifo_data": (0x59333054, "pipe_data_pb2", "pipe_data_entry"),
+    "sigact": (0x55344201, "sa_pb2", "sa_entry"),
+    "unixsk": (0x54373943, "sk_unix_pb2", "unix_sk_entry"),
+    "inetsk": (0x56443851, "sk_inet_pb2", "inet_sk_entry"),
+    "packetsk": (0x60454618, "packet_sock_pb2", "packet_sock_entry"),
+    "itimers": (0x57464056, "timer_pb2", "itimer_entry"),
+    "posix_timers": (0x52603957, "timer_pb2", "posix_timer_entry"),
+    "sk_queues": (0x56264026, "sk_packet_pb2", "sk_packet_entry"),
+    "utsns": (0x54473203, "utsns_pb2", "utsns_entry"),
+    "creds": (0x54023547, "creds_pb2", "creds_entry"),
+    "ipc_var": (0x53115007, "ipc_var_pb2", "ipc_var_entry"),
+    "ipcns_shm": (0x46283044, "ipc_shm_pb2", "ipc_shm_entry"),
+    "ipcns_msg": (0x55453737, "ipc_msg_pb2", "ipc_msg_entry"),
+    "ipcns_sem": (0x59573019, "ipc_sem_pb2", "ipc_sem_entry"),
+    "reg_files": (0x50363636, "regfile_pb2", "reg_file_entry"),
+    "ext_files": (0x59255641, "ext_file_pb2", "ext_file_entry"),
+    "fs": (0x51403912, "fs_pb2", "fs_entry"),
+    "mm": (0x57492820, "mm_pb2", "mm_entry"),
+    "remap_fpath": (0x59133954, "remap_file_path_pb2", "remap_file_path_entry"),
+    "ghost_file": (0x52583605, "ghost_file_pb2", "ghost_file_entry"),
+    "tcp_stream": (0x51465506, "tcp_stream_pb2", "tcp_stream_entry"),
+    "eventfd_file": (0x44523722, "eventfd_pb2", "eventfd_file_entry"),
+    "eventpoll_file": (0x45023858, "eventpoll_pb2", "eventpoll_file_entry"),
+    "eventpoll_tfd": (0x44433746, "eventpoll_pb2", "eventpoll_tfd_entry"),
+    "signalfd": (0x57323820, "signalfd_pb2", "signalfd_entry"),
+    "inotify_file": (0x48424431, "fsnotify_pb2", "inotify_file_entry"),
+    "inotify_wd": (0x54562009, "fsnotify_pb2", "inotify_wd_entry"),
+    "mnts": (0x55563928, "mnt_pb2", "mnt_entry"),
+    "netdev": (0x57373951, "netdev_pb2", "net_device_entry"),
+    "netns": (0x55933752, "netdev_pb2", "netns_entry"),
+    "tty_files": (0x59433025, "tty_pb2", "tty_file_entry"),
+    "tty_info": (0x59453036, "tty_pb2", "tty_info_entry"),
+    "tty_data": (0x59413026, "tty_pb2", "tty_data_entry"),
+    "file_locks": (0x54323616, "file_lock_pb2", "file_lock_entry"),
+    "rlimit": (0x57113925, "rlimit_pb2", "rlimit_entry"),
+    "fanotify_file": (0x55096122, "fsnotify_pb2", "fanotify_file_entry"),
+    "fanotify_mark": (0x56506035, "fsnotify_pb2", "fanotify_mark_entry"),
+    "signal": (0x59255647, "siginfo_pb2", "signal_queue_entry"),
+    "netlink_sk": (0x58005614, "sk_netlink_pb2", "netlink_sk_entry"),
+    "ns_files": (0x61394011, "ns_pb2", "ns_file_entry"),
+    "tunfile": (0x57143751, "tun_pb2", "tunfile_entry"),
+    "cgroup": (0x59383330, "cgroup_pb2", "cgroup_entry"),
+    "timerfd": (0x50493712, "timerfd_pb2", "timerfd_entry"),
+    "cpuinfo": (0x61404013, "cpuinfo_pb2", "cpuinfo_entry"),
+    "userns": (0x55474906, "userns_pb2", "userns_entry"),
+    "seccomp": (0x64413049, "seccomp_pb2", "seccomp_entry"),
+    "binfmt_misc": (0x67343323, "binfmt_misc_pb2", "binfmt_misc_entry"),
+    "autofs": (0x49353943, "autofs_pb2", "autofs_entry"),
+    "files": (0x56303138, "fdinfo_pb2", "file_entry"),
+    "memfd_inode": (0x48453499, "memfd_pb2", "memfd_inode_entry"),
+    "timens": (0x43114433, "timens_pb2", "timens_entry"),
+    "pidns": (0x61157326, "pidns_pb2", "pidns_entry"),
+    "bpfmap_file": (0x57506142, "bpfmap_file_pb2", "bpfmap_file_entry"),
+    "bpfmap_data": (0x64324033, "bpfmap_data_pb2", "bpfmap_data_entry"),
+    "apparmor": (0x59423047, "apparmor_pb2", "apparmor_entry"),
+    "stats": (0x57093306, "stats_pb2", "stats_entry"),
+    "irmap_cache": (0x57004059, "fh_pb2", "irmap_cache_entry"),
+}
+# Kinds whose first entry is of another message (the head).
+HEADS = {"pagemap": ("pagemap_pb2", "pagemap_head")}
+SERVICE_KINDS = frozenset({"stats", "irmap_cache"})
+NO_COMMON_MAGIC = frozenset({"inventory"})
+# Raw payload after each entry: kind -> size of the payload that follows `msg` (as CRIU writes it).
+PAYLOAD_SIZE = {
+    "pipes_data": lambda m: m.bytes,
+    "fifo_data": lambda m: m.bytes,
+    "sk_queues": lambda m: m.length,
+    "tcp_stream": lambda m: m.inq_len + m.outq_len,
+    "bpfmap_data": lambda m: m.keys_bytes + m.values_bytes,
+    "ipcns_shm": lambda m: (m.size + 3) & ~3,
+    "ipcns_sem": lambda m: (m.nsems * 2 + 7) & ~7,
+}
+
+
+def _ipc_msg_payload(msg, data, off):
+    """ipcns-msg: qnum messages follow the queue entry, each a framed ipc_msg (mtype, msize) and
+    its text padded to 8 bytes."""
+    cls = getattr(pb_module("ipc_msg_pb2"), "ipc_msg")
+    start = off
+    for _ in range(msg.qnum):
+        size, = _U32.unpack_from(data, off)
+        m = cls()
+        m.ParseFromString(bytes(data[off + 4:off + 4 + size]))
+        off += 4 + size + ((m.msize + 7) & ~7)
+    return off - start
+
+
+# Payloads whose size needs a look at the bytes: kind -> f(msg, data, offset) -> size.
+PAYLOAD_SCAN = {
+    "ipcns_msg": _ipc_msg_payload,
+    "ghost_file": lambda msg, data, off: len(data) - off,   # the file's contents, to the end
+}
+_BY_MAGIC = {v[0]: k for k, v in MAGICS.items()}
+
+# File name (without directory) -> kind, after upstream's image-desc.c names.
+_NAME_RULES = [(re.compile(p + r"\Z"), k) for p, k in [
+    (r"inventory\.img", "inventory"), (r"pstree\.img", "pstree"),
+    (r"core-\d+\.img", "core"), (r"ids-\d+\.img", "ids"), (r"mm-\d+\.img", "mm"),
+    (r"pagemap-(shmem-)?\d+\.img", "pagemap"), (r"pages-(shmem-)?\d+\.img", RAW),
+    (r"fdinfo-\d+\.img", "fdinfo"), (r"files\.img", "files"), (r"fs-\d+\.img", "fs"),
+    (r"vmas-\d+\.img", "vmas"), (r"creds-\d+\.img", "creds"), (r"sigacts-\d+\.img", "sigact"),
+    (r"itimers-\d+\.img", "itimers"), (r"posix-timers-\d+\.img", "posix_timers"),
+    (r"rlimit-\d+\.img", "rlimit"), (r"signal-[sp]-\d+\.img", "signal"),
+    (r"utsns-\d+\.img", "utsns"), (r"ipcns-var-\d+\.img", "ipc_var"),
+    (r"ipcns-shm-\d+\.img", "ipcns_shm"), (r"ipcns-msg-\d+\.img", "ipcns_msg"),
+    (r"ipcns-sem-\d+\.img", "ipcns_sem"), (r"netns-\d+\.img", "netns"),
+    (r"userns-\d+\.img", "userns"), (r"timens-\d+\.img", "timens"), (r"pidns-\d+\.img", "pidns"),
+    (r"mountpoints-\d+\.img", "mnts"), (r"netdev-\d+\.img", "netdev"),
+    (r"(ifaddr|route6?|rule|ip6?tables|nftables|netns-ct|netns-exp)-\d+\.img", RAW),
+    (r"tmpfs-(dev-)?\d+\.tar\.gz\.img", RAW),
+    (r"reg-files\.img", "reg_files"), (r"ext-files\.img", "ext_files"), (r"ns-files\.img", "ns_files"),
+    (r"eventfd\.img", "eventfd_file"), (r"eventpoll\.img", "eventpoll_file"),
+    (r"eventpoll-tfd\.img", "eventpoll_tfd"), (r"signalfd\.img", "signalfd"),
+    (r"inotify\.img", "inotify_file"), (r"inotify-wd\.img", "inotify_wd"),
+    (r"fanotify\.img", "fanotify_file"), (r"fanotify-mark\.img", "fanotify_mark"),
+    (r"unixsk\.img", "unixsk"), (r"inetsk\.img", "inetsk"), (r"packetsk\.img", "packetsk"),
+    (r"netlinksk\.img", "netlink_sk"), (r"sk-queues\.img", "sk_queues"),
+    (r"pipes\.img", "pipes"), (r"pipes-data\.img", "pipes_data"),
+    (r"fifo\.img", "fifo"), (r"fifo-data\.img", "fifo_data"),
+    (r"tty\.img", "tty_files"), (r"tty-info\.img", "tty_info"), (r"tty-data\.img", "tty_data"),
+    (r"tunfile\.img", "tunfile"), (r"cgroup\.img", "cgroup"), (r"timerfd\.img", "timerfd"),
+    (r"cpuinfo\.img", "cpuinfo"), (r"seccomp\.img", "seccomp"),
+    (r"binfmt-misc(-\d+)?\.img", "binfmt_misc"), (r"autofs-\d+\.img", "autofs"),
+    (r"memfd\.img", "memfd_inode"), (r"bpfmap-file\.img", "bpfmap_file"),
+    (r"bpfmap-data\.img", "bpfmap_data"), (r"apparmor\.img", "apparmor"),
+    (r"filelocks\.img", "file_locks"), (r"remap-fpath\.img", "remap_fpath"),
+    (r"ghost-file-[0-9a-f]+\.img", "ghost_file"), (r"tcp-stream-[0-9a-f]+\.img", "tcp_stream"),
+    (r"stats-(dump|restore)", "stats"), (r"irmap-cache\.img", "irmap_cache"),
+]]
+
+_U32 = struct.Struct("<I")
+_U32x2 = struct.Struct("<II")
+
+
+def kind_of(name: str) -> str | None:
+    """The image kind a file name stands for (RAW for raw images), None when unknown."""
+    base = os.path.basename(name)
+    for rx, kind in _NAME_RULES:
+        if rx.match(base):
+            return kind
+    return None
+
+
+def kind_by_magic(magic: int) -> str | None:
+    return _BY_MAGIC.get(magic)
+
+
+def pb_module(module: str):
+    """criu_py.images.pb.<module>, imported on first use."""
+    return importlib.import_module("criu_py.images.pb." + module)
+
+
+def message_class(kind: str, head: bool = False):
+    """The protobuf class of `kind`'s entries (of its first entry with head=True, pagemap)."""
+    if head and kind in HEADS:
+        mod, name = HEADS[kind]
+    else:
+        try:
+            _, mod, name = MAGICS[kind]
+        except KeyError:
+            raise ImageError(f"unknown image kind {kind!r}") from None
+    return getattr(pb_module(mod), name)
+
+
+def entry_class(kind: str, index: int):
+    """The class of entry number `index` of a `kind` image."""
+    return message_class(kind, head=(index == 0))
+
+
+def header(kind: str) -> bytes:
+    magic = MAGICS[kind][0]
+    if kind in NO_COMMON_MAGIC:
+        return _U32.pack(magic)
+    return _U32x2.pack(SERVICE_MAGIC if kind in SERVICE_KINDS else COMMON_MAGIC, magic)
+
+
+def _resolve(name_or_kind: str) -> tuple[str | None, str]:
+    """(kind or None, label for messages) of a file name or a kind."""
+    if name_or_kind in MAGICS or name_or_kind == RAW:
+        return name_or_kind, name_or_kind
+    return kind_of(name_or_kind), os.path.basename(name_or_kind)
+
+
+def _parse_header(data, label: str, expect: str | None) -> tuple[str, int]:
+    """Check the magic words; return (kind, offset of the first entry)."""
+    if len(data) < 4:
+        raise ImageError(f"{label}: {'empty file' if not data else 'short read of the magic'}"
+                         f" (no image header)")
+    first, = _U32.unpack_from(data, 0)
+    if first in (COMMON_MAGIC, SERVICE_MAGIC):
+        if len(data) < 8:
+            raise ImageError(f"{label}: short read of the magic ({len(data)} bytes)")
+        magic, = _U32.unpack_from(data, 4)
+        off = 8
+    else:
+        magic, off = first, 4
+    kind = kind_by_magic(magic)
+    if expect is not None and expect != RAW:
+        want = MAGICS[expect][0]
+        if kind != expect:
+            raise ImageError(f"{label}: bad magic {magic:#010x} (expected {expect} {want:#010x})")
+    elif kind is None:
+        raise ImageError(f"{label}: unknown magic {magic:#010x}")
+    want_first = (None if kind in NO_COMMON_MAGIC else
+                  SERVICE_MAGIC if kind in SERVICE_KINDS else COMMON_MAGIC)
+    if (off == 4 and want_first is not None) or (off == 8 and first != want_first):
+        got = f"{first:#010x}" if off == 8 else "none"
+        exp = f"{want_first:#010x}" if want_first is not None else "none"
+        raise ImageError(f"{label}: bad first magic {got} for a {kind} image (expected {exp})")
+    return kind, off
+
+
+def iter_frames(data, label: str, off: int, kind: str, payload_size=None, scan=None):
+    """Yield (index, message, payload or None) for each framed entry from `off`. The payload
+    after an entry is payload_size(msg) bytes, or scan(msg, data, offset) bytes."""
+    n = len(data)
+    mv = memoryview(data)
+    i = 0
+    head_cls = message_class(kind, head=True) if kind in HEADS else None
+    cls = message_class(kind)
+    while off < n:
+        if off + 4 > n:
+            raise ImageError(f"{label}: truncated entry {i} (short read of its size,"
+                             f" {n - off} of 4 bytes)")
+        size, = _U32.unpack_from(data, off)
+        off += 4
+        if off + size > n:
+            raise ImageError(f"{label}: truncated entry {i} (size {size}, only {n - off} bytes left)")
+        msg = (head_cls if (i == 0 and head_cls is not None) else cls)()
+        try:
+            msg.ParseFromString(mv[off:off + size])
+        except Exception as exc:  # google.protobuf.message.DecodeError and friends
+            raise ImageError(f"{label}: entry {i} does not decode as {msg.DESCRIPTOR.name}"
+                             f" ({exc})") from None
+        off += size
+        payload = None
+        if payload_size is not None or scan is not None:
+            try:
+                psize = int(payload_size(msg) if scan is None else scan(msg, data, off))
+            except Exception as exc:
+                raise ImageError(f"{label}: entry {i}: cannot size its payload ({exc})") from None
+            if psize < 0 or off + psize > n:
+                raise ImageError(f"{label}: truncated payload of entry {i} ({psize} bytes,"
+                                 f" only {n - off} left)")
+            payload = bytes(mv[off:off + psize])
+            off += psize
+        yield i, msg, payload
+        i += 1
+
+
+def decode_bytes(name_or_kind: str, data, payload_size=None) -> tuple[str, list]:
+    """Decode a whole image. Returns (kind, entries); entries are messages, or (message, payload)
+    pairs for kinds that carry payload (PAYLOAD_SIZE, PAYLOAD_SCAN, or a payload_size(msg) given).
+    A name of an unknown pattern is decoded by the magic it holds."""
+    kind, label = _resolve(name_or_kind)
+    if kind == RAW:
+        raise ImageError(f"{label}: raw image, it holds no entries")
+    kind, off = _parse_header(data, label, kind)
+    psize = payload_size or PAYLOAD_SIZE.get(kind)
+    scan = None if payload_size else PAYLOAD_SCAN.get(kind)
+    if psize is None and scan is None:
+        return kind, [m for _, m, _ in iter_frames(data, label, off, kind)]
+    return kind, [(m, p) for _, m, p in iter_frames(data, label, off, kind, psize, scan)]
+
+
+def _serialize(msg, label: str, i: int) -> bytes:
+    try:
+        return msg.SerializeToString()
+    except Exception as exc:  # missing required fields
+        why = str(exc)
+        why = why if len(why) <= 160 else why[:157] + "..."
+        raise ImageError(f"{label}: entry {i} cannot be encoded ({why})") from None
+
+
+def encode_file(kind: str, entries) -> bytes:
+    """The bytes of a `kind` image holding `entries` (messages, or (message, payload) pairs)."""
+    if kind not in MAGICS:
+        raise ImageError(f"unknown image kind {kind!r}")
+    parts = [header(kind)]
+    for i, e in enumerate(entries):
+        msg, payload = e if isinstance(e, tuple) else (e, None)
+        body = _serialize(msg, kind, i)
+        parts.append(_U32.pack(len(body)))
+        parts.append(body)
+        if payload:
+            parts.append(payload)
+    return b"".join(parts)
+
+
+def pagemap_nr_pages(pe) -> int:
+    """Pages of a pagemap_entry: field 5 (4.x) when set, else the 3.x field 2."""
+    return pe.nr_pages if pe.HasField("nr_pages") else pe.compat_nr_pages
+
+
+def set_pagemap_nr_pages(pe, n: int) -> None:
+    """Set both count fields, so CRIU 4.x (field 5) and 3.x readers (field 2) agree."""
+    pe.nr_pages = n
+    pe.compat_nr_pages = n if n < (1 << 32) else 0
+
+
+class ImageDir:
+    """A checkpoint directory. Paths are resolved against a directory fd held open."""
+
+    def __init__(self, path: str, create: bool = False):
+        self.dirpath = os.fspath(path)
+        if create:
+            try:
+                os.mkdir(self.dirpath, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise ImageError(f"{self.dirpath}: cannot create the images dir ({exc.strerror})") from None
+        try:
+            self.dirfd = os.open(self.dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageError(f"{self.dirpath}: cannot open the images dir ({exc.strerror})") from None
+        if create:
+            try:
+                os.fchmod(self.dirfd, 0o700)
+            except OSError as exc:
+                os.close(self.dirfd)
+                raise ImageError(f"{self.dirpath}: cannot make the images dir private"
+                                 f" ({exc.strerror})") from None
+
+    def close(self):
+        if self.dirfd >= 0:
+            os.close(self.dirfd)
+            self.dirfd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"ImageDir({self.dirpath!r})"
+
+    # --- names ---
+    def path(self, name: str) -> str:
+        return os.path.join(self.dirpath, name)
+
+    def exists(self, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self.dirfd)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self) -> list[str]:
+        return sorted(os.listdir(self.dirfd))
+
+    # --- raw ---
+    def open_raw(self, name: str, write: bool = False) -> int:
+        """An fd on a raw image: read-only, or write (created/truncated, 0600)."""
+        flags = os.O_CLOEXEC | ((os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY)
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=self.dirfd)
+        except OSError as exc:
+            raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
+        if write:
+            os.fchmod(fd, 0o600)
+        return fd
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dirfd)
+        except FileNotFoundError:
+            raise ImageError(f"{name}: missing (no such file in {self.dirpath})") from None
+        except OSError as exc:
+            raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
+        try:
+            with open(fd, "rb", closefd=True) as f:
+                return f.read()
+        except OSError as exc:
+            raise ImageError(f"{name}: read failed ({exc.strerror})") from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        fd = self.open_raw(name, write=True)
+        try:
+            with open(fd, "wb", closefd=True) as f:
+                f.write(data)
+        except OSError as exc:
+            raise ImageError(f"{name}: write failed ({exc.strerror})") from None
+
+    # --- entries ---
+    def _kind(self, name: str) -> str:
+        kind = kind_of(name)
+        if kind is None:
+            raise ImageError(f"{name}: not a CRIU image name")
+        if kind == RAW:
+            raise ImageError(f"{name}: raw image, it holds no entries")
+        return kind
+
+    def write_entries(self, name: str, entries) -> None:
+        kind = self._kind(name)
+        self.write_bytes(name, self._encode(name, kind, entries))
+
+    def write_entries_with_payload(self, name: str, pairs) -> None:
+        kind = self._kind(name)
+        self.write_bytes(name, self._encode(name, kind, [(m, p) for m, p in pairs]))
+
+    @staticmethod
+    def _encode(name, kind, entries):
+        try:
+            return encode_file(kind, entries)
+        except ImageError as exc:
+            raise ImageError(f"{name}: {str(exc).split(': ', 1)[-1]}") from None
+
+    def read_entries(self, name: str) -> list:
+        kind = self._kind(name)
+        data = self.read_bytes(name)
+        kind, off = _parse_header(data, name, kind)
+        return [m for _, m, _ in iter_frames(data, name, off, kind, PAYLOAD_SIZE.get(kind),
+                                             PAYLOAD_SCAN.get(kind))]
+
+    def read_entries_with_payload(self, name: str, payload_size=lambda msg: msg.bytes) -> list:
+        kind = self._kind(name)
+        data = self.read_bytes(name)
+        kind, off = _parse_header(data, name, kind)
+        return [(m, p) for _, m, p in iter_frames(data, name, off, kind, payload_size)]
+
+    def read_one(self, name: str):
+        entries = self.read_entries(name)
+        if len(entries) != 1:
+            raise ImageError(f"{name}: expected exactly one entry, found {len(entries)}")
+        return entries[0]
