@@ -1,0 +1,272 @@
+# `crit make-lazy DIR OUTDIR`: copy a checkpoint, taking out of pages-N.img every page a lazy
+# restore may fetch later. Those ranges stay in the pagemap with PE_LAZY and without PE_PRESENT
+# (upstream's marking), so a restore from OUTDIR maps them empty and a lazy-pages server fills them
+# from the full images in DIR on demand.
+#
+# Work is interval arithmetic: the lazy-eligible VMAs of a process become a sorted list of merged
+# [start, end) ranges; each pagemap entry is cut against it in one forward pass; the kept pieces
+# are copied from the source pages file through one bounded buffer. DIR is only read.
+import bisect
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import criu_py.images as img
+from criu_py.crit.explore import (MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_HUGETLB, MAP_LOCKED,
+                                  MAP_PRIVATE, VMA_AREA_AIORING, VMA_AREA_REGULAR,
+                                  VMA_AREA_SOCKET, VMA_AREA_STACK, VMA_AREA_SYSVIPC,
+                                  VMA_AREA_VDSO, VMA_AREA_VSYSCALL, VMA_AREA_VVAR, VMA_ANON_SHARED,
+                                  VMA_FILE_PRIVATE, VMA_FILE_SHARED)
+from criu_py.errors import ImageError
+
+BUFFER_SIZE = 4 << 20   # the one copy buffer: pages pass through it, never the whole file
+
+_NOT_LAZY_STATUS = (VMA_AREA_STACK | VMA_AREA_VSYSCALL | VMA_AREA_VDSO | VMA_AREA_VVAR |
+                    VMA_AREA_AIORING | VMA_AREA_SYSVIPC | VMA_AREA_SOCKET | VMA_ANON_SHARED |
+                    VMA_FILE_PRIVATE | VMA_FILE_SHARED)
+_NOT_LAZY_FLAGS = MAP_LOCKED | MAP_HUGETLB | MAP_GROWSDOWN
+
+
+def vma_can_be_lazy(vma) -> bool:
+    """Private anonymous memory that is not vdso/vvar/vsyscall, stack, locked or hugetlb."""
+    return (vma.flags & MAP_PRIVATE and vma.flags & MAP_ANONYMOUS
+            and vma.status & VMA_AREA_REGULAR
+            and not vma.status & _NOT_LAZY_STATUS
+            and not vma.flags & _NOT_LAZY_FLAGS) != 0
+
+
+def lazy_ranges(vmas, stack_addrs=()) -> list[tuple[int, int]]:
+    """Sorted, merged [start, end) ranges of the lazy-eligible VMAs. A VMA holding one of
+    `stack_addrs` (thread stack pointers, the main stack start) is a stack: never lazy."""
+    stacks = sorted(stack_addrs)
+    out: list[list[int]] = []
+    for v in sorted(vmas, key=lambda v: v.start):
+        if not vma_can_be_lazy(v):
+            continue
+        i = bisect.bisect_left(stacks, v.start)
+        if i < len(stacks) and stacks[i] < v.end:
+            continue
+        if out and out[-1][1] == v.start:
+            out[-1][1] = v.end
+        else:
+            out.append([v.start, v.end])
+    return [(a, b) for a, b in out]
+
+
+@dataclass
+class Plan:
+    """The new pagemap of one process and the byte runs of its pages file to keep."""
+    entries: list = field(default_factory=list)      # new pagemap entries (head excluded)
+    runs: list = field(default_factory=list)         # [src_offset, length] in the source file
+    kept_pages: int = 0
+    lazy_pages: int = 0
+    present_before: int = 0
+
+
+def plan_pagemap(entries, ranges, page_size: int) -> Plan:
+    """Cut every present pagemap entry against the lazy ranges, in pagemap (= pages file) order."""
+    plan = Plan()
+    starts = [a for a, _ in ranges]
+    src = 0          # offset in the source pages file of the current entry's first page
+    ri = 0           # first lazy range that may meet the current entry
+    prev_vaddr = -1
+    msg_cls = None
+
+    def piece(pe, vaddr, n, flags):
+        nonlocal msg_cls
+        msg_cls = msg_cls or type(pe)
+        m = msg_cls()
+        m.CopyFrom(pe)
+        m.vaddr = vaddr
+        m.flags = flags
+        if pe.HasField("nr_pages"):
+            m.nr_pages = n
+            m.compat_nr_pages = n if (pe.compat_nr_pages and n < (1 << 32)) else 0
+        else:
+            m.compat_nr_pages = n
+        plan.entries.append(m)
+
+    def keep(pe, a, b, off):
+        n = (b - a) // page_size
+        piece(pe, a, n, pe.flags)
+        plan.kept_pages += n
+        runs = plan.runs
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1][1] += b - a
+        else:
+            runs.append([off, b - a])
+
+    for pe in entries:
+        n = img.pagemap_nr_pages(pe)
+        start, end = pe.vaddr, pe.vaddr + n * page_size
+        if not pe.flags & img.PE_PRESENT:
+            plan.entries.append(pe)      # not in this pages file: nothing to take out
+            continue
+        plan.present_before += n
+        if start < prev_vaddr:           # out of order: find the place again
+            ri = max(0, bisect.bisect_right(starts, start) - 1)
+        prev_vaddr = start
+        while ri < len(ranges) and ranges[ri][1] <= start:
+            ri += 1
+        j, pos = ri, start
+        if j >= len(ranges) or ranges[j][0] >= end:
+            plan.entries.append(pe)      # wholly kept: the entry as it was
+            plan.kept_pages += n
+            keep_run = (src, end - start)
+            runs = plan.runs
+            if runs and runs[-1][0] + runs[-1][1] == keep_run[0]:
+                runs[-1][1] += keep_run[1]
+            else:
+                runs.append(list(keep_run))
+            src += end - start
+            continue
+        lazy_flags = (pe.flags & ~img.PE_PRESENT) | img.PE_LAZY
+        while pos < end:
+            if j < len(ranges) and ranges[j][0] < end:
+                a, b = max(ranges[j][0], pos), min(ranges[j][1], end)
+                if a > pos:
+                    keep(pe, pos, a, src + (pos - start))
+                piece(pe, a, (b - a) // page_size, lazy_flags)
+                plan.lazy_pages += (b - a) // page_size
+                pos = b
+                if ranges[j][1] <= end:
+                    j += 1
+                else:
+                    break
+            else:
+                keep(pe, pos, end, src + (pos - start))
+                pos = end
+        src += end - start
+    return plan
+
+
+def copy_runs(src_fd: int, dst_fd: int, runs, buf: memoryview) -> int:
+    """Copy the byte runs of src to dst back to back, through `buf`. Returns bytes written."""
+    total = 0
+    size = len(buf)
+    for off, length in runs:
+        while length > 0:
+            want = min(size, length)
+            got = os.preadv(src_fd, [buf[:want]], off)
+            if got <= 0:
+                raise ImageError("short read of the pages file")
+            view = buf[:got]
+            while view:
+                w = os.write(dst_fd, view)
+                view = view[w:]
+            off += got
+            length -= got
+            total += got
+    return total
+
+
+@dataclass
+class Report:
+    processes: list = field(default_factory=list)   # (pid, kept pages, lazy pages)
+    copied_files: int = 0
+    page_size: int = 0
+
+    @property
+    def kept(self):
+        return sum(k for _, k, _ in self.processes)
+
+    @property
+    def lazy(self):
+        return sum(z for _, _, z in self.processes)
+
+
+def _stack_addrs(src: img.ImageDir, task, mm) -> list[int]:
+    addrs = [mm.mm_start_stack] if mm.mm_start_stack else []
+    for tid in (task.threads or [task.pid]):
+        name = f"core-{tid}.img"
+        if src.exists(name):
+            core = src.read_one(name)
+            if core.HasField("thread_info"):
+                addrs.append(core.thread_info.gpregs.sp)
+    return addrs
+
+
+def make_lazy(dirpath: str, outdir: str, page_size: int | None = None) -> Report:
+    page_size = page_size or os.sysconf("SC_PAGE_SIZE")
+    src = img.ImageDir(dirpath)
+    if os.path.realpath(dirpath) == os.path.realpath(outdir):
+        raise ImageError(f"{outdir}: the output dir is the checkpoint itself")
+    created = not os.path.exists(outdir)
+    if not created:
+        if not os.path.isdir(outdir):
+            raise ImageError(f"{outdir}: exists and is not a directory")
+        if os.listdir(outdir):
+            raise ImageError(f"{outdir}: exists and is not empty (refusing to write into it)")
+    if not src.exists("pstree.img"):
+        raise ImageError(f"{dirpath}: no pstree.img, not a checkpoint directory")
+    tasks = src.read_entries("pstree.img")
+    # Plan everything first: a bad image stops us before anything is written.
+    plans = []
+    for t in tasks:
+        mm = src.read_one(f"mm-{t.pid}.img")
+        pm = src.read_entries(f"pagemap-{t.pid}.img")
+        if not pm:
+            raise ImageError(f"pagemap-{t.pid}.img: no pagemap head")
+        head, entries = pm[0], pm[1:]
+        ranges = lazy_ranges(mm.vmas, _stack_addrs(src, t, mm))
+        plan = plan_pagemap(entries, ranges, page_size)
+        pages = f"pages-{head.pages_id}.img"
+        size = os.stat(pages, dir_fd=src.dirfd).st_size if src.exists(pages) else None
+        if size is None:
+            raise ImageError(f"{pages}: missing (named by pagemap-{t.pid}.img)")
+        if size != plan.present_before * page_size:
+            raise ImageError(f"{pages}: holds {size} bytes, pagemap-{t.pid}.img says"
+                             f" {plan.present_before} pages of {page_size}")
+        plans.append((t.pid, head, pages, plan))
+    if len({p[2] for p in plans}) != len(plans):
+        raise ImageError(f"{dirpath}: two processes name the same pages file")
+
+    out = img.ImageDir(outdir, create=True)
+    written = []
+    try:
+        rewritten = set()
+        buf = memoryview(bytearray(BUFFER_SIZE))
+        report = Report(page_size=page_size)
+        for pid, head, pages, plan in plans:
+            name = f"pagemap-{pid}.img"
+            out.write_entries(name, [head] + plan.entries)
+            written.append(name)
+            sfd = src.open_raw(pages)
+            try:
+                dfd = out.open_raw(pages, write=True)
+                written.append(pages)
+                try:
+                    copy_runs(sfd, dfd, plan.runs, buf)
+                finally:
+                    os.close(dfd)
+            finally:
+                os.close(sfd)
+            rewritten.update((name, pages))
+            report.processes.append((pid, plan.kept_pages, plan.lazy_pages))
+        for name in src.list():
+            if name in rewritten:
+                continue
+            s = src.path(name)
+            if not os.path.isfile(s):
+                continue
+            d = out.path(name)
+            shutil.copyfile(s, d)
+            written.append(name)
+            os.chmod(d, 0o600)
+            report.copied_files += 1
+        return report
+    except BaseException:
+        for name in written:
+            try:
+                os.unlink(out.path(name))
+            except OSError:
+                pass
+        if created:
+            try:
+                os.rmdir(outdir)
+            except OSError:
+                pass
+        raise
+    finally:
+        out.close()
+        src.close()
