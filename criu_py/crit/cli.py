@@ -47,7 +47,7 @@ def _raw_description(label, data) -> str:
     pages = os.sysconf("SC_PAGE_SIZE")
     n, rest = divmod(len(data), pages)
     tail = f" + {rest} bytes" if rest else ""
-    return f"{os.path.basename(label)}: raw image of {len(data)} bytes ({n} pages of {pages}{tail})"
+    return f"{label}: raw image of {len(data)} bytes ({n} pages of {pages}{tail})"
 
 
 def _decode_doc(label, data, pretty):
@@ -57,7 +57,7 @@ def _decode_doc(label, data, pretty):
     name = os.path.basename(label)
     if img.kind_of(name) == img.RAW:
         raise ImageError(_raw_description(label, data) + "; raw images are not decoded to JSON")
-    kind, entries = img.decode_bytes(name if img.kind_of(name) else label, data)
+    kind, entries = img.decode_bytes(name, data, label=label)
     return codec.image_to_json(kind, entries, pretty)
 
 
@@ -136,7 +136,7 @@ def info(image):
         pages = os.sysconf("SC_PAGE_SIZE")
         doc = {"magic": "RAW", "size": len(data), "pages": len(data) // pages}
     else:
-        kind, entries = img.decode_bytes(name if img.kind_of(name) else label, data)
+        kind, entries = img.decode_bytes(name, data, label=label)
         count = len(entries) - (1 if kind in img.HEADS else 0)
         doc = {"magic": kind.upper(), "count": count}
     click.echo(json.dumps(doc, indent=4))

@@ -287,11 +287,13 @@ def iter_frames(data, label: str, off: int, kind: str, payload_size=None, scan=N
         i += 1
 
 
-def decode_bytes(name_or_kind: str, data, payload_size=None) -> tuple[str, list]:
+def decode_bytes(name_or_kind: str, data, payload_size=None, label: str | None = None) -> tuple[str, list]:
     """Decode a whole image. Returns (kind, entries); entries are messages, or (message, payload)
     pairs for kinds that carry payload (PAYLOAD_SIZE, PAYLOAD_SCAN, or a payload_size(msg) given).
-    A name of an unknown pattern is decoded by the magic it holds."""
-    kind, label = _resolve(name_or_kind)
+    A name of an unknown pattern is decoded by the magic it holds. Errors name `label` (default:
+    the file name)."""
+    kind, default_label = _resolve(name_or_kind)
+    label = label or default_label
     if kind == RAW:
         raise ImageError(f"{label}: raw image, it holds no entries")
     kind, off = _parse_header(data, label, kind)
