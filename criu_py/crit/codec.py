@@ -400,7 +400,4 @@ def json_to_image(doc, label: str) -> bytes:
                     built.append(msg)
     except ValueError as exc:
         raise ImageError(f"{label}: {exc}") from None
-    try:
-        return img.encode_file(kind, built)
-    except ImageError as exc:
-        raise ImageError(f"{label}: {str(exc).split(': ', 1)[-1]}") from None
+    return img.encode_file(kind, built, label=label)

@@ -70,12 +70,16 @@ def plan_pagemap(entries, ranges, page_size: int) -> Plan:
     src = 0          # offset in the source pages file of the current entry's first page
     ri = 0           # first lazy range that may meet the current entry
     prev_vaddr = -1
-    msg_cls = None
+
+    def add_run(off, length):
+        runs = plan.runs
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1][1] += length
+        else:
+            runs.append([off, length])
 
     def piece(pe, vaddr, n, flags):
-        nonlocal msg_cls
-        msg_cls = msg_cls or type(pe)
-        m = msg_cls()
+        m = type(pe)()
         m.CopyFrom(pe)
         m.vaddr = vaddr
         m.flags = flags
@@ -85,16 +89,6 @@ def plan_pagemap(entries, ranges, page_size: int) -> Plan:
         else:
             m.compat_nr_pages = n
         plan.entries.append(m)
-
-    def keep(pe, a, b, off):
-        n = (b - a) // page_size
-        piece(pe, a, n, pe.flags)
-        plan.kept_pages += n
-        runs = plan.runs
-        if runs and runs[-1][0] + runs[-1][1] == off:
-            runs[-1][1] += b - a
-        else:
-            runs.append([off, b - a])
 
     for pe in entries:
         n = img.pagemap_nr_pages(pe)
@@ -108,34 +102,26 @@ def plan_pagemap(entries, ranges, page_size: int) -> Plan:
         prev_vaddr = start
         while ri < len(ranges) and ranges[ri][1] <= start:
             ri += 1
-        j, pos = ri, start
-        if j >= len(ranges) or ranges[j][0] >= end:
+        if ri >= len(ranges) or ranges[ri][0] >= end:
             plan.entries.append(pe)      # wholly kept: the entry as it was
             plan.kept_pages += n
-            keep_run = (src, end - start)
-            runs = plan.runs
-            if runs and runs[-1][0] + runs[-1][1] == keep_run[0]:
-                runs[-1][1] += keep_run[1]
-            else:
-                runs.append(list(keep_run))
+            add_run(src, end - start)
             src += end - start
             continue
         lazy_flags = (pe.flags & ~img.PE_PRESENT) | img.PE_LAZY
+        j, pos = ri, start
         while pos < end:
-            if j < len(ranges) and ranges[j][0] < end:
-                a, b = max(ranges[j][0], pos), min(ranges[j][1], end)
-                if a > pos:
-                    keep(pe, pos, a, src + (pos - start))
+            a, b = (max(ranges[j][0], pos), min(ranges[j][1], end)) \
+                if j < len(ranges) and ranges[j][0] < end else (end, end)
+            if a > pos:                  # kept piece before the next lazy range
+                piece(pe, pos, (a - pos) // page_size, pe.flags)
+                plan.kept_pages += (a - pos) // page_size
+                add_run(src + (pos - start), a - pos)
+            if b > a:
                 piece(pe, a, (b - a) // page_size, lazy_flags)
                 plan.lazy_pages += (b - a) // page_size
-                pos = b
-                if ranges[j][1] <= end:
-                    j += 1
-                else:
-                    break
-            else:
-                keep(pe, pos, end, src + (pos - start))
-                pos = end
+                j += ranges[j][1] <= end
+            pos = max(b, a)
         src += end - start
     return plan
 
@@ -175,7 +161,8 @@ class Report:
         return sum(z for _, _, z in self.processes)
 
 
-def _stack_addrs(src: img.ImageDir, task, mm) -> list[int]:
+def stack_addrs(src: img.ImageDir, task, mm) -> list[int]:
+    """Addresses that mark a VMA as a stack: mm_start_stack and every thread's stack pointer."""
     addrs = [mm.mm_start_stack] if mm.mm_start_stack else []
     for tid in (task.threads or [task.pid]):
         name = f"core-{tid}.img"
@@ -208,7 +195,7 @@ def make_lazy(dirpath: str, outdir: str, page_size: int | None = None) -> Report
         if not pm:
             raise ImageError(f"pagemap-{t.pid}.img: no pagemap head")
         head, entries = pm[0], pm[1:]
-        ranges = lazy_ranges(mm.vmas, _stack_addrs(src, t, mm))
+        ranges = lazy_ranges(mm.vmas, stack_addrs(src, t, mm))
         plan = plan_pagemap(entries, ranges, page_size)
         pages = f"pages-{head.pages_id}.img"
         size = os.stat(pages, dir_fd=src.dirfd).st_size if src.exists(pages) else None

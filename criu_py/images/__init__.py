@@ -313,14 +313,16 @@ def _serialize(msg, label: str, i: int) -> bytes:
         raise ImageError(f"{label}: entry {i} cannot be encoded ({why})") from None
 
 
-def encode_file(kind: str, entries) -> bytes:
-    """The bytes of a `kind` image holding `entries` (messages, or (message, payload) pairs)."""
+def encode_file(kind: str, entries, label: str | None = None) -> bytes:
+    """The bytes of a `kind` image holding `entries` (messages, or (message, payload) pairs).
+    Errors name `label` (default: the kind)."""
+    label = label or kind
     if kind not in MAGICS:
-        raise ImageError(f"unknown image kind {kind!r}")
+        raise ImageError(f"{label}: unknown image kind {kind!r}")
     parts = [header(kind)]
     for i, e in enumerate(entries):
         msg, payload = e if isinstance(e, tuple) else (e, None)
-        body = _serialize(msg, kind, i)
+        body = _serialize(msg, label, i)
         parts.append(_U32.pack(len(body)))
         parts.append(body)
         if payload:
@@ -440,19 +442,10 @@ class ImageDir:
         return kind
 
     def write_entries(self, name: str, entries) -> None:
-        kind = self._kind(name)
-        self.write_bytes(name, self._encode(name, kind, entries))
+        self.write_bytes(name, encode_file(self._kind(name), entries, label=name))
 
     def write_entries_with_payload(self, name: str, pairs) -> None:
-        kind = self._kind(name)
-        self.write_bytes(name, self._encode(name, kind, [(m, p) for m, p in pairs]))
-
-    @staticmethod
-    def _encode(name, kind, entries):
-        try:
-            return encode_file(kind, entries)
-        except ImageError as exc:
-            raise ImageError(f"{name}: {str(exc).split(': ', 1)[-1]}") from None
+        self.write_bytes(name, encode_file(self._kind(name), [(m, p) for m, p in pairs], label=name))
 
     def read_entries(self, name: str) -> list:
         kind = self._kind(name)
