@@ -44,7 +44,9 @@ def run_command(opts: dict, action):
         logmod.setup(opts.get("verbosity", 2), opts.get("log_file"), work_dir)
         rc = action(opts)
     except CriuError as exc:
-        logmod.log.error("Error: %s", exc)
+        import logging
+        if any(isinstance(h, logging.FileHandler) for h in logmod.log.handlers):
+            logmod.log.error("Error: %s", exc)   # the log file gets it too; stderr only once
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except OSError as exc:

@@ -7,4 +7,6 @@
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+/* Declared here so the cffi glue does not assume an int result (mmap addresses!). */
+long criu_py_raw_syscall6(long nr, long a, long b, long c, long d, long e, long f);
 #endif

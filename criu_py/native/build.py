@@ -22,7 +22,9 @@ _headers = "".join(f'#include "{os.path.basename(h)}"\n'
 ffibuilder.set_source(
     "criu_py._native",
     "#define _GNU_SOURCE\n" + _headers,
-    sources=[os.path.relpath(c) if not os.path.isabs(os.path.relpath(c)) else c
+    # setuptools wants paths relative to setup.py; the in-place build below compiles
+    # inside its tmpdir, so there the paths must be absolute.
+    sources=[c if __name__ == "__main__" else os.path.relpath(c)
              for c in sorted(glob.glob(os.path.join(CSRC, "*.c")))],
     include_dirs=[CSRC],
     extra_compile_args=["-O2", "-fno-stack-protector", "-fno-jump-tables",
