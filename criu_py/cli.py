@@ -30,6 +30,9 @@ def common_options(fn):
                   help="Log file name, relative to the work dir ('-' for stderr).")
     @click.option("-v", "--verbosity", "verbosity", type=click.IntRange(0, 4), default=2,
                   show_default=True, help="Log level: -v0 silent .. -v4 debug (-v, -vv also work).")
+    @click.option("--kdat-path", "kdat_path", default=None, metavar="PATH",
+                  help="kdat cache file (default: $CRIU_PY_KDAT, else /run/criu.kdat, else "
+                       "$XDG_RUNTIME_DIR/criu.kdat; 'none': no cache).")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)
@@ -69,7 +72,9 @@ def cli():
 def dump(**opts):
     """Checkpoint the process tree rooted at PID into the images dir."""
     def action(o):
+        from criu_py import kerndat
         from criu_py.dump import dump_tasks
+        o["kdat"] = kerndat.load(o["kdat_path"])
         return dump_tasks(o)
     run_command(opts, action)
 
@@ -84,7 +89,9 @@ def dump(**opts):
 def restore(**opts):
     """Restore the process tree saved in the images dir."""
     def action(o):
+        from criu_py import kerndat
         from criu_py.restore import restore_tasks
+        o["kdat"] = kerndat.load(o["kdat_path"])
         return restore_tasks(o)
     run_command(opts, action)
 
