@@ -1,0 +1,83 @@
+# Regular files, directories and character devices opened by path (/dev/null, a log
+# file opened O_APPEND, ...): files.img REG entries with name, flags, position, mode.
+# Also the entries for mapped files, the exe link, cwd and root, which upstream stores
+# the same way. Open files that were deleted are refused (ghost files are another issue).
+import os
+import stat
+
+from criu_py.errors import Unsupported
+from criu_py.files import O_CLOEXEC, FileTable, FdRef, fown_entry
+
+FD_TYPE_REG = 1
+
+# Character devices that are the same everywhere and safe to reopen by path.
+_PORTABLE_CHR = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty"}
+
+
+def reg_file_entry(fid: int, path: str, flags: int, pos: int, st: os.stat_result | None):
+    from criu_py.images.pb import fdinfo_pb2
+    fe = fdinfo_pb2.file_entry()
+    fe.type = FD_TYPE_REG
+    fe.id = fid
+    r = fe.reg
+    r.id = fid
+    r.flags = flags & ~O_CLOEXEC
+    r.pos = pos
+    fown_entry(r.fown)
+    r.name = path
+    if st is not None:
+        r.mode = st.st_mode
+        if stat.S_ISREG(st.st_mode):
+            r.size = st.st_size
+    return fe
+
+
+def path_entry_id(table: FileTable, path: str, st: os.stat_result | None = None,
+                  flags: int = os.O_RDONLY) -> int:
+    """Id of a REG entry naming `path` (mapped files, exe, cwd, root): one per inode."""
+    if st is None:
+        st = os.stat(path)
+    key = ("path", st.st_dev, st.st_ino, flags)
+    return table.add(key, lambda fid: reg_file_entry(fid, path, flags, 0, st))
+
+
+class RegularFileOps:
+    fd_type = FD_TYPE_REG
+
+    def claims(self, ref: FdRef) -> bool:
+        mode = ref.st.st_mode
+        if not ref.link.startswith("/"):
+            return False
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            return not ref.link.startswith("/memfd:")
+        if stat.S_ISCHR(mode):
+            return ref.link in _PORTABLE_CHR
+        return False
+
+    def check(self, ref: FdRef) -> None:
+        """Refusals that need more than the kind (called before any image is written)."""
+        if ref.link.endswith(" (deleted)") or ref.st.st_nlink == 0 and stat.S_ISREG(ref.st.st_mode):
+            raise Unsupported(f"pid {ref.pid} fd {ref.fd}: deleted file ({ref.link}) "
+                              f"is not supported")
+
+    def dump_fd(self, ctx, ref: FdRef) -> int:
+        """The files.img id of this fd's open file (dup'ed fds share one)."""
+        key = ("fd", ctx.file_description_key(ref))
+        return ctx.files.add(key, lambda fid: reg_file_entry(fid, ref.link, ref.flags,
+                                                             ref.pos, ref.st))
+
+    def restore_fd(self, ctx, entry, fdinfo) -> int:
+        """Reopen the file by path with its flags (never creating or truncating it) and
+        put the position back; returns the new fd (the caller moves it into place)."""
+        r = entry.reg
+        flags = (r.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | O_CLOEXEC)) | O_CLOEXEC
+        try:
+            fd = os.open(r.name, flags)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot open {r.name} for fd {fdinfo.fd}: {exc.strerror}") from None
+        if r.pos and not stat.S_ISCHR(os.fstat(fd).st_mode):
+            os.lseek(fd, r.pos, os.SEEK_SET)
+        return fd
+
+
+OPS = RegularFileOps()

@@ -1,0 +1,383 @@
+# The dump half of memory: /proc/PID/smaps -> vma_entry list (mm-PID.img), and the
+# pages that hold data -> pagemap-PID.img + pages-N.img. Which pages: PAGEMAP_SCAN asks
+# the kernel for present or swapped pages that are not the shared zero page and, in
+# private file mappings, not page-cache pages (i.e. written, copy-on-write anonymous
+# pages); without PAGEMAP_SCAN (< 6.7) the pagemap entries are read and filtered here.
+# Contents are copied with process_vm_readv in 1 MiB chunks (reading and writing
+# overlapped for large dumps; /proc/PID/mem for PROT_NONE areas). Shared anonymous and
+# memfd mappings are dumped by their own module (mem.shmem).
+import os
+import time
+
+from criu_py import mem as M
+from criu_py.errors import DumpError, Unsupported, check_errno, from_oserror
+from criu_py.log import log
+from criu_py.proc import Record, Vma
+
+# PAGEMAP_SCAN categories (linux/fs.h, 6.7+).
+PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN, PAGE_IS_FILE = 1 << 0, 1 << 1, 1 << 2
+PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_PFNZERO = 1 << 3, 1 << 4, 1 << 5
+
+COPY_CHUNK = 1 << 20
+SCAN_VEC_LEN = 4096
+
+_SPECIAL = {"[vdso]": M.VMA_AREA_VDSO, "[vvar]": M.VMA_AREA_VVAR,
+            "[vvar_vclock]": M.VMA_AREA_VVAR}
+_MADV_BY_VMFLAG = {"dc": M.MADV_DONTFORK, "mg": M.MADV_MERGEABLE, "hg": M.MADV_HUGEPAGE,
+                   "nh": M.MADV_NOHUGEPAGE, "dd": M.MADV_DONTDUMP, "wf": M.MADV_WIPEONFORK}
+
+
+class VmaPlan(Record):
+    """One VMA as it will be written (entry: a vma_pb2.vma_entry), whether its anonymous
+    pages go to pagemap-PID/pages-1, and the key of its shared object (shared anon, memfd)."""
+    _fields = ("vma", "entry", "dump_private_pages", "shmem_key")
+    dump_private_pages = False
+    shmem_key = None
+
+
+class PageStats(Record):
+    """Counters for stats-dump; ranges: (start, end) of the pages written."""
+    _fields = ("pages_scanned", "pages_written", "memdump_us", "memwrite_us", "ranges")
+    pages_scanned = pages_written = memdump_us = memwrite_us = 0
+    ranges = ()
+
+
+def vma_prot(v: Vma) -> int:
+    return ((M.PROT_READ if v.perms[0] == "r" else 0) | (M.PROT_WRITE if v.perms[1] == "w" else 0)
+            | (M.PROT_EXEC if v.perms[2] == "x" else 0))
+
+
+def _vma_flags_and_madv(v: Vma) -> tuple[int, int]:
+    flags = 0
+    if "gd" in v.vm_flags:
+        flags |= M.MAP_GROWSDOWN
+    if "lo" in v.vm_flags:
+        flags |= M.MAP_LOCKED
+    if "nr" in v.vm_flags:
+        flags |= M.MAP_NORESERVE
+    madv = 0
+    for mnemonic, advice in _MADV_BY_VMFLAG.items():
+        if mnemonic in v.vm_flags:
+            madv |= 1 << advice
+    return flags, madv
+
+
+def is_shared_anon(v: Vma) -> bool:
+    return v.path.startswith("/dev/zero") and v.shared
+
+
+def is_memfd(v: Vma) -> bool:
+    return v.path.startswith("/memfd:")
+
+
+def plan_vmas(pid: int, vmas: list[Vma], ctx) -> list[VmaPlan]:
+    """vma_entry for every VMA, refusing what cannot be dumped (before any image is written).
+    ctx provides file_id_for_mapping(vma) and shmem_id_for(vma) for file-backed VMAs."""
+    from criu_py.images.pb import vma_pb2
+    plans = []
+    for v in vmas:
+        e = vma_pb2.vma_entry()
+        e.start, e.end, e.pgoff, e.shmid, e.fd = v.start, v.end, 0, 0, -1
+        e.prot = vma_prot(v)
+        extra_flags, madv = _vma_flags_and_madv(v)
+        if madv:
+            e.madv = madv
+        plan = VmaPlan(v, e)
+        if v.path == "[vsyscall]":
+            e.status = M.VMA_AREA_VSYSCALL | M.VMA_ANON_PRIVATE
+            e.flags = M.MAP_PRIVATE | M.MAP_ANONYMOUS
+        elif v.path in _SPECIAL:
+            e.status = M.VMA_AREA_REGULAR | M.VMA_ANON_PRIVATE | _SPECIAL[v.path]
+            e.flags = M.MAP_PRIVATE | M.MAP_ANONYMOUS
+        elif v.path.startswith("[") or (v.inode == 0 and not v.path.startswith("/")):
+            # [heap], [stack], [anon:...] and plain anonymous memory
+            if v.shared:
+                raise Unsupported(f"pid {pid}: shared anonymous mapping {v.start:#x}-{v.end:#x} "
+                                  f"without a shmem inode is not supported")
+            if v.path.startswith("[") and v.path not in ("[heap]", "[stack]") \
+                    and not v.path.startswith("[anon:"):
+                raise Unsupported(f"pid {pid}: special mapping {v.path} at {v.start:#x} "
+                                  f"is not supported")
+            e.status = M.VMA_AREA_REGULAR | M.VMA_ANON_PRIVATE
+            if v.path == "[heap]":
+                e.status |= M.VMA_AREA_HEAP
+            e.flags = M.MAP_PRIVATE | M.MAP_ANONYMOUS | extra_flags
+            plan.dump_private_pages = True
+        elif is_shared_anon(v) or is_memfd(v):
+            ctx.plan_shmem(plan)           # sets status, flags, shmid, pgoff; may refuse
+        elif v.path.startswith("/SYSV"):
+            raise Unsupported(f"pid {pid}: SysV shared memory mapping {v.path} is not supported")
+        elif v.path.endswith(" (deleted)"):
+            raise Unsupported(f"pid {pid}: mapping of a deleted file {v.path} at {v.start:#x} "
+                              f"is not supported")
+        else:
+            e.pgoff = v.offset
+            e.shmid = ctx.file_id_for_mapping(v)
+            if v.shared:
+                e.status = M.VMA_AREA_REGULAR | M.VMA_FILE_SHARED
+                e.flags = M.MAP_SHARED | extra_flags
+                e.fdflags = os.O_RDWR if e.prot & M.PROT_WRITE else os.O_RDONLY
+            else:
+                e.status = M.VMA_AREA_REGULAR | M.VMA_FILE_PRIVATE
+                e.flags = M.MAP_PRIVATE | extra_flags
+                e.fdflags = os.O_RDONLY
+                plan.dump_private_pages = True
+        plans.append(plan)
+    return plans
+
+
+def scan_pages(pagemap_fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """Ranges of [start, end) whose pages hold private data: present or swapped, not the
+    zero page, not page cache. One PAGEMAP_SCAN ioctl per SCAN_VEC_LEN regions."""
+    from criu_py.native import ffi, lib
+    vec = ffi.new("struct cp_page_region[]", SCAN_VEC_LEN)
+    walk_end = ffi.new("uint64_t *")
+    out = []
+    addr = start
+    not_wanted = PAGE_IS_FILE | PAGE_IS_PFNZERO
+    while addr < end:
+        n = lib.cp_pagemap_scan(pagemap_fd, addr, end, vec, SCAN_VEC_LEN,
+                                not_wanted, not_wanted, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, 0,
+                                walk_end)
+        check_errno(n, "PAGEMAP_SCAN")
+        for i in range(n):
+            r = vec[i]
+            if out and out[-1][1] == r.start:
+                out[-1] = (out[-1][0], r.end)
+            else:
+                out.append((r.start, r.end))
+        if walk_end[0] <= addr:
+            raise DumpError(f"PAGEMAP_SCAN made no progress at {addr:#x}")
+        addr = walk_end[0]
+    return out
+
+
+def lazy_allowed(plan: VmaPlan) -> bool:
+    """Upstream's rule for PE_LAZY: private anonymous memory that is not locked (vdso,
+    vvar and vsyscall never get here)."""
+    e = plan.entry
+    return bool(e.status & M.VMA_ANON_PRIVATE) and not e.flags & M.MAP_LOCKED
+
+
+PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
+PM_PFN_MASK = (1 << 55) - 1
+PAGEMAP_READ_PAGES = 1 << 16
+
+
+def scan_pages_by_pagemap(pagemap_fd: int, start: int, end: int, zero_pfn: int = 0) -> list:
+    """The same ranges as scan_pages, for kernels without PAGEMAP_SCAN (< 6.7): the
+    pagemap entries read and filtered here (present or swapped, not file/shared, not the
+    zero page). About 100 ns per page, so only a fallback."""
+    from array import array
+    out = []
+    page = start // M.PAGE_SIZE
+    last = end // M.PAGE_SIZE
+    while page < last:
+        n = min(PAGEMAP_READ_PAGES, last - page)
+        entries = array("Q", os.pread(pagemap_fd, n * 8, page * 8))
+        for i, pme in enumerate(entries):
+            if not pme & (PM_PRESENT | PM_SWAPPED) or pme & PM_FILE:
+                continue
+            if zero_pfn and pme & PM_PRESENT and pme & PM_PFN_MASK == zero_pfn:
+                continue
+            addr = (page + i) * M.PAGE_SIZE
+            if out and out[-1][1] == addr:
+                out[-1] = (out[-1][0], addr + M.PAGE_SIZE)
+            else:
+                out.append((addr, addr + M.PAGE_SIZE))
+        page += len(entries)
+        if not entries:
+            break
+    return out
+
+
+def private_page_ranges(pid: int, plans: list[VmaPlan], scan=None) -> tuple[list, list, int]:
+    """[(start, end)] of pages to dump, per VMA in address order; the VmaPlan of each
+    range; and the number of pages scanned. scan(fd, start, end) finds the ranges of one
+    VMA (default: scan_pages, i.e. PAGEMAP_SCAN)."""
+    scan = scan or scan_pages
+    path = f"/proc/{pid}/pagemap"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(exc, f"opening {path}", pid) from None
+    ranges, owners, scanned = [], [], 0
+    try:
+        for p in plans:
+            if not p.dump_private_pages:
+                continue
+            scanned += (p.vma.end - p.vma.start) // M.PAGE_SIZE
+            found = scan(fd, p.vma.start, p.vma.end)
+            ranges += found
+            owners += [p] * len(found)
+    finally:
+        os.close(fd)
+    return ranges, owners, scanned
+
+
+def pagemap_entries(ranges: list, pages_id: int, flags) -> list:
+    """pagemap_head + one pagemap_entry per range; flags: one value for all, or a list."""
+    from criu_py.images import set_pagemap_nr_pages
+    from criu_py.images.pb import pagemap_pb2
+    head = pagemap_pb2.pagemap_head()
+    head.pages_id = pages_id
+    out = [head]
+    per_range = flags if isinstance(flags, list) else [flags] * len(ranges)
+    for (start, end), f in zip(ranges, per_range):
+        pe = pagemap_pb2.pagemap_entry()
+        pe.vaddr = start
+        set_pagemap_nr_pages(pe, (end - start) // M.PAGE_SIZE)
+        pe.flags = f
+        out.append(pe)
+    return out
+
+
+def copy_pages(pid: int, ranges: list, out_fd: int, unreadable: list = ()) -> int:
+    """Write the bytes of `ranges` of pid's memory to out_fd, in order. Ranges inside
+    VMAs the task cannot read (PROT_NONE, listed in `unreadable` as (start, end)) go
+    through /proc/PID/mem, which may read them; the rest through process_vm_readv."""
+    from criu_py.native import ffi, lib
+    buf = ffi.new("char[]", COPY_CHUNK)
+    total = 0
+    batch = []
+
+    def flush():
+        nonlocal total
+        if not batch:
+            return
+        arr = ffi.new("uint64_t[]", [x for r in batch for x in r])
+        n = lib.cp_vm_copy_ranges(pid, out_fd, arr, len(batch), buf, COPY_CHUNK)
+        check_errno(n, "copying memory with process_vm_readv", pid)
+        total += n
+        batch.clear()
+
+    mem_fd = -1
+    try:
+        for start, end in ranges:
+            if any(s <= start < e for s, e in unreadable):
+                flush()
+                if mem_fd < 0:
+                    mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+                addr = start
+                while addr < end:
+                    chunk = os.pread(mem_fd, min(COPY_CHUNK, end - addr), addr)
+                    if not chunk:
+                        raise DumpError(f"cannot read memory of pid {pid} at {addr:#x}")
+                    os.write(out_fd, chunk)
+                    addr += len(chunk)
+                    total += len(chunk)
+            else:
+                batch.append((start, end))
+        flush()
+    finally:
+        if mem_fd >= 0:
+            os.close(mem_fd)
+    return total
+
+
+def _chunks(ranges: list, size: int):
+    for start, end in ranges:
+        addr = start
+        while addr < end:
+            n = min(size, end - addr)
+            yield addr, n
+            addr += n
+
+
+def copy_pages_overlapped(pid: int, ranges: list, out_fd: int, nbufs: int = 4) -> int:
+    """Like copy_pages for readable memory, with reading and writing overlapped: a reader
+    thread fills a small ring of 1 MiB buffers with process_vm_readv while this thread
+    writes them out (both calls release the GIL). Worth it for large dumps only."""
+    import queue
+    import threading
+    from criu_py.native import ffi, lib
+    bufs = [ffi.new("char[]", COPY_CHUNK) for _ in range(nbufs)]
+    free, full = queue.Queue(), queue.Queue()
+    for b in bufs:
+        free.put(b)
+    failure = []
+    stop = threading.Event()
+
+    def reader():
+        try:
+            for addr, n in _chunks(ranges, COPY_CHUNK):
+                buf = free.get()
+                if stop.is_set():
+                    break
+                got = lib.cp_vm_read(pid, buf, addr, n)
+                if got != n:
+                    failure.append((addr, got))
+                    break
+                full.put((buf, n))
+        finally:
+            full.put(None)
+
+    t = threading.Thread(target=reader, name="page-reader", daemon=True)
+    t.start()
+    total = 0
+    try:
+        while True:
+            item = full.get()
+            if item is None:
+                break
+            buf, n = item
+            view = ffi.buffer(buf, n)
+            done = 0
+            while done < n:
+                done += os.write(out_fd, view[done:] if done else view)
+            total += n
+            free.put(buf)
+    finally:
+        stop.set()
+        free.put(bufs[0])          # unblock a reader waiting for a buffer
+        t.join()
+    if failure:
+        addr, got = failure[0]
+        if got < 0:
+            check_errno(got, f"process_vm_readv at {addr:#x}", pid)
+        raise DumpError(f"short read of pid {pid} memory at {addr:#x} ({got} bytes)")
+    return total
+
+
+OVERLAP_MIN_BYTES = 16 << 20
+
+
+def page_scanner(kdat):
+    """scan_pages where PAGEMAP_SCAN works (kerndat says so, or no kerndat given), else
+    the pagemap reader with the zero page's PFN."""
+    if kdat is None or getattr(kdat, "pagemap_scan", True):
+        return scan_pages
+    zero_pfn = getattr(kdat, "zero_pfn", 0)
+    log.info("no PAGEMAP_SCAN: reading pagemap entries (zero pfn %#x)", zero_pfn)
+    return lambda fd, start, end: scan_pages_by_pagemap(fd, start, end, zero_pfn)
+
+
+def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
+                       pid_for_name: int, kdat=None) -> PageStats:
+    """pagemap-PID.img and pages-ID.img for the private pages of `plans`."""
+    from criu_py.images import PE_LAZY, PE_PRESENT
+    st = PageStats()
+    t0 = time.monotonic()
+    ranges, owners, st.pages_scanned = private_page_ranges(pid, plans, page_scanner(kdat))
+    flags = [PE_PRESENT | PE_LAZY if lazy_allowed(p) else PE_PRESENT for p in owners]
+    unreadable = [(p.vma.start, p.vma.end) for p in plans
+                  if p.dump_private_pages and not p.vma.prot_readable]
+    t1 = time.monotonic()
+    fd = images.open_raw(f"pages-{pages_id}.img", write=True)
+    try:
+        nbytes = sum(e - s for s, e in ranges)
+        if nbytes >= OVERLAP_MIN_BYTES and not unreadable:
+            written = copy_pages_overlapped(pid, ranges, fd)
+        else:
+            written = copy_pages(pid, ranges, fd, unreadable)
+    finally:
+        os.close(fd)
+    t2 = time.monotonic()
+    images.write_entries(f"pagemap-{pid_for_name}.img", pagemap_entries(ranges, pages_id, flags))
+    st.pages_written = written // M.PAGE_SIZE
+    st.ranges = ranges
+    st.memdump_us = int((t1 - t0) * 1e6)
+    st.memwrite_us = int((t2 - t1) * 1e6)
+    log.info("pid %d: %d of %d pages written in %d ranges (scan %.1f ms, copy %.1f ms)",
+             pid, st.pages_written, st.pages_scanned, len(ranges), (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+    return st
