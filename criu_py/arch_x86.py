@@ -35,17 +35,18 @@ def regs_for_image(regs: dict) -> dict:
     kernel would have done is applied here, because the restored task returns to user
     space through rt_sigreturn (orig_ax = -1 there, so the kernel restarts nothing).
     -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND: ax = orig_ax, ip -= 2 (re-execute the
-    syscall instruction). -ERESTART_RESTARTBLOCK (nanosleep & co.): the kernel's restart
-    block does not survive, so ax = -EINTR, ip unchanged (upstream does the same: see
-    fixtures/criu-4.2/counter/core-*.img, clock_nanosleep with ax = -4). orig_ax is kept."""
+    syscall instruction). -ERESTART_RESTARTBLOCK (relative nanosleep, poll, futex with a
+    timeout): the kernel's restart block does not survive a restore, so the original
+    syscall is re-issued the same way: its arguments are still in the registers. Upstream
+    returns -EINTR there instead (fixtures/criu-4.2/counter: clock_nanosleep with ax = -4),
+    which wakes a plain sleep() early; re-issuing keeps the syscall invisible to the
+    program, at the price of sleeping the full interval again. orig_ax is kept."""
     out = dict(regs)
     if _s64(regs["orig_ax"]) >= 0:
         err = -_s64(regs["ax"])
-        if err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
+        if err in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK):
             out["ax"] = regs["orig_ax"]
             out["ip"] = regs["ip"] - 2
-        elif err == ERESTART_RESTARTBLOCK:
-            out["ax"] = (-EINTR) & 0xFFFFFFFFFFFFFFFF
     return out
 
 
