@@ -58,6 +58,14 @@ def run_command(opts: dict, action):
     sys.exit(rc or 0)
 
 
+def _show_usage_error(self, file=None):
+    """Usage errors too are one line, "Error: <cause>" (click adds usage and a hint)."""
+    click.echo(f"Error: {self.format_message()}", err=True)
+
+
+click.exceptions.UsageError.show = _show_usage_error
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="criu-py")
 def cli():
