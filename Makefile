@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*) criu_py/native/build.py
 	@command -v gcc >/dev/null && test -x /usr/bin/crit && python3 -c 'import ensurepip' 2>/dev/null || { apt-get update -qq && apt-get install -y -qq gcc make criu python3-venv python3-dev >/dev/null; }
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	@touch $@
 
 native:
