@@ -1,0 +1,212 @@
+# The restore half of memory: mm-PID.img's VMAs -> what the PIE restorer maps (struct
+# pie_vma), pagemap-PID.img -> the iovecs it preadv's pages-N.img into, and the vDSO
+# check. All of it is computed and validated in the restore parent before any fork, so a
+# bad image fails with one line and nothing created.
+from dataclasses import dataclass, field
+
+from criu_py import mem as M
+from criu_py.errors import ImageError, RestoreError
+
+# mmap flags a VMA is re-created with. MAP_LOCKED is left out: it needs RLIMIT_MEMLOCK
+# the restore may not have, and locking is not part of the memory contents.
+MAP_KEEP = M.MAP_SHARED | M.MAP_PRIVATE | M.MAP_GROWSDOWN | M.MAP_NORESERVE
+
+SPECIAL = M.VMA_AREA_VDSO | M.VMA_AREA_VVAR | M.VMA_AREA_VSYSCALL
+TASK_SIZE = 0x7FFFFFFFF000
+
+
+@dataclass
+class MappedFile:
+    """A file some VMAs map; the child opens it (or makes the shared memory object
+    `shmid`) and parks the fd for the restorer."""
+    file_id: int
+    path: str | None
+    flags: int
+    fd: int = -1
+    shmid: int | None = None
+
+
+@dataclass
+class MemoryPlan:
+    vmas: list                      # vma_entry of VMAs the restorer maps (no vdso/vvar/vsyscall)
+    files: dict = field(default_factory=dict)     # (file_id, open flags) -> MappedFile
+    iovs: list = field(default_factory=list)      # (address, length), pages-file order;
+                                                  # address None: bytes to skip (vdso pages)
+    pages_name: str = ""
+    pages_bytes: int = 0
+    vdso_vvar: int = 0              # dumped start of the vvar area (ARCH_MAP_VDSO_64 address)
+    special: list = field(default_factory=list)   # (start, end) of dumped vdso/vvar VMAs
+    shared: dict = field(default_factory=dict)    # shmid -> shmem_restore.SharedObject
+    memfd_inodes: dict = field(default_factory=dict)
+
+
+def _vma_key(v) -> tuple:
+    flags = v.fdflags if v.HasField("fdflags") else 0
+    if v.status & M.VMA_FILE_SHARED and v.prot & M.PROT_WRITE or v.status & M.VMA_ANON_SHARED:
+        flags = 2   # O_RDWR
+    return ("anon" if v.status & M.VMA_ANON_SHARED else "file", v.shmid, flags)
+
+
+def plan_memory(images, pid: int, mm, files: dict) -> MemoryPlan:
+    """Check mm's VMAs and pagemap against each other and the pages file size."""
+    from criu_py.mem import shmem_restore
+    plan = MemoryPlan(vmas=[])
+    plan.memfd_inodes = shmem_restore.memfd_inodes(images)
+    prev_end = 0
+    for v in sorted(mm.vmas, key=lambda v: v.start):
+        if v.status & M.VMA_AREA_VSYSCALL:
+            continue
+        if v.start >= v.end or v.start % M.PAGE_SIZE or v.end % M.PAGE_SIZE or v.end > TASK_SIZE:
+            raise ImageError(f"mm-{pid}.img: bad VMA {v.start:#x}-{v.end:#x}")
+        if v.start < prev_end:
+            raise ImageError(f"mm-{pid}.img: VMA {v.start:#x}-{v.end:#x} overlaps the previous one")
+        prev_end = v.end
+        if v.status & (M.VMA_AREA_VDSO | M.VMA_AREA_VVAR):
+            plan.special.append((v.start, v.end))
+            continue
+        if v.status & (M.VMA_AREA_SYSVIPC | M.VMA_AREA_SOCKET | M.VMA_AREA_AIORING):
+            raise ImageError(f"mm-{pid}.img: VMA {v.start:#x}-{v.end:#x} has status "
+                             f"{v.status:#x}, which this restore does not support")
+        key = _vma_key(v)
+        what = f"VMA {v.start:#x}"
+        if v.status & M.VMA_ANON_SHARED:
+            obj = shmem_restore.object_for_anon(plan.shared, images, v.shmid,
+                                                v.pgoff + v.end - v.start)
+            plan.files.setdefault(key, MappedFile(v.shmid, None, key[2], shmid=obj.shmid))
+        elif v.status & (M.VMA_FILE_PRIVATE | M.VMA_FILE_SHARED):
+            fe = files.get(v.shmid)
+            if fe is None or not (fe.HasField("reg") or fe.HasField("memfd")):
+                raise ImageError(f"mm-{pid}.img: {what} maps file id {v.shmid}, "
+                                 f"which files.img does not have")
+            if fe.HasField("memfd"):
+                obj = shmem_restore.object_for_memfd(plan.shared, images, plan.memfd_inodes, fe, what)
+                plan.files.setdefault(key, MappedFile(v.shmid, None, key[2], shmid=obj.shmid))
+            else:
+                plan.files.setdefault(key, MappedFile(v.shmid, fe.reg.name, key[2]))
+        plan.vmas.append(v)
+    if plan.special:
+        plan.vdso_vvar = min(s for s, _ in plan.special)
+    plan_pages(images, pid, plan)
+    return plan
+
+
+def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
+    from criu_py.images import PE_LAZY, PE_PARENT, PE_PRESENT, pagemap_nr_pages
+    name = f"pagemap-{pid}.img"
+    entries = images.read_entries(name)
+    if not entries:
+        raise ImageError(f"{name}: no pagemap head")
+    plan.pages_name = f"pages-{entries[0].pages_id}.img"
+    spans = []          # contiguous runs of restored VMAs (upstream's entries may span two)
+    for v in plan.vmas:
+        if spans and spans[-1][1] == v.start:
+            spans[-1] = (spans[-1][0], v.end, None)
+        else:
+            spans.append((v.start, v.end, None))
+    iovs = []
+    total = 0
+    for pe in entries[1:]:
+        n = pagemap_nr_pages(pe)
+        flags = pe.flags if pe.HasField("flags") else PE_PRESENT
+        if pe.HasField("in_parent") and pe.in_parent or flags & PE_PARENT:
+            raise ImageError(f"{name}: pages at {pe.vaddr:#x} live in a parent image "
+                             f"(incremental dumps are not supported)")
+        if not flags & PE_PRESENT:
+            if flags & PE_LAZY:
+                raise ImageError(f"{name}: lazy pages at {pe.vaddr:#x} without data")
+            continue
+        start, end = pe.vaddr, pe.vaddr + n * M.PAGE_SIZE
+        if not n or start % M.PAGE_SIZE:
+            raise ImageError(f"{name}: bad entry at {start:#x} ({n} pages)")
+        if any(s <= start and end <= e for s, e in plan.special):
+            # upstream dumps the vdso's pages; the live vdso replaces them: read and drop
+            iovs.append((None, end - start))
+            total += end - start
+            continue
+        if not any(s <= start and end <= e for s, e, _ in spans):
+            raise ImageError(f"{name}: pages {start:#x}-{end:#x} lie outside the restored VMAs")
+        if iovs and iovs[-1][0] is not None and iovs[-1][0] + iovs[-1][1] == start:
+            iovs[-1] = (iovs[-1][0], iovs[-1][1] + end - start)
+        else:
+            iovs.append((start, end - start))
+        total += end - start
+    import os
+    try:
+        size = os.stat(plan.pages_name, dir_fd=images.dirfd).st_size
+    except OSError as exc:
+        raise ImageError(f"{plan.pages_name}: cannot open ({exc.strerror})") from None
+    if size != total:
+        raise ImageError(f"{plan.pages_name}: holds {size} bytes, {name} describes {total}")
+    plan.iovs = iovs
+    plan.pages_bytes = total
+
+
+def own_vdso_layout() -> list[tuple[str, int, int]]:
+    """[(name, start, end)] of this process's [vvar], [vvar_vclock], [vdso]."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] in ("[vvar]", "[vvar_vclock]", "[vdso]"):
+                s, e = parts[0].split("-")
+                out.append((parts[5], int(s, 16), int(e, 16)))
+    return out
+
+
+def check_vdso(plan: MemoryPlan, mm, pid: int) -> None:
+    """The live vdso+vvar can only come back at the dumped address as one unit, which
+    needs the same sizes and offsets; anything else is refused before the fork."""
+    if not plan.special:
+        return
+    live = own_vdso_layout()
+    if not live:
+        raise RestoreError(f"pid {pid}: the dump has a vdso but this process has none")
+    dumped_vdso = [v for v in mm.vmas if v.status & M.VMA_AREA_VDSO]
+    live_vdso = [(s, e) for n, s, e in live if n == "[vdso]"]
+    base_live = min(s for _, s, _ in live)
+    end_live = max(e for _, _, e in live)
+    base_dump = plan.vdso_vvar
+    end_dump = max(e for _, e in plan.special)
+    ok = (len(dumped_vdso) == 1 and len(live_vdso) == 1
+          and end_live - base_live == end_dump - base_dump
+          and live_vdso[0][0] - base_live == dumped_vdso[0].start - base_dump
+          and live_vdso[0][1] - live_vdso[0][0] == dumped_vdso[0].end - dumped_vdso[0].start)
+    if not ok:
+        raise RestoreError(f"pid {pid}: the dumped vdso/vvar layout differs from this "
+                           f"kernel's; it cannot be moved into place")
+
+
+# madvise advice a restored VMA gets back (vma_entry.madv bit n = advice n).
+MADV_RESTORED = (1 << M.MADV_DONTFORK) | (1 << M.MADV_MERGEABLE) | (1 << M.MADV_HUGEPAGE) | \
+    (1 << M.MADV_NOHUGEPAGE) | (1 << M.MADV_DONTDUMP) | (1 << M.MADV_WIPEONFORK)
+
+
+def pie_vmas(plan: MemoryPlan) -> list:
+    """struct pie_vma values (as pie.PieVma) for the planned VMAs; file fds must be open."""
+    from criu_py.native import lib
+    from criu_py.restore.pie import PieVma
+    out = []
+    for v in plan.vmas:
+        flags = v.flags & MAP_KEEP
+        if v.status & (M.VMA_FILE_PRIVATE | M.VMA_FILE_SHARED | M.VMA_ANON_SHARED):
+            mf = plan.files[_vma_key(v)]
+            if v.status & M.VMA_ANON_SHARED:
+                flags |= M.MAP_SHARED
+            out.append(PieVma(v.start, v.end, v.prot, flags & ~M.MAP_ANONYMOUS, lib.PIE_VMA_FILE,
+                              fd=mf.fd, pgoff=v.pgoff))
+        else:
+            out.append(PieVma(v.start, v.end, v.prot, (flags | M.MAP_PRIVATE) & ~M.MAP_SHARED,
+                              lib.PIE_VMA_ANON))
+        if v.HasField("madv"):
+            out[-1].madv = v.madv & MADV_RESTORED
+    # VMAs pages are read into are mapped writable first; the others (PROT_NONE
+    # reservations, shared mappings) at once with their final protection, which also
+    # keeps big PROT_NONE areas out of the commit charge.
+    filled = sorted((a, a + n) for a, n in plan.iovs if a is not None)
+    i = 0
+    for pv in out:
+        while i < len(filled) and filled[i][1] <= pv.start:
+            i += 1
+        if i < len(filled) and filled[i][0] < pv.end:
+            pv.map_prot = pv.prot | M.PROT_READ | M.PROT_WRITE
+    return out

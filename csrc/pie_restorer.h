@@ -1,0 +1,121 @@
+/* The one flat argument block handed to the PIE restorer (csrc/pie_restorer.c).
+ * Python (criu_py/restore/pie.py) fills it inside the restorer region; every pointer
+ * points into that region, because everything else is unmapped while the restorer runs.
+ * The same layout is repeated in pie_restorer.cdef (cffi checks the two agree). */
+#ifndef CRIU_PY_PIE_RESTORER_H
+#define CRIU_PY_PIE_RESTORER_H
+#include <stdint.h>
+
+/* How one VMA comes back (pie_vma.kind). */
+enum {
+	PIE_VMA_ANON = 0,	/* mmap anonymous at start, contents from pages */
+	PIE_VMA_FILE = 1,	/* mmap fd at pgoff (private or shared, per flags) */
+};
+
+struct pie_vma {
+	uint64_t start;
+	uint64_t end;
+	uint64_t pgoff;		/* file offset in bytes (FILE) */
+	uint64_t madv;		/* bit n set: madvise(start, len, n) once mapped and filled */
+	int32_t prot;		/* final protection */
+	int32_t map_prot;	/* protection to map with (+RW when pages are read into it) */
+	int32_t flags;		/* mmap flags (MAP_PRIVATE/MAP_SHARED/MAP_ANONYMOUS/MAP_GROWSDOWN...) */
+	int32_t fd;		/* FILE: fd parked at the top of the fd table */
+	int32_t kind;
+	int32_t pad;
+};
+
+/* Kernel struct prctl_mm_map, field for field. */
+struct pie_mm_map {
+	uint64_t start_code;
+	uint64_t end_code;
+	uint64_t start_data;
+	uint64_t end_data;
+	uint64_t start_brk;
+	uint64_t brk;
+	uint64_t start_stack;
+	uint64_t arg_start;
+	uint64_t arg_end;
+	uint64_t env_start;
+	uint64_t env_end;
+	uint64_t auxv;		/* pointer into the region */
+	uint32_t auxv_size;
+	uint32_t exe_fd;
+};
+
+/* Kernel struct sigaction for rt_sigaction on x86_64. */
+struct pie_sigaction {
+	uint64_t handler;
+	uint64_t flags;
+	uint64_t restorer;
+	uint64_t mask;
+};
+
+/* What the restorer writes to status_fd: one record on failure (stage, -errno) or
+ * one with stage PIE_STAGE_DONE right before it jumps into the task. */
+struct pie_status {
+	uint32_t magic;		/* PIE_STATUS_MAGIC */
+	int32_t stage;
+	int64_t ret;
+	uint64_t arg;		/* stage-specific detail: VMA start, signal number, ... */
+};
+
+enum {
+	PIE_STAGE_RSEQ_UNREGISTER = 1,
+	PIE_STAGE_UNMAP = 2,
+	PIE_STAGE_MAP_VMA = 3,
+	PIE_STAGE_READ_PAGES = 5,
+	PIE_STAGE_MPROTECT = 6,
+	PIE_STAGE_VDSO = 7,
+	PIE_STAGE_SIGACTION = 8,
+	PIE_STAGE_MM_MAP = 9,
+	PIE_STAGE_TID_ADDRESS = 10,
+	PIE_STAGE_RSEQ_REGISTER = 11,
+	PIE_STAGE_CLOSE = 12,
+	PIE_STAGE_FS_BASE = 13,
+	PIE_STAGE_DONE = 100,
+	PIE_STATUS_MAGIC = 0x50494521,
+};
+
+struct pie_args {
+	uint64_t keep_start;	/* [keep_start, keep_end) survives the big unmap */
+	uint64_t keep_end;
+	uint64_t task_size;	/* top of the user address space */
+
+	uint64_t vmas;		/* struct pie_vma[nr_vmas] */
+	uint64_t nr_vmas;
+
+	uint64_t iovs;		/* struct iovec[nr_iovs]: pages file order */
+	uint64_t nr_iovs;
+	uint64_t pages_off;	/* file offset of the first page in pages_fd */
+	int32_t pages_fd;
+	int32_t status_fd;
+
+	uint64_t vdso_vvar;	/* 0: none; else dumped start of [vvar] for ARCH_MAP_VDSO_64 */
+
+	uint64_t sigactions;	/* struct pie_sigaction[64], index = signo - 1 */
+	uint64_t sigaction_mask;	/* bit signo-1 set: restore that action */
+
+	uint64_t old_rseq;	/* glibc's registration of this (Python) process */
+	uint32_t old_rseq_len;
+	uint32_t old_rseq_sig;
+	uint64_t new_rseq;	/* the dumped registration; 0: none */
+	uint32_t new_rseq_len;
+	uint32_t new_rseq_sig;
+
+	uint64_t clear_child_tid;
+	int32_t has_mm_map;
+	int32_t trap_before_sigreturn;	/* int3 right before rt_sigreturn (a tracer removes the region) */
+	struct pie_mm_map mm_map;
+
+	uint64_t close_fds;	/* int32_t[nr_close_fds]; status_fd is closed last */
+	uint64_t nr_close_fds;
+
+	uint64_t fs_base;
+	uint64_t gs_base;
+	uint64_t sigframe;	/* address of struct rt_sigframe; rt_sigreturn runs with rsp = sigframe + 8 */
+	uint64_t sigframe_src;	/* if not 0: the frame's bytes in the region, copied to sigframe */
+	uint64_t sigframe_len;	/* (on the task's stack) once its memory is back */
+};
+
+#endif

@@ -1,0 +1,101 @@
+/* Thin native helpers of the restore: forking with a chosen PID (clone3 + set_tid),
+ * locating the PIE restorer's bytes in this module, glibc's rseq registration, and the
+ * jump onto the restorer's own stack (which Python cannot do). */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stddef.h>
+#include <errno.h>
+#include <signal.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include "pie_restorer.h"
+
+extern char __start_criu_pie[], __stop_criu_pie[];
+extern void pie_restorer_main(struct pie_args *a) __attribute__((visibility("hidden")));
+
+/* glibc >= 2.35 exports where it registered rseq for each thread. */
+extern const ptrdiff_t __rseq_offset __attribute__((weak));
+extern const unsigned int __rseq_size __attribute__((weak));
+
+struct clone3_args {
+	uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+	uint64_t set_tid, set_tid_size, cgroup;
+};
+
+/* glibc caches the thread id in its struct pthread (at the thread pointer) and fork()
+ * has the kernel update it in the child (CLONE_CHILD_SETTID). A raw clone3 must do the
+ * same or raise()/pthread_kill() in the child would signal the parent. The field's
+ * offset is glibc-internal: 0x2d0 in the glibc versions we know; used only if the
+ * value there really is our tid. */
+#define GLIBC_PTHREAD_TID_OFFSET 0x2d0
+
+static uint64_t glibc_tid_slot(void)
+{
+	int32_t *slot = (int32_t *)((char *)__builtin_thread_pointer() + GLIBC_PTHREAD_TID_OFFSET);
+
+	return *slot == (int32_t)syscall(SYS_gettid) ? (uint64_t)(uintptr_t)slot : 0;
+}
+
+long criu_py_clone3_set_tid(int32_t pid)
+{
+	struct clone3_args ca = { 0 };
+	int32_t tid = pid;
+	uint64_t slot = glibc_tid_slot();
+	long r;
+
+	ca.exit_signal = SIGCHLD;
+	ca.set_tid = (uint64_t)(uintptr_t)&tid;
+	ca.set_tid_size = 1;
+	if (slot) {
+		ca.flags = 0x01000000;	/* CLONE_CHILD_SETTID */
+		ca.child_tid = slot;
+	}
+	r = syscall(SYS_clone3, &ca, sizeof(ca));
+	return r < 0 ? -errno : r;
+}
+
+uint64_t criu_py_pie_blob_start(void) { return (uint64_t)(uintptr_t)__start_criu_pie; }
+uint64_t criu_py_pie_blob_end(void) { return (uint64_t)(uintptr_t)__stop_criu_pie; }
+uint64_t criu_py_pie_entry(void) { return (uint64_t)(uintptr_t)pie_restorer_main; }
+
+uint64_t criu_py_glibc_rseq_addr(void)
+{
+	if (!&__rseq_offset || !&__rseq_size || !__rseq_size)
+		return 0;
+	return (uint64_t)(uintptr_t)__builtin_thread_pointer() + __rseq_offset;
+}
+
+uint32_t criu_py_glibc_rseq_size(void)
+{
+	if (!&__rseq_size)
+		return 0;
+	return __rseq_size;
+}
+
+/* Switch to the restorer's stack and call its entry with the argument block. */
+void criu_py_enter_restorer(uint64_t entry, uint64_t args, uint64_t stack_top)
+{
+	asm volatile("mov %0, %%rsp\n\t"
+		     "xor %%ebp, %%ebp\n\t"
+		     "call *%1\n\t"
+		     "ud2"
+		     : : "r"(stack_top), "r"(entry), "D"(args) : "memory");
+	__builtin_unreachable();
+}
+
+/* A raw syscall returning -errno, with 64-bit results intact (addresses). */
+int64_t criu_py_restore_syscall(int64_t nr, int64_t a, int64_t b, int64_t c, int64_t d, int64_t e, int64_t f)
+{
+	long r = syscall(nr, a, b, c, d, e, f);
+	return r == -1 ? -errno : r;
+}
+
+/* This CPU's enabled user xstate features (XCR0): what a signal frame's xsave area may hold.
+ * (The xsave layout itself comes from CPUID 0xD via csrc/kdat.c's criu_py_cpuid.) */
+uint64_t criu_py_xcr0(void)
+{
+	uint32_t lo, hi;
+
+	asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+	return ((uint64_t)hi << 32) | lo;
+}

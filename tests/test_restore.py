@@ -1,0 +1,243 @@
+# The restore half through the real CLI, checked from outside: the restored task has
+# the dumped address space exactly (no restorer region left behind), the same signal
+# state, comm, cwd and umask; and every failure (PID in use, corrupt or missing images,
+# a file that cannot be reopened in the child) is one line, a non-zero exit, and no
+# process left behind.
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import proc_is_running, proc_status
+
+
+def maps_of(pid: int) -> list[tuple]:
+    """(start, end, permissions, name) of every mapping. Neighbours with the same
+    permissions and name are joined: the kernel may merge VMAs that were separate before
+    the dump (e.g. a library's RELRO part and its read-only part) when they are re-created,
+    which changes nothing the task can see."""
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split()
+            s, e = (int(x, 16) for x in parts[0].split("-"))
+            name = " ".join(parts[5:])
+            if out and out[-1][1] == s and out[-1][2:] == (parts[1], name):
+                out[-1] = (out[-1][0], e, parts[1], name)
+            else:
+                out.append((s, e, parts[1], name))
+    return out
+
+
+def mm_fields(pid: int) -> list[int]:
+    """start/end code, start stack, start/end data, start brk, arg and env bounds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): field n is fields[n - 3]
+    return [int(fields[n - 3]) for n in (26, 27, 28, 45, 46, 47, 48, 49, 50, 51)]
+
+
+def rseq_of(pid: int) -> dict | None:
+    """The rseq registration (PTRACE_GET_RSEQ_CONFIGURATION, the task stopped briefly)."""
+    from criu_py.ptrace import seized
+    with seized(pid) as tracee:
+        return tracee.get_rseq()
+
+
+def outside_view(pid: int) -> dict:
+    st = proc_status(pid)
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        auxv = f.read()
+    return {k: st[k] for k in ("Name", "Umask", "SigBlk", "SigIgn", "SigCgt", "NSpgid", "NSsid")} | {
+        "cwd": os.readlink(f"/proc/{pid}/cwd"), "exe": os.readlink(f"/proc/{pid}/exe"),
+        "mm": mm_fields(pid), "auxv": auxv,
+        "fds": sorted(os.listdir(f"/proc/{pid}/fd")), "rseq": rseq_of(pid),
+        "limits": Path(f"/proc/{pid}/limits").read_text()}
+
+
+def last_count(task) -> int:
+    return int(task.log.lines()[-1].split()[1])
+
+
+@pytest.mark.needs_tool
+def test_restored_task_has_the_dumped_layout_and_no_restorer_region(h):
+    task = h.start("counter", ready=r"\d+ 5")
+    before_maps, before = maps_of(task.pid), outside_view(task.pid)
+    assert before["rseq"], "glibc registers rseq in every process"
+    images = h.dump(task)
+    dumped = last_count(task)
+    restored = h.restore(images, task=task)
+    task.log.wait(rf"{task.pid} {dumped + 3}")
+    assert maps_of(task.pid) == before_maps
+    assert outside_view(task.pid) == before
+    assert restored.running()
+
+
+@pytest.mark.needs_tool
+def test_restored_task_keeps_its_signal_handler(h):
+    task = h.start("counter", ready=r"\d+ 5")
+    images = h.dump(task)
+    restored = h.restore(images, task=task)
+    task.log.wait(rf"{task.pid} \d+", count=len(task.log) + 2)
+    os.kill(task.pid, 15)                       # the counter's SIGTERM handler logs "exit"
+    task.log.wait(rf"{task.pid} exit")
+    assert restored.reap() == 5
+
+
+@pytest.mark.needs_tool
+def test_pid_in_use_is_one_line_and_leaves_nothing(h):
+    task = h.start("counter", ready=r"\d+ 3")
+    images = h.dump(task, leave_running=True)
+    res = h.cli("restore", "-D", images, "-d")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {task.pid} is in use" in lines[0], res.stderr
+    assert task.running()
+    n = len(task.log)
+    task.log.wait(rf"{task.pid} \d+", count=n + 2)          # the original runs on, alone
+    assert {line.split()[0] for line in task.log.lines()} == {str(task.pid)}
+
+
+def _corrupt_cases(images):
+    pid = next(p.name.split("-")[1].split(".")[0] for p in images.glob("core-*.img"))
+
+    def truncate_pages():
+        p = images / "pages-1.img"
+        os.truncate(p, p.stat().st_size - 4096)
+        return "pages-1.img"
+
+    def garbage_core():
+        (images / f"core-{pid}.img").write_bytes(b"\x19\x43\x56\x54garbage!" * 8)
+        return f"core-{pid}.img"
+
+    def missing_mm():
+        (images / f"mm-{pid}.img").unlink()
+        return f"mm-{pid}.img"
+
+    def bad_magic_pagemap():
+        p = images / f"pagemap-{pid}.img"
+        data = bytearray(p.read_bytes())
+        data[4:8] = b"\x00\x00\x00\x00"
+        p.write_bytes(bytes(data))
+        return f"pagemap-{pid}.img"
+
+    return [truncate_pages, garbage_core, missing_mm, bad_magic_pagemap]
+
+
+@pytest.mark.needs_tool
+@pytest.mark.parametrize("case", range(4))
+def test_corrupt_images_fail_before_any_fork(h, case):
+    task = h.start("counter", ready=r"\d+ 3")
+    images = h.dump(task)
+    name = _corrupt_cases(images)[case]()
+    res = h.cli("restore", "-D", images, "-d")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and name in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not proc_is_running(task.pid)
+    n = len(task.log)
+    time.sleep(0.05)
+    assert len(task.log) == n
+
+
+@pytest.mark.needs_tool
+def test_failure_in_the_child_names_the_stage_and_kills_it(h):
+    task = h.start("counter", ready=r"\d+ 3")
+    images = h.dump(task)
+    log_path = task.log.path
+    saved = log_path.read_bytes()
+    log_path.unlink()
+    log_path.mkdir()                  # the task's log file is now a directory: reopen fails
+    try:
+        res = h.cli("restore", "-D", images, "-d")
+    finally:
+        log_path.rmdir()
+        log_path.write_bytes(saved)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"files: .*Is a directory", lines[0]), res.stderr
+    time.sleep(0.05)
+    assert not proc_is_running(task.pid), "the half-restored task was left behind"
+
+
+@pytest.mark.needs_tool
+def test_pidfile_and_restore_again_from_the_same_images(h):
+    task = h.start("counter", ready=r"\d+ 3")
+    images = h.dump(task)
+    dumped = last_count(task)
+    restored = h.restore(images, task=task)
+    task.log.wait(rf"{task.pid} {dumped + 2}")
+    restored.kill()
+    restored = h.restore(images, task=task)         # images are not consumed by a restore
+    task.log.wait(rf"{task.pid} {dumped + 1}", count=2)
+    assert restored.running()
+
+
+@pytest.mark.needs_tool
+def test_a_restored_task_can_be_dumped_and_restored_again(h):
+    task = h.start("counter", ready=r"\d+ 3")
+    maps = maps_of(task.pid)
+    for round_ in range(3):
+        images = h.dump(task, h.images_dir(f"round{round_}"))
+        dumped = last_count(task)
+        task = h.restore(images, task=task)
+        task.log.wait(rf"{task.pid} {dumped + 2}")
+    assert maps_of(task.pid) == maps
+    rows = [int(line.split()[1]) for line in task.log.lines()]
+    assert rows == list(range(1, len(rows) + 1))
+
+
+def test_a_traced_child_that_faults_is_reported_not_waited_for_forever():
+    # With the region removal the child is traced: a fault stops it instead of killing
+    # it, so the status pipe never closes. read_status must notice the stop.
+    import ctypes
+    import signal as sig
+    from criu_py.restore.fork import read_status
+    from criu_py.restore.tracer import seize
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.read(go_r, 1)
+        ctypes.string_at(0)               # SIGSEGV
+        os._exit(0)
+    try:
+        os.close(w)
+        seize(pid)
+        os.write(go_w, b"g")
+        done, msg = read_status(r, pid)
+        assert done is None and msg == "the task stopped with signal 11 during restore"
+    finally:
+        os.kill(pid, sig.SIGKILL)
+        os.waitpid(pid, 0)
+        for fd in (r, go_r, go_w):
+            os.close(fd)
+
+
+def test_clone_with_pid_gives_the_pid_and_a_sane_child():
+    # The child of the raw clone3 has the asked PID, and glibc in it knows its own tid
+    # (raise() reaches the child, not the parent), like after a real fork().
+    import signal as sig
+    from criu_py.errors import RestoreError
+    from criu_py.restore.fork import clone_with_pid
+    want = next(p for p in range(31000, 32700) if not os.path.exists(f"/proc/{p}"))
+    r, w = os.pipe()
+    pid = clone_with_pid(want)
+    if pid == 0:
+        try:
+            sig.signal(sig.SIGUSR1, lambda *a: os.write(w, str(os.getpid()).encode()))
+            sig.raise_signal(sig.SIGUSR1)
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert pid == want
+        assert os.read(r, 32) == str(want).encode()
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    with pytest.raises(RestoreError, match=rf"pid {os.getpid()} is in use"):
+        clone_with_pid(os.getpid())

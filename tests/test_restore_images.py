@@ -1,0 +1,58 @@
+# The restore's image reading and planning on upstream CRIU 4.2 images (the fixtures):
+# they cannot be restored here (their PIDs, binaries and log paths belong to another
+# machine), but everything up to the fork must understand them: merged vvar entries,
+# vdso pages in the pagemap, pagemap entries spanning two VMAs, 62 sigactions.
+import signal
+from pathlib import Path
+
+import pytest
+
+from criu_py import mem as M
+from criu_py.errors import CriuError
+from criu_py.images import ImageDir
+from criu_py.restore import images as restore_images
+
+FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "criu-4.2"
+
+
+def load_without_path_checks(name, monkeypatch):
+    monkeypatch.setattr(restore_images, "_check_path", lambda path, what: None)
+    return restore_images._load(ImageDir(str(FIXTURES / name)))
+
+
+@pytest.mark.parametrize("name", ["counter"])
+def test_upstream_images_plan(name, monkeypatch):
+    from criu_py.mem.restore import check_vdso, pie_vmas
+    from criu_py.restore.task import mm_map, sigactions, task_registers
+    t = load_without_path_checks(name, monkeypatch)
+    mem = t.memory
+    assert mem.vdso_vvar and len(mem.special) == 2          # upstream: one vvar + one vdso entry
+    check_vdso(mem, t.mm, t.pid)                             # same kernel layout as here
+    assert all(not v.status & (M.VMA_AREA_VDSO | M.VMA_AREA_VVAR | M.VMA_AREA_VSYSCALL)
+               for v in mem.vmas)
+    skipped = sum(n for a, n in mem.iovs if a is None)
+    assert skipped == 2 * M.PAGE_SIZE                        # the dumped vdso pages are dropped
+    assert sum(n for _, n in mem.iovs) == mem.pages_bytes
+    acts = sigactions(t.core)
+    assert len(acts) == 62 and signal.SIGKILL not in acts and signal.SIGSTOP not in acts
+    regs = task_registers(t.core)
+    assert regs.gp["cs"] == 0x33 and len(regs.xsave) >= 576
+    mm = mm_map(t.mm)
+    assert mm["auxv"][-2:] == [0, 0] and mm["start_code"] < mm["end_code"]
+    for mf in mem.files.values():
+        mf.fd = 100
+    vmas = pie_vmas(mem)
+    assert len(vmas) == len(mem.vmas)
+
+
+def test_upstream_images_refused_here_with_one_line():
+    # the binaries and log files of the fixtures do not exist here
+    with pytest.raises(CriuError, match=r"does not exist on this system"):
+        restore_images.load(str(FIXTURES / "counter"))
+    with pytest.raises(CriuError, match=r"pstree.img: 3 tasks"):
+        restore_images.load(str(FIXTURES / "tree"))
+
+
+def test_unsupported_fd_kind_is_refused_before_the_fork(monkeypatch):
+    with pytest.raises(CriuError, match=r"fdinfo-2.img: fd 4 is of kind INOTIFY, which restore does not support"):
+        load_without_path_checks("watcher", monkeypatch)
