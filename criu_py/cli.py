@@ -39,11 +39,15 @@ def common_options(fn):
     return wrapper
 
 
-def run_command(opts: dict, action):
-    """Set up logging, run `action(opts)`, map domain errors to one line and an exit code."""
+def run_command(opts: dict, action, create_work_dir: bool = False):
+    """Set up logging, run `action(opts)`, map domain errors to one line and an exit code.
+    create_work_dir: the command writes there (dump), so a missing dir is made (0700)
+    before the log file is opened in it."""
     from criu_py import log as logmod
     work_dir = opts.get("work_dir") or opts.get("images_dir")
     try:
+        if create_work_dir and work_dir:
+            os.makedirs(work_dir, mode=0o700, exist_ok=True)
         logmod.setup(opts.get("verbosity", 2), opts.get("log_file"), work_dir)
         rc = action(opts)
     except CriuError as exc:
@@ -84,7 +88,7 @@ def dump(**opts):
         from criu_py.dump import dump_tasks
         o["kdat"] = kerndat.load(o["kdat_path"])
         return dump_tasks(o)
-    run_command(opts, action)
+    run_command(opts, action, create_work_dir=True)
 
 
 @cli.command()

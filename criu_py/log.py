@@ -25,7 +25,11 @@ def setup(verbosity: int = 2, log_file: str | None = None, work_dir: str | None 
     log.setLevel(LEVELS.get(max(0, min(verbosity, 4))))
     if log_file and log_file != "-":
         path = log_file if os.path.isabs(log_file) or not work_dir else os.path.join(work_dir, log_file)
-        handler = logging.FileHandler(path, mode="w")
+        try:
+            handler = logging.FileHandler(path, mode="w")
+        except OSError as exc:
+            from criu_py.errors import CriuError
+            raise CriuError(f"cannot open log file {path}: {exc.strerror}") from None
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Fmt())
