@@ -395,11 +395,15 @@ def test_vdso_layout_matches_maps(probed):
     # another process has the same layout (only the base is randomised)
     child = subprocess.Popen(["sleep", "30"])
     try:
+        # comm changes early in exec, before the vdso is mapped: wait for the areas
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "sleep":   # exec done
-            assert time.monotonic() < deadline
+        wanted = {area.name for area in probed.vdso_areas}
+        while True:
+            other = _maps_of(child.pid)
+            if Path(f"/proc/{child.pid}/comm").read_text().strip() == "sleep" and wanted <= other.keys():
+                break
+            assert time.monotonic() < deadline, f"no {wanted} in the maps of sleep"
             time.sleep(0.005)
-        other = _maps_of(child.pid)
     finally:
         child.kill()
         child.wait()
