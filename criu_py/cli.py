@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from criu_py import __version__
 from criu_py.errors import CriuError
 
 
@@ -71,7 +72,7 @@ click.exceptions.UsageError.show = _show_usage_error
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="criu-py")
+@click.version_option(version=__version__, prog_name="criu-py")
 def cli():
     """criu-py: checkpoint a running process tree to images and restore it."""
 
