@@ -3,31 +3,13 @@ import os
 
 import criu_py.images as img
 from criu_py.errors import ImageError
-
-# vma_entry.status bits (criu/include/image.h)
-VMA_AREA_REGULAR = 1 << 0
-VMA_AREA_STACK = 1 << 1
-VMA_AREA_VSYSCALL = 1 << 2
-VMA_AREA_VDSO = 1 << 3
-VMA_AREA_HEAP = 1 << 5
-VMA_FILE_PRIVATE = 1 << 6
-VMA_FILE_SHARED = 1 << 7
-VMA_ANON_SHARED = 1 << 8
-VMA_ANON_PRIVATE = 1 << 9
-VMA_AREA_SYSVIPC = 1 << 10
-VMA_AREA_SOCKET = 1 << 11
-VMA_AREA_VVAR = 1 << 12
-VMA_AREA_AIORING = 1 << 13
-VMA_AREA_MEMFD = 1 << 14
-# vma_entry.flags are mmap flags
-MAP_SHARED = 0x1
-MAP_PRIVATE = 0x2
-MAP_ANONYMOUS = 0x20
-MAP_GROWSDOWN = 0x100
-MAP_LOCKED = 0x2000
-MAP_HUGETLB = 0x40000
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# The status bits and mmap flags of vma_entry are the ones the dump and restore use
+# (re-exported for crit's make-lazy and the tests).
+from criu_py.mem import (  # noqa: F401
+    MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_HUGETLB, MAP_LOCKED, MAP_PRIVATE, MAP_SHARED, PAGE_SIZE,
+    VMA_ANON_PRIVATE, VMA_ANON_SHARED, VMA_AREA_AIORING, VMA_AREA_HEAP, VMA_AREA_MEMFD,
+    VMA_AREA_REGULAR, VMA_AREA_SOCKET, VMA_AREA_STACK, VMA_AREA_SYSVIPC, VMA_AREA_VDSO,
+    VMA_AREA_VSYSCALL, VMA_AREA_VVAR, VMA_FILE_PRIVATE, VMA_FILE_SHARED)
 
 
 class Checkpoint:

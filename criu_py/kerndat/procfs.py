@@ -80,14 +80,8 @@ def read_mountinfo(pid: str = "self") -> list[MountInfo]:
 
 def read_namespaces(pid: str = "self") -> dict[str, int]:
     """{namespace name: inode} from the /proc/PID/ns/ links (absent kinds left out)."""
-    out = {}
-    for name in NS_NAMES:
-        try:
-            link = os.readlink(f"/proc/{pid}/ns/{name}")
-        except OSError:
-            continue
-        out[name] = int(link[link.index("[") + 1:-1])
-    return out
+    from criu_py.proc import read_ns_ids
+    return read_ns_ids(pid, NS_NAMES)
 
 
 def _unescape(path: str) -> str:

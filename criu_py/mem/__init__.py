@@ -2,11 +2,13 @@
 # which pages hold data that must go to the images. mem.dump writes them; the restorer
 # reads the same pagemap/pages images. Constants shared by both halves live here.
 
-PAGE_SIZE = 4096
+import os
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_ANONYMOUS = 0x01, 0x02, 0x20
-MAP_GROWSDOWN, MAP_LOCKED, MAP_NORESERVE = 0x100, 0x2000, 0x4000
+MAP_GROWSDOWN, MAP_LOCKED, MAP_NORESERVE, MAP_HUGETLB = 0x100, 0x2000, 0x4000, 0x40000
 
 # vma_entry.status bits (upstream criu/include/image.h).
 VMA_AREA_REGULAR = 1 << 0

@@ -2,6 +2,7 @@
 # pie_vma), pagemap-PID.img -> the iovecs it preadv's pages-N.img into, and the vDSO
 # check. All of it is computed and validated in the restore parent before any fork, so a
 # bad image fails with one line and nothing created.
+import os
 from dataclasses import dataclass, field
 
 from criu_py import mem as M
@@ -130,15 +131,19 @@ def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
         else:
             iovs.append((start, end - start))
         total += end - start
-    import os
-    try:
-        size = os.stat(plan.pages_name, dir_fd=images.dirfd).st_size
-    except OSError as exc:
-        raise ImageError(f"{plan.pages_name}: cannot open ({exc.strerror})") from None
-    if size != total:
-        raise ImageError(f"{plan.pages_name}: holds {size} bytes, {name} describes {total}")
+    check_pages_size(images, plan.pages_name, name, total)
     plan.iovs = iovs
     plan.pages_bytes = total
+
+
+def check_pages_size(images, pages_name: str, pagemap_name: str, total: int) -> None:
+    """The pages file must hold exactly the bytes its pagemap describes."""
+    try:
+        size = os.stat(pages_name, dir_fd=images.dirfd).st_size
+    except OSError as exc:
+        raise ImageError(f"{pages_name}: cannot open ({exc.strerror})") from None
+    if size != total:
+        raise ImageError(f"{pages_name}: holds {size} bytes, {pagemap_name} describes {total}")
 
 
 def own_vdso_layout() -> list[tuple[str, int, int]]:

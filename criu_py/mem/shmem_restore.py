@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from criu_py import mem as M
 from criu_py.errors import ImageError
+from criu_py.mem.restore import check_pages_size
 
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
 F_ADD_SEALS, F_SEAL_SEAL = 1033, 1
@@ -70,12 +71,7 @@ def read_pages(images, obj: SharedObject) -> None:
         obj.ranges.append((pe.vaddr, n))
         obj.size = max(obj.size, pe.vaddr + n)
         total += n
-    try:
-        size = os.stat(obj.pages_name, dir_fd=images.dirfd).st_size
-    except OSError as exc:
-        raise ImageError(f"{obj.pages_name}: cannot open ({exc.strerror})") from None
-    if size != total:
-        raise ImageError(f"{obj.pages_name}: holds {size} bytes, {name} describes {total}")
+    check_pages_size(images, obj.pages_name, name, total)
 
 
 def make(obj: SharedObject, images) -> int:

@@ -278,10 +278,14 @@ def read_rlimits(pid: int) -> list[Rlimit]:
     return out
 
 
-def read_ns_ids(pid: int) -> dict:
-    """Namespace inode numbers keyed by /proc/PID/ns name (net, ipc, uts, ...)."""
+NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")
+
+
+def read_ns_ids(pid: int | str, names=NS_KINDS) -> dict:
+    """Namespace inode numbers keyed by /proc/PID/ns name (net, ipc, uts, ...); kinds
+    this kernel lacks are left out."""
     out = {}
-    for name in ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time"):
+    for name in names:
         try:
             link = os.readlink(f"/proc/{pid}/ns/{name}")
         except OSError:
