@@ -2,7 +2,7 @@
  * unmaps the interpreter. It is freestanding: raw syscalls, no libc, no static data, no
  * string literals, no calls outside its own section "criu_pie", so that the bytes
  * [__start_criu_pie, __stop_criu_pie) can be copied anywhere and run there
- * (tests/test_pie_freestanding.py checks the built module for this).
+ * (tests/test_pie_restorer.py checks the built module for this).
  *
  * It is entered on its own stack inside the restorer region with a struct pie_args
  * (csrc/pie_restorer.h) built by criu_py/restore/pie.py, and it
