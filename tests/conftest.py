@@ -76,6 +76,18 @@ def pytest_sessionfinish(session, exitstatus):
 
 # ---------------------------------------------------------------------------- waiting
 
+@pytest.fixture
+def sleeping_child():
+    """`sleep 60` in its own session, once exec is done and it sleeps; killed after."""
+    p = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    wait_for(lambda: (proc_status(p.pid) or {}).get("State", "").startswith("S")
+             and Path(f"/proc/{p.pid}/comm").read_text().strip() == "sleep",
+             timeout=5, what="sleep to sleep", interval=0.002)
+    yield p
+    p.kill()
+    p.wait()
+
+
 def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: float = 0.01):
     """Poll cond() until it returns something truthy; return that, or fail naming `what`."""
     deadline = time.monotonic() + timeout

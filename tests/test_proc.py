@@ -2,7 +2,6 @@
 import os
 import subprocess
 import tempfile
-import time
 
 import pytest
 
@@ -11,15 +10,8 @@ from criu_py.errors import NoSuchProcess
 
 
 @pytest.fixture
-def sleeper():
-    p = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    for _ in range(500):      # until exec is done and sleep sleeps
-        if proc.read_status(p.pid).state == "S" and proc.read_comm(p.pid) == "sleep":
-            break
-        time.sleep(0.002)
-    yield p
-    p.kill()
-    p.wait()
+def sleeper(sleeping_child):
+    return sleeping_child
 
 
 def test_stat_and_status_of_a_child(sleeper):

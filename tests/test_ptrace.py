@@ -2,7 +2,6 @@
 # exactly as it was (code bytes, registers, signal mask), running and untraced.
 import os
 import subprocess
-import time
 
 import pytest
 
@@ -13,15 +12,8 @@ from criu_py.dump import parasite
 
 
 @pytest.fixture
-def child():
-    p = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    for _ in range(500):      # until exec is done and sleep sleeps
-        if proc.read_status(p.pid).state == "S" and proc.read_comm(p.pid) == "sleep":
-            break
-        time.sleep(0.002)
-    yield p
-    p.kill()
-    p.wait()
+def child(sleeping_child):
+    return sleeping_child
 
 
 def untraced_running(pid):
