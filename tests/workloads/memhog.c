@@ -126,17 +126,5 @@ int main(int argc, char **argv)
 	sigprocmask(SIG_BLOCK, &block, NULL);
 
 	wl_log("ready %d", getpid());
-	for (;;) {
-		if (check_requested) {
-			const char *bad;
-
-			check_requested = 0;
-			bad = check();
-			if (bad)
-				wl_log("BAD %d %s", getpid(), bad);
-			else
-				wl_log("OK %d", getpid());
-		}
-		wl_sleep_ms(10);
-	}
+	wl_serve_checks(&check_requested, check);
 }

@@ -107,17 +107,5 @@ int main(int argc, char **argv)
 	sigaction(SIGUSR1, &sa, NULL);
 	wl_log("ready %d %p %p %p", getpid(), (void *)shared_anon, (void *)memfd_map,
 	       (void *)private_file);
-	for (;;) {
-		if (check_requested) {
-			const char *bad;
-
-			check_requested = 0;
-			bad = check();
-			if (bad)
-				wl_log("BAD %d %s", getpid(), bad);
-			else
-				wl_log("OK %d", getpid());
-		}
-		wl_sleep_ms(10);
-	}
+	wl_serve_checks(&check_requested, check);
 }

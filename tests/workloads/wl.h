@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -61,5 +62,25 @@ static inline long long wl_now_ns(clockid_t clk)
 
 	clock_gettime(clk, &ts);
 	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* The self-check loop of the workloads that verify their own state: whenever a signal
+ * handler has set *requested, run check() and log "OK pid" or "BAD pid <what>". */
+static inline void __attribute__((noreturn))
+wl_serve_checks(volatile sig_atomic_t *requested, const char *(*check)(void))
+{
+	for (;;) {
+		if (*requested) {
+			const char *bad;
+
+			*requested = 0;
+			bad = check();
+			if (bad)
+				wl_log("BAD %d %s", getpid(), bad);
+			else
+				wl_log("OK %d", getpid());
+		}
+		wl_sleep_ms(10);
+	}
 }
 #endif
