@@ -1,5 +1,6 @@
 # Logging in CRIU's manner: -v0..4 picks how much is said, -o names a log file
 # (relative to the work dir). Errors also go to stderr as one line, from the CLI.
+import contextlib
 import logging
 import os
 import sys
@@ -34,3 +35,13 @@ def setup(verbosity: int = 2, log_file: str | None = None, work_dir: str | None 
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Fmt())
     log.addHandler(handler)
+
+
+@contextlib.contextmanager
+def step(phase: str, name: str):
+    """One named step of an orchestrator: logged at -v4 when it starts, at -v3 with its
+    duration when it ends."""
+    log.debug("%s: %s", phase, name)
+    t = time.monotonic()
+    yield
+    log.info("%s: %-28s %7.2f ms", phase, name, (time.monotonic() - t) * 1e3)

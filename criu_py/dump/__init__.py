@@ -4,30 +4,19 @@
 # image is written, and whatever happens the task is never left stopped or traced: the
 # ExitStack detaches it (putting back any injected code and registers first).
 import contextlib
+import functools
 import os
 import time
 
 from criu_py.errors import AccessDenied, NoSuchProcess, Unsupported
 from criu_py.log import log
-
-
-class _Steps:
-    """Logs each step at -v4 when it starts and at -v3 with its duration."""
-
-    def __init__(self):
-        self.t0 = time.monotonic()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        log.debug("dump: %s", name)
-        t = time.monotonic()
-        yield
-        log.info("dump: %-28s %7.2f ms", name, (time.monotonic() - t) * 1e3)
+from criu_py.log import step as log_step
 
 
 def dump_tasks(opts: dict) -> int:
     pid = opts["pid"]
-    step = _Steps()
+    t0 = time.monotonic()
+    step = functools.partial(log_step, "dump")
     with contextlib.ExitStack() as stack:
         with step("check target"):
             check_target(pid)
@@ -70,7 +59,7 @@ def dump_tasks(opts: dict) -> int:
             ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
         with step("write stats"):
             write_stats(ctx)
-    log.info("dump of %d done in %.1f ms", pid, (time.monotonic() - step.t0) * 1e3)
+    log.info("dump of %d done in %.1f ms", pid, (time.monotonic() - t0) * 1e3)
     return 0
 
 

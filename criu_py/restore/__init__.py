@@ -6,18 +6,14 @@
 import contextlib
 import os
 import signal
-import time
 
 from criu_py.errors import RestoreError
 from criu_py.log import log
+from criu_py.log import step as log_step
 
 
-@contextlib.contextmanager
 def _step(name: str):
-    log.debug("restore: %s", name)
-    t = time.monotonic()
-    yield
-    log.info("restore: %-24s %7.2f ms", name, (time.monotonic() - t) * 1e3)
+    return log_step("restore", name)
 
 
 def restore_tasks(opts: dict) -> int:
