@@ -358,3 +358,17 @@ def test_import_is_light():
             "i.message_class('core'); assert 'criu_py.images.pb.core_pb2' in sys.modules; "
             "assert 'criu_py.images.pb.sk_inet_pb2' not in sys.modules")
     subprocess.run([os.sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("core-123.img", "core"), ("pagemap-7.img", "pagemap"), ("pagemap-shmem-9.img", "pagemap"),
+    ("pages-1.img", img.RAW), ("pages-shmem-2.img", img.RAW), ("route6-1.img", img.RAW),
+    ("ip6tables-3.img", img.RAW), ("tmpfs-dev-4.tar.gz.img", img.RAW),
+    ("signal-p-5.img", "signal"), ("binfmt-misc.img", "binfmt_misc"),
+    ("binfmt-misc-2.img", "binfmt_misc"), ("ghost-file-1a2b.img", "ghost_file"),
+    ("tcp-stream-ff.img", "tcp_stream"), ("stats-dump", "stats"), ("/x/y/inventory.img", "inventory"),
+    ("route7-1.img", None), ("core-12a.img", None), ("ghost-file-xyz.img", None),
+    ("ghost-file-.img", None), ("core-1.img.bak", None), ("dump.log", None),
+])
+def test_kind_of_names(name, kind):
+    assert img.kind_of(name) == kind

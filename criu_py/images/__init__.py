@@ -131,41 +131,47 @@ PAYLOAD_SCAN = {
 }
 _BY_MAGIC = {v[0]: k for k, v in MAGICS.items()}
 
-# File name (without directory) -> kind, after upstream's image-desc.c names.
-_NAME_RULES = [(re.compile(p + r"\Z"), k) for p, k in [
-    (r"inventory\.img", "inventory"), (r"pstree\.img", "pstree"),
-    (r"core-\d+\.img", "core"), (r"ids-\d+\.img", "ids"), (r"mm-\d+\.img", "mm"),
-    (r"pagemap-(shmem-)?\d+\.img", "pagemap"), (r"pages-(shmem-)?\d+\.img", RAW),
-    (r"fdinfo-\d+\.img", "fdinfo"), (r"files\.img", "files"), (r"fs-\d+\.img", "fs"),
-    (r"vmas-\d+\.img", "vmas"), (r"creds-\d+\.img", "creds"), (r"sigacts-\d+\.img", "sigact"),
-    (r"itimers-\d+\.img", "itimers"), (r"posix-timers-\d+\.img", "posix_timers"),
-    (r"rlimit-\d+\.img", "rlimit"), (r"signal-[sp]-\d+\.img", "signal"),
-    (r"utsns-\d+\.img", "utsns"), (r"ipcns-var-\d+\.img", "ipc_var"),
-    (r"ipcns-shm-\d+\.img", "ipcns_shm"), (r"ipcns-msg-\d+\.img", "ipcns_msg"),
-    (r"ipcns-sem-\d+\.img", "ipcns_sem"), (r"netns-\d+\.img", "netns"),
-    (r"userns-\d+\.img", "userns"), (r"timens-\d+\.img", "timens"), (r"pidns-\d+\.img", "pidns"),
-    (r"mountpoints-\d+\.img", "mnts"), (r"netdev-\d+\.img", "netdev"),
-    (r"(ifaddr|route6?|rule|ip6?tables|nftables|netns-ct|netns-exp)-\d+\.img", RAW),
-    (r"tmpfs-(dev-)?\d+\.tar\.gz\.img", RAW),
-    (r"reg-files\.img", "reg_files"), (r"ext-files\.img", "ext_files"), (r"ns-files\.img", "ns_files"),
-    (r"eventfd\.img", "eventfd_file"), (r"eventpoll\.img", "eventpoll_file"),
-    (r"eventpoll-tfd\.img", "eventpoll_tfd"), (r"signalfd\.img", "signalfd"),
-    (r"inotify\.img", "inotify_file"), (r"inotify-wd\.img", "inotify_wd"),
-    (r"fanotify\.img", "fanotify_file"), (r"fanotify-mark\.img", "fanotify_mark"),
-    (r"unixsk\.img", "unixsk"), (r"inetsk\.img", "inetsk"), (r"packetsk\.img", "packetsk"),
-    (r"netlinksk\.img", "netlink_sk"), (r"sk-queues\.img", "sk_queues"),
-    (r"pipes\.img", "pipes"), (r"pipes-data\.img", "pipes_data"),
-    (r"fifo\.img", "fifo"), (r"fifo-data\.img", "fifo_data"),
-    (r"tty\.img", "tty_files"), (r"tty-info\.img", "tty_info"), (r"tty-data\.img", "tty_data"),
-    (r"tunfile\.img", "tunfile"), (r"cgroup\.img", "cgroup"), (r"timerfd\.img", "timerfd"),
-    (r"cpuinfo\.img", "cpuinfo"), (r"seccomp\.img", "seccomp"),
-    (r"binfmt-misc(-\d+)?\.img", "binfmt_misc"), (r"autofs-\d+\.img", "autofs"),
-    (r"memfd\.img", "memfd_inode"), (r"bpfmap-file\.img", "bpfmap_file"),
-    (r"bpfmap-data\.img", "bpfmap_data"), (r"apparmor\.img", "apparmor"),
-    (r"filelocks\.img", "file_locks"), (r"remap-fpath\.img", "remap_fpath"),
-    (r"ghost-file-[0-9a-f]+\.img", "ghost_file"), (r"tcp-stream-[0-9a-f]+\.img", "tcp_stream"),
-    (r"stats-(dump|restore)", "stats"), (r"irmap-cache\.img", "irmap_cache"),
-]]
+# File name (without directory) -> kind, after upstream's image-desc.c names. A name is
+# looked up by its shape, every run of digits after a dash made N ("core-123.img" ->
+# "core-N.img"): one dict lookup instead of ~90 regular expressions compiled at start-up.
+_NAME_SHAPES = {
+    "inventory.img": "inventory", "pstree.img": "pstree", "core-N.img": "core",
+    "ids-N.img": "ids", "mm-N.img": "mm", "pagemap-N.img": "pagemap",
+    "pagemap-shmem-N.img": "pagemap", "pages-N.img": RAW, "pages-shmem-N.img": RAW,
+    "fdinfo-N.img": "fdinfo", "files.img": "files", "fs-N.img": "fs", "vmas-N.img": "vmas",
+    "creds-N.img": "creds", "sigacts-N.img": "sigact", "itimers-N.img": "itimers",
+    "posix-timers-N.img": "posix_timers", "rlimit-N.img": "rlimit",
+    "signal-s-N.img": "signal", "signal-p-N.img": "signal", "utsns-N.img": "utsns",
+    "ipcns-var-N.img": "ipc_var", "ipcns-shm-N.img": "ipcns_shm",
+    "ipcns-msg-N.img": "ipcns_msg", "ipcns-sem-N.img": "ipcns_sem", "netns-N.img": "netns",
+    "userns-N.img": "userns", "timens-N.img": "timens", "pidns-N.img": "pidns",
+    "mountpoints-N.img": "mnts", "netdev-N.img": "netdev",
+    "ifaddr-N.img": RAW, "route-N.img": RAW, "route6-N.img": RAW, "rule-N.img": RAW,
+    "iptables-N.img": RAW, "ip6tables-N.img": RAW, "nftables-N.img": RAW,
+    "netns-ct-N.img": RAW, "netns-exp-N.img": RAW,
+    "tmpfs-N.tar.gz.img": RAW, "tmpfs-dev-N.tar.gz.img": RAW,
+    "reg-files.img": "reg_files", "ext-files.img": "ext_files", "ns-files.img": "ns_files",
+    "eventfd.img": "eventfd_file", "eventpoll.img": "eventpoll_file",
+    "eventpoll-tfd.img": "eventpoll_tfd", "signalfd.img": "signalfd",
+    "inotify.img": "inotify_file", "inotify-wd.img": "inotify_wd",
+    "fanotify.img": "fanotify_file", "fanotify-mark.img": "fanotify_mark",
+    "unixsk.img": "unixsk", "inetsk.img": "inetsk", "packetsk.img": "packetsk",
+    "netlinksk.img": "netlink_sk", "sk-queues.img": "sk_queues",
+    "pipes.img": "pipes", "pipes-data.img": "pipes_data",
+    "fifo.img": "fifo", "fifo-data.img": "fifo_data",
+    "tty.img": "tty_files", "tty-info.img": "tty_info", "tty-data.img": "tty_data",
+    "tunfile.img": "tunfile", "cgroup.img": "cgroup", "timerfd.img": "timerfd",
+    "cpuinfo.img": "cpuinfo", "seccomp.img": "seccomp",
+    "binfmt-misc.img": "binfmt_misc", "binfmt-misc-N.img": "binfmt_misc",
+    "autofs-N.img": "autofs", "memfd.img": "memfd_inode", "bpfmap-file.img": "bpfmap_file",
+    "bpfmap-data.img": "bpfmap_data", "apparmor.img": "apparmor",
+    "filelocks.img": "file_locks", "remap-fpath.img": "remap_fpath",
+    "stats-dump": "stats", "stats-restore": "stats", "irmap-cache.img": "irmap_cache",
+}
+# Names with a hexadecimal id: prefix -> kind ("ghost-file-1a2b.img").
+_HEX_NAMES = {"ghost-file-": "ghost_file", "tcp-stream-": "tcp_stream"}
+_DIGIT_RUNS = re.compile(r"(?<=-)[0-9]+")
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 _U32 = struct.Struct("<I")
 _U32x2 = struct.Struct("<II")
@@ -174,10 +180,12 @@ _U32x2 = struct.Struct("<II")
 def kind_of(name: str) -> str | None:
     """The image kind a file name stands for (RAW for raw images), None when unknown."""
     base = os.path.basename(name)
-    for rx, kind in _NAME_RULES:
-        if rx.match(base):
+    for prefix, kind in _HEX_NAMES.items():
+        ident = base[len(prefix):-4]
+        if base.startswith(prefix) and base.endswith(".img") and ident \
+                and set(ident) <= _HEX_DIGITS:
             return kind
-    return None
+    return _NAME_SHAPES.get(_DIGIT_RUNS.sub("N", base))
 
 
 def kind_by_magic(magic: int) -> str | None:
