@@ -1,40 +1,68 @@
-# Logging in CRIU's manner: -v0..4 picks how much is said, -o names a log file
-# (relative to the work dir). Errors also go to stderr as one line, from the CLI.
+# Logging in CRIU's manner: -v0..4 picks how much is said (1 errors, 2 warnings, 3 info,
+# 4 debug), -o names a log file (relative to the work dir), every line starts with the
+# seconds since start. Errors also go to stderr as one line, from the CLI. A small logger
+# of our own rather than the logging module: that costs ~10 ms of start-up, a sixth of
+# a small dump's wall time, for features we do not use.
 import contextlib
-import logging
 import os
 import sys
 import time
 
 _T0 = time.monotonic()
-LEVELS = {0: logging.CRITICAL + 10, 1: logging.ERROR, 2: logging.WARNING,
-          3: logging.INFO, 4: logging.DEBUG}
-
-log = logging.getLogger("criu-py")
+ERROR, WARNING, INFO, DEBUG = 1, 2, 3, 4
 
 
-class _Fmt(logging.Formatter):
-    def format(self, record):
-        return f"({time.monotonic() - _T0:10.6f}) {record.getMessage()}"
+class Logger:
+    """log.debug/info/warning/error(fmt, *args) with %-formatting, like logging's."""
+
+    def __init__(self):
+        self.verbosity = WARNING
+        self.disabled = False          # set in a child whose fds are being replaced
+        self.file = None               # the -o file, when there is one
+        self.sinks = []                # extra callables getting each message (tests)
+
+    def _emit(self, level: int, msg: str, args) -> None:
+        if self.disabled or (level > self.verbosity and not self.sinks):
+            return
+        text = msg % args if args else msg
+        for sink in self.sinks:
+            sink(level, text)
+        if level <= self.verbosity:
+            (self.file or sys.stderr).write(f"({time.monotonic() - _T0:10.6f}) {text}\n")
+
+    def debug(self, msg, *args):
+        self._emit(DEBUG, msg, args)
+
+    def info(self, msg, *args):
+        self._emit(INFO, msg, args)
+
+    def warning(self, msg, *args):
+        self._emit(WARNING, msg, args)
+
+    def error(self, msg, *args):
+        self._emit(ERROR, msg, args)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+log = Logger()
 
 
 def setup(verbosity: int = 2, log_file: str | None = None, work_dir: str | None = None) -> None:
     """Configure the criu-py logger. A log file gets everything at the chosen level;
     without one, messages at the chosen level go to stderr."""
-    log.handlers.clear()
-    log.propagate = False
-    log.setLevel(LEVELS.get(max(0, min(verbosity, 4))))
+    log.close()
+    log.verbosity = max(0, min(verbosity, 4))
     if log_file and log_file != "-":
         path = log_file if os.path.isabs(log_file) or not work_dir else os.path.join(work_dir, log_file)
         try:
-            handler = logging.FileHandler(path, mode="w")
+            log.file = open(path, "w", buffering=1)     # line-buffered: whole lines, forks safe
         except OSError as exc:
             from criu_py.errors import CriuError
             raise CriuError(f"cannot open log file {path}: {exc.strerror}") from None
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Fmt())
-    log.addHandler(handler)
 
 
 @contextlib.contextmanager

@@ -1,27 +1,99 @@
 # The command line itself: start-up stays light (no protobuf, no native module, no psutil
-# for --help), CRIU's spellings of the verbosity option work, and usage errors are one line.
+# for --help; no click for a plain dump or restore), CRIU's spellings of the options work,
+# the plain parser agrees with click, and usage errors are one line.
 import subprocess
 import sys
 
-from criu_py.cli import _normalize_verbosity
+import pytest
+
+from criu_py.options import COMMANDS, normalize_verbosity, parse_plain
+
+HEAVY = "('google.protobuf', 'criu_py._native', 'psutil', 'cffi')"
+
+
+def run_main(args: list[str], check_modules: str) -> subprocess.CompletedProcess:
+    """Run criu_py.main.main(args) in a fresh interpreter; then assert check_modules
+    (an expression over `mods`, the loaded module names) before it exits."""
+    code = ("import os, sys, atexit\n"
+            "def check():\n"
+            "    mods = list(sys.modules)\n"
+            f"    assert {check_modules}, sorted(m for m in mods if m.startswith(('click', 'google')))\n"
+            "    print('modules ok', flush=True)\n"
+            "atexit.register(check)\n"                       # click's way out: sys.exit
+            "real_exit = os._exit\n"
+            "os._exit = lambda code: (check(), real_exit(code))\n"   # criu-py's own way out
+            "from criu_py.main import main\n"
+            f"main({args!r})\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
 def test_help_loads_no_heavy_module():
-    code = ("import sys; from criu_py.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-            "heavy = [m for m in sys.modules if m.startswith(('google.protobuf', 'criu_py._native',"
-            " 'psutil', 'cffi'))]\n"
-            "assert not heavy, heavy\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = run_main(["--help"], f"not [m for m in mods if m.startswith({HEAVY})]")
     assert res.returncode == 0, res.stderr
     assert "dump" in res.stdout and "restore" in res.stdout and "crit" in res.stdout
+    assert "modules ok" in res.stdout
+
+
+def test_plain_dump_does_not_load_click(tmp_path):
+    # a PID that cannot exist: the dump fails at once, through the plain path
+    res = run_main(["dump", "-t", "4194304", "-D", str(tmp_path / "img"), "-v0"],
+                   "'click' not in mods")
+    assert res.returncode == 1 and "modules ok" in res.stdout, res.stderr
+    assert res.stderr.strip().splitlines() == ["Error: no such process 4194304"]
+
+
+def test_plain_parser_reads_crius_spellings():
+    cmd, o = parse_plain(normalize_verbosity(
+        ["dump", "-t123", "-D", "/tmp/x", "-vv", "--leave-running", "-o", "d.log",
+         "--kdat-path=none", "-j"]))
+    assert cmd == "dump"
+    assert (o["pid"], o["images_dir"], o["verbosity"], o["leave_running"], o["log_file"],
+            o["kdat_path"], o["shell_job"], o["work_dir"]) == (123, "/tmp/x", 4, True, "d.log",
+                                                               "none", True, None)
+    cmd, o = parse_plain(["restore", "-D", "d", "-d", "--pidfile", "p", "-v0", "-W", "w"])
+    assert cmd == "restore"
+    assert (o["images_dir"], o["detach"], o["pidfile"], o["verbosity"], o["work_dir"],
+            o["shell_job"]) == ("d", True, "p", 0, "w", False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["dump"],                                   # -t is required
+    ["dump", "-t", "x"],                        # not an int
+    ["dump", "-t"],                             # no value
+    ["dump", "-t", "1", "-v9"],                 # out of range
+    ["dump", "-t", "1", "--bogus"],             # unknown
+    ["dump", "-t", "1", "extra"],               # positional
+    ["dump", "-t", "1", "-h"],                  # help
+    ["restore", "-dj"],                         # grouped flags: click's business
+    ["restore", "--restore-detached=yes"],      # a flag with a value
+    ["restore", "-D", "/etc/passwd"],           # a file where a dir is wanted
+    ["restore", "--pidfile", "/tmp"],           # a dir where a file is wanted
+    ["kdat"], ["check", "--all"], ["crit", "show", "x"], [],
+])
+def test_plain_parser_leaves_the_rest_to_click(argv):
+    assert parse_plain(normalize_verbosity(argv)) is None
+
+
+def test_plain_parser_and_click_agree():
+    """Same options, same defaults: the click commands are built from the same tables."""
+    import click
+
+    from criu_py.cli import cli
+    for name, table in COMMANDS.items():
+        params = {p.name: p for p in cli.commands[name].params}
+        assert set(params) == {opt.dest for opt in table}
+        for opt in table:
+            p = params[opt.dest]
+            assert set(p.opts + p.secondary_opts) == set(opt.flags)
+            assert p.required == opt.required and p.default == opt.default, opt.dest
+            assert isinstance(p, click.Option)
 
 
 def test_verbosity_spellings():
-    assert _normalize_verbosity(["dump", "-v", "-t", "1"]) == ["dump", "-v3", "-t", "1"]
-    assert _normalize_verbosity(["-vv"]) == ["-v4"]
-    assert _normalize_verbosity(["-vvvvv"]) == ["-v4"]
-    assert _normalize_verbosity(["-v0", "-v4"]) == ["-v0", "-v4"]
+    assert normalize_verbosity(["dump", "-v", "-t", "1"]) == ["dump", "-v3", "-t", "1"]
+    assert normalize_verbosity(["-vv"]) == ["-v4"]
+    assert normalize_verbosity(["-vvvvv"]) == ["-v4"]
+    assert normalize_verbosity(["-v0", "-v4", "-", "-x"]) == ["-v0", "-v4", "-", "-x"]
 
 
 def test_usage_error_is_one_line():

@@ -3,7 +3,6 @@
 # probed facts against what the machine shows when asked another way.
 import ctypes
 import errno
-import logging
 import mmap
 import os
 import stat
@@ -34,17 +33,12 @@ def messages():
     """Everything criu-py logs during the test, as text lines."""
     lines = []
 
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
+    def collect(level, text):
+        lines.append(text)
 
-    handler = Collect(level=logging.DEBUG)
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
+    log.sinks.append(collect)
     yield lines
-    log.removeHandler(handler)
-    log.setLevel(old_level)
+    log.sinks.remove(collect)
 
 
 @pytest.fixture

@@ -3,8 +3,7 @@
 # on the main group by criu_py/cli.py; light: the work happens in functions imported late.
 import click
 
-KDAT_PATH_HELP = ("kdat cache file (default: $CRIU_PY_KDAT, else /run/criu.kdat, else "
-                  "$XDG_RUNTIME_DIR/criu.kdat; 'none': no cache).")
+from criu_py.options import KDAT_PATH_HELP
 
 
 def _kdat_options(fn):
@@ -17,7 +16,7 @@ def _kdat_options(fn):
 
 
 def _run(opts, action):
-    from criu_py.cli import run_command
+    from criu_py.commands import run_command
     opts.setdefault("work_dir", None)
     run_command(opts, action)
 

@@ -1,0 +1,17 @@
+# Entry point of the criu-py console script and of `python -m criu_py`. A plain dump or
+# restore command line (the common case, and the one whose start-up time counts) runs
+# without loading click; anything else goes to the click command line in criu_py/cli.py.
+import sys
+
+from criu_py.options import normalize_verbosity, parse_plain
+
+
+def main(argv: list[str] | None = None):
+    args = normalize_verbosity(sys.argv[1:] if argv is None else argv)
+    plain = parse_plain(args)
+    if plain is not None:
+        from criu_py.commands import RUNNERS
+        command, opts = plain
+        RUNNERS[command](opts)
+    from criu_py.cli import cli
+    cli.main(args=args, prog_name="criu-py")
