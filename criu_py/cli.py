@@ -7,10 +7,8 @@
 import click
 
 from criu_py import __version__
-from criu_py.commands import run_command, run_dump, run_restore
-from criu_py.options import COMMANDS, COMMON, Opt
-
-__all__ = ["cli", "run_command"]
+from criu_py.commands import run_dump, run_restore
+from criu_py.options import COMMANDS, Opt
 
 
 def _click_type(opt: Opt):
@@ -27,16 +25,14 @@ def click_options(table: list[Opt]):
                 kwargs["is_flag"] = True
             else:
                 kwargs.update(required=opt.required, show_default=opt.default is not None)
-                if _click_type(opt) is not None:
-                    kwargs["type"] = _click_type(opt)
+                click_type = _click_type(opt)
+                if click_type is not None:
+                    kwargs["type"] = click_type
                 if opt.metavar:
                     kwargs["metavar"] = opt.metavar
             fn = click.option(*opt.flags, opt.dest, **kwargs)(fn)
         return fn
     return decorate
-
-
-common_options = click_options(COMMON)
 
 
 def _show_usage_error(self, file=None):
