@@ -202,13 +202,6 @@ class CallerFacts:
     def missing_caps(self) -> list[str]:
         return [name for nr, name in sorted(CAPS.items()) if not self.cap_eff >> nr & 1]
 
-    @property
-    def cgroup_v2_path(self) -> str | None:
-        for hier, controllers, path in self.cgroups:
-            if hier == 0 and controllers == "":
-                return path
-        return None
-
     def as_dict(self) -> dict:
         out = {name: getattr(self, name) for name in self.__slots__}
         out["cgroups"] = [{"hierarchy": h, "controllers": c, "path": p} for h, c, p in self.cgroups]

@@ -39,10 +39,6 @@ def _read(pid: int, name: str, binary: bool = False):
         raise from_oserror(exc, f"reading {path}", pid) from None
 
 
-def proc_path(pid: int, name: str = "") -> str:
-    return f"/proc/{pid}/{name}" if name else f"/proc/{pid}"
-
-
 def pid_exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}/stat")
 
@@ -219,10 +215,6 @@ def read_auxv(pid: int) -> list[int]:
 
 def read_personality(pid: int) -> int:
     return int(_read(pid, "personality").strip(), 16)
-
-
-def read_comm(pid: int) -> str:
-    return _read(pid, "comm").rstrip("\n")
 
 
 def list_threads(pid: int) -> list[int]:
