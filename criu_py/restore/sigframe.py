@@ -64,26 +64,59 @@ def restart_syscall(gp: dict) -> dict:
 
 
 _LOCAL_XSTATE = None
+ARCH_GET_XCOMP_PERM = 0x1022
+ARCH_REQ_XCOMP_PERM = 0x1023
+NR_ARCH_PRCTL = 158
+
+
+def xcomp_perm() -> int:
+    """The xsave features this process may use (arch_prctl ARCH_GET_XCOMP_PERM): XCR0
+    minus the dynamically enabled ones (AMX tile data) it has not asked for."""
+    from criu_py.native import ffi, lib
+    out = ffi.new("uint64_t *")
+    r = lib.criu_py_restore_syscall(NR_ARCH_PRCTL, ARCH_GET_XCOMP_PERM,
+                                    int(ffi.cast("uintptr_t", out)), 0, 0, 0, 0)
+    return out[0] if r == 0 else lib.criu_py_xcr0()
 
 
 def local_xstate() -> tuple[int, int, dict[int, tuple[int, int]]]:
-    """(XCR0, standard-format xsave size, {component: (offset, size)}) of this CPU, from
-    xgetbv and CPUID 0xD. Offsets differ between CPUs (no MPX gap on recent Intel parts:
-    opmask at 832, not 1088), so nothing here is a constant."""
+    """(features, standard-format xsave size, {component: (offset, size)}) this process
+    may put in a signal frame: XCR0 limited to its permitted features, the size up to the
+    end of the last of them, from CPUID 0xD. The kernel refuses a frame whose size differs
+    from that (and then silently restores x87/SSE only): on a CPU with AMX, CPUID's size
+    (11008 bytes) is larger than a process without AMX permission may use. Offsets differ
+    between CPUs (no MPX gap on recent Intel parts: opmask at 832, not 1088), so nothing
+    here is a constant."""
     global _LOCAL_XSTATE
     if _LOCAL_XSTATE is None:
         from criu_py.native import ffi, lib
         out = ffi.new("uint32_t[4]")
-        xcr0 = lib.criu_py_xcr0()
-        lib.criu_py_cpuid(0xD, 0, out)
-        size = out[1]
+        features = lib.criu_py_xcr0() & xcomp_perm()
+        size = LEGACY_XSAVE_SIZE
         comps = {}
         for i in range(2, 64):
-            if xcr0 >> i & 1:
+            if features >> i & 1:
                 lib.criu_py_cpuid(0xD, i, out)
                 comps[i] = (out[1], out[0])
-        _LOCAL_XSTATE = (xcr0, size, comps)
+                size = max(size, out[1] + out[0])
+        _LOCAL_XSTATE = (features, size, comps)
     return _LOCAL_XSTATE
+
+
+def request_xfeatures(xsave: bytes) -> None:
+    """Ask for the dynamically enabled features (AMX) the dumped state uses, before the
+    frame is built: a task that had them back gets them again."""
+    global _LOCAL_XSTATE
+    if len(xsave) < LEGACY_XSAVE_SIZE:
+        return
+    used = struct.unpack_from("<Q", xsave, XSAVE_HEADER_OFFSET)[0]
+    from criu_py.native import lib
+    missing = used & lib.criu_py_xcr0() & ~xcomp_perm()
+    for bit in range(2, 64):
+        if missing >> bit & 1:
+            lib.criu_py_restore_syscall(NR_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, bit, 0, 0, 0, 0)
+    if missing:
+        _LOCAL_XSTATE = None
 
 
 def fpstate_for_sigreturn(xsave: bytes) -> bytes:

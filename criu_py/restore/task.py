@@ -329,6 +329,8 @@ def run_child(t, status_fd: int, go_fd: int, shell_job: bool, trap: bool) -> Non
         stage = "rlimits"
         set_rlimits(t)
         stage = "restorer set-up"
+        from criu_py.restore.sigframe import request_xfeatures
+        request_xfeatures(task_registers(t.core).xsave)
         plan = build_plan(t, pages_fd, exe_fd, status_fd, fdt, trap)
         plan.trap_before_sigreturn = trap
         enter_restorer(t, plan)
