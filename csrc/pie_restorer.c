@@ -5,14 +5,19 @@
  * (tests/test_pie_restorer.py checks the built module for this).
  *
  * It is entered on its own stack inside the restorer region with a struct pie_args
- * (csrc/pie_restorer.h) built by criu_py/restore/pie.py, and it
- *   unregisters glibc's rseq, unmaps everything outside the region, maps the dumped
- *   VMAs, faults in and reads page contents straight into place, places the sigframe on
- *   the task's stack, sets madvise advice and final protections, puts the vdso back at
- *   the dumped address, restores signal actions, mm fields (PR_SET_MM_MAP),
- *   clear_child_tid and rseq, closes the helper fds, reports to the parent, sets fs/gs
- *   base and rt_sigreturns into the task (after an int3 when the parent traces it, so it
- *   can unmap the region first: criu_py/restore/tracer.py). */
+ * (csrc/pie_restorer.h) built by criu_py/restore/pie.py. The leader
+ *   unregisters glibc's rseq, unmaps everything but the region, the premapped VMAs and
+ *   the shared sync page, moves the premapped (copy-on-write shared) VMAs into place,
+ *   maps the other dumped VMAs, reads page contents straight into place, places every
+ *   thread's sigframe on that thread's stack, sets madvise advice and final
+ *   protections, puts the vdso back at the dumped address, restores signal actions, mm
+ *   fields (PR_SET_MM_MAP) and the process's pending signals, closes the helper fds and
+ *   creates the other threads with their TIDs (clone3 + set_tid).
+ * Then every thread, the leader included, sets up its own state (clear_child_tid,
+ * robust list, rseq, scheduling, name, pending signals, credentials last, fs/gs base),
+ * counts itself ready, and waits on the sync page until the restore command lets the
+ * whole tree go; it then rt_sigreturns into the task (after an int3 when the restore
+ * command traces it, so the region can be unmapped first: criu_py/restore/tracer.py). */
 #pragma GCC optimize("no-tree-loop-distribute-patterns", "no-tree-vectorize")
 #include <stdint.h>
 #include "pie_restorer.h"
@@ -21,40 +26,68 @@
 #define PIE_ENTRY __attribute__((section("criu_pie"), used, noinline, visibility("hidden")))
 #define PIE_INLINE static inline __attribute__((section("criu_pie"), always_inline))
 
-#define NR_read 0
 #define NR_write 1
 #define NR_close 3
 #define NR_mmap 9
 #define NR_mprotect 10
 #define NR_munmap 11
 #define NR_rt_sigaction 13
-#define NR_rt_sigreturn 15
-#define NR_preadv 295
+#define NR_mremap 25
 #define NR_madvise 28
-#define NR_exit_group 231
-#define NR_arch_prctl 158
+#define NR_rt_sigqueueinfo 129
+#define NR_setpriority 141
+#define NR_sched_setscheduler 144
+#define NR_setgroups 116
+#define NR_setresuid 117
+#define NR_setresgid 119
+#define NR_setfsuid 122
+#define NR_setfsgid 123
+#define NR_capset 126
 #define NR_prctl 157
+#define NR_arch_prctl 158
+#define NR_futex 202
 #define NR_set_tid_address 218
+#define NR_exit_group 231
+#define NR_set_robust_list 273
+#define NR_preadv 295
+#define NR_rt_tgsigqueueinfo 297
 #define NR_rseq 334
+#define NR_clone3 435
 
 #define MAP_FIXED_ 0x10
 #define MAP_ANONYMOUS_ 0x20
-#define PROT_READ_ 1
-#define PROT_WRITE_ 2
+#define MREMAP_MAYMOVE_ 1
+#define MREMAP_FIXED_ 2
 #define ARCH_SET_GS_ 0x1001
 #define ARCH_SET_FS_ 0x1002
 #define ARCH_MAP_VDSO_64_ 0x2003
+#define PR_SET_PDEATHSIG_ 1
+#define PR_SET_DUMPABLE_ 4
+#define PR_SET_NAME_ 15
+#define PR_CAPBSET_DROP_ 24
+#define PR_SET_SECUREBITS_ 28
 #define PR_SET_MM_ 35
 #define PR_SET_MM_MAP_ 14
+#define PR_SET_NO_NEW_PRIVS_ 38
+#define PR_CAP_AMBIENT_ 47
+#define PR_CAP_AMBIENT_RAISE_ 2
+#define SECBIT_NO_SETUID_FIXUP_ (1 << 2)
+#define CAP_VERSION_3_ 0x20080522
 #define RSEQ_FLAG_UNREGISTER_ 1
 #define IOV_BATCH 1024
 #define MADV_POPULATE_WRITE_ 23
 #define EINTR_ 4
 #define EAGAIN_ 11
+#define FUTEX_WAIT_ 0
+#define FUTEX_WAKE_ 1
+#define FUTEX_PRIVATE_ 128
+#define SIGINFO_SIZE 128
+#define CLONE_THREAD_FLAGS_ (0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000)
+	/* CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM */
 
-struct pie_iovec {
-	uint64_t base;
-	uint64_t len;
+struct clone_args_ {
+	uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+	uint64_t set_tid, set_tid_size, cgroup;
 };
 
 PIE_INLINE long sys6(long nr, long a, long b, long c, long d, long e, long f)
@@ -75,7 +108,12 @@ PIE_INLINE long sys3(long nr, long a, long b, long c)
 	return sys6(nr, a, b, c, 0, 0, 0);
 }
 
-/* Tell the restore parent how far we got; a failure ends the task here. */
+PIE_INLINE uint32_t atomic_load32(uint32_t *p)
+{
+	return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+
+/* Tell the restore parent how far we got. */
 PIE void pie_report(struct pie_args *a, int stage, long ret, uint64_t arg)
 {
 	struct pie_status st;
@@ -84,35 +122,94 @@ PIE void pie_report(struct pie_args *a, int stage, long ret, uint64_t arg)
 	st.stage = stage;
 	st.ret = ret;
 	st.arg = arg;
+	st.pid = a->tgid;
+	st.pad = 0;
 	if (a->status_fd >= 0)
 		sys3(NR_write, a->status_fd, (long)&st, sizeof(st));
 }
 
+/* A failure ends the task here; with a sync page, the first failure of the whole
+ * restore is recorded there and every other task is told to give up. */
 PIE __attribute__((noreturn)) void pie_fail(struct pie_args *a, int stage, long ret, uint64_t arg)
 {
+	struct pie_sync *s = (struct pie_sync *)a->sync;
+	int32_t none = 0;
+
 	pie_report(a, stage, ret, arg);
+	if (s) {
+		if (__atomic_compare_exchange_n(&s->err_stage, &none, stage, 0,
+						__ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+			s->err_ret = ret;
+			s->err_arg = arg;
+			s->err_tid = a->tgid;
+		}
+		__atomic_store_n(&s->stage, PIE_SYNC_ERROR, __ATOMIC_SEQ_CST);
+		sys6(NR_futex, (long)&s->stage, FUTEX_WAKE_, 0x7fffffff, 0, 0, 0);
+	}
 	for (;;)
 		sys3(NR_exit_group, 127, 0, 0);
 }
 
-/* Everything but the region goes: the interpreter, its libraries, its stack, the vdso. */
+/* Everything goes but the region, the premapped VMAs and the sync page: the
+ * interpreter, its libraries, its stack, the vdso. */
 PIE void pie_unmap_all(struct pie_args *a)
 {
+	uint64_t keep[6], n = 0, i, j, prev = 0;
 	long r;
 
-	if (a->keep_start) {
-		r = sys3(NR_munmap, 0, a->keep_start, 0);
-		if (r < 0)
-			pie_fail(a, PIE_STAGE_UNMAP, r, 0);
+	keep[n++] = a->keep_start;
+	keep[n++] = a->keep_end;
+	if (a->premap_end > a->premap_start) {
+		keep[n++] = a->premap_start;
+		keep[n++] = a->premap_end;
 	}
-	if (a->keep_end < a->task_size) {
-		r = sys3(NR_munmap, a->keep_end, a->task_size - a->keep_end, 0);
-		if (r < 0)
-			pie_fail(a, PIE_STAGE_UNMAP, r, a->keep_end);
+	if (a->sync) {
+		keep[n++] = a->sync;
+		keep[n++] = a->sync + a->sync_len;
+	}
+	/* sort the (start, end) pairs by start */
+	for (i = 2; i < n; i += 2)
+		for (j = i; j >= 2 && keep[j - 2] > keep[j]; j -= 2) {
+			uint64_t s = keep[j], e = keep[j + 1];
+
+			keep[j] = keep[j - 2];
+			keep[j + 1] = keep[j - 1];
+			keep[j - 2] = s;
+			keep[j - 1] = e;
+		}
+	for (i = 0; i <= n; i += 2) {
+		uint64_t end = i < n ? keep[i] : a->task_size;
+
+		if (end > prev) {
+			r = sys3(NR_munmap, prev, end - prev, 0);
+			if (r < 0)
+				pie_fail(a, PIE_STAGE_UNMAP, r, prev);
+		}
+		if (i < n)
+			prev = keep[i + 1];
 	}
 }
 
-/* Map every VMA; those that get pages are writable first, final protection later. */
+/* The premapped VMAs (filled before the fork, shared copy-on-write with the parent or
+ * the children) move into place first: their area never overlaps the final layout. */
+PIE void pie_remap_premapped(struct pie_args *a)
+{
+	struct pie_vma *v = (struct pie_vma *)a->vmas;
+	uint64_t i;
+	long r;
+
+	for (i = 0; i < a->nr_vmas; i++, v++) {
+		uint64_t len = v->end - v->start;
+
+		if (v->kind != PIE_VMA_PREMAPPED)
+			continue;
+		r = sys6(NR_mremap, v->src, len, len, MREMAP_MAYMOVE_ | MREMAP_FIXED_, v->start, 0);
+		if (r != (long)v->start)
+			pie_fail(a, PIE_STAGE_REMAP_VMA, r, v->start);
+	}
+}
+
+/* Map every other VMA; those that get pages are writable first, final protection later. */
 PIE void pie_map_vmas(struct pie_args *a)
 {
 	struct pie_vma *v = (struct pie_vma *)a->vmas;
@@ -122,6 +219,8 @@ PIE void pie_map_vmas(struct pie_args *a)
 	for (i = 0; i < a->nr_vmas; i++, v++) {
 		uint64_t len = v->end - v->start;
 
+		if (v->kind == PIE_VMA_PREMAPPED)
+			continue;
 		if (v->kind == PIE_VMA_FILE)
 			r = sys6(NR_mmap, v->start, len, v->map_prot, v->flags | MAP_FIXED_, v->fd, v->pgoff);
 		else
@@ -132,8 +231,9 @@ PIE void pie_map_vmas(struct pie_args *a)
 	}
 }
 
-/* preadv the pages file straight into place, IOV_BATCH iovecs per call; a short read
- * advances the iovecs (the array lives in the region and is consumed in place). */
+/* preadv the pages file straight into place, up to IOV_BATCH iovecs per call; an
+ * iovec with base 0 skips that many bytes of the file (pages restored another way).
+ * A short read advances the iovecs (the array lives in the region, consumed in place). */
 PIE void pie_read_pages(struct pie_args *a)
 {
 	struct pie_iovec *iov = (struct pie_iovec *)a->iovs;
@@ -144,18 +244,28 @@ PIE void pie_read_pages(struct pie_args *a)
 	/* Fault the destination in with one call per run: far cheaper than a page fault
 	 * per 4 KiB inside the copy (the pages must be allocated either way). */
 	for (i = 0; i < left; i++)
-		sys3(NR_madvise, iov[i].base, iov[i].len, MADV_POPULATE_WRITE_);
+		if (iov[i].base)
+			sys3(NR_madvise, iov[i].base, iov[i].len, MADV_POPULATE_WRITE_);
 
 	while (left) {
-		uint64_t n = left < IOV_BATCH ? left : IOV_BATCH;
-		long r = sys6(NR_preadv, a->pages_fd, (long)iov, n, off, 0, 0);
+		uint64_t n = 0;
+		long r;
 
+		if (!iov->base) {
+			off += iov->len;
+			iov++;
+			left--;
+			continue;
+		}
+		while (n < left && n < IOV_BATCH && iov[n].base)
+			n++;
+		r = sys6(NR_preadv, a->pages_fd, (long)iov, n, off, 0, 0);
 		if (r == -EINTR_ || r == -EAGAIN_)
 			continue;
 		if (r <= 0)
 			pie_fail(a, PIE_STAGE_READ_PAGES, r ? r : -5, off);
 		off += r;
-		while (left && (uint64_t)r >= iov->len) {
+		while (left && iov->base && (uint64_t)r >= iov->len) {
 			r -= iov->len;
 			iov++;
 			left--;
@@ -167,17 +277,21 @@ PIE void pie_read_pages(struct pie_args *a)
 	}
 }
 
-/* Word copy of the sigframe onto the task's stack (no memcpy outside the section). */
-PIE void pie_place_sigframe(struct pie_args *a)
+/* Word copies of the sigframes onto the threads' stacks (no memcpy outside the section). */
+PIE void pie_place_sigframes(struct pie_args *a)
 {
-	uint64_t *dst = (uint64_t *)a->sigframe;
-	const uint64_t *src = (const uint64_t *)a->sigframe_src;
-	uint64_t i;
+	struct pie_thread *t = (struct pie_thread *)a->threads;
+	uint64_t i, w;
 
-	if (!a->sigframe_src)
-		return;
-	for (i = 0; i < (a->sigframe_len + 7) / 8; i++)
-		dst[i] = src[i];
+	for (i = 0; i < a->nr_threads; i++, t++) {
+		uint64_t *dst = (uint64_t *)t->sigframe;
+		const uint64_t *src = (const uint64_t *)t->sigframe_src;
+
+		if (!t->sigframe_src)
+			continue;
+		for (w = 0; w < (t->sigframe_len + 7) / 8; w++)
+			dst[w] = src[w];
+	}
 }
 
 PIE void pie_protect_vmas(struct pie_args *a)
@@ -216,6 +330,25 @@ PIE void pie_restore_sigactions(struct pie_args *a)
 	}
 }
 
+/* Queue siginfos back: to the process (tid 0) or to one thread. All signals are
+ * blocked here, so they wait, pending, for the task's own mask. */
+PIE void pie_queue_signals(struct pie_args *a, uint64_t infos, uint64_t nr, int tid)
+{
+	uint64_t i;
+	long r;
+
+	for (i = 0; i < nr; i++) {
+		const int32_t *info = (const int32_t *)(infos + i * SIGINFO_SIZE);
+
+		if (tid)
+			r = sys6(NR_rt_tgsigqueueinfo, a->tgid, tid, info[0], (long)info, 0, 0);
+		else
+			r = sys3(NR_rt_sigqueueinfo, a->tgid, info[0], (long)info);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_SIGNALS, r, info[0]);
+	}
+}
+
 PIE void pie_close_fds(struct pie_args *a)
 {
 	int32_t *fds = (int32_t *)a->close_fds;
@@ -223,6 +356,68 @@ PIE void pie_close_fds(struct pie_args *a)
 
 	for (i = 0; i < a->nr_close_fds; i++)
 		sys3(NR_close, fds[i], 0, 0);
+}
+
+/* The thread's credentials, in the order that keeps the rights each step needs:
+ * groups, ids (with SECBIT_NO_SETUID_FIXUP so the capabilities survive them),
+ * securebits, the bounding set, the capability sets, ambient capabilities, and
+ * no_new_privs last. */
+PIE void pie_restore_creds(struct pie_args *a, struct pie_creds *c)
+{
+	struct { uint32_t version; int32_t pid; } hdr;
+	struct { uint32_t eff, prm, inh; } data[2];
+	uint32_t cap;
+	long r;
+	int i;
+
+	if (!c->set)
+		return;
+	r = sys3(NR_setgroups, c->nr_groups, c->groups, 0);
+	if (r < 0)
+		pie_fail(a, PIE_STAGE_CREDS, r, 1);
+	r = sys6(NR_prctl, PR_SET_SECUREBITS_, SECBIT_NO_SETUID_FIXUP_, 0, 0, 0, 0);
+	if (r < 0)
+		pie_fail(a, PIE_STAGE_CREDS, r, 2);
+	r = sys3(NR_setresgid, c->gid, c->egid, c->sgid);
+	if (r < 0)
+		pie_fail(a, PIE_STAGE_CREDS, r, 3);
+	sys3(NR_setfsgid, c->fsgid, 0, 0);
+	r = sys3(NR_setresuid, c->uid, c->euid, c->suid);
+	if (r < 0)
+		pie_fail(a, PIE_STAGE_CREDS, r, 4);
+	sys3(NR_setfsuid, c->fsuid, 0, 0);
+	r = sys6(NR_prctl, PR_SET_SECUREBITS_, c->secbits, 0, 0, 0, 0);
+	if (r < 0)
+		pie_fail(a, PIE_STAGE_CREDS, r, 5);
+	for (cap = 0; cap <= c->cap_last_cap && cap < 64; cap++) {
+		if (c->cap_bnd[cap / 32] & (1U << (cap % 32)))
+			continue;
+		r = sys6(NR_prctl, PR_CAPBSET_DROP_, cap, 0, 0, 0, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_CREDS, r, 6);
+	}
+	hdr.version = CAP_VERSION_3_;
+	hdr.pid = 0;
+	for (i = 0; i < 2; i++) {
+		data[i].eff = c->cap_eff[i];
+		data[i].prm = c->cap_prm[i];
+		data[i].inh = c->cap_inh[i];
+	}
+	r = sys3(NR_capset, (long)&hdr, (long)data, 0);
+	if (r < 0)
+		pie_fail(a, PIE_STAGE_CREDS, r, 7);
+	for (cap = 0; cap <= c->cap_last_cap && cap < 64; cap++) {
+		if (!(c->cap_amb[cap / 32] & (1U << (cap % 32))))
+			continue;
+		r = sys6(NR_prctl, PR_CAP_AMBIENT_, PR_CAP_AMBIENT_RAISE_, cap, 0, 0, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_CREDS, r, 8);
+	}
+	if (c->no_new_privs) {
+		r = sys6(NR_prctl, PR_SET_NO_NEW_PRIVS_, 1, 0, 0, 0, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_CREDS, r, 9);
+	}
 }
 
 /* rt_sigreturn with rsp just above pretcode of the frame Python built: the kernel
@@ -242,8 +437,132 @@ PIE __attribute__((noreturn)) void pie_sigreturn(uint64_t frame, int trap)
 	__builtin_unreachable();
 }
 
+/* Wait while *word == val (FUTEX_WAIT on the shared page or, private, in the region). */
+PIE void pie_wait_while(uint32_t *word, uint32_t val, int private_)
+{
+	while (atomic_load32(word) == val)
+		sys6(NR_futex, (long)word, FUTEX_WAIT_ | (private_ ? FUTEX_PRIVATE_ : 0), val, 0, 0, 0);
+}
+
+/* Everything one thread restores for itself, then the barrier, then into the task. */
+PIE __attribute__((noreturn)) void pie_thread_main(struct pie_args *a, struct pie_thread *t)
+{
+	struct pie_thread *leader = (struct pie_thread *)a->threads;
+	struct pie_sync *s = (struct pie_sync *)a->sync;
+	long r;
+
+	sys3(NR_set_tid_address, t->clear_child_tid, 0, 0);
+	if (t->robust_list) {
+		r = sys3(NR_set_robust_list, t->robust_list, t->robust_len, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_ROBUST_LIST, r, t->tid);
+	}
+	if (t->rseq_len) {
+		r = sys6(NR_rseq, t->rseq, t->rseq_len, 0, t->rseq_sig, 0, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_RSEQ_REGISTER, r, t->rseq);
+	}
+	if (t->sched_policy > 0) {
+		r = sys3(NR_sched_setscheduler, 0, t->sched_policy, (long)&t->sched_prio);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_SCHED, r, t->tid);
+	}
+	if (t->has_nice) {
+		r = sys3(NR_setpriority, 0, 0, t->sched_nice);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_SCHED, r, t->tid);
+	}
+	if (t->comm[0])
+		sys6(NR_prctl, PR_SET_NAME_, (long)t->comm, 0, 0, 0, 0);
+	pie_queue_signals(a, t->signals, t->nr_signals, t->tid);
+	pie_restore_creds(a, &t->creds);
+	/* after the credentials, which reset both */
+	if (t->pdeath_sig) {
+		r = sys6(NR_prctl, PR_SET_PDEATHSIG_, t->pdeath_sig, 0, 0, 0, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_PRCTL, r, t->tid);
+	}
+	if (t == leader && a->dumpable >= 0)
+		sys6(NR_prctl, PR_SET_DUMPABLE_, a->dumpable, 0, 0, 0, 0);
+
+	r = sys3(NR_arch_prctl, ARCH_SET_GS_, t->gs_base, 0);
+	if (r < 0)
+		pie_fail(a, PIE_STAGE_FS_BASE, r, t->gs_base);
+	r = sys3(NR_arch_prctl, ARCH_SET_FS_, t->fs_base, 0);
+	if (r < 0)
+		pie_fail(a, PIE_STAGE_FS_BASE, r, t->fs_base);
+
+	__atomic_add_fetch(&a->threads_ready, 1, __ATOMIC_SEQ_CST);
+	if (t == leader) {
+		uint32_t n;
+
+		/* every thread of the task is set up: tell the parent where the region is */
+		while ((n = atomic_load32(&a->threads_ready)) < a->nr_threads) {
+			if (s && atomic_load32(&s->stage) == PIE_SYNC_ERROR)
+				sys3(NR_exit_group, 127, 0, 0);
+			sys6(NR_futex, (long)&a->threads_ready, FUTEX_WAIT_ | FUTEX_PRIVATE_, n, 0, 0, 0);
+		}
+		pie_report(a, PIE_STAGE_DONE, a->keep_end - a->keep_start, a->keep_start);
+		if (a->status_fd >= 0)
+			sys3(NR_close, a->status_fd, 0, 0);
+		if (s && __atomic_sub_fetch(&s->nr_in_progress, 1, __ATOMIC_SEQ_CST) == 0)
+			sys6(NR_futex, (long)&s->nr_in_progress, FUTEX_WAKE_, 0x7fffffff, 0, 0, 0);
+	} else {
+		sys6(NR_futex, (long)&a->threads_ready, FUTEX_WAKE_ | FUTEX_PRIVATE_, 1, 0, 0, 0);
+	}
+	if (s) {
+		uint32_t st;
+
+		while ((st = atomic_load32(&s->stage)) != a->stage_go) {
+			if (st == PIE_SYNC_ERROR)
+				sys3(NR_exit_group, 127, 0, 0);
+			sys6(NR_futex, (long)&s->stage, FUTEX_WAIT_, st, 0, 0, 0);
+		}
+	}
+	pie_sigreturn(t->sigframe, a->trap_before_sigreturn);
+}
+
+PIE __attribute__((noreturn, used)) void pie_thread_entry(struct pie_args *a, struct pie_thread *t)
+{
+	pie_thread_main(a, t);
+}
+
+/* clone3 a thread of this task with its TID; the child starts on its own stack in the
+ * region and goes straight to pie_thread_entry (r12 and r13 survive the syscall in it). */
+PIE long pie_clone_thread(struct pie_args *a, struct pie_thread *t, uint64_t stack_size)
+{
+	struct clone_args_ ca;
+	int32_t tid = t->tid;
+	register long r12 asm("r12") = (long)a;
+	register long r13 asm("r13") = (long)t;
+	long ret;
+
+	ca.flags = CLONE_THREAD_FLAGS_;
+	ca.pidfd = ca.child_tid = ca.parent_tid = ca.exit_signal = ca.tls = ca.cgroup = 0;
+	ca.stack = t->stack_top - stack_size;
+	ca.stack_size = stack_size;
+	ca.set_tid = (uint64_t)&tid;
+	ca.set_tid_size = 1;
+	asm volatile("syscall\n\t"
+		     "test %%rax, %%rax\n\t"
+		     "jnz 1f\n\t"
+		     "xor %%ebp, %%ebp\n\t"
+		     "mov %%r12, %%rdi\n\t"
+		     "mov %%r13, %%rsi\n\t"
+		     "call %P[entry]\n\t"
+		     "ud2\n"
+		     "1:"
+		     : "=a"(ret)
+		     : "a"(NR_clone3), "D"(&ca), "S"(sizeof(ca)), "r"(r12), "r"(r13),
+		       [entry] "i"(pie_thread_entry)
+		     : "rcx", "r11", "memory");
+	return ret;
+}
+
 PIE_ENTRY __attribute__((noreturn)) void pie_restorer_main(struct pie_args *a)
 {
+	struct pie_thread *t = (struct pie_thread *)a->threads;
+	uint64_t i;
 	long r;
 
 	if (a->old_rseq_len) {
@@ -252,9 +571,10 @@ PIE_ENTRY __attribute__((noreturn)) void pie_restorer_main(struct pie_args *a)
 			pie_fail(a, PIE_STAGE_RSEQ_UNREGISTER, r, a->old_rseq);
 	}
 	pie_unmap_all(a);
+	pie_remap_premapped(a);
 	pie_map_vmas(a);
 	pie_read_pages(a);
-	pie_place_sigframe(a);
+	pie_place_sigframes(a);
 	pie_protect_vmas(a);
 
 	if (a->vdso_vvar) {
@@ -269,24 +589,13 @@ PIE_ENTRY __attribute__((noreturn)) void pie_restorer_main(struct pie_args *a)
 		if (r < 0)
 			pie_fail(a, PIE_STAGE_MM_MAP, r, 0);
 	}
-	sys3(NR_set_tid_address, a->clear_child_tid, 0, 0);
-	if (a->new_rseq_len) {
-		r = sys6(NR_rseq, a->new_rseq, a->new_rseq_len, 0, a->new_rseq_sig, 0, 0);
-		if (r < 0)
-			pie_fail(a, PIE_STAGE_RSEQ_REGISTER, r, a->new_rseq);
-	}
+	pie_queue_signals(a, a->signals, a->nr_signals, 0);
 	pie_close_fds(a);
 
-	r = sys3(NR_arch_prctl, ARCH_SET_GS_, a->gs_base, 0);
-	if (r < 0)
-		pie_fail(a, PIE_STAGE_FS_BASE, r, a->gs_base);
-	r = sys3(NR_arch_prctl, ARCH_SET_FS_, a->fs_base, 0);
-	if (r < 0)
-		pie_fail(a, PIE_STAGE_FS_BASE, r, a->fs_base);
-
-	/* Tells the parent where the region is: with a tracer it unmaps it at the int3. */
-	pie_report(a, PIE_STAGE_DONE, a->keep_end - a->keep_start, a->keep_start);
-	if (a->status_fd >= 0)
-		sys3(NR_close, a->status_fd, 0, 0);
-	pie_sigreturn(a->sigframe, a->trap_before_sigreturn);
+	for (i = 1; i < a->nr_threads; i++) {
+		r = pie_clone_thread(a, &t[i], a->thread_stack);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_CLONE_THREAD, r, t[i].tid);
+	}
+	pie_thread_main(a, t);
 }

@@ -10,6 +10,8 @@
 enum {
 	PIE_VMA_ANON = 0,	/* mmap anonymous at start, contents from pages */
 	PIE_VMA_FILE = 1,	/* mmap fd at pgoff (private or shared, per flags) */
+	PIE_VMA_PREMAPPED = 2,	/* already mapped and filled at src (copy-on-write shared
+				 * with the parent or the children): mremap into place */
 };
 
 struct pie_vma {
@@ -17,12 +19,19 @@ struct pie_vma {
 	uint64_t end;
 	uint64_t pgoff;		/* file offset in bytes (FILE) */
 	uint64_t madv;		/* bit n set: madvise(start, len, n) once mapped and filled */
+	uint64_t src;		/* PREMAPPED: where the VMA is now */
 	int32_t prot;		/* final protection */
 	int32_t map_prot;	/* protection to map with (+RW when pages are read into it) */
 	int32_t flags;		/* mmap flags (MAP_PRIVATE/MAP_SHARED/MAP_ANONYMOUS/MAP_GROWSDOWN...) */
 	int32_t fd;		/* FILE: fd parked at the top of the fd table */
 	int32_t kind;
 	int32_t pad;
+};
+
+/* One run of the pages file: read into [base, base + len), or (base 0) skip len bytes. */
+struct pie_iovec {
+	uint64_t base;
+	uint64_t len;
 };
 
 /* Kernel struct prctl_mm_map, field for field. */
@@ -51,19 +60,74 @@ struct pie_sigaction {
 	uint64_t mask;
 };
 
+/* A thread's credentials, set last (they may drop the rights everything else needs). */
+struct pie_creds {
+	uint32_t uid, euid, suid, fsuid;
+	uint32_t gid, egid, sgid, fsgid;
+	uint32_t cap_inh[2], cap_prm[2], cap_eff[2], cap_bnd[2], cap_amb[2];
+	uint32_t secbits;
+	uint32_t no_new_privs;
+	uint32_t cap_last_cap;
+	uint32_t nr_groups;
+	uint64_t groups;	/* uint32_t[nr_groups] */
+	int32_t set;		/* 0: keep the current credentials */
+	int32_t pad;
+};
+
+/* One thread of the task (threads[0] is the leader, which runs the rest). */
+struct pie_thread {
+	int32_t tid;
+	int32_t pdeath_sig;
+	uint64_t stack_top;	/* its restorer stack, inside the region */
+	uint64_t sigframe;	/* rt_sigreturn runs with rsp = sigframe + 8 */
+	uint64_t sigframe_src;	/* if not 0: the frame's bytes in the region, copied to sigframe */
+	uint64_t sigframe_len;	/* (on the thread's own stack) once the memory is back */
+	uint64_t fs_base;
+	uint64_t gs_base;
+	uint64_t clear_child_tid;
+	uint64_t rseq;		/* the dumped registration; 0: none */
+	uint32_t rseq_len;
+	uint32_t rseq_sig;
+	uint64_t robust_list;
+	uint64_t robust_len;
+	int32_t sched_policy;	/* < 0: leave as is */
+	int32_t sched_prio;
+	int32_t sched_nice;
+	int32_t has_nice;
+	uint64_t signals;	/* 128-byte siginfos queued to this thread */
+	uint64_t nr_signals;
+	char comm[16];
+	struct pie_creds creds;
+};
+
+/* Words shared by every task of the restore and the restore command (a MAP_SHARED
+ * page inherited through fork): the stage barrier, futexes on `stage` and
+ * `nr_in_progress`, and the first failure of any task's restorer. */
+struct pie_sync {
+	uint32_t stage;
+	uint32_t nr_in_progress;
+	int32_t err_stage;	/* first failure: PIE_STAGE_*, its -errno, the failing tid */
+	int32_t err_tid;
+	int64_t err_ret;
+	uint64_t err_arg;
+};
+
 /* What the restorer writes to status_fd: one record on failure (stage, -errno) or
- * one with stage PIE_STAGE_DONE right before it jumps into the task. */
+ * one with stage PIE_STAGE_DONE right before the task waits to be let go. */
 struct pie_status {
 	uint32_t magic;		/* PIE_STATUS_MAGIC */
 	int32_t stage;
 	int64_t ret;
 	uint64_t arg;		/* stage-specific detail: VMA start, signal number, ... */
+	int32_t pid;		/* the task that reports */
+	int32_t pad;
 };
 
 enum {
 	PIE_STAGE_RSEQ_UNREGISTER = 1,
 	PIE_STAGE_UNMAP = 2,
 	PIE_STAGE_MAP_VMA = 3,
+	PIE_STAGE_REMAP_VMA = 4,
 	PIE_STAGE_READ_PAGES = 5,
 	PIE_STAGE_MPROTECT = 6,
 	PIE_STAGE_VDSO = 7,
@@ -73,19 +137,28 @@ enum {
 	PIE_STAGE_RSEQ_REGISTER = 11,
 	PIE_STAGE_CLOSE = 12,
 	PIE_STAGE_FS_BASE = 13,
+	PIE_STAGE_CLONE_THREAD = 14,
+	PIE_STAGE_ROBUST_LIST = 15,
+	PIE_STAGE_SCHED = 16,
+	PIE_STAGE_SIGNALS = 17,
+	PIE_STAGE_CREDS = 18,
+	PIE_STAGE_PRCTL = 19,
 	PIE_STAGE_DONE = 100,
 	PIE_STATUS_MAGIC = 0x50494521,
+	PIE_SYNC_ERROR = 0xffffffff,	/* pie_sync.stage when the restore is aborted */
 };
 
 struct pie_args {
-	uint64_t keep_start;	/* [keep_start, keep_end) survives the big unmap */
+	uint64_t keep_start;	/* the region: [keep_start, keep_end) survives the big unmap */
 	uint64_t keep_end;
+	uint64_t premap_start;	/* premapped VMAs live here until they are moved: kept too */
+	uint64_t premap_end;
 	uint64_t task_size;	/* top of the user address space */
 
 	uint64_t vmas;		/* struct pie_vma[nr_vmas] */
 	uint64_t nr_vmas;
 
-	uint64_t iovs;		/* struct iovec[nr_iovs]: pages file order */
+	uint64_t iovs;		/* struct pie_iovec[nr_iovs]: pages file order */
 	uint64_t nr_iovs;
 	uint64_t pages_off;	/* file offset of the first page in pages_fd */
 	int32_t pages_fd;
@@ -99,23 +172,29 @@ struct pie_args {
 	uint64_t old_rseq;	/* glibc's registration of this (Python) process */
 	uint32_t old_rseq_len;
 	uint32_t old_rseq_sig;
-	uint64_t new_rseq;	/* the dumped registration; 0: none */
-	uint32_t new_rseq_len;
-	uint32_t new_rseq_sig;
 
-	uint64_t clear_child_tid;
 	int32_t has_mm_map;
 	int32_t trap_before_sigreturn;	/* int3 right before rt_sigreturn (a tracer removes the region) */
 	struct pie_mm_map mm_map;
+	int32_t dumpable;	/* < 0: leave as is */
+	int32_t tgid;
 
 	uint64_t close_fds;	/* int32_t[nr_close_fds]; status_fd is closed last */
 	uint64_t nr_close_fds;
 
-	uint64_t fs_base;
-	uint64_t gs_base;
-	uint64_t sigframe;	/* address of struct rt_sigframe; rt_sigreturn runs with rsp = sigframe + 8 */
-	uint64_t sigframe_src;	/* if not 0: the frame's bytes in the region, copied to sigframe */
-	uint64_t sigframe_len;	/* (on the task's stack) once its memory is back */
+	uint64_t signals;	/* 128-byte siginfos queued to the process */
+	uint64_t nr_signals;
+
+	uint64_t threads;	/* struct pie_thread[nr_threads], the leader first */
+	uint64_t nr_threads;
+	uint32_t threads_ready;	/* counted up by each thread once set up */
+	uint32_t pad;
+	uint64_t thread_stack;	/* size of each thread's restorer stack (below its stack_top) */
+
+	uint64_t sync;		/* struct pie_sync (shared with the restore command); 0: none */
+	uint64_t sync_len;
+	uint32_t stage_ready;	/* the stage during which threads set themselves up */
+	uint32_t stage_go;	/* the stage that lets them return into the task */
 };
 
 #endif

@@ -1,14 +1,22 @@
-/* Thin native helpers of the restore: forking with a chosen PID (clone3 + set_tid),
- * locating the PIE restorer's bytes in this module, glibc's rseq registration, and the
- * jump onto the restorer's own stack (which Python cannot do). */
+/* Thin native helpers of the restore: forking with a chosen PID (clone3 + set_tid, and
+ * the sharing flags of the dumped tree), futexes on the shared sync page, filling
+ * premapped memory from the pages file (writing only the pages that differ, so pages a
+ * child still shares copy-on-write with its parent stay shared), locating the PIE
+ * restorer's bytes in this module, glibc's rseq registration, and the jump onto the
+ * restorer's own stack (which Python cannot do). */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stddef.h>
 #include <errno.h>
 #include <signal.h>
+#include <string.h>
 #include <unistd.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include "pie_restorer.h"
+#include "restore_glue.h"
+#include <time.h>
 
 extern char __start_criu_pie[], __stop_criu_pie[];
 extern void pie_restorer_main(struct pie_args *a) __attribute__((visibility("hidden")));
@@ -38,16 +46,23 @@ static uint64_t glibc_tid_slot(void)
 
 long criu_py_clone3_set_tid(int32_t pid)
 {
+	return criu_py_clone3_flags(pid, 0);
+}
+
+/* clone3 with set_tid and `flags` (CLONE_FILES / CLONE_FS: the child shares them). */
+long criu_py_clone3_flags(int32_t pid, uint64_t flags)
+{
 	struct clone3_args ca = { 0 };
 	int32_t tid = pid;
 	uint64_t slot = glibc_tid_slot();
 	long r;
 
+	ca.flags = flags;
 	ca.exit_signal = SIGCHLD;
 	ca.set_tid = (uint64_t)(uintptr_t)&tid;
 	ca.set_tid_size = 1;
 	if (slot) {
-		ca.flags = 0x01000000;	/* CLONE_CHILD_SETTID */
+		ca.flags |= 0x01000000;	/* CLONE_CHILD_SETTID */
 		ca.child_tid = slot;
 	}
 	r = syscall(SYS_clone3, &ca, sizeof(ca));
@@ -98,4 +113,92 @@ uint64_t criu_py_xcr0(void)
 
 	asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
 	return ((uint64_t)hi << 32) | lo;
+}
+
+/* Futexes on a word of the shared sync page (not private: several processes). */
+long criu_py_futex_wait(uint64_t addr, uint32_t val, int64_t timeout_ns)
+{
+	struct timespec ts = { timeout_ns / 1000000000, timeout_ns % 1000000000 };
+	long r = syscall(SYS_futex, (uint32_t *)(uintptr_t)addr, FUTEX_WAIT, val,
+			 timeout_ns >= 0 ? &ts : NULL, NULL, 0);
+
+	return r < 0 ? -errno : r;
+}
+
+long criu_py_futex_wake(uint64_t addr)
+{
+	long r = syscall(SYS_futex, (uint32_t *)(uintptr_t)addr, FUTEX_WAKE, 0x7fffffff, NULL, NULL, 0);
+
+	return r < 0 ? -errno : r;
+}
+
+uint32_t criu_py_atomic_add(uint64_t addr, int32_t delta)
+{
+	return __atomic_add_fetch((uint32_t *)(uintptr_t)addr, delta, __ATOMIC_SEQ_CST);
+}
+
+uint32_t criu_py_atomic_load(uint64_t addr)
+{
+	return __atomic_load_n((uint32_t *)(uintptr_t)addr, __ATOMIC_SEQ_CST);
+}
+
+void criu_py_atomic_store(uint64_t addr, uint32_t val)
+{
+	__atomic_store_n((uint32_t *)(uintptr_t)addr, val, __ATOMIC_SEQ_CST);
+}
+
+/* Fill [dst, dst + len) from fd at file offset off. With compare, the memory already
+ * holds what the parent had (inherited copy-on-write): only the pages whose contents
+ * differ are written, so identical pages stay shared. Returns the number of pages
+ * written, or -errno. */
+long criu_py_fill_pages(int fd, uint64_t off, uint64_t dst, uint64_t len, int compare)
+{
+	static char buf[1 << 20];
+	long written = 0;
+
+	while (len) {
+		uint64_t n = len < sizeof(buf) ? len : sizeof(buf);
+		uint64_t got = 0, p;
+
+		if (!compare) {
+			ssize_t r = pread(fd, (void *)(uintptr_t)dst, n, off);
+
+			if (r < 0) {
+				if (errno == EINTR)
+					continue;
+				return -errno;
+			}
+			if (r == 0)
+				return -EIO;
+			dst += r;
+			off += r;
+			len -= r;
+			written += r / 4096;
+			continue;
+		}
+		while (got < n) {
+			ssize_t r = pread(fd, buf + got, n - got, off + got);
+
+			if (r < 0) {
+				if (errno == EINTR)
+					continue;
+				return -errno;
+			}
+			if (r == 0)
+				return -EIO;
+			got += r;
+		}
+		for (p = 0; p < n; p += 4096) {
+			char *to = (char *)(uintptr_t)(dst + p);
+
+			if (memcmp(to, buf + p, 4096)) {
+				memcpy(to, buf + p, 4096);
+				written++;
+			}
+		}
+		dst += n;
+		off += n;
+		len -= n;
+	}
+	return written;
 }

@@ -28,7 +28,7 @@ from wl_build import HAS_AVX512, build_workloads  # noqa: E402,F401  (tests/work
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = REPO / "tests" / "workloads"
-FIXTURES = REPO.parent / "shared" / "fixtures" / "criu-4.2"
+FIXTURES = REPO / "tests" / "fixtures" / "criu-4.2"       # copied from shared/fixtures
 CRIT = "/usr/bin/crit"
 PR_SET_CHILD_SUBREAPER = 36
 CLI_TIMEOUT = 120
@@ -166,6 +166,46 @@ def maps_layout(pid: int) -> list:
                 continue
             out.append((start, end, parts[1], offset, path))
     return [(f"{a:x}-{b:x}", perms, f"{off:x}", path) for a, b, perms, off, path in out]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children of every thread, recursively)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def reap_gone(pids: list[int], timeout: float = 10.0) -> None:
+    """After a dump killed a tree: its processes come to us (the subreaper) as zombies
+    once their parents are gone; reap them so their PIDs are free for the restore."""
+    deadline = time.monotonic() + timeout
+    left = set(pids)
+    while left:
+        for pid in list(left):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    left.discard(pid)
+                    continue
+            except ChildProcessError:
+                pass
+            if not os.path.exists(f"/proc/{pid}"):
+                left.discard(pid)
+        if left and time.monotonic() > deadline:
+            raise AssertionError(f"processes {sorted(left)} of the dumped tree did not go away")
+        time.sleep(0.005)
 
 
 def layout_diff(before: list, after: list) -> str:
@@ -400,6 +440,7 @@ class Harness:
             args += ["-o", log_file]
         if leave_running:
             args.append("--leave-running")
+        tree = descendants(task.pid)
         res = self.cli(*args)
         assert res.returncode == 0, (f"dump failed (exit {res.returncode}): {res.stderr.strip()}"
                                      f"{self._log_tail(images, log_file)}")
@@ -409,6 +450,7 @@ class Harness:
             except (AssertionError, subprocess.TimeoutExpired):
                 raise AssertionError(f"dumped task {task.pid} still alive after dump: "
                                      f"{task.status()}")
+            reap_gone(tree)
         return images
 
     def restore(self, images: Path, *extra, task: Task, log_file: str | None = "restore.log",
@@ -451,7 +493,17 @@ class Harness:
     # -- cleanup
     def cleanup(self) -> None:
         for task in reversed(self.tasks):
+            tree = descendants(task.pid) if task.is_ours() else []
+            for pid in tree:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             task.kill()
+            try:
+                reap_gone(tree, timeout=5)
+            except AssertionError:
+                pass
         for p in self.popens:
             if p.poll() is None:
                 p.kill()

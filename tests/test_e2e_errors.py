@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import assert_one_line_error, assert_running_untraced, proc_is_running
+from conftest import assert_one_line_error, assert_running_untraced, descendants, proc_is_running, proc_status
 
 pytestmark = pytest.mark.needs_tool
 
@@ -99,16 +99,22 @@ def test_dump_pid_zero_and_nonsense(h):
 
 
 @pytest.mark.parametrize("kind, words", [("socket", ["socket"]), ("eventfd", ["eventfd"]),
-                                         ("thread", ["thread"])])
+                                         ("grandchild", ["socket"])])
 def test_dump_refuses_unsupported_and_task_keeps_running(h, kind, words):
-    task = h.start("unsupported", kind, ready=r"ready \d+ -?\d+")
-    fd = int(task.log.lines()[0].split()[2])
+    task = h.start("unsupported", kind, ready=r"ready \d+ -?\d+.*")
+    fields = task.log.matches(r"ready .*")[0].group(0).split()
+    fd = int(fields[2])
+    holder = int(fields[3]) if len(fields) > 3 else task.pid
+    family = [task.pid] + descendants(task.pid)
     images = h.images_dir()
     res = h.cli("dump", "-t", task.pid, "-D", images)
-    line = assert_one_line_error(res, str(task.pid), *words)
+    line = assert_one_line_error(res, str(holder), *words)
     if fd >= 0:
-        assert str(fd) in line.split(str(task.pid), 1)[1], f"fd {fd} not named: {line}"
+        assert str(fd) in line.split(str(holder), 1)[1], f"fd {fd} not named: {line}"
     assert_running_untraced(task)
+    for pid in family:
+        status = proc_status(pid)
+        assert status["TracerPid"] == "0" and status["State"][0] in "SR", (pid, status)
     beats = len(task.log.matches(r"beat .*"))
     task.log.wait(r"beat .*", count=beats + 5)  # still running, and running freely
     written = [p.name for p in images.iterdir()] if images.exists() else []

@@ -14,9 +14,7 @@ import pytest
 import criu_py.images as img
 from criu_py.errors import ImageError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "criu-4.2"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/criu-4.2")
+from conftest import FIXTURES  # noqa: E402
 CRIT = "/usr/bin/crit"
 
 

@@ -95,7 +95,7 @@ def test_auxv_and_misc(sleeper):
     assert proc.list_threads(sleeper.pid) == [sleeper.pid]
     assert proc.read_children(sleeper.pid) == []
     assert sleeper.pid in proc.read_children(os.getpid())
-    assert len(proc.read_rlimits(sleeper.pid)) == 16
+    assert len(proc.read_limits(sleeper.pid)) == 16
     assert set(proc.read_ns_ids(sleeper.pid)) >= {"pid", "net", "mnt"}
 
 

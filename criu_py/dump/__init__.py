@@ -1,8 +1,9 @@
-# `criu-py dump`: freeze one task, collect everything the restore needs, write CRIU
-# images, then kill the task (or let it run on with --leave-running). dump_tasks() is the
-# checklist; each step is a small function below. Every refusal happens before the first
-# image is written, and whatever happens the task is never left stopped or traced: the
-# ExitStack detaches it (putting back any injected code and registers first).
+# `criu-py dump`: freeze the tree rooted at one PID (every thread of every process),
+# collect everything the restore needs, write CRIU images, then kill the tree (or let it
+# run on with --leave-running). dump_tasks() is the checklist; each step is a small
+# function below, looping over processes and threads. Every refusal happens before the
+# first image is written, and whatever happens no task is left stopped or traced: the
+# ExitStack releases the tree (putting back any injected code and registers first).
 import contextlib
 import functools
 import os
@@ -25,17 +26,20 @@ def dump_tasks(opts: dict) -> int:
         with step("load modules"):
             load_modules()
         from criu_py.dump.context import DumpContext
-        from criu_py.ptrace import seized
+        from criu_py.dump.tree import Tree
         ctx = DumpContext(pid, opts, images)
         stack.callback(ctx.close)
-        with step("freeze (seize + interrupt)"):
+        with step("freeze the tree"):
             t_freeze = time.monotonic()
-            ctx.tracee = stack.enter_context(seized(pid))
+            ctx.tree = stack.enter_context(Tree(pid))
+            ctx.tree.freeze()
             t_frozen = time.monotonic()
             ctx.times["freezing"] = int((t_frozen - t_freeze) * 1e6)
         with step("refuse unsupported"):
             refuse_unsupported(ctx)
-        with step("registers and signal mask"):
+        with step("shared kernel objects"):
+            find_shared_objects(ctx)
+        with step("registers and signal masks"):
             collect_registers(ctx)
         with step("in-task state (parasite)"):
             collect_in_task_state(ctx)
@@ -48,18 +52,19 @@ def dump_tasks(opts: dict) -> int:
         # ---- every check passed: images from here on
         with step("write memory"):
             write_memory(ctx)
-        with step("write core, mm, ids"):
+        with step("write core, mm, ids, fs"):
             write_task_images(ctx)
         with step("write files"):
             write_file_images(ctx)
         with step("write pstree, inventory"):
             write_tree_images(ctx)
-        with step("kill or release task"):
-            finish_task(ctx)
+        with step("kill or release the tree"):
+            finish_tree(ctx)
             ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
         with step("write stats"):
             write_stats(ctx)
-    log.info("dump of %d done in %.1f ms", pid, (time.monotonic() - t0) * 1e3)
+    log.info("dump of %d (%d processes, %d threads) done in %.1f ms", pid, len(ctx.procs),
+             sum(len(p.threads) for p in ctx.procs), (time.monotonic() - t0) * 1e3)
     return 0
 
 
@@ -97,6 +102,7 @@ def load_modules() -> None:
     import criu_py.dump.context  # noqa: F401
     import criu_py.dump.parasite  # noqa: F401
     import criu_py.dump.task  # noqa: F401
+    import criu_py.dump.tree  # noqa: F401
     import criu_py.files.regular  # noqa: F401
     import criu_py.mem.dump  # noqa: F401
     import criu_py.native  # noqa: F401
@@ -105,134 +111,188 @@ def load_modules() -> None:
 
 
 def refuse_unsupported(ctx) -> None:
-    """What this version cannot dump, refused while the task is frozen and before any
-    image: threads, children, other namespaces than ours, POSIX timers, seccomp, a
-    terminal or a foreign session."""
+    """What this version cannot dump, refused while the tree is frozen and before any
+    image: other namespaces than ours, POSIX timers, seccomp, a terminal, a session or
+    process group that belongs to a live process outside the tree."""
     from criu_py import proc
-    pid = ctx.pid
-    ctx.stat = proc.read_stat(pid)
-    ctx.status = proc.read_status(pid)
-    threads = proc.list_threads(pid)
-    if len(threads) > 1:
-        raise Unsupported(f"pid {pid} has {len(threads)} threads: multi-threaded tasks "
-                          f"are not supported")
-    kids = proc.read_children(pid)
-    if kids:
-        raise Unsupported(f"pid {pid} has child processes ({', '.join(map(str, kids))}): "
-                          f"only a single process is supported")
-    if proc.read_timers(pid):
-        raise Unsupported(f"pid {pid} has POSIX timers: not supported")
-    ours, theirs = proc.read_ns_ids(os.getpid()), proc.read_ns_ids(pid)
-    for name in sorted(set(ours) & set(theirs)):
-        if ours[name] != theirs[name]:
-            raise Unsupported(f"pid {pid} lives in another {name} namespace: namespaces "
-                              f"are not supported")
-    if ctx.status.seccomp:
-        raise Unsupported(f"pid {pid} uses seccomp (mode {ctx.status.seccomp}): not supported")
-    if not ctx.opts.get("shell_job"):
-        st = ctx.stat
-        if st.tty_nr:
+    from criu_py.dump.context import ProcDump
+    tree = ctx.tree
+    ours = proc.read_ns_ids(os.getpid())
+    shell_job = ctx.opts.get("shell_job")
+    for p in tree.order:
+        if p.zombie:
+            continue
+        pd = ProcDump(ctx, p)
+        ctx.procs.append(pd)
+        pid = p.pid
+        pd.stat = proc.read_stat(pid)
+        pd.status = proc.read_status(pid)
+        if proc.read_timers(pid):
+            raise Unsupported(f"pid {pid} has POSIX timers: not supported")
+        theirs = proc.read_ns_ids(pid)
+        for name in sorted(set(ours) & set(theirs)):
+            if ours[name] != theirs[name]:
+                raise Unsupported(f"pid {pid} lives in another {name} namespace: namespaces "
+                                  f"are not supported")
+        if pd.stat.tty_nr and not shell_job:
             raise Unsupported(f"pid {pid} has a controlling terminal: use --shell-job")
-        if st.sid != pid or st.pgid != pid:
-            raise Unsupported(f"pid {pid} is not a session and group leader (sid {st.sid}, "
-                              f"pgid {st.pgid}): start it with setsid or use --shell-job")
+    root = tree.procs[tree.root]
+    if not shell_job and (root.sid != root.pid or root.pgid != root.pid):
+        raise Unsupported(f"pid {root.pid} is not a session and group leader (sid {root.sid}, "
+                          f"pgid {root.pgid}): start it with setsid or use --shell-job")
+    for p in tree.order:
+        # A session or group id is restorable when it names a process of the tree, one
+        # that no longer exists (restore recreates it with a helper task), or the
+        # root's own (inherited from the caller with --shell-job).
+        for what, ident, roots in (("session", p.sid, root.sid), ("process group", p.pgid, root.pgid)):
+            if ident in tree.procs or ident == roots or not proc.pid_exists(ident):
+                continue
+            raise Unsupported(f"pid {p.pid}: its {what} {ident} belongs to a process "
+                              f"outside the tree")
+
+
+def find_shared_objects(ctx) -> None:
+    """kcmp ids of every process's mm, fd table, fs and signal handlers; sharing that
+    this version cannot restore is refused here."""
+    ctx.tree.number_kernel_objects()
+    seen = {}
+    for pd in ctx.procs:
+        p = pd.proc
+        for kind in ("vm", "sighand"):
+            other = seen.get((kind, p.kobj[kind]))
+            if other is not None:
+                raise Unsupported(f"pid {p.pid} shares its {'memory' if kind == 'vm' else 'signal handlers'} "
+                                  f"with pid {other} (CLONE_{kind.upper()} without CLONE_THREAD): "
+                                  f"not supported")
+            seen[(kind, p.kobj[kind])] = p.pid
 
 
 # ------------------------------------------------------------------ collect
 def collect_registers(ctx) -> None:
     from criu_py import arch_x86
-    t = ctx.tracee
-    ctx.raw_gpregs = t.get_gpregs()
-    ctx.gpregs = arch_x86.gpregs_from_bytes(ctx.raw_gpregs)
-    if ctx.gpregs["cs"] != 0x33:
-        raise Unsupported(f"pid {ctx.pid} runs in 32-bit mode (cs {ctx.gpregs['cs']:#x})")
-    ctx.xstate = t.get_xstate()
-    ctx.sigmask = t.get_sigmask()
-    ctx.rseq = t.get_rseq()
-    ctx.signals_private = t.pending_signals(shared=False)
-    ctx.signals_shared = t.pending_signals(shared=True)
-    log.debug("pid %d: ip %#x sp %#x ax %#x orig_ax %#x, xstate %d bytes, sigmask %#x",
-              ctx.pid, ctx.gpregs["ip"], ctx.gpregs["sp"], ctx.gpregs["ax"],
-              ctx.gpregs["orig_ax"], len(ctx.xstate), ctx.sigmask)
+    from criu_py.dump.context import ThreadDump
+    for pd in ctx.procs:
+        for tid in pd.proc.threads:
+            t = pd.proc.tracees[tid]
+            th = ThreadDump(tid=tid, tracee=t)
+            th.raw_gpregs = t.get_gpregs()
+            th.gpregs = arch_x86.gpregs_from_bytes(th.raw_gpregs)
+            if th.gpregs["cs"] != 0x33:
+                raise Unsupported(f"pid {pd.pid} thread {tid} runs in 32-bit mode "
+                                  f"(cs {th.gpregs['cs']:#x})")
+            th.xstate = t.get_xstate()
+            th.sigmask = t.get_sigmask()
+            th.rseq = t.get_rseq()
+            th.signals_private = t.pending_signals(shared=False)
+            pd.threads.append(th)
+            log.debug("pid %d tid %d: ip %#x sp %#x ax %#x orig_ax %#x, xstate %d bytes, "
+                      "sigmask %#x", pd.pid, tid, th.gpregs["ip"], th.gpregs["sp"],
+                      th.gpregs["ax"], th.gpregs["orig_ax"], len(th.xstate), th.sigmask)
+        pd.signals_shared = pd.tracee.pending_signals(shared=True)
 
 
 def collect_in_task_state(ctx) -> None:
     from criu_py import proc
     from criu_py.dump import parasite
-    site = parasite.code_site(proc.read_maps(ctx.pid))
-    ctx.parasite = parasite.collect(ctx.tracee, site, ctx.raw_gpregs)
-    log.debug("pid %d: parasite ran with %d injected runs; brk %#x, clear_tid %#x",
-              ctx.pid, ctx.parasite.injected_calls, ctx.parasite.brk, ctx.parasite.clear_tid_addr)
+    for pd in ctx.procs:
+        site = parasite.code_site(proc.read_maps(pd.pid))
+        others = [(th.tracee, th.raw_gpregs) for th in pd.threads[1:]]
+        pd.parasite = parasite.collect(pd.tracee, site, pd.leader.raw_gpregs, others)
+        for th in pd.threads:
+            th.info = pd.parasite.threads[th.tid]
+        log.debug("pid %d: parasite ran with %d injected runs; brk %#x",
+                  pd.pid, pd.parasite.injected_calls, pd.parasite.brk)
 
 
 def collect_proc_state(ctx) -> None:
     from criu_py import proc
     from criu_py.dump import task
+    from criu_py.errors import from_oserror
     from criu_py.files.regular import path_entry_id
-    pid = ctx.pid
-    ctx.personality = proc.read_personality(pid)
-    ctx.rlimits = proc.read_rlimits(pid)
-    ctx.robust_list = task.robust_list(pid)
-    ctx.sched_policy = os.sched_getscheduler(pid)
-    ctx.sched_prio = os.sched_getparam(pid).sched_priority
-    ctx.sched_nice = os.getpriority(os.PRIO_PROCESS, pid)
-    ctx.loginuid = proc.read_loginuid(pid)
-    ctx.oom_score_adj = proc.read_oom_score_adj(pid)
-    ctx.auxv = proc.read_auxv(pid)
-    ctx.ns_ids = task.namespace_ids(pid)
-    exe = proc.read_link(pid, "exe")
-    if exe.endswith(" (deleted)"):
-        raise Unsupported(f"pid {pid}: its executable {exe} was deleted")
-    ctx.exe_id = path_entry_id(ctx.files, exe, os.stat(f"/proc/{pid}/exe"))
-    try:
-        ctx.pidfd = os.pidfd_open(pid)
-    except OSError as exc:
-        from criu_py.errors import from_oserror
-        raise from_oserror(exc, "pidfd_open", pid) from None
+    for pd in ctx.procs:
+        pid = pd.pid
+        for th in pd.threads:
+            tid = th.tid
+            th.status = proc.read_status(pid, tid)
+            if th.status.seccomp:
+                raise Unsupported(f"pid {pid} thread {tid} uses seccomp (mode "
+                                  f"{th.status.seccomp}): not supported")
+            th.comm = proc.read_comm(pid, tid)
+            th.robust_list = task.robust_list(tid)
+            try:
+                th.sched_policy = os.sched_getscheduler(tid)
+                th.sched_prio = os.sched_getparam(tid).sched_priority
+                th.sched_nice = os.getpriority(os.PRIO_PROCESS, tid)
+            except OSError as exc:
+                raise from_oserror(exc, "reading the scheduling policy", tid) from None
+        pd.personality = proc.read_personality(pid)
+        pd.rlimits = proc.read_limits(pid)
+        pd.loginuid = proc.read_loginuid(pid)
+        pd.oom_score_adj = proc.read_oom_score_adj(pid)
+        pd.auxv = proc.read_auxv(pid)
+        pd.ns_ids = task.namespace_ids(pid)
+        exe = proc.read_link(pid, "exe")
+        if exe.endswith(" (deleted)"):
+            raise Unsupported(f"pid {pid}: its executable {exe} was deleted")
+        pd.exe_id = path_entry_id(pd.files, exe, os.stat(f"/proc/{pid}/exe"))
+        try:
+            pd.pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            raise from_oserror(exc, "pidfd_open", pid) from None
 
 
 def plan_memory(ctx) -> None:
     from criu_py import proc
     from criu_py.mem import dump as memdump
-    ctx.vma_plans = memdump.plan_vmas(ctx.pid, proc.read_smaps(ctx.pid), ctx)
+    for pd in ctx.procs:
+        pd.vma_plans = memdump.plan_vmas(pd.pid, proc.read_smaps(pd.pid), pd)
 
 
 def plan_files(ctx) -> None:
-    """Classify every fd (refusing unknown kinds), give each its files.img id, read pipe
-    contents; then cwd and root."""
+    """For every fd table (once, even when processes share it): classify every fd
+    (refusing unknown kinds), give each its files.img id (one per open file description
+    in the whole tree), read pipe contents; then every process's cwd and root."""
     from criu_py import proc
     from criu_py.dump.context import FdPlan
     from criu_py.files import FILE_KINDS, O_CLOEXEC, FdRef, classify
     from criu_py.files.regular import path_entry_id
-    pid = ctx.pid
-    refs = []
-    for fd in proc.list_fds(pid):
-        info = proc.read_fdinfo(pid, fd)
-        refs.append(FdRef(pid=pid, fd=fd, link=proc.read_fd_link(pid, fd), st=proc.stat_fd(pid, fd),
-                          pos=info.pos, flags=info.flags, mnt_id=info.mnt_id,
-                          fdinfo_extra=info.extra))
-    plans = []
-    for ref in refs:                      # all refusals first
-        kind = classify(ref)
-        FILE_KINDS[kind].check(ref)
-        plans.append(FdPlan(ref=ref, kind=kind, cloexec=bool(ref.flags & O_CLOEXEC)))
-    for p in plans:
-        p.file_id = FILE_KINDS[p.kind].dump_fd(ctx, p.ref)
-        log.debug("pid %d fd %d: %s %s -> file id %d", pid, p.ref.fd, p.kind, p.ref.link, p.file_id)
-    ctx.fds = plans
-    for name in ("cwd", "root"):
-        path = proc.read_link(pid, name)
-        if path.endswith(" (deleted)"):
-            raise Unsupported(f"pid {pid}: its {name} {path} was deleted")
-        fid = path_entry_id(ctx.files, path, os.stat(f"/proc/{pid}/{name}"))
-        setattr(ctx, f"{name}_id", fid)
+    tables = {}
+    for pd in ctx.procs:
+        if pd.proc.kobj["files"] in tables:
+            continue
+        tables[pd.proc.kobj["files"]] = pd
+        pid = pd.pid
+        refs = []
+        for fd in proc.list_fds(pid):
+            info = proc.read_fdinfo(pid, fd)
+            refs.append(FdRef(pid=pid, fd=fd, link=proc.read_fd_link(pid, fd),
+                              st=proc.stat_fd(pid, fd), pos=info.pos, flags=info.flags,
+                              mnt_id=info.mnt_id, fdinfo_extra=info.extra))
+        for ref in refs:                      # all refusals first
+            kind = classify(ref)
+            FILE_KINDS[kind].check(ref)
+            pd.fds.append(FdPlan(ref=ref, kind=kind, cloexec=bool(ref.flags & O_CLOEXEC)))
+    for pd in tables.values():
+        for p in pd.fds:
+            p.file_id = FILE_KINDS[p.kind].dump_fd(pd, p.ref)
+            log.debug("pid %d fd %d: %s %s -> file id %d", pd.pid, p.ref.fd, p.kind,
+                      p.ref.link, p.file_id)
+    for pd in ctx.procs:
+        for name in ("cwd", "root"):
+            path = proc.read_link(pd.pid, name)
+            if path.endswith(" (deleted)"):
+                raise Unsupported(f"pid {pd.pid}: its {name} {path} was deleted")
+            fid = path_entry_id(pd.files, path, os.stat(f"/proc/{pd.pid}/{name}"))
+            setattr(pd, f"{name}_id", fid)
 
 
 # ------------------------------------------------------------------ write
 def write_memory(ctx) -> None:
     from criu_py.mem import dump as memdump
-    ctx.page_stats = memdump.dump_private_pages(ctx.pid, ctx.vma_plans, ctx.images, 1, ctx.pid,
-                                                ctx.opts.get("kdat"))
+    for pd in ctx.procs:
+        pd.pages_id = ctx.alloc_pages_id()
+        pd.page_stats = memdump.dump_private_pages(pd.pid, pd.vma_plans, ctx.images,
+                                                   pd.pages_id, pd.pid, ctx.opts.get("kdat"))
     if ctx.shmem:
         from criu_py.mem import shmem
         shmem.write_images(ctx)
@@ -240,28 +300,38 @@ def write_memory(ctx) -> None:
 
 def write_task_images(ctx) -> None:
     from criu_py.dump import task
-    pid = ctx.pid
-    ctx.images.write_entries(f"core-{pid}.img", [task.build_core(ctx)])
-    ctx.images.write_entries(f"mm-{pid}.img", [task.build_mm(ctx, [p.entry for p in ctx.vma_plans])])
-    ctx.images.write_entries(f"ids-{pid}.img", [task.build_ids(ctx)])
-    ctx.images.write_entries(f"fs-{pid}.img", [task.build_fs(ctx)])
+    for pd in ctx.procs:
+        pid = pd.pid
+        for th in pd.threads:
+            ctx.images.write_entries(f"core-{th.tid}.img", [task.build_core(pd, th)])
+        ctx.images.write_entries(f"mm-{pid}.img", [task.build_mm(pd, [p.entry for p in pd.vma_plans])])
+        ctx.images.write_entries(f"ids-{pid}.img", [task.build_ids(pd)])
+        ctx.images.write_entries(f"fs-{pid}.img", [task.build_fs(pd)])
+    for p in ctx.tree.order:
+        if p.zombie:
+            ctx.images.write_entries(f"core-{p.pid}.img", [task.build_zombie_core(p)])
 
 
 def write_file_images(ctx) -> None:
-    from criu_py.dump.task import TASK_OBJ_ID
     from criu_py.files import FD_CLOEXEC, FILE_KINDS
     from criu_py.files.pipe import pipes_data_entries
     from criu_py.images.pb import fdinfo_pb2
-    fdinfos = []
-    for p in ctx.fds:
-        e = fdinfo_pb2.fdinfo_entry()
-        e.id = p.file_id
-        e.flags = FD_CLOEXEC if p.cloexec else 0
-        e.type = FILE_KINDS[p.kind].fd_type
-        e.fd = p.ref.fd
-        fdinfos.append(e)
+    written = set()
+    for pd in ctx.procs:
+        files_id = pd.proc.kobj["files"]
+        if files_id in written:
+            continue
+        written.add(files_id)
+        fdinfos = []
+        for p in pd.fds:
+            e = fdinfo_pb2.fdinfo_entry()
+            e.id = p.file_id
+            e.flags = FD_CLOEXEC if p.cloexec else 0
+            e.type = FILE_KINDS[p.kind].fd_type
+            e.fd = p.ref.fd
+            fdinfos.append(e)
+        ctx.images.write_entries(f"fdinfo-{files_id}.img", fdinfos)
     ctx.images.write_entries("files.img", ctx.files.entries)
-    ctx.images.write_entries(f"fdinfo-{TASK_OBJ_ID}.img", fdinfos)
     data = pipes_data_entries(ctx.pipe_data)
     if data:
         ctx.images.write_entries_with_payload("pipes-data.img", data)
@@ -269,17 +339,17 @@ def write_file_images(ctx) -> None:
 
 def write_tree_images(ctx) -> None:
     from criu_py.dump import task
-    ctx.images.write_entries("pstree.img", [task.build_pstree(ctx)])
+    ctx.images.write_entries("pstree.img", task.build_pstree(ctx.tree))
     ctx.images.write_entries("inventory.img", [task.build_inventory(ctx)])
 
 
-def finish_task(ctx) -> None:
+def finish_tree(ctx) -> None:
     if ctx.opts.get("leave_running"):
-        ctx.tracee.detach()
-        log.info("pid %d left running", ctx.pid)
+        ctx.tree.release()
+        log.info("the tree of %d left running", ctx.pid)
     else:
-        ctx.tracee.kill(wait=False)
-        log.info("pid %d killed after the dump", ctx.pid)
+        ctx.tree.kill_all()
+        log.info("the tree of %d killed after the dump", ctx.pid)
 
 
 def write_stats(ctx) -> None:

@@ -1,13 +1,13 @@
-# Everything one dump collects about its task, handed from step to step, plus the two
-# identity services the kind modules need: files.img ids (FileTable) and "is this fd the
-# same open file as that one" (kcmp), so dup'ed fds share one files.img entry.
+# Everything one dump collects, handed from step to step: DumpContext for the whole tree
+# (the images dir, files.img ids, shared memory objects, pipe data, which all tasks
+# share), ProcDump per process and ThreadDump per thread. ProcDump also offers the
+# services the kind modules (files/, mem/) need from "the task being dumped": its pid and
+# pidfd, files.img ids, and "is this fd the same open file as that one" (kcmp across
+# every process of the tree, so an inherited description is one files.img entry).
 import os
 
 from criu_py.files import FdRef, FileTable
 from criu_py.proc import Record
-
-KCMP_FILE = 0
-NR_KCMP = 312
 
 
 class FdPlan(Record):
@@ -17,60 +17,131 @@ class FdPlan(Record):
     cloexec = False
 
 
+class ThreadDump(Record):
+    """One thread: its tracee, registers as read (raw NT_PRSTATUS and as a dict),
+    xstate, signal mask, rseq, its own pending signals, /proc/PID/task/TID/status,
+    comm, robust list, scheduling, and what its parasite blob read (ThreadInfo)."""
+    _fields = ("tid", "tracee", "raw_gpregs", "gpregs", "xstate", "sigmask", "rseq",
+               "signals_private", "status", "comm", "robust_list", "sched_policy",
+               "sched_prio", "sched_nice", "info")
+    rseq = None
+    info = None
+
+
 class DumpContext:
-    """State of one dump, filled step by step (see dump/__init__.py)."""
+    """State of one dump of a tree (see dump/__init__.py)."""
 
     def __init__(self, pid: int, opts: dict, images=None):
-        self.pid = pid
+        self.pid = pid                          # the root
         self.opts = opts
         self.images = images
-        self.tracee = None
-        self.pidfd = -1
-        # collected state
-        self.stat = self.status = None          # proc.Stat, proc.Status
-        self.raw_gpregs = b""                   # NT_PRSTATUS as read
-        self.gpregs = None                      # dict, arch_x86.GPREG_NAMES
-        self.xstate = b""                       # NT_X86_XSTATE as read
-        self.sigmask = 0
-        self.rseq = None
-        self.signals_private = []               # pending siginfos (128 bytes each)
-        self.signals_shared = []
-        self.parasite = None                    # parasite.ParasiteInfo
-        self.personality = 0
-        self.rlimits = []
-        self.robust_list = (0, 0)
-        self.sched_policy = self.sched_prio = self.sched_nice = 0
-        self.loginuid = 0xFFFFFFFF
-        self.oom_score_adj = 0
-        self.auxv = []
-        self.ns_ids = {}
-        self.exe_id = self.cwd_id = self.root_id = 0
-        self.vma_plans = []                     # mem.dump.VmaPlan
-        self.fds = []                           # FdPlan
+        self.tree = None                        # dump.tree.Tree
+        self.procs: list[ProcDump] = []         # live processes, pstree order
         self.files = FileTable()
         self.pipe_data = {}                     # pipe inode -> (bytes, pipe size)
         self.shmem = {}                         # key -> mem.shmem.SharedObject
         self.shmem_stats = {}
-        self.page_stats = None
         self.times = {}                         # stats-dump times, microseconds
-        self._fd_reps = {}                      # (dev, ino) -> [fd, ...] seen
+        self._next_pages_id = 1
+        self._fd_reps = {}                      # (dev, ino) -> [(pid, fd), ...] seen
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.close()
+
+    def alloc_pages_id(self) -> int:
+        """A fresh pages-N.img number (per process, then per shared object)."""
+        n = self._next_pages_id
+        self._next_pages_id += 1
+        return n
+
+    def file_description_key(self, ref: FdRef) -> tuple:
+        """Same key for fds that share one open file description, in any process of the
+        tree (kcmp KCMP_FILE)."""
+        from criu_py.dump.tree import KCMP_FILE, kcmp
+        ino_key = (ref.st.st_dev, ref.st.st_ino)
+        reps = self._fd_reps.setdefault(ino_key, [])
+        for pid, fd in reps:
+            if kcmp(ref.pid, pid, KCMP_FILE, ref.fd, fd) == 0:
+                return ino_key + (pid, fd)
+        reps.append((ref.pid, ref.fd))
+        return ino_key + (ref.pid, ref.fd)
+
+    @property
+    def page_stats(self):
+        """Totals over every process (for stats-dump)."""
+        from criu_py.mem.dump import PageStats
+        total = PageStats()
+        for p in self.procs:
+            s = p.page_stats
+            if s is None:
+                continue
+            total.pages_scanned += s.pages_scanned
+            total.pages_written += s.pages_written
+            total.memdump_us += s.memdump_us
+            total.memwrite_us += s.memwrite_us
+        return total
+
+
+class ProcDump:
+    """One live process of the tree: its tree.Proc, its threads (ThreadDump, leader
+    first), what its parasite read (ParasiteInfo), and its per-process state."""
+
+    def __init__(self, dump: DumpContext, proc):
+        self.dump = dump
+        self.proc = proc
+        self.pid = proc.pid
+        self.opts = dump.opts
+        self.pidfd = -1
+        self.threads: list[ThreadDump] = []
+        self.stat = self.status = None          # proc.Stat, proc.Status of the leader
+        self.parasite = None                    # parasite.ParasiteInfo
+        self.personality = 0
+        self.rlimits = []
+        self.loginuid = 0xFFFFFFFF
+        self.oom_score_adj = 0
+        self.auxv = []
+        self.ns_ids = {}
+        self.signals_shared = []
+        self.exe_id = self.cwd_id = self.root_id = 0
+        self.vma_plans = []                     # mem.dump.VmaPlan
+        self.fds = []                           # FdPlan (fd table owners only)
+        self.pages_id = 0
+        self.page_stats = None
+
+    # ---- what the leader thread is
+    @property
+    def leader(self) -> ThreadDump:
+        return self.threads[0]
+
+    @property
+    def tracee(self):
+        return self.proc.leader
+
+    # ---- shared with the whole dump
+    @property
+    def images(self):
+        return self.dump.images
+
+    @property
+    def files(self) -> FileTable:
+        return self.dump.files
+
+    @property
+    def shmem(self) -> dict:
+        return self.dump.shmem
+
+    @property
+    def pipe_data(self) -> dict:
+        return self.dump.pipe_data
+
+    def file_description_key(self, ref: FdRef) -> tuple:
+        return self.dump.file_description_key(ref)
 
     def close(self) -> None:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
-
-    def file_description_key(self, ref: FdRef) -> tuple:
-        """Same key for fds that share one open file description (kcmp KCMP_FILE)."""
-        from criu_py.native import lib
-        ino_key = (ref.st.st_dev, ref.st.st_ino)
-        reps = self._fd_reps.setdefault(ino_key, [])
-        for other in reps:
-            if lib.criu_py_raw_syscall6(NR_KCMP, self.pid, self.pid, KCMP_FILE,
-                                        other, ref.fd, 0) == 0:
-                return ino_key + (other,)
-        reps.append(ref.fd)
-        return ino_key + (ref.fd,)
 
     # --- services for mem.dump.plan_vmas
     def file_id_for_mapping(self, vma) -> int:

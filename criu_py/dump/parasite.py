@@ -1,7 +1,9 @@
 # What only the task itself can tell: signal actions, clear_child_tid, brk, sigaltstack,
 # interval timers and a few prctl values (dumpable, securebits, pdeath signal, child
 # subreaper, THP disable). Instead of one injected syscall per item (67 round trips), a small
-# code blob runs once in a scratch page inside the task and leaves the answers there.
+# code blob runs once in a scratch page inside the task and leaves the answers there; a
+# second, smaller blob then runs in every thread for what is per thread (clear_child_tid,
+# sigaltstack, securebits, pdeath signal).
 import struct
 
 from criu_py.errors import DumpError
@@ -28,6 +30,16 @@ OUT_OFFSET = 0x400
 OUT_SIZE = 2304
 NSIG = 64
 
+# Per thread, r12 = the thread's 64-byte output slot:
+#   prctl(PR_GET_TID_ADDRESS, r12+0); sigaltstack(NULL, r12+16);
+#   [r12+40] = prctl(PR_GET_SECUREBITS); prctl(PR_GET_PDEATHSIG, r12+48); int3
+THREAD_BLOB = bytes.fromhex(
+    "b89d000000bf280000004c89e60f05b88300000031ff498d7424100f05b89d000000bf1b0000000f0549"
+    "89442428b89d000000bf02000000498d7424300f05cc")
+THREAD_BLOB_OFFSET = 0xD00
+THREAD_OUT_OFFSET = 0xE00
+THREAD_OUT_SIZE = 64
+
 
 class SigAction(Record):
     _fields = ("handler", "flags", "restorer", "mask")
@@ -35,9 +47,16 @@ class SigAction(Record):
 
 class ParasiteInfo(Record):
     """sas: (ss_sp, ss_flags, ss_size); itimers: (interval s, us, value s, us) for real,
-    virt, prof; sigactions: SigAction for signals 1..64 (SIGKILL/SIGSTOP all zero)."""
+    virt, prof; sigactions: SigAction for signals 1..64 (SIGKILL/SIGSTOP all zero);
+    threads: tid -> ThreadInfo (the leader's too)."""
     _fields = ("clear_tid_addr", "brk", "sas", "itimers", "sigactions", "dumpable", "secbits",
-               "pdeath_sig", "child_subreaper", "thp_disabled", "injected_calls")
+               "pdeath_sig", "child_subreaper", "thp_disabled", "injected_calls", "threads")
+
+
+class ThreadInfo(Record):
+    """What one thread's blob read: clear_child_tid, sigaltstack (ss_sp, ss_flags,
+    ss_size), securebits, pdeath signal."""
+    _fields = ("clear_tid_addr", "sas", "secbits", "pdeath_sig")
 
 
 def code_site(vmas) -> int:
@@ -49,13 +68,26 @@ def code_site(vmas) -> int:
     raise DumpError("no executable file mapping to inject code into")
 
 
-def collect(tracee: Tracee, site: int, saved_regs: bytes) -> ParasiteInfo:
+def collect(tracee: Tracee, site: int, saved_regs: bytes, threads=()) -> ParasiteInfo:
+    """Run the blob in the stopped leader `tracee` and the thread blob in it and in every
+    other stopped thread of `threads` ((Tracee, raw registers) pairs)."""
+    others = [(t, regs) for t, regs in threads if t is not tracee]
+    size = -(-(THREAD_OUT_OFFSET + THREAD_OUT_SIZE * len(others)) // 4096) * 4096
     with Injection(tracee, site, saved_regs) as inj:
-        with inj.scratch_page() as page:
+        with inj.scratch_page(size) as page:
             tracee.write_mem(page, BLOB)
             tracee.write_mem(page + OUT_OFFSET, bytes(OUT_SIZE))
+            tracee.write_mem(page + THREAD_BLOB_OFFSET, THREAD_BLOB)
             inj.run_blob(page, r12=page + OUT_OFFSET)
             out = tracee.read_mem(page + OUT_OFFSET, OUT_SIZE)
+            slots = page + THREAD_OUT_OFFSET
+            thread_out = b""
+            if others:
+                tracee.write_mem(slots, bytes(THREAD_OUT_SIZE * len(others)))
+                for i, (t, regs) in enumerate(others):
+                    inj.run_blob_in(t, regs, page + THREAD_BLOB_OFFSET,
+                                    r12=slots + i * THREAD_OUT_SIZE)
+                thread_out = tracee.read_mem(slots, THREAD_OUT_SIZE * len(others))
         calls = inj.calls
     tid_addr, brk = struct.unpack_from("<QQ", out, 0)
     ss_sp, ss_flags, ss_size = struct.unpack_from("<Qi4xQ", out, 16)
@@ -70,7 +102,16 @@ def collect(tracee: Tracee, site: int, saved_regs: bytes) -> ParasiteInfo:
     dumpable, secbits = struct.unpack_from("<qq", out, 2272)
     pdeath_sig, subreaper = struct.unpack_from("<ii", out, 2288)
     thp_disabled = struct.unpack_from("<q", out, 2296)[0]
+    # The leader's per-thread values come from the big blob, which reads them too.
+    per_thread = {tracee.pid: ThreadInfo(tid_addr, (ss_sp, ss_flags, ss_size), max(secbits, 0),
+                                         pdeath_sig)}
+    for i, (t, _) in enumerate(others):
+        off = i * THREAD_OUT_SIZE
+        t_tid, = struct.unpack_from("<Q", thread_out, off)
+        t_sas = struct.unpack_from("<Qi4xQ", thread_out, off + 16)
+        t_secbits, t_pdeath = struct.unpack_from("<qi", thread_out, off + 40)
+        per_thread[t.pid] = ThreadInfo(t_tid, t_sas, max(t_secbits, 0), t_pdeath)
     return ParasiteInfo(tid_addr, brk, (ss_sp, ss_flags, ss_size), itimers, sigactions,
                         dumpable=dumpable, secbits=max(secbits, 0), pdeath_sig=pdeath_sig,
                         child_subreaper=bool(subreaper), thp_disabled=thp_disabled > 0,
-                        injected_calls=calls)
+                        injected_calls=calls, threads=per_thread)

@@ -1,6 +1,7 @@
-# The per-task images other than memory and files: core-PID (registers, signal state,
-# creds, rseq, timers, rlimits), ids-PID, mm-PID (mm fields, auxv, VMAs), fs-PID,
-# pstree and inventory. Each build_* turns what the dump collected into messages.
+# The per-task images other than memory and files: core-TID per thread (registers,
+# signal state, creds, rseq; the leader's also timers, rlimits, sigactions), ids-PID,
+# mm-PID (mm fields, auxv, VMAs), fs-PID per process, pstree and inventory for the tree.
+# Each build_* turns what the dump collected into messages.
 from criu_py import arch_x86
 from criu_py.errors import check_errno
 from criu_py.proc import Stat, Status
@@ -10,8 +11,9 @@ NS_NAMES = ("pid", "net", "ipc", "uts", "time", "mnt", "user", "cgroup")
 NS_FIELDS = {"pid": "pid_ns_id", "net": "net_ns_id", "ipc": "ipc_ns_id", "uts": "uts_ns_id",
              "mnt": "mnt_ns_id", "user": "user_ns_id", "cgroup": "cgroup_ns_id",
              "time": "time_ns_id"}
-# Kernel-object ids of the one task (vm, files, fs, sighand): fdinfo-<files_id>.img.
-TASK_OBJ_ID = 1
+# The dumping tool's own kernel-object ids (vm, files, fs, sighand) in inventory's
+# root_ids; the tasks' are numbered from 2 (dump.tree), as upstream does.
+ROOT_KOBJ_ID = 1
 
 
 def robust_list(pid: int) -> tuple[int, int]:
@@ -29,61 +31,62 @@ def _caps(value: int) -> list[int]:
     return [value & 0xFFFFFFFF, value >> 32]
 
 
-def build_core(ctx):
-    """core_entry of the task from ctx (regs, xstate, parasite info, /proc state)."""
+SIGKILL, SIGSTOP = 9, 19
+TASK_DEAD = 2
+
+
+def build_core(proc, thread):
+    """core_entry of one thread from what the dump collected; the leader's core also
+    holds the process-wide part (tc: sigactions, timers, rlimits, shared signals, ...)."""
     from criu_py.images.pb import core_pb2
-    st: Stat = ctx.stat
-    status: Status = ctx.status
-    par = ctx.parasite
     core = core_pb2.core_entry()
     core.mtype = core_pb2.core_entry.X86_64
+    _fill_thread_info(core.thread_info, thread)
+    _fill_thread_core(core.thread_core, thread)
+    if thread.tid == proc.pid:
+        _fill_task_core(core.tc, proc)
+    return core
 
-    ti = core.thread_info
-    ti.clear_tid_addr = par.clear_tid_addr
-    arch_x86.gpregs_to_entry(arch_x86.regs_for_image(ctx.gpregs), ti.gpregs)
-    arch_x86.fpregs_to_entry(ctx.xstate, ti.fpregs)
+
+def build_zombie_core(p):
+    """A zombie's core: only its name, state and wait status, as upstream writes it."""
+    from criu_py.images.pb import core_pb2
+    core = core_pb2.core_entry()
+    core.mtype = core_pb2.core_entry.X86_64
+    tc = core.tc
+    tc.task_state = TASK_DEAD
+    tc.exit_code = p.exit_code
+    tc.personality = 0
+    tc.flags = 0
+    tc.blk_sigset = 0
+    tc.comm = p.comm
+    return core
+
+
+def _fill_thread_info(ti, thread) -> None:
+    ti.clear_tid_addr = thread.info.clear_tid_addr
+    arch_x86.gpregs_to_entry(arch_x86.regs_for_image(thread.gpregs), ti.gpregs)
+    arch_x86.fpregs_to_entry(thread.xstate, ti.fpregs)
     for n in (12, 13, 14):      # GDT TLS slots: unused by 64-bit code, recorded empty
         d = ti.tls.add()
         d.entry_number, d.base_addr, d.limit = n, 0, 0
         d.seg_32bit = d.contents_h = d.contents_l = d.limit_in_pages = d.usable = False
         d.read_exec_only = d.seg_not_present = True
 
-    tc = core.tc
-    tc.task_state = TASK_ALIVE
-    tc.exit_code = 0
-    tc.personality = ctx.personality
-    tc.flags = st.flags
-    tc.blk_sigset = ctx.sigmask
-    tc.comm = st.comm
-    for name, (isec, iusec, vsec, vusec) in zip(("real", "virt", "prof"), par.itimers):
-        t = getattr(tc.timers, name)
-        t.isec, t.iusec, t.vsec, t.vusec = isec, iusec, vsec, vusec
-    for rl in ctx.rlimits:
-        e = tc.rlimits.rlimits.add()
-        e.cur, e.max = rl.cur, rl.max
-    tc.signals_s.SetInParent()
-    for raw in ctx.signals_shared:
-        tc.signals_s.signals.add().siginfo = raw
-    tc.loginuid = ctx.loginuid
-    tc.oom_score_adj = ctx.oom_score_adj
-    for sa in par.sigactions:
-        e = tc.sigactions.add()
-        e.sigaction, e.flags, e.restorer, e.mask = sa.handler, sa.flags, sa.restorer, sa.mask
-        e.compat_sigaction = False
-    tc.child_subreaper = par.child_subreaper
 
-    th = core.thread_core
-    th.futex_rla, th.futex_rla_len = ctx.robust_list
-    th.sched_nice = ctx.sched_nice
-    th.sched_policy = ctx.sched_policy
-    th.sched_prio = ctx.sched_prio
-    th.blk_sigset = ctx.sigmask
-    if par.pdeath_sig:
-        th.pdeath_sig = par.pdeath_sig
-    ss_sp, ss_flags, ss_size = par.sas
+def _fill_thread_core(th, thread) -> None:
+    status: Status = thread.status
+    th.futex_rla, th.futex_rla_len = thread.robust_list
+    th.sched_nice = thread.sched_nice
+    th.sched_policy = thread.sched_policy
+    th.sched_prio = thread.sched_prio
+    th.blk_sigset = thread.sigmask
+    if thread.info.pdeath_sig:
+        th.pdeath_sig = thread.info.pdeath_sig
+    ss_sp, ss_flags, ss_size = thread.info.sas
     th.sas.ss_sp, th.sas.ss_size, th.sas.ss_flags = ss_sp, ss_size, ss_flags
     th.signals_p.SetInParent()
-    for raw in ctx.signals_private:
+    for raw in thread.signals_private:
         th.signals_p.signals.add().siginfo = raw
     cr = th.creds
     cr.uid, cr.euid, cr.suid, cr.fsuid = status.uids
@@ -93,20 +96,56 @@ def build_core(ctx):
     cr.cap_eff.extend(_caps(status.cap_eff))
     cr.cap_bnd.extend(_caps(status.cap_bnd))
     cr.cap_amb.extend(_caps(status.cap_amb))
-    cr.secbits = par.secbits
+    cr.secbits = thread.info.secbits
     cr.groups.extend(status.groups)
     cr.no_new_privs = status.no_new_privs
-    th.comm = st.comm
-    if ctx.rseq:
+    th.comm = thread.comm
+    if thread.rseq:
         r = th.rseq_entry
-        r.rseq_abi_pointer = ctx.rseq["pointer"]
-        r.rseq_abi_size = ctx.rseq["size"]
-        r.signature = ctx.rseq["signature"]
-    return core
+        r.rseq_abi_pointer = thread.rseq["pointer"]
+        r.rseq_abi_size = thread.rseq["size"]
+        r.signature = thread.rseq["signature"]
 
 
-def fill_ids(ids, ns_ids: dict) -> None:
-    ids.vm_id = ids.files_id = ids.fs_id = ids.sighand_id = TASK_OBJ_ID
+def _fill_task_core(tc, proc) -> None:
+    st: Stat = proc.stat
+    par = proc.parasite
+    tc.task_state = TASK_ALIVE
+    tc.exit_code = 0
+    tc.personality = proc.personality
+    tc.flags = st.flags
+    tc.blk_sigset = proc.leader.sigmask
+    tc.comm = proc.leader.comm
+    for name, (isec, iusec, vsec, vusec) in zip(("real", "virt", "prof"), par.itimers):
+        t = getattr(tc.timers, name)
+        t.isec, t.iusec, t.vsec, t.vusec = isec, iusec, vsec, vusec
+    for rl in proc.rlimits:
+        e = tc.rlimits.rlimits.add()
+        e.cur, e.max = rl.cur, rl.max
+    tc.signals_s.SetInParent()
+    for raw in proc.signals_shared:
+        tc.signals_s.signals.add().siginfo = raw
+    tc.loginuid = proc.loginuid
+    tc.oom_score_adj = proc.oom_score_adj
+    # 62 entries, signals 1..64 without SIGKILL and SIGSTOP: what upstream writes and
+    # insists on reading.
+    for sig, sa in enumerate(par.sigactions, start=1):
+        if sig in (SIGKILL, SIGSTOP):
+            continue
+        e = tc.sigactions.add()
+        e.sigaction, e.flags, e.restorer, e.mask = sa.handler, sa.flags, sa.restorer, sa.mask
+        e.compat_sigaction = False
+    tc.child_subreaper = par.child_subreaper
+
+
+def fill_ids(ids, ns_ids: dict, kobj: dict | None = None) -> None:
+    """kernel-object ids (vm, files, fs, sighand) and namespace ids. Without kobj: the
+    dumping tool's own ids, 1 each (inventory's root_ids); tasks' ids start at 2."""
+    kobj = kobj or {}
+    ids.vm_id = kobj.get("vm", ROOT_KOBJ_ID)
+    ids.files_id = kobj.get("files", ROOT_KOBJ_ID)
+    ids.fs_id = kobj.get("fs", ROOT_KOBJ_ID)
+    ids.sighand_id = kobj.get("sighand", ROOT_KOBJ_ID)
     for name, value in ns_ids.items():
         setattr(ids, NS_FIELDS[name], value)
 
@@ -118,10 +157,10 @@ def namespace_ids(pid: int) -> dict:
     return {name: i + 1 for i, name in enumerate(n for n in NS_NAMES if n in inodes)}
 
 
-def build_ids(ctx):
+def build_ids(proc):
     from criu_py.images.pb import core_pb2
     ids = core_pb2.task_kobj_ids_entry()
-    fill_ids(ids, ctx.ns_ids)
+    fill_ids(ids, proc.ns_ids, proc.proc.kobj)
     return ids
 
 
@@ -130,7 +169,7 @@ def build_inventory(ctx):
     inv = inventory_pb2.inventory_entry()
     inv.img_version = 2
     inv.fdinfo_per_id = True
-    fill_ids(inv.root_ids, ctx.ns_ids)
+    fill_ids(inv.root_ids, ctx.procs[0].ns_ids)
     inv.ns_per_id = True
     inv.lsmtype = inventory_pb2.NO_LSM
     inv.network_lock_method = 0
@@ -142,15 +181,19 @@ def build_inventory(ctx):
     return inv
 
 
-def build_pstree(ctx):
+def build_pstree(tree) -> list:
+    """One pstree_entry per process (zombies too), root first, depth first."""
     from criu_py.images.pb import pstree_pb2
-    e = pstree_pb2.pstree_entry()
-    e.pid = ctx.pid
-    e.ppid = 0
-    e.pgid = ctx.stat.pgid
-    e.sid = ctx.stat.sid
-    e.threads.append(ctx.pid)
-    return e
+    out = []
+    for p in tree.order:
+        e = pstree_pb2.pstree_entry()
+        e.pid = p.pid
+        e.ppid = 0 if p.pid == tree.root else p.ppid
+        e.pgid = p.pgid
+        e.sid = p.sid
+        e.threads.extend(p.threads)
+        out.append(e)
+    return out
 
 
 def build_fs(ctx):
@@ -174,11 +217,18 @@ def build_mm(ctx, vma_entries: list):
     mm.mm_arg_start, mm.mm_arg_end = st.arg_start, st.arg_end
     mm.mm_env_start, mm.mm_env_end = st.env_start, st.env_end
     mm.exe_file_id = ctx.exe_id
-    mm.mm_saved_auxv.extend(ctx.auxv)
+    # Without the AT_NULL pair and at most AT_VECTOR_SIZE words: upstream refuses more.
+    auxv = list(ctx.auxv)
+    while len(auxv) >= 2 and auxv[-2] == 0:
+        auxv = auxv[:-2]
+    mm.mm_saved_auxv.extend(auxv[:AT_VECTOR_SIZE])
     mm.vmas.extend(vma_entries)
     mm.dumpable = ctx.parasite.dumpable
     mm.thp_disabled = ctx.parasite.thp_disabled
     return mm
+
+
+AT_VECTOR_SIZE = 44
 
 
 def build_stats(ctx):

@@ -92,12 +92,20 @@ class PipeOps:
         return fid
 
     def restore_fd(self, ctx, entry, fdinfo) -> int:
-        """One end of the pipe named by pipe_id (both ends come from one pipe2, refilled
-        with its queued data when first made), with the entry's O_NONBLOCK."""
+        """A description of the pipe named by pipe_id (both ends come from one pipe2,
+        refilled with its queued data when first made), with the entry's O_NONBLOCK.
+        The first description of each end is that end; any other (the pipe opened again
+        through /proc) is a new one, with flags of its own."""
         p = entry.pipe
         rd, wr = ctx.pipe_ends(p.pipe_id, lambda: make_pipe(*ctx.pipe_data.get(p.pipe_id, (b"", 0))))
-        end = wr if p.flags & os.O_ACCMODE == os.O_WRONLY else rd
-        fd = os.dup(end)
+        write = p.flags & os.O_ACCMODE == os.O_WRONLY
+        end = wr if write else rd
+        if end not in ctx.handed:
+            ctx.handed.add(end)
+            fd = os.dup(end)
+        else:
+            fd = os.open(f"/proc/self/fd/{end}",
+                         (os.O_WRONLY if write else os.O_RDONLY) | os.O_NONBLOCK | O_CLOEXEC)
         fl = fcntl.fcntl(fd, fcntl.F_GETFL)
         fl = (fl | os.O_NONBLOCK) if p.flags & os.O_NONBLOCK else (fl & ~os.O_NONBLOCK)
         fcntl.fcntl(fd, fcntl.F_SETFL, fl)

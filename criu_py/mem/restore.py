@@ -48,11 +48,11 @@ def _vma_key(v) -> tuple:
     return ("anon" if v.status & M.VMA_ANON_SHARED else "file", v.shmid, flags)
 
 
-def plan_memory(images, pid: int, mm, files: dict) -> MemoryPlan:
-    """Check mm's VMAs and pagemap against each other and the pages file size."""
+def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: dict) -> MemoryPlan:
+    """Check mm's VMAs and pagemap against each other and the pages file size. Shared
+    memory objects are registered in `shared` (shmid -> object), one for the whole tree."""
     from criu_py.mem import shmem_restore
-    plan = MemoryPlan(vmas=[])
-    plan.memfd_inodes = shmem_restore.memfd_inodes(images)
+    plan = MemoryPlan(vmas=[], shared=shared, memfd_inodes=memfd_inodes)
     prev_end = 0
     for v in sorted(mm.vmas, key=lambda v: v.start):
         if v.status & M.VMA_AREA_VSYSCALL:
@@ -92,6 +92,8 @@ def plan_memory(images, pid: int, mm, files: dict) -> MemoryPlan:
 
 
 def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
+    """The runs of pages-N.img in file order: (address, length) of each run, address
+    None for bytes read only to be dropped (upstream's dumped vdso pages)."""
     from criu_py.images import PE_LAZY, PE_PARENT, PE_PRESENT, pagemap_nr_pages
     name = f"pagemap-{pid}.img"
     entries = images.read_entries(name)
@@ -101,9 +103,9 @@ def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
     spans = []          # contiguous runs of restored VMAs (upstream's entries may span two)
     for v in plan.vmas:
         if spans and spans[-1][1] == v.start:
-            spans[-1] = (spans[-1][0], v.end, None)
+            spans[-1] = (spans[-1][0], v.end)
         else:
-            spans.append((v.start, v.end, None))
+            spans.append((v.start, v.end))
     iovs = []
     total = 0
     for pe in entries[1:]:
@@ -120,11 +122,11 @@ def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
         if not n or start % M.PAGE_SIZE:
             raise ImageError(f"{name}: bad entry at {start:#x} ({n} pages)")
         if any(s <= start and end <= e for s, e in plan.special):
-            # upstream dumps the vdso's pages; the live vdso replaces them: read and drop
+            # upstream dumps the vdso's pages; the live vdso replaces them: skipped
             iovs.append((None, end - start))
             total += end - start
             continue
-        if not any(s <= start and end <= e for s, e, _ in spans):
+        if not any(s <= start and end <= e for s, e in spans):
             raise ImageError(f"{name}: pages {start:#x}-{end:#x} lie outside the restored VMAs")
         if iovs and iovs[-1][0] is not None and iovs[-1][0] + iovs[-1][1] == start:
             iovs[-1] = (iovs[-1][0], iovs[-1][1] + end - start)
@@ -134,6 +136,48 @@ def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
     check_pages_size(images, plan.pages_name, name, total)
     plan.iovs = iovs
     plan.pages_bytes = total
+
+
+def page_runs_in(plan: MemoryPlan, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(address, length, offset in the pages file) of the dumped pages in [start, end)."""
+    out = []
+    off = 0
+    for addr, n in plan.iovs:
+        if addr is not None and addr < end and start < addr + n:
+            lo, hi = max(addr, start), min(addr + n, end)
+            out.append((lo, hi - lo, off + lo - addr))
+        off += n
+    return out
+
+
+def iovs_without(plan: MemoryPlan, ranges: list[tuple[int, int]]) -> list:
+    """plan.iovs with the pages inside `ranges` ((start, end), already restored another
+    way) turned into skips."""
+    if not ranges:
+        return list(plan.iovs)
+    out = []
+
+    def add(addr, n):
+        if out and out[-1][0] is None and addr is None:
+            out[-1] = (None, out[-1][1] + n)
+        else:
+            out.append((addr, n))
+    for addr, n in plan.iovs:
+        if addr is None:
+            add(None, n)
+            continue
+        pos, end = addr, addr + n
+        for s, e in sorted(ranges):
+            if e <= pos or s >= end:
+                continue
+            if s > pos:
+                add(pos, s - pos)
+            cut = min(e, end)
+            add(None, cut - max(s, pos))
+            pos = cut
+        if pos < end:
+            add(pos, end - pos)
+    return out
 
 
 def check_pages_size(images, pages_name: str, pagemap_name: str, total: int) -> None:
@@ -186,14 +230,19 @@ MADV_RESTORED = (1 << M.MADV_DONTFORK) | (1 << M.MADV_MERGEABLE) | (1 << M.MADV_
     (1 << M.MADV_NOHUGEPAGE) | (1 << M.MADV_DONTDUMP) | (1 << M.MADV_WIPEONFORK)
 
 
-def pie_vmas(plan: MemoryPlan) -> list:
-    """struct pie_vma values (as pie.PieVma) for the planned VMAs; file fds must be open."""
+def pie_vmas(plan: MemoryPlan, premapped: dict | None = None) -> list:
+    """struct pie_vma values (as pie.PieVma) for the planned VMAs; file fds must be open.
+    premapped: start -> address in the premap area of the VMAs filled before the fork."""
     from criu_py.native import lib
     from criu_py.restore.pie import PieVma
+    premapped = premapped or {}
     out = []
     for v in plan.vmas:
         flags = v.flags & MAP_KEEP
-        if v.status & (M.VMA_FILE_PRIVATE | M.VMA_FILE_SHARED | M.VMA_ANON_SHARED):
+        if v.start in premapped:
+            out.append(PieVma(v.start, v.end, v.prot, flags, lib.PIE_VMA_PREMAPPED,
+                              src=premapped[v.start], map_prot=M.PROT_READ | M.PROT_WRITE))
+        elif v.status & (M.VMA_FILE_PRIVATE | M.VMA_FILE_SHARED | M.VMA_ANON_SHARED):
             mf = plan.files[_vma_key(v)]
             if v.status & M.VMA_ANON_SHARED:
                 flags |= M.MAP_SHARED
@@ -210,8 +259,14 @@ def pie_vmas(plan: MemoryPlan) -> list:
     filled = sorted((a, a + n) for a, n in plan.iovs if a is not None)
     i = 0
     for pv in out:
+        if pv.kind == lib.PIE_VMA_PREMAPPED:
+            continue
         while i < len(filled) and filled[i][1] <= pv.start:
             i += 1
         if i < len(filled) and filled[i][0] < pv.end:
             pv.map_prot = pv.prot | M.PROT_READ | M.PROT_WRITE
     return out
+
+
+def vma_key(v) -> tuple:
+    return _vma_key(v)

@@ -126,12 +126,10 @@ def write_images(ctx) -> None:
     """pagemap-shmem-SHMID.img + pages-N.img per object; memfd.img for memfds."""
     from criu_py.images import PE_PRESENT
     from criu_py.mem.dump import pagemap_entries
-    next_pages_id = 2
     scanned = written = 0
     memfd_inodes = []
     for obj in sorted(ctx.shmem.values(), key=lambda o: o.shmid):
-        obj.pages_id = next_pages_id
-        next_pages_id += 1
+        obj.pages_id = ctx.alloc_pages_id()
         try:
             src = os.open(obj.open_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:

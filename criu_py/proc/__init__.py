@@ -47,7 +47,7 @@ def pid_exists(pid: int) -> bool:
 class Stat(Record):
     _fields = ("pid", "comm", "state", "ppid", "pgid", "sid", "tty_nr", "flags", "num_threads",
                "start_code", "end_code", "start_stack", "start_data", "end_data", "start_brk",
-               "arg_start", "arg_end", "env_start", "env_end", "exit_signal")
+               "arg_start", "arg_end", "env_start", "env_end", "exit_signal", "exit_code")
 
 
 def read_stat(pid: int) -> Stat:
@@ -60,7 +60,8 @@ def read_stat(pid: int) -> Stat:
     return Stat(pid=int(text[:lpar]), comm=comm, state=f[0], ppid=n(4), pgid=n(5), sid=n(6),
                 tty_nr=n(7), flags=n(9), num_threads=n(20), start_code=n(26), end_code=n(27),
                 start_stack=n(28), exit_signal=n(38), start_data=n(45), end_data=n(46),
-                start_brk=n(47), arg_start=n(48), arg_end=n(49), env_start=n(50), env_end=n(51))
+                start_brk=n(47), arg_start=n(48), arg_end=n(49), env_start=n(50), env_end=n(51),
+                exit_code=n(52) if len(f) >= 50 else 0)
 
 
 # ---------------------------------------------------------------- /proc/PID/status
@@ -73,9 +74,12 @@ class Status(Record):
     groups = ()
 
 
-def read_status(pid: int) -> Status:
+def read_status(pid: int, tid: int | None = None) -> Status:
+    """/proc/PID/status, or with tid the thread's own /proc/PID/task/TID/status
+    (credentials, signal mask and seccomp are per thread)."""
     kv = {}
-    for line in _read(pid, "status").splitlines():
+    name = "status" if tid is None else f"task/{tid}/status"
+    for line in _read(pid, name).splitlines():
         key, _, value = line.partition(":")
         kv[key] = value.strip()
     hexa = lambda k: int(kv.get(k, "0"), 16)  # noqa: E731
@@ -255,19 +259,42 @@ class Rlimit(Record):
 _RLIM_INF = 0xFFFFFFFFFFFFFFFF
 
 
-def read_rlimits(pid: int) -> list[Rlimit]:
-    """The 16 rlimits in RLIMIT_* order, 'unlimited' as RLIM_INFINITY."""
-    import resource
+def read_limits(pid: int) -> list[Rlimit]:
+    """The 16 rlimits in RLIMIT_* order from /proc/PID/limits, 'unlimited' as
+    RLIM_INFINITY. Read from /proc rather than with prlimit(2): prlimit on a task of
+    another user needs CAP_SYS_RESOURCE, which root lacks on these machines."""
     out = []
-    for res in range(16):
-        try:
-            cur, mx = resource.prlimit(pid, res)
-        except ProcessLookupError:
-            raise from_oserror(OSError(3, "No such process"), "prlimit", pid) from None
-        except OSError as exc:
-            raise from_oserror(exc, "prlimit", pid) from None
-        out.append(Rlimit(cur if cur >= 0 else _RLIM_INF, mx if mx >= 0 else _RLIM_INF))
+    for line in _read(pid, "limits").splitlines()[1:]:
+        # "Max open files            1024                 4096                 files"
+        words = line[26:].split()
+        if len(words) < 2:
+            continue
+        cur, mx = (_RLIM_INF if w == "unlimited" else int(w) for w in words[:2])
+        out.append(Rlimit(cur, mx))
     return out
+
+
+def read_comm(pid: int, tid: int | None = None) -> str:
+    """The task's (or one thread's) name, without the newline."""
+    name = "comm" if tid is None else f"task/{tid}/comm"
+    return _read(pid, name).rstrip("\n")
+
+
+class Syscall(Record):
+    # nr: the syscall the task is blocked in (-1: running, None: not blocked in one);
+    # args: its six arguments; sp, pc: user stack pointer and instruction pointer.
+    _fields = ("nr", "args", "sp", "pc")
+
+
+def read_syscall(pid: int, tid: int | None = None) -> Syscall:
+    """/proc/PID/syscall: which syscall a blocked task sleeps in."""
+    words = _read(pid, "syscall" if tid is None else f"task/{tid}/syscall").split()
+    if not words or words[0] == "running":
+        return Syscall(None, (), 0, 0)
+    nr = int(words[0])
+    if nr < 0 or len(words) < 9:
+        return Syscall(nr, (), 0, 0)
+    return Syscall(nr, tuple(int(w, 16) for w in words[1:7]), int(words[7], 16), int(words[8], 16))
 
 
 NS_KINDS = ("pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time")

@@ -48,11 +48,31 @@ class Tracee:
 
     # ------------------------------------------------------------ attach / stop
     def seize(self) -> None:
+        self.seize_nowait()
+        self._wait_event_stop()
+
+    def seize_nowait(self) -> None:
+        """PTRACE_SEIZE + PTRACE_INTERRUPT without waiting for the stop (wait_stopped()),
+        so that many threads can be asked to stop at once. A thread that is exiting
+        refuses the seize: that is NoSuchProcess too."""
         ffi, lib = _lib()
-        check_errno(lib.cp_ptrace(PTRACE_SEIZE, self.pid, 0, 0), "PTRACE_SEIZE", self.pid)
+        ret = lib.cp_ptrace(PTRACE_SEIZE, self.pid, 0, 0)
+        if ret == -errno.EPERM and self._exiting():
+            raise NoSuchProcess(f"task {self.pid} is exiting")
+        check_errno(ret, "PTRACE_SEIZE", self.pid)
         self.attached = True
         check_errno(lib.cp_ptrace(PTRACE_INTERRUPT, self.pid, 0, 0), "PTRACE_INTERRUPT", self.pid)
+
+    def wait_stopped(self) -> None:
         self._wait_event_stop()
+
+    def _exiting(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state in ("Z", "X")
 
     def _wait(self) -> int:
         while True:
@@ -251,9 +271,9 @@ class Injection:
                 raise
         return False
 
-    def _regs_for(self, ip: int, **values) -> bytes:
+    def _regs_for(self, ip: int, base: bytes | None = None, **values) -> bytes:
         from criu_py import arch_x86
-        regs = arch_x86.gpregs_from_bytes(self.saved_regs)
+        regs = arch_x86.gpregs_from_bytes(base or self.saved_regs)
         regs.update(values)
         regs["ip"] = ip
         regs["orig_ax"] = 0xFFFFFFFFFFFFFFFF   # not in a syscall: nothing to restart
@@ -274,6 +294,23 @@ class Injection:
         self.t.set_gpregs(self._regs_for(addr, **regs))
         self.t.run_until_trap()
         self.calls += 1
+
+    def run_blob_in(self, thread: Tracee, thread_regs: bytes, addr: int, **regs) -> None:
+        """Run code already written at addr (ending with int3) in another stopped thread
+        of the same process, then put that thread's registers and signal mask back."""
+        if thread is self.t:
+            self.run_blob(addr, **regs)
+            return
+        mask = thread.get_sigmask()
+        thread.set_sigmask(0xFFFFFFFFFFFFFFFF)
+        try:
+            thread.set_gpregs(self._regs_for(addr, base=thread_regs, **regs))
+            thread.run_until_trap()
+            self.calls += 1
+        finally:
+            if not thread.dead:
+                thread.set_gpregs(thread_regs)
+                thread.set_sigmask(mask)
 
     @contextlib.contextmanager
     def scratch_page(self, size: int = 4096):

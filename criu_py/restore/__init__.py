@@ -1,160 +1,388 @@
-# `criu-py restore`: bring a dumped task back with its PID, memory, registers, files and
-# signal state. restore_tasks() is the checklist: read and check every image, fork the
-# task with its PID, let it set itself up and hand over to the PIE restorer
-# (csrc/pie_restorer.c), then wait for it (or return at once with -d). A failure at any
-# stage kills what was created and reports one line naming the stage.
+# `criu-py restore`: bring a dumped tree back: every process with its PID, parent,
+# session and group, every thread with its TID, memory (shared copy-on-write where it was),
+# registers, files and signal state. restore_tasks() is the checklist: read and check
+# every image, plan the tree, fork the root with its PID (each task forks its own
+# children, restore/task.py), walk every task through the stages of the shared sync page
+# (restore/sync.py), then release the tree from its restorers and wait for the root
+# (or return at once with -d). A failure at any stage kills every task created and
+# reports one line naming the task and the stage.
 import contextlib
 import os
 import signal
+import time
 
 from criu_py.errors import RestoreError
 from criu_py.log import log
 from criu_py.log import step as log_step
+
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def _step(name: str):
     return log_step("restore", name)
 
 
+class Restore:
+    """The restore command's state; every task inherits it through fork."""
+
+    def __init__(self, opts: dict):
+        self.opts = opts
+        self.tree = None              # restore.images.TreeImages
+        self.images = None            # its ImageDir
+        self.plan = None              # restore.tree.TreePlan
+        self.sync = None              # restore.sync.SyncPage
+        self.fds = None               # restore.task.FdSpace
+        self.status_r = self.status_w = -1
+        self.resource_fds = {}        # filled by each task for itself after the fork
+        self.trap = {}                # pid -> its restorer region is removed with ptrace
+        self.host_creds = None
+        self.root_pid = 0
+        self.running = False          # the tree was let go: do not kill it
+        self.regions = {}             # pid -> (start, length) of its restorer region
+        self.messages = []            # one-line failures the tasks reported
+        self.failures = []            # failure records of the restorers
+        self._status_buf = b""
+
+
 def restore_tasks(opts: dict) -> int:
     from criu_py.restore import images as restore_images
+    rs = Restore(opts)
     with _step("read and check images"):
-        t = restore_images.load(opts.get("images_dir") or ".")
+        rs.tree = restore_images.load(opts.get("images_dir") or ".")
+        rs.images = rs.tree.images
     with contextlib.ExitStack() as stack:
-        stack.callback(t.images.close)
-        with _step("check pid and vdso"):
-            check_pid_free(t.pid)
-            check_vdso(t)
-            plan_region_removal(t)
+        stack.callback(rs.tree.close)
+        with _step("plan the tree"):
+            plan_tree(rs)
+        with _step("check pids, vdso, credentials"):
+            check_pids_free(rs)
+            check_vdso(rs)
+            plan_region_removal(rs)
+            rs.host_creds = host_creds()
         if opts.get("pidfile"):
-            write_pidfile(opts["pidfile"], t, stack)
-        with _step("fork with pid"):
-            child, status_r = fork_task(t, opts, stack)
-        with _step("wait for the restorer"):
-            wait_for_restorer(t, child, status_r)
-        t.restored = True         # keeps the pidfile
-    log.info("restore: pid %d runs", t.pid)
+            write_pidfile(opts["pidfile"], rs, stack)
+        with _step("sync page, status pipe, fd space"):
+            prepare_shared(rs, stack)
+        with _step("fork the root"):
+            fork_root(rs, stack)
+        with _step("stages"):
+            run_stages(rs)
+        with _step("release the tree"):
+            release_tree(rs)
+    log.info("restore: the tree of %d runs (%d processes)", rs.root_pid,
+             len(rs.plan.alive))
     if opts.get("detach"):
         return 0
-    return wait_for_task(t.pid)
+    return wait_for_task(rs.root_pid)
 
 
-def check_pid_free(pid: int) -> None:
-    if os.path.exists(f"/proc/{pid}"):
-        raise RestoreError(f"pid {pid} is in use: cannot restore the task with its PID")
+# ------------------------------------------------------------------ planning
+def plan_tree(rs: Restore) -> None:
+    from criu_py.restore.tree import plan_tree as plan
+    rs.plan = plan(rs.tree, os.getsid(0), os.getpgid(0))
+    rs.root_pid = rs.plan.root.pid
+    root = rs.plan.root
+    if root.sid != root.pid and not rs.opts.get("shell_job"):
+        raise RestoreError(f"pid {root.pid} was not a session leader (sid {root.sid}): "
+                           f"use --shell-job")
 
 
-def check_vdso(t) -> None:
+def check_pids_free(rs: Restore) -> None:
+    for t in rs.plan.all:
+        ids = [t.pid] + (t.img.tids[1:] if t.img is not None and not t.img.zombie else [])
+        for pid in ids:
+            if os.path.exists(f"/proc/{pid}"):
+                raise RestoreError(f"pid {pid} is in use: cannot restore the task with its PID")
+
+
+def check_vdso(rs: Restore) -> None:
     from criu_py.mem.restore import check_vdso as check
-    check(t.memory, t.mm, t.pid)
+    for t in rs.plan.alive:
+        check(t.img.memory, t.img.mm, t.pid)
 
 
-class Child:
-    """The forked task while it is being restored: killed on any failure."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.running = False
-        self.reaped = False
-
-    def kill_unless_running(self) -> None:
-        if self.running or self.reaped:
-            return
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except OSError:
-            pass
-
-
-def plan_region_removal(t) -> None:
-    """Whether the parent will unmap the restorer region with ptrace at the end (needs
-    the dumped vdso, a `syscall` in it, and room for the sigframe on the task's stack)."""
+def plan_region_removal(rs: Restore) -> None:
+    """Per process: whether the restore command will unmap its restorer region with
+    ptrace at the end (needs the dumped vdso, a `syscall` in it, and room for every
+    thread's sigframe on that thread's stack)."""
     from criu_py import mem as M
-    from criu_py.restore.task import frame_fits_on_stack, task_registers
+    from criu_py.restore.task import frames_fit_on_stacks
     from criu_py.restore.tracer import vdso_syscall_offset
-    vdso = [v for v in t.mm.vmas if v.status & M.VMA_AREA_VDSO]
     off = vdso_syscall_offset()
-    if vdso and off is not None and frame_fits_on_stack(t, task_registers(t.core)):
-        t.syscall_addr = vdso[0].start + off
-    else:
-        log.info("restore: the restorer region will stay mapped in the task")
+    for t in rs.plan.alive:
+        vdso = [v for v in t.img.mm.vmas if v.status & M.VMA_AREA_VDSO]
+        ok = bool(vdso) and off is not None and frames_fit_on_stacks(t.img)
+        rs.trap[t.pid] = ok
+        if ok:
+            t.syscall_addr = vdso[0].start + off
+        else:
+            log.info("restore: the restorer region will stay mapped in %d", t.pid)
 
 
-def fork_task(t, opts: dict, stack) -> tuple["Child", int]:
-    """Fork the task; in the child run its set-up (never returns). Returns the child and
-    the read end of the status pipe; the stack kills the child unless it runs."""
-    from criu_py.restore.fork import clone_with_pid
-    from criu_py.restore.task import run_child
-    from criu_py.restore.tracer import seize
+class HostCreds:
+    """The restore's own credentials: a thread dumped with the same ones keeps ours."""
+
+    def __init__(self):
+        from criu_py import proc
+        from criu_py.restore.pie import PieCreds
+        st = proc.read_status(os.getpid())
+        split = lambda v: (v & 0xFFFFFFFF, v >> 32)   # noqa: E731
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                self.cap_last_cap = int(f.read())
+        except OSError:
+            self.cap_last_cap = 40
+        self.creds = PieCreds(uids=st.uids, gids=st.gids, cap_inh=split(st.cap_inh),
+                              cap_prm=split(st.cap_prm), cap_eff=split(st.cap_eff),
+                              cap_bnd=split(st.cap_bnd), cap_amb=split(st.cap_amb),
+                              secbits=_securebits(), no_new_privs=st.no_new_privs,
+                              groups=tuple(st.groups), cap_last_cap=self.cap_last_cap)
+
+
+def _securebits() -> int:
+    from criu_py.native import lib
+    r = lib.criu_py_restore_syscall(157, 27, 0, 0, 0, 0, 0)      # PR_GET_SECUREBITS
+    return max(r, 0)
+
+
+def host_creds() -> HostCreds:
+    return HostCreds()
+
+
+# ------------------------------------------------------------------ set-up
+def prepare_shared(rs: Restore, stack) -> None:
+    """The sync page, the status pipe (tasks write, we read), the fd range for the
+    restore's own fds, and ourselves as child subreaper (orphans of a failed restore
+    come to us to be reaped)."""
+    from criu_py.log import log as logger
+    from criu_py.restore.sync import SyncPage
+    from criu_py.restore.task import FdSpace, raise_fd_limit
+    _, hard = raise_fd_limit()
+    base, limit = parked_fd_range(rs, hard)
+    rs.fds = FdSpace(base, limit)
+    avoid = [(v.start, v.end) for t in rs.plan.alive for v in t.img.mm.vmas]
+    rs.sync = SyncPage.create(avoid)
+    stack.callback(rs.sync.unmap)
     r, w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = clone_with_pid(t.pid)
-    except BaseException:
-        for fd in (r, w, go_r, go_w):
-            os.close(fd)
-        raise
+    rs.status_r = r
+    rs.status_w = rs.fds.park(w)
+    stack.callback(_close_quietly, r)
+    stack.callback(_close_quietly, rs.status_w)
+    rs.images.dirfd = rs.fds.park(rs.images.dirfd)
+    if logger.file is not None:
+        logger.file.flush()
+        logger.file = os.fdopen(rs.fds.park(os.dup(logger.file.fileno())), "w", buffering=1)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    stack.callback(_prctl, PR_SET_CHILD_SUBREAPER, 0)
+    stack.callback(kill_unless_running, rs)
+
+
+def parked_fd_range(rs: Restore, hard: int) -> tuple[int, int]:
+    """The widest run of fd numbers no task of the tree uses: [base, limit)."""
+    used = sorted({fi.fd for t in rs.plan.alive for fi in t.img.fdinfos} | {0, 1, 2})
+    best = (0, 0)
+    edges = used + [hard]
+    for lo, hi in zip(edges, edges[1:]):
+        if hi - lo - 1 > best[1] - best[0]:
+            best = (lo + 1, hi)
+    if best[1] - best[0] < 32:
+        raise RestoreError("no free fd numbers left for the restore's own files "
+                           f"(the tasks use {len(used)} of {hard})")
+    return best
+
+
+def fork_root(rs: Restore, stack) -> None:
+    from criu_py.restore.fork import clone_with_pid
+    from criu_py.restore.task import TaskRun, block_signals
+    pid = clone_with_pid(rs.root_pid)
     if pid == 0:
-        os.close(r)
-        os.close(go_w)
-        run_child(t, w, go_r, bool(opts.get("shell_job")), trap=bool(t.syscall_addr))
+        block_signals()
+        TaskRun(rs, rs.plan.root).run()
         os._exit(1)
-    os.close(w)
-    os.close(go_r)
-    stack.callback(os.close, r)
-    child = Child(pid)
-    stack.callback(child.kill_unless_running)
-    try:
-        if t.syscall_addr:
-            seize(pid)
-        os.write(go_w, b"g")
-    finally:
-        os.close(go_w)
-    return child, r
 
 
-def wait_for_restorer(t, child: "Child", status_r: int) -> None:
-    from criu_py.restore.fork import read_status
-    from criu_py.restore.tracer import unmap_region_and_release
-    done, msg = read_status(status_r, child.pid)
-    if done:
-        if t.syscall_addr:
-            start, length = done
-            unmap_region_and_release(child.pid, start, length, t.syscall_addr)
-        child.running = True
-        return
-    if not msg:
-        # The pipe closed without a word: only the task's death does that.
-        _, st = os.waitpid(child.pid, 0)
-        child.reaped = True
-        msg = f"the task died during restore ({_describe(st)})"
-    raise RestoreError(f"restore of pid {child.pid} failed: {msg}")
-
-
-def write_pidfile(path: str, t, stack) -> None:
+def write_pidfile(path: str, rs: Restore, stack) -> None:
     """Written before the fork (a bad path fails early); removed if the restore fails."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise RestoreError(f"cannot write the pidfile {path}: {exc.strerror}") from None
     with open(fd, "w") as f:
-        f.write(f"{t.pid}\n")
-    stack.callback(_remove_unless_restored, path, t)
+        f.write(f"{rs.plan.root.pid}\n")
+    stack.callback(_remove_unless_running, path, rs)
 
 
-def _remove_unless_restored(path: str, t) -> None:
-    if not t.restored:
+def _remove_unless_running(path: str, rs: Restore) -> None:
+    if not rs.running:
         try:
             os.unlink(path)
         except OSError:
             pass
 
 
-def _describe(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit status {os.WEXITSTATUS(status)}"
+# ------------------------------------------------------------------ stages
+def run_stages(rs: Restore) -> None:
+    from criu_py.restore import sync as S
+    everyone = len(rs.plan.all)
+    alive = len(rs.plan.alive)
+    for stage, n in ((S.STAGE_FORK, everyone), (S.STAGE_PGID, everyone),
+                     (S.STAGE_CLEANUP, everyone), (S.STAGE_PREPARE, alive),
+                     (S.STAGE_FILES, alive), (S.STAGE_RESTORE, alive)):
+        t = time.monotonic()
+        rs.sync.open_stage(stage, n)
+        try:
+            rs.sync.wait_stage_done(lambda: check_progress(rs, stage))
+        except S.Aborted:
+            raise RestoreError(failure_message(rs, stage)) from None
+        log.debug("restore: stage %s done in %.2f ms", S.STAGE_NAMES[stage],
+                  (time.monotonic() - t) * 1e3)
+    read_status(rs)
+
+
+def read_status(rs: Restore) -> tuple[list, list]:
+    """What arrived on the status pipe so far (without blocking)."""
+    from criu_py.native import lib
+    from criu_py.restore.fork import parse_status
+    os.set_blocking(rs.status_r, False)
+    try:
+        while True:
+            chunk = os.read(rs.status_r, 65536)
+            if not chunk:
+                break
+            rs._status_buf += chunk
+    except BlockingIOError:
+        pass
+    records, messages, rs._status_buf = parse_status(rs._status_buf)
+    rs.messages += messages
+    for r in records:
+        if r.stage == lib.PIE_STAGE_DONE:
+            rs.regions[r.pid] = (r.arg, r.ret)
+        else:
+            rs.failures.append(r)
+    return records, messages
+
+
+def check_progress(rs: Restore, stage: int) -> None:
+    """Between waits: a task that reported a failure or died aborts the restore."""
+    from criu_py.restore import sync as S
+    read_status(rs)
+    if rs.messages or rs.failures or rs.sync.error():
+        rs.sync.abort()
+        raise RestoreError(failure_message(rs, stage))
+    for t in rs.plan.all:
+        if t.kind != "alive" and stage > S.STAGE_CLEANUP:
+            continue
+        state = _proc_state(t.pid)
+        if state in ("Z", "X") and not (t.kind != "alive" and stage >= S.STAGE_CLEANUP):
+            rs.sync.abort()
+            raise RestoreError(f"restore of pid {t.pid} failed: it died while "
+                               f"{S.STAGE_NAMES[stage]}")
+
+
+def failure_message(rs: Restore, stage: int) -> str:
+    from criu_py.restore import sync as S
+    from criu_py.restore.fork import StatusRecord, describe_record
+    read_status(rs)
+    if rs.messages:
+        return f"restore failed: {rs.messages[0]}"
+    if rs.failures:
+        return f"restore failed: {describe_record(rs.failures[0])}"
+    err = rs.sync.error()
+    if err:
+        st, ret, pid, arg = err
+        return f"restore failed: {describe_record(StatusRecord(st, ret, arg, pid))}"
+    return f"restore failed while {S.STAGE_NAMES.get(stage, stage)}"
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+# ------------------------------------------------------------------ the end
+def release_tree(rs: Restore) -> None:
+    """Every thread is set up: seize them (where the region goes with ptrace), let the
+    tree go, unmap the regions and sync page, detach."""
+    from criu_py.restore import sync as S
+    from criu_py.restore.sync import SYNC_SIZE
+    from criu_py.restore.tracer import release_process, seize, wait_trap
+    traced = [t for t in rs.plan.alive if rs.trap.get(t.pid)]
+    for t in traced:
+        if t.pid not in rs.regions:
+            raise RestoreError(f"restore of pid {t.pid} failed: its restorer did not report")
+        for tid in t.img.tids:
+            seize(tid)
+    rs.sync.open_stage(S.STAGE_GO, 0)
+    for t in traced:
+        for tid in t.img.tids:
+            wait_trap(tid)
+        start, length = rs.regions[t.pid]
+        release_process(t.img.tids, t.syscall_addr,
+                        [(start, length), (rs.sync.addr, SYNC_SIZE)])
+    rs.running = True
+
+
+def kill_unless_running(rs: Restore) -> None:
+    """After a failure: abort the stages, kill every task of ours, reap them."""
+    if rs.running or rs.sync is None:
+        return
+    rs.sync.abort()
+    deadline = time.monotonic() + 5
+    while True:
+        kids = _descendants(os.getpid())
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _reap_all()
+        if not kids or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _reap_all() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG | 0x40000000)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _prctl(option: int, arg: int) -> None:
+    from criu_py.native import lib
+    lib.criu_py_restore_syscall(157, option, arg, 0, 0, 0, 0)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def wait_for_task(pid: int) -> int:

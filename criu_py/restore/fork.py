@@ -1,21 +1,22 @@
-# Creating the task with its original PID: clone3 with set_tid (a raw syscall, so glibc's
-# fork handlers do not run; the interpreter's own before/after-fork hooks do). The child
-# reports failures through a pipe; the parent turns what arrives into one line.
+# Creating a task with its original PID: clone3 with set_tid (a raw syscall, so glibc's
+# fork handlers do not run; the interpreter's own before/after-fork hooks do), sharing
+# the fd table or fs with its parent when the dump saw that. Tasks report failures and
+# their restorers' progress through one status pipe; the restore command turns what
+# arrives into records and one-line messages.
 import ctypes
 import errno
 import os
-import select
 import struct
 
 from criu_py.errors import RestoreError, from_oserror
 
 
-def clone_with_pid(pid: int) -> int:
+def clone_with_pid(pid: int, flags: int = 0) -> int:
     """0 in the child, the PID in the parent; RestoreError if the PID is taken."""
     from criu_py.native import lib
     api = ctypes.pythonapi
     api.PyOS_BeforeFork()
-    r = lib.criu_py_clone3_set_tid(pid)
+    r = lib.criu_py_clone3_flags(pid, flags)
     if r == 0:
         api.PyOS_AfterFork_Child()
         return 0
@@ -29,57 +30,44 @@ def clone_with_pid(pid: int) -> int:
     return r
 
 
-def _read_until_eof_or_stop(fd: int, pid: int) -> tuple[bytes, int]:
-    """The child's status bytes until the pipe closes; stops early (returning the signal)
-    if the child stops instead: a traced child that faults stops rather than dies, and
-    would otherwise keep the pipe open forever."""
-    data = b""
-    while True:
-        ready, _, _ = select.select([fd], [], [], 0.05)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return data, 0
-            data += chunk
-            continue
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
-        if info is not None and info.si_code in (os.CLD_TRAPPED, os.CLD_STOPPED):
-            os.set_blocking(fd, False)
-            try:
-                while chunk := os.read(fd, 65536):   # what was written before the stop
-                    data += chunk
-            except BlockingIOError:
-                pass
-            return data, info.si_status
+class StatusRecord:
+    """One restorer record: stage, return value, detail, reporting pid."""
+    __slots__ = ("stage", "ret", "arg", "pid")
+
+    def __init__(self, stage, ret, arg, pid):
+        self.stage, self.ret, self.arg, self.pid = stage, ret, arg, pid
 
 
-def read_status(fd: int, pid: int) -> tuple[tuple | None, str]:
-    """Everything the child and its restorer sent: ((region start, length) once the
-    restorer reached the task, else None; failure message or '')."""
+def parse_status(data: bytes) -> tuple[list, list[str], bytes]:
+    """Split what arrived on the status pipe into restorer records and the tasks'
+    one-line messages; returns (records, messages, an incomplete tail to keep)."""
     from criu_py.native import ffi, lib
-    data, stopsig = _read_until_eof_or_stop(fd, pid)
     rec = ffi.sizeof("struct pie_status")
     magic = struct.pack("<I", lib.PIE_STATUS_MAGIC)
-    msg = ""
-    done = None
+    records, messages = [], []
     off = 0
     while off < len(data):
-        if data[off:off + 4] == magic and len(data) - off >= rec:
-            _, stage, ret, arg = struct.unpack_from("<IiqQ", data, off)
+        if data[off:off + 4] == magic:
+            if len(data) - off < rec:
+                break
+            _, stage, ret, arg, pid = struct.unpack_from("<IiqQi", data, off)
+            records.append(StatusRecord(stage, ret, arg, pid))
             off += rec
-            if stage == lib.PIE_STAGE_DONE:
-                done = (arg, ret)          # the restorer region: start, length
-            else:
-                msg = f"restorer: {stage_name(stage)} failed at {arg:#x}: " \
-                      f"{errno.errorcode.get(-ret, ret)} {os.strerror(-ret) if ret < 0 else ''}".rstrip()
-        else:
-            (n,) = struct.unpack_from("<I", data, off) if len(data) - off >= 4 else (0,)
-            text = data[off + 4:off + 4 + n].decode(errors="replace")
-            msg = text[1:] if text.startswith("T") else (text or "garbled status from the child")
-            off += 4 + max(n, 1)
-    if stopsig and not done and not msg:
-        msg = f"the task stopped with signal {stopsig} during restore"
-    return done, msg
+            continue
+        if len(data) - off < 4:
+            break
+        (n,) = struct.unpack_from("<I", data, off)
+        if len(data) - off - 4 < n:
+            break
+        text = data[off + 4:off + 4 + n].decode(errors="replace")
+        messages.append(text[1:] if text.startswith("T") else (text or "garbled status from a task"))
+        off += 4 + max(n, 1)
+    return records, messages, data[off:]
+
+
+def describe_record(r: StatusRecord) -> str:
+    return (f"restorer of pid {r.pid}: {stage_name(r.stage)} failed at {r.arg:#x}: "
+            f"{errno.errorcode.get(-r.ret, r.ret)} {os.strerror(-r.ret) if r.ret < 0 else ''}").rstrip()
 
 
 def stage_name(stage: int) -> str:

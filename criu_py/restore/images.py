@@ -1,31 +1,60 @@
 # Reading and checking every image a restore needs, before anything is created: the
-# restore either has a complete, consistent picture of the task or stops with one line
-# naming the file and the problem.
+# restore either has a complete, consistent picture of the tree (every process, thread,
+# fd table, mapping and shared object) or stops with one line naming the file and the
+# problem.
 import os
 from dataclasses import dataclass, field
 
 from criu_py.errors import ImageError, Unsupported
 
 FD_TYPE_REG, FD_TYPE_PIPE, FD_TYPE_MEMFD = 1, 2, 18
+TASK_ALIVE, TASK_DEAD = 1, 2
 
 
 @dataclass
 class TaskImages:
-    """Everything read from the images dir for one task."""
-    images: object                 # criu_py.images.ImageDir
+    """Everything read from the images dir for one process. Zombies have only pstree
+    and a core (its exit status)."""
     pid: int
     pstree: object
-    core: object
-    ids: object
-    mm: object
-    fs: object
-    files: dict                    # file id -> file_entry
-    fdinfos: list
-    pipe_data: dict = field(default_factory=dict)   # pipe_id -> (bytes, pipe size)
+    core: object                   # the leader's (or the zombie's) core
+    threads: list = field(default_factory=list)    # (tid, core) in pstree order, leader first
+    ids: object = None
+    mm: object = None
+    fs: object = None
+    fdinfos: list = field(default_factory=list)
     memory: object = None          # mem.restore.MemoryPlan
-    # decided by the restore itself:
-    syscall_addr: int = 0          # vdso `syscall` the parent uses to unmap the region (0: keep it)
-    restored: bool = False         # the task runs: keep the pidfile
+    zombie: bool = False
+
+    @property
+    def tids(self) -> list[int]:
+        return [tid for tid, _ in self.threads]
+
+
+@dataclass
+class TreeImages:
+    """The whole dump: processes in pstree order (root first), files.img, pipe data,
+    the shared memory objects (by shmid) and memfd inodes every process may use."""
+    images: object                 # criu_py.images.ImageDir
+    tasks: list
+    files: dict                    # file id -> file_entry
+    pipe_data: dict = field(default_factory=dict)   # pipe_id -> (bytes, pipe size)
+    shared: dict = field(default_factory=dict)      # shmid -> shmem_restore.SharedObject
+    memfd_inodes: dict = field(default_factory=dict)
+
+    @property
+    def root(self) -> TaskImages:
+        return self.tasks[0]
+
+    @property
+    def pid(self) -> int:
+        return self.tasks[0].pid
+
+    def task(self, pid: int) -> TaskImages:
+        return self.by_pid[pid]
+
+    def __post_init__(self):
+        self.by_pid = {t.pid: t for t in self.tasks}
 
     def reg(self, file_id: int, what: str):
         fe = self.files.get(file_id)
@@ -33,8 +62,11 @@ class TaskImages:
             raise ImageError(f"files.img: no regular file with id {file_id} (needed for {what})")
         return fe.reg
 
+    def close(self) -> None:
+        self.images.close()
 
-def load(images_dir: str) -> TaskImages:
+
+def load(images_dir: str) -> TreeImages:
     from criu_py.images import ImageDir
     images = ImageDir(images_dir)
     try:
@@ -44,61 +76,108 @@ def load(images_dir: str) -> TaskImages:
         raise
 
 
-def _load(images) -> TaskImages:
-    from criu_py.mem.restore import plan_memory
+def _load(images) -> TreeImages:
+    from criu_py.mem import shmem_restore
     images.read_one("inventory.img")
-    tree = images.read_entries("pstree.img")
-    if len(tree) != 1:
-        raise Unsupported(f"pstree.img: {len(tree)} tasks; only single-process restores are supported")
-    pstree = tree[0]
-    pid = pstree.pid
-    if len(pstree.threads) > 1:
-        raise Unsupported(f"pstree.img: pid {pid} has {len(pstree.threads)} threads; not supported")
+    entries = images.read_entries("pstree.img")
+    if not entries:
+        raise ImageError("pstree.img: no tasks")
+    check_pstree(entries)
+    files = {fe.id: fe for fe in images.read_entries("files.img")}
+    tree = TreeImages(images=images, tasks=[], files=files)
+    tree.memfd_inodes = shmem_restore.memfd_inodes(images)
+    fdinfo_cache = {}
+    for e in entries:
+        tree.tasks.append(_load_task(images, tree, e, fdinfo_cache))
+    tree.by_pid = {t.pid: t for t in tree.tasks}
+    if images.exists("pipes-data.img"):
+        for e, data in images.read_entries_with_payload("pipes-data.img"):
+            tree.pipe_data[e.pipe_id] = (data, e.size if e.HasField("size") else 0)
+    if tree.root.zombie:
+        raise ImageError(f"core-{tree.pid}.img: the root task is a zombie")
+    return tree
+
+
+def check_pstree(entries) -> None:
+    """Unique pids and tids; every ppid names an earlier process (the root's is 0)."""
+    seen_pids, seen_tids = set(), set()
+    for i, e in enumerate(entries):
+        if e.pid <= 0 or e.pid in seen_pids:
+            raise ImageError(f"pstree.img: bad or repeated pid {e.pid}")
+        if i == 0 and e.ppid != 0:
+            pass      # the root's ppid is whatever it was: the restore command replaces it
+        elif i and e.ppid not in seen_pids:
+            raise ImageError(f"pstree.img: pid {e.pid} has parent {e.ppid}, which is not "
+                             f"an earlier task of the tree")
+        threads = list(e.threads) or [e.pid]
+        if e.pid not in threads:
+            raise ImageError(f"pstree.img: pid {e.pid} is not among its own threads")
+        for tid in threads:
+            if tid <= 0 or tid in seen_tids:
+                raise ImageError(f"pstree.img: bad or repeated thread id {tid}")
+            seen_tids.add(tid)
+        seen_pids.add(e.pid)
+
+
+def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
+    from criu_py.mem.restore import plan_memory
+    pid = e.pid
     core = images.read_one(f"core-{pid}.img")
-    if core.mtype != 1 or not core.HasField("thread_info") or not core.HasField("tc"):
+    if core.mtype != 1 or not core.HasField("tc"):
         raise ImageError(f"core-{pid}.img: not an x86_64 task core")
-    if core.thread_info.gpregs.HasField("mode") and core.thread_info.gpregs.mode != 1:
-        raise Unsupported(f"core-{pid}.img: 32-bit tasks are not supported")
+    if core.tc.task_state == TASK_DEAD:
+        return TaskImages(pid=pid, pstree=e, core=core, zombie=True)
+    if core.tc.task_state != TASK_ALIVE:
+        raise Unsupported(f"core-{pid}.img: task state {core.tc.task_state} is not supported")
+    tids = [pid] + [tid for tid in e.threads if tid != pid]
+    threads = [(pid, core)]
+    for tid in tids[1:]:
+        threads.append((tid, images.read_one(f"core-{tid}.img")))
+    for tid, c in threads:
+        if c.mtype != 1 or not c.HasField("thread_info"):
+            raise ImageError(f"core-{tid}.img: not an x86_64 thread core")
+        if c.thread_info.gpregs.HasField("mode") and c.thread_info.gpregs.mode != 1:
+            raise Unsupported(f"core-{tid}.img: 32-bit tasks are not supported")
     ids = images.read_one(f"ids-{pid}.img")
     mm = images.read_one(f"mm-{pid}.img")
     fs = images.read_one(f"fs-{pid}.img")
-    files = {fe.id: fe for fe in images.read_entries("files.img")}
-    fdinfo_name = f"fdinfo-{ids.files_id}.img"
-    fdinfos = images.read_entries(fdinfo_name) if images.exists(fdinfo_name) else []
-    t = TaskImages(images=images, pid=pid, pstree=pstree, core=core, ids=ids, mm=mm, fs=fs,
-                   files=files, fdinfos=fdinfos)
+    if ids.files_id not in fdinfo_cache:
+        fdinfo_cache[ids.files_id] = _load_fdinfo(images, tree, ids.files_id)
+    t = TaskImages(pid=pid, pstree=e, core=core, threads=threads, ids=ids, mm=mm, fs=fs,
+                   fdinfos=fdinfo_cache[ids.files_id])
+    _check_path(tree.reg(fs.cwd_id, "cwd").name, f"pid {pid}: cwd")
+    _check_path(tree.reg(fs.root_id, "root").name, f"pid {pid}: root")
+    _check_path(tree.reg(mm.exe_file_id, "the exe link").name, f"pid {pid}: the executable")
+    t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes)
+    for mf in t.memory.files.values():
+        if mf.path is not None:
+            _check_path(mf.path, f"pid {pid}: a mapping")
+    return t
+
+
+def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:
+    from criu_py.mem import shmem_restore
+    name = f"fdinfo-{files_id}.img"
+    fdinfos = images.read_entries(name) if images.exists(name) else []
     seen = set()
     for fi in fdinfos:
         if fi.fd in seen:
-            raise ImageError(f"{fdinfo_name}: fd {fi.fd} appears twice")
+            raise ImageError(f"{name}: fd {fi.fd} appears twice")
         seen.add(fi.fd)
-        fe = files.get(fi.id)
+        fe = tree.files.get(fi.id)
         if fe is None:
-            raise ImageError(f"{fdinfo_name}: fd {fi.fd} names file id {fi.id}, missing from files.img")
+            raise ImageError(f"{name}: fd {fi.fd} names file id {fi.id}, missing from files.img")
         if fe.type not in (FD_TYPE_REG, FD_TYPE_PIPE, FD_TYPE_MEMFD):
             from criu_py.images.pb import fdinfo_pb2
             kind = fdinfo_pb2.fd_types.Name(fe.type) if fe.type in fdinfo_pb2.fd_types.values() else fe.type
-            raise Unsupported(f"{fdinfo_name}: fd {fi.fd} is of kind {kind}, which restore "
+            raise Unsupported(f"{name}: fd {fi.fd} is of kind {kind}, which restore "
                               f"does not support")
         if fe.type == FD_TYPE_REG:
             _check_path(fe.reg.name, f"fd {fi.fd}")
-    if images.exists("pipes-data.img"):
-        for e, data in images.read_entries_with_payload("pipes-data.img"):
-            t.pipe_data[e.pipe_id] = (data, e.size if e.HasField("size") else 0)
-    _check_path(t.reg(fs.cwd_id, "cwd").name, "cwd")
-    _check_path(t.reg(fs.root_id, "root").name, "root")
-    _check_path(t.reg(mm.exe_file_id, "the exe link").name, "the executable")
-    t.memory = plan_memory(images, pid, mm, files)
-    for mf in t.memory.files.values():
-        if mf.path is not None:
-            _check_path(mf.path, "a mapping")
-    from criu_py.mem import shmem_restore
-    for fi in fdinfos:        # memfds only open, not mapped, are shared objects too
-        fe = files[fi.id]
-        if fe.type == FD_TYPE_MEMFD:
-            shmem_restore.object_for_memfd(t.memory.shared, images, t.memory.memfd_inodes,
-                                           fe, f"fd {fi.fd}")
-    return t
+        elif fe.type == FD_TYPE_MEMFD:   # memfds only open, not mapped, are shared objects too
+            shmem_restore.object_for_memfd(tree.shared, images, tree.memfd_inodes, fe,
+                                           f"fd {fi.fd}")
+    return fdinfos
 
 
 def _check_path(path: str, what: str) -> None:

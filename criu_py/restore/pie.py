@@ -1,8 +1,10 @@
 # Hand-over from Python to the PIE restorer (csrc/pie_restorer.c). Everything the
 # restorer needs is laid out in one anonymous "restorer region" at an address that is free
 # both now and in the restored layout: the restorer's code (copied out of the cffi module's
-# criu_pie section), the struct pie_args, the VMA and iovec arrays, sigactions, auxv, the
-# rt_sigframe and a stack. The region is all that survives the restorer's big unmap.
+# criu_pie section), the struct pie_args, the VMA and iovec arrays, sigactions, auxv, one
+# struct pie_thread per thread with its rt_sigframe, credentials and pending signals, and
+# a stack per thread. The region is all that survives the restorer's big unmap (with the
+# premapped VMAs and the shared sync page).
 import mmap
 import struct
 from dataclasses import dataclass, field
@@ -11,8 +13,10 @@ from criu_py.restore.sigframe import TaskRegisters, build_sigframe, frame_layout
 
 PAGE = 4096
 STACK_SIZE = 64 * 1024
+THREAD_STACK_SIZE = 16 * 1024
 TASK_SIZE = 0x7FFFFFFFF000
 MAP_FIXED_NOREPLACE = 0x100000
+SIGINFO_SIZE = 128
 
 
 def page_up(n: int) -> int:
@@ -26,11 +30,46 @@ class PieVma:
     end: int
     prot: int
     flags: int
-    kind: int           # lib.PIE_VMA_ANON / PIE_VMA_FILE
+    kind: int           # lib.PIE_VMA_ANON / PIE_VMA_FILE / PIE_VMA_PREMAPPED
     fd: int = -1
     pgoff: int = 0
     madv: int = 0
     map_prot: int | None = None   # None: the final prot (no pages are read into it)
+    src: int = 0                  # PREMAPPED: its address in the premap area
+
+
+@dataclass
+class PieCreds:
+    """struct pie_creds: ids (real, effective, saved, fs), capability sets as two u32
+    words each, securebits, no_new_privs, supplementary groups."""
+    uids: tuple
+    gids: tuple
+    cap_inh: tuple
+    cap_prm: tuple
+    cap_eff: tuple
+    cap_bnd: tuple
+    cap_amb: tuple
+    secbits: int = 0
+    no_new_privs: int = 0
+    groups: tuple = ()
+    cap_last_cap: int = 40
+
+
+@dataclass
+class PieThread:
+    """One thread as the restorer sets it up (struct pie_thread)."""
+    tid: int
+    regs: TaskRegisters
+    frame_on_stack: bool = False         # sigframe below the thread's own sp
+    clear_child_tid: int = 0
+    rseq: tuple[int, int, int] | None = None      # (address, size, signature)
+    robust_list: tuple[int, int] = (0, 0)
+    sched: tuple[int, int] | None = None          # (policy, priority)
+    nice: int | None = None
+    comm: bytes = b""
+    signals: list = field(default_factory=list)  # 128-byte siginfos
+    creds: PieCreds | None = None        # None: keep ours
+    pdeath_sig: int = 0
 
 
 @dataclass
@@ -39,37 +78,56 @@ class PiePlan:
     vmas: list[PieVma]
     iovs: list[tuple[int | None, int]]   # (address, length) in pages-file order; None: skip
     pages_fd: int
-    regs: TaskRegisters
+    regs: TaskRegisters | None = None    # single-threaded short form of threads[0].regs
+    threads: list[PieThread] = field(default_factory=list)
     status_fd: int = -1
     pages_off: int = 0
     vdso_vvar: int = 0
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # signo -> (handler, flags, restorer, mask)
-    new_rseq: tuple[int, int, int] | None = None   # (address, size, signature)
-    clear_child_tid: int = 0
+    new_rseq: tuple[int, int, int] | None = None   # single-threaded short form
+    clear_child_tid: int = 0                        # single-threaded short form
     mm_map: dict | None = None           # pie_mm_map field -> value; "auxv" a list of u64
     exe_fd: int = -1
     close_fds: list[int] = field(default_factory=list)
     trap_before_sigreturn: bool = False
-    frame_on_stack: bool = False         # sigframe on the task's stack (region can go)
+    frame_on_stack: bool = False         # single-threaded short form
+    signals: list = field(default_factory=list)    # process-wide pending siginfos
+    dumpable: int = -1
+    tgid: int = 0
+    premap: tuple[int, int] = (0, 0)     # [start, end) of the premap area
+    sync: tuple[int, int] = (0, 0)       # (address, length) of the shared sync page
+    stage_ready: int = 0
+    stage_go: int = 0
+
+    def __post_init__(self):
+        if not self.threads and self.regs is not None:
+            self.threads = [PieThread(tid=self.tgid, regs=self.regs,
+                                      frame_on_stack=self.frame_on_stack,
+                                      clear_child_tid=self.clear_child_tid,
+                                      rseq=self.new_rseq)]
+
+
+def _frame_len(regs: TaskRegisters) -> int:
+    return frame_layout(len(fpstate_for_sigreturn(regs.xsave)))[0]
 
 
 def region_size(plan: PiePlan, blob_len: int) -> int:
     from criu_py.native import ffi
-    fp_len = len(fpstate_for_sigreturn(plan.regs.xsave))
-    frame_len, _ = frame_layout(fp_len)
     n = page_up(blob_len)
     n += ffi.sizeof("struct pie_args") + 64
     n += len(plan.vmas) * ffi.sizeof("struct pie_vma")
-    n += len(plan.iovs) * 16 + page_up(skip_len(plan))
+    n += len(plan.iovs) * 16 + 16
     n += 64 * ffi.sizeof("struct pie_sigaction")
     n += 8 * len((plan.mm_map or {}).get("auxv", [])) + 8
     n += 4 * (len(plan.close_fds) + 1)
-    n += frame_len + 128
-    return page_up(n + PAGE) + STACK_SIZE
-
-
-def skip_len(plan: PiePlan) -> int:
-    return max((n for b, n in plan.iovs if b is None), default=0)
+    n += SIGINFO_SIZE * len(plan.signals) + 16
+    for t in plan.threads:
+        n += ffi.sizeof("struct pie_thread") + 64
+        n += _frame_len(t.regs) + 128
+        n += SIGINFO_SIZE * len(t.signals) + 16
+        n += 4 * len(t.creds.groups if t.creds else ()) + 16
+    n = page_up(n + PAGE)
+    return n + STACK_SIZE + THREAD_STACK_SIZE * max(0, len(plan.threads) - 1)
 
 
 def free_gap(size: int, busy: list[tuple[int, int]], low: int = 0x10000, high: int = TASK_SIZE) -> int:
@@ -126,6 +184,28 @@ def map_region(addr: int, size: int) -> int:
     return addr
 
 
+def _zeroed(ffi, addr: int, ctype: str):
+    p = ffi.cast(ctype + " *", addr)
+    ffi.memmove(p, bytes(ffi.sizeof(ctype)), ffi.sizeof(ctype))
+    return p
+
+
+def _fill_creds(c, creds: PieCreds | None, w: "_Writer") -> None:
+    if creds is None:
+        c.set = 0
+        return
+    c.set = 1
+    c.uid, c.euid, c.suid, c.fsuid = creds.uids
+    c.gid, c.egid, c.sgid, c.fsgid = creds.gids
+    for name in ("cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb"):
+        words = getattr(creds, name)
+        arr = getattr(c, name)
+        arr[0], arr[1] = words[0], words[1]
+    c.secbits, c.no_new_privs, c.cap_last_cap = creds.secbits, creds.no_new_privs, creds.cap_last_cap
+    c.nr_groups = len(creds.groups)
+    c.groups = w.put(struct.pack(f"<{len(creds.groups)}I", *creds.groups) or bytes(4), 4)
+
+
 def prepare(plan: PiePlan, base: int, size: int) -> tuple[int, int, int]:
     """Fill the (already mapped) region at `base`; return (entry, args, stack_top)."""
     from criu_py.native import ffi, lib
@@ -133,28 +213,30 @@ def prepare(plan: PiePlan, base: int, size: int) -> tuple[int, int, int]:
     blob_len = stop - start
     ffi.memmove(ffi.cast("char *", base), ffi.cast("char *", start), blob_len)
     entry = base + (lib.criu_py_pie_entry() - start)
-    w = _Writer(ffi, base + page_up(blob_len), base + size - STACK_SIZE)
+    nthreads = len(plan.threads)
+    stacks_size = STACK_SIZE + THREAD_STACK_SIZE * max(0, nthreads - 1)
+    w = _Writer(ffi, base + page_up(blob_len), base + size - stacks_size)
 
     args_addr = w.alloc(ffi.sizeof("struct pie_args"), 64)
-    a = ffi.cast("struct pie_args *", args_addr)
-    ffi.memmove(a, bytes(ffi.sizeof("struct pie_args")), ffi.sizeof("struct pie_args"))
+    a = _zeroed(ffi, args_addr, "struct pie_args")
 
     a.keep_start = base
     a.keep_end = base + size
+    a.premap_start, a.premap_end = plan.premap
     a.task_size = TASK_SIZE
+    a.tgid = plan.tgid
 
     vma_sz = ffi.sizeof("struct pie_vma")
     vmas_addr = w.alloc(max(1, len(plan.vmas)) * vma_sz, 16)
     for i, v in enumerate(plan.vmas):
         p = ffi.cast("struct pie_vma *", vmas_addr + i * vma_sz)
-        p.start, p.end, p.pgoff, p.madv = v.start, v.end, v.pgoff, v.madv
+        p.start, p.end, p.pgoff, p.madv, p.src = v.start, v.end, v.pgoff, v.madv, v.src
         p.prot, p.flags, p.fd, p.kind = v.prot, v.flags, v.fd, v.kind
         p.map_prot = v.prot if v.map_prot is None else v.map_prot
+        p.pad = 0
     a.vmas, a.nr_vmas = vmas_addr, len(plan.vmas)
 
-    skip = skip_len(plan)
-    scratch = w.alloc(skip, PAGE) if skip else 0      # bytes read only to be dropped
-    iov_bytes = b"".join(struct.pack("<QQ", scratch if b is None else b, n) for b, n in plan.iovs)
+    iov_bytes = b"".join(struct.pack("<QQ", b or 0, n) for b, n in plan.iovs)
     a.iovs = w.put(iov_bytes or bytes(16), 16)
     a.nr_iovs = len(plan.iovs)
     a.pages_fd, a.pages_off, a.status_fd = plan.pages_fd, plan.pages_off, plan.status_fd
@@ -171,9 +253,6 @@ def prepare(plan: PiePlan, base: int, size: int) -> tuple[int, int, int]:
     if rseq_addr:
         # glibc registers the 32-byte original struct rseq even when __rseq_size says less.
         a.old_rseq, a.old_rseq_len, a.old_rseq_sig = rseq_addr, max(32, rseq_size), 0x53053053
-    if plan.new_rseq:
-        a.new_rseq, a.new_rseq_len, a.new_rseq_sig = plan.new_rseq
-    a.clear_child_tid = plan.clear_child_tid
 
     if plan.mm_map is not None:
         mm = dict(plan.mm_map)
@@ -184,28 +263,57 @@ def prepare(plan: PiePlan, base: int, size: int) -> tuple[int, int, int]:
         a.mm_map.auxv_size = 8 * len(auxv)
         a.mm_map.exe_fd = plan.exe_fd & 0xFFFFFFFF
         a.has_mm_map = 1
+    a.dumpable = plan.dumpable
 
     fds = [fd for fd in plan.close_fds if fd != plan.status_fd]
     a.close_fds = w.put(struct.pack(f"<{len(fds)}i", *fds) or bytes(4), 4)
     a.nr_close_fds = len(fds)
+    a.signals = w.put(b"".join(plan.signals) or bytes(8), 8)
+    a.nr_signals = len(plan.signals)
 
-    a.fs_base = plan.regs.gp.get("fs_base", 0)
-    a.gs_base = plan.regs.gp.get("gs_base", 0)
-    frame_len = frame_layout(len(fpstate_for_sigreturn(plan.regs.xsave)))[0]
-    if plan.frame_on_stack:
-        # Built for its final place below the task's red zone; the restorer copies it
-        # there once the stack's contents are back.
-        final = stack_frame_addr(plan.regs.gp["sp"], frame_len)
-        frame = build_sigframe(final, plan.regs)
-        a.sigframe_src, a.sigframe_len = w.put(frame, 64), len(frame)
-        a.sigframe = final
-    else:
-        frame_addr = w.alloc(frame_len, 64)
-        frame = build_sigframe(frame_addr, plan.regs)
-        ffi.memmove(ffi.cast("char *", frame_addr), frame, len(frame))
-        a.sigframe = frame_addr
+    th_sz = ffi.sizeof("struct pie_thread")
+    threads_addr = w.alloc(max(1, nthreads) * th_sz, 64)
+    leader_stack = (base + size - 64) & ~15
+    for i, pt in enumerate(plan.threads):
+        t = _zeroed(ffi, threads_addr + i * th_sz, "struct pie_thread")
+        t.tid = pt.tid
+        t.stack_top = leader_stack if i == 0 else \
+            base + size - STACK_SIZE - THREAD_STACK_SIZE * (i - 1)
+        gp = pt.regs.gp
+        t.fs_base, t.gs_base = gp.get("fs_base", 0), gp.get("gs_base", 0)
+        t.clear_child_tid = pt.clear_child_tid
+        if pt.rseq:
+            t.rseq, t.rseq_len, t.rseq_sig = pt.rseq
+        t.robust_list, t.robust_len = pt.robust_list
+        t.sched_policy, t.sched_prio = pt.sched if pt.sched else (-1, 0)
+        if pt.nice is not None:
+            t.has_nice, t.sched_nice = 1, pt.nice
+        comm = pt.comm[:15]
+        for j, ch in enumerate(comm):
+            t.comm[j] = bytes([ch])
+        t.signals = w.put(b"".join(pt.signals) or bytes(8), 8)
+        t.nr_signals = len(pt.signals)
+        _fill_creds(t.creds, pt.creds, w)
+        t.pdeath_sig = pt.pdeath_sig
+        frame_len = _frame_len(pt.regs)
+        if pt.frame_on_stack:
+            # Built for its final place below the thread's red zone; the restorer copies
+            # it there once the stack's contents are back.
+            final = stack_frame_addr(gp["sp"], frame_len)
+            frame = build_sigframe(final, pt.regs)
+            t.sigframe_src, t.sigframe_len = w.put(frame, 64), len(frame)
+            t.sigframe = final
+        else:
+            frame_addr = w.alloc(frame_len, 64)
+            frame = build_sigframe(frame_addr, pt.regs)
+            ffi.memmove(ffi.cast("char *", frame_addr), frame, len(frame))
+            t.sigframe = frame_addr
+    a.threads, a.nr_threads = threads_addr, nthreads
+    a.thread_stack = THREAD_STACK_SIZE
+    a.sync, a.sync_len = plan.sync
+    a.stage_ready, a.stage_go = plan.stage_ready, plan.stage_go
     a.trap_before_sigreturn = 1 if plan.trap_before_sigreturn else 0
-    return entry, args_addr, (base + size - 64) & ~15
+    return entry, args_addr, leader_stack
 
 
 def stack_frame_addr(sp: int, frame_len: int) -> int:
@@ -214,7 +322,7 @@ def stack_frame_addr(sp: int, frame_len: int) -> int:
 
 
 def frame_bytes(regs: TaskRegisters) -> int:
-    return frame_layout(len(fpstate_for_sigreturn(regs.xsave)))[0]
+    return _frame_len(regs)
 
 
 def enter(entry: int, args: int, stack_top: int):

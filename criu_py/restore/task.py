@@ -1,66 +1,363 @@
-# What the freshly forked task does in Python before the PIE restorer takes over: its
-# session and group, personality, file descriptors at their numbers, cwd/root/umask,
-# comm, rlimits, timers, the fds the restorer needs parked at the top of the fd table,
-# all signals blocked, and finally the restorer region built and entered. Runs in the
-# child only.
+# What every task of the tree does in Python after it is forked, stage by stage (see
+# restore/sync.py), until its PIE restorer takes over: its session and group, the
+# resources its subtree shares (opened before it forks the children that inherit them),
+# its copy-on-write memory, its children; then the group it joins, the end of helpers and
+# zombies, the files its restorer maps, its fd table, cwd/root/umask, personality,
+# rlimits and timers, and finally the restorer region built and entered. Runs in the
+# forked tasks only; a failure is reported in one line through the status pipe and
+# aborts the whole restore.
+import fcntl
 import os
 import resource
 import signal
 import struct
-from dataclasses import dataclass, field
 
 from criu_py import mem as M
 from criu_py.errors import RestoreError
+from criu_py.restore import sync as S
+from criu_py.restore.tree import ALIVE, HELPER, ZOMBIE
 
 NR_PERSONALITY = 135
-NR_PRCTL = 157
-PR_SET_NAME = 15
+NR_MREMAP = 25
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+PR_SET_CHILD_SUBREAPER = 36
 SIGKILL, SIGSTOP = 9, 19
+MAP_FIXED_NOREPLACE = 0x100000
 
 
-class FdTable:
-    """Hands out fd numbers from the top of the fd table down, never one the task uses,
-    so the tool's own fds (images, pages, mapped files, status pipe) stay clear of the
-    task's, even when the task itself holds the highest allowed number."""
+class FdSpace:
+    """The restore's own fds (parked) live in a range of fd numbers that no task of the
+    tree uses, [base, limit): fcntl(F_DUPFD) hands out the lowest free number there
+    atomically, so tasks sharing one fd table never collide, and installing a task's fds
+    never overwrites one of ours. `own`: parked by this task; `inherited`: parked by its
+    ancestors (copies in its table after the fork)."""
 
-    def __init__(self, task_fds: set[int]):
-        self.task_fds = task_fds
-        self.next = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
-        self.parked: set[int] = set()
+    def __init__(self, base: int, limit: int):
+        self.base, self.limit = base, limit
+        self.own: set[int] = set()
+        self.inherited: set[int] = set()
 
-    def park(self, fd: int) -> int:
-        while self.next in self.task_fds or self.next in self.parked:
-            self.next -= 1
-        if self.next < 3:
-            raise RestoreError("no free fd numbers left for the restore's own files")
-        new = self.next
-        os.dup2(fd, new, inheritable=False)
-        if new != fd:
-            os.close(fd)
-        self.parked.add(new)
-        self.next -= 1
+    def dup(self, fd: int) -> int:
+        """A new parked fd for what fd refers to (close-on-exec)."""
+        new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, self.base)
+        if new >= self.limit:
+            os.close(new)
+            raise RestoreError(f"no free fd numbers left for the restore's own files "
+                               f"({self.base}..{self.limit - 1} are full)")
+        self.own.add(new)
         return new
 
+    def park(self, fd: int) -> int:
+        """Move fd into the parked range (the original number is closed)."""
+        new = self.dup(fd)
+        os.close(fd)
+        return new
 
-@dataclass
-class RestoreContext:
-    """State shared by the file kinds' restore halves (FILE_KINDS[...].restore_fd)."""
-    pipe_data: dict
-    images: object = None
-    memory: object = None               # mem.restore.MemoryPlan (shared objects)
-    _pipes: dict = field(default_factory=dict)
-    raw_fds: list = field(default_factory=list)
+    def close(self, fd: int) -> None:
+        os.close(fd)
+        self.own.discard(fd)
+        self.inherited.discard(fd)
+
+    def after_fork(self) -> None:
+        """In a new child: everything parked so far was its parent's."""
+        self.inherited |= self.own
+        self.own = set()
+
+
+class TaskRun:
+    """One task's side of the restore (an object of the forked process)."""
+
+    def __init__(self, rs, t):
+        self.rs = rs                    # restore.Restore (shared, inherited through fork)
+        self.t = t                      # restore.tree.RTask
+        self.fds: FdSpace = rs.fds
+        self.status_fd = -1
+        self.dirfd = -1
+        self.resources: dict = rs.resource_fds     # key -> parked fd, or {file id: fd} for pipes
+        self.restorer_fds: dict = {}
+        self.pages_fd = -1
+        self.exe_fd = -1
+        self.stage = "start"            # what a failure message names
+
+    # ------------------------------------------------------------ the whole life
+    def run(self) -> None:
+        """Never returns: the task ends in its restorer (or exits: helpers, zombies,
+        failures)."""
+        t, sy = self.t, self.rs.sync
+        self.stage = "start"
+        try:
+            self.fds.after_fork()
+            self.own_service_fds()
+            sy.wait_stage(S.STAGE_FORK)
+            self.fork_stage()
+            sy.stage_done(S.STAGE_FORK)
+            self.stage = "process group"
+            if os.getpgid(0) != t.pgid:
+                os.setpgid(0, t.pgid)
+            sy.stage_done(S.STAGE_PGID)
+            self.stage = "helpers and zombies"
+            self.cleanup_stage()            # helpers and zombies end here
+            sy.stage_done(S.STAGE_CLEANUP)
+            self.stage = "restorer files"
+            self.open_restorer_fds()
+            sy.stage_done(S.STAGE_PREPARE)
+            self.stage = "fd table"
+            if t.files_owner:
+                self.install_fds()
+            sy.stage_done(S.STAGE_FILES)
+            self.stage = "task state"
+            self.restore_stage()            # enters the restorer
+        except S.Aborted:
+            os._exit(1)
+        except RestoreError as exc:
+            self.fail(str(exc))
+        except OSError as exc:
+            self.fail(f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
+        except BaseException as exc:   # noqa: BLE001 - a task must report, never unwind
+            self.fail(repr(exc))
+        os._exit(1)
+
+    def fail(self, text: str) -> None:
+        report(self.status_fd if self.status_fd >= 0 else self.rs.status_w,
+               f"pid {self.t.pid}: {self.stage}: {text}")
+        self.rs.sync.abort()
+
+    def own_service_fds(self) -> None:
+        """Own copies of the status pipe, the images dir and the log file: tasks that
+        share an fd table close only their own."""
+        from criu_py.log import log
+        rs = self.rs
+        self.status_fd = self.fds.dup(rs.status_w)
+        self.dirfd = rs.images.dirfd = self.fds.dup(rs.images.dirfd)
+        if log.file is not None:
+            log.file = os.fdopen(self.fds.dup(log.file.fileno()), "w", buffering=1)
+        else:
+            log.disabled = True         # stderr is about to become the task's
+        if self.t.parent is None:
+            # The root's fd table is a copy of the restore command's: nothing of it but
+            # what was parked for the tree stays above the parked base.
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                if fd >= self.fds.base and fd not in self.fds.own | self.fds.inherited:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+    # ------------------------------------------------------------ stage FORK
+    def fork_stage(self) -> None:
+        t = self.t
+        self.stage = "session"
+        if t.subreaper:
+            _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        self.stage = "files"
+        if t.opens:
+            self.open_resources()
+        self.stage = "copy-on-write memory"
+        if t.premap:
+            from criu_py.mem.premap import premap_vmas
+            premap_vmas(self)
+        self.stage = "children"
+        early = [c for c in t.children if t.forks_before_setsid(c)]
+        for c in early:
+            self.fork_child(c)
+        self.stage = "session"
+        if t.sid == t.pid and os.getsid(0) != t.pid:
+            os.setsid()
+        elif t.pgid == t.pid and os.getpgid(0) != t.pid:
+            os.setpgid(0, 0)
+        self.stage = "children"
+        for c in t.children:
+            if c not in early:
+                self.fork_child(c)
+
+    def fork_child(self, c) -> None:
+        from criu_py.restore.fork import clone_with_pid
+        pid = clone_with_pid(c.pid, c.clone_flags)
+        if pid == 0:
+            TaskRun(self.rs, c).run()
+            os._exit(1)
+
+    def open_resources(self) -> None:
+        """Open (make) what this task's subtree shares, before forking it."""
+        from criu_py.files import FILE_KINDS
+        from criu_py.mem import shmem_restore
+        tree = self.rs.tree
+        ctx = FileContext(self)
+        by_type = {ops.fd_type: ops for ops in FILE_KINDS.values()}
+        for key in self.t.opens:
+            res = self.rs.plan.resources[key]
+            if res.kind == "shmem":
+                obj = tree.shared[res.ids[0]]
+                fd = shmem_restore.make(obj, self.rs.images)
+                self.resources[key] = self.fds.park(fd)
+                obj.fd = -1
+                continue
+            fds = {}
+            for fid in res.ids:
+                fe = tree.files[fid]
+                ops = by_type.get(fe.type)
+                if ops is None:
+                    raise RestoreError(f"file id {fid}: no restore for file type {fe.type}")
+                fds[fid] = self.fds.park(ops.restore_fd(ctx, fe, _FdName(fid)))
+            ctx.close_raw()
+            self.resources[key] = fds
+
+    # ------------------------------------------------------------ stage CLEANUP
+    def cleanup_stage(self) -> None:
+        t = self.t
+        waited = False
+        for c in t.children:
+            if c.kind == HELPER:
+                _waitpid(c.pid)
+                waited = True
+            elif c.kind == ZOMBIE:
+                os.waitid(os.P_PID, c.pid, os.WEXITED | os.WNOWAIT)
+                waited = True
+        if t.kind == HELPER:
+            self.rs.sync.done()
+            os._exit(0)
+        if t.kind == ZOMBIE:
+            self.rs.sync.done()
+            die_as_zombie(t)
+        if waited:
+            drain_sigchld()
+
+    # ------------------------------------------------------------ stage PREPARE
+    def open_restorer_fds(self) -> None:
+        """Mapped files, shared memory objects, the executable and the pages file, each
+        parked as this task's own (its restorer closes them)."""
+        img = self.t.img
+        mem = img.memory
+        for key, mf in mem.files.items():
+            if mf.shmid is not None:
+                self.restorer_fds[key] = self.fds.dup(self.resource_fd(("shmem", mf.shmid)))
+                continue
+            try:
+                fd = os.open(mf.path, mf.flags | os.O_CLOEXEC)
+            except OSError as exc:
+                raise RestoreError(f"cannot open mapped file {mf.path}: {exc.strerror}") from None
+            self.restorer_fds[key] = self.fds.park(fd)
+        exe = self.rs.tree.reg(img.mm.exe_file_id, "the exe link").name
+        st, own = os.stat(exe), os.stat("/proc/self/exe")
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            # Same file as our own executable (a Python task restored by criu-py): the link
+            # is right already, and the kernel refuses to "replace" it while it is mapped.
+            self.exe_fd = -1
+        else:
+            self.exe_fd = self.fds.park(os.open(exe, os.O_RDONLY | os.O_CLOEXEC))
+        self.pages_fd = self.fds.park(self.rs.images.open_raw(mem.pages_name))
+
+    def resource_fd(self, key) -> int:
+        fd = self.resources.get(key)
+        if fd is None:
+            raise RestoreError(f"{key[0]} {key[1]} was not opened for this task")
+        return fd
+
+    # ------------------------------------------------------------ stage FILES
+    def install_fds(self) -> None:
+        """Every fd of the table at its number, from the parked resources; then every
+        fd that is neither the task's nor still needed (inherited copies of resources,
+        what the restore command had open) is closed."""
+        from criu_py.files import FD_CLOEXEC
+        img = self.t.img
+        tree = self.rs.tree
+        task_fds = set()
+        for fi in img.fdinfos:
+            fe = tree.files[fi.id]
+            key = ("pipe", fe.pipe.pipe_id) if fe.HasField("pipe") else ("file", fi.id)
+            src = self.resource_fd(key)[fi.id]
+            os.dup2(src, fi.fd, inheritable=not fi.flags & FD_CLOEXEC)
+            task_fds.add(fi.fd)
+        keep = task_fds | self.fds.own - self.resource_set()
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in keep:
+                continue
+            if fd < self.fds.base or fd in self.fds.inherited or fd in self.resource_set():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                self.fds.own.discard(fd)
+                self.fds.inherited.discard(fd)
+
+    def resource_set(self) -> set:
+        out = set()
+        for v in self.resources.values():
+            out.update(v.values() if isinstance(v, dict) else (v,))
+        return out
+
+    # ------------------------------------------------------------ stage RESTORE
+    def restore_stage(self) -> None:
+        from criu_py.log import log
+        t, img = self.t, self.t.img
+        if t.fs_owner:
+            set_fs(self.rs.tree, img)
+        set_personality(img)
+        set_timers(img)
+        set_rlimits(img)
+        from criu_py.restore.sigframe import request_xfeatures
+        request_xfeatures(thread_registers(img.core).xsave)
+        plan = self.build_plan()
+        log.debug("pid %d: entering the restorer (%d VMAs, %d threads)", t.pid,
+                  len(plan.vmas), len(plan.threads))
+        if log.file is not None:
+            log.file.flush()
+        enter_restorer(self, plan)
+
+    def build_plan(self):
+        from criu_py.mem.restore import iovs_without, pie_vmas
+        from criu_py.restore.pie import PiePlan
+        t, img, rs = self.t, self.t.img, self.rs
+        core = img.core
+        mem = img.memory
+        for key, mf in mem.files.items():
+            mf.fd = self.restorer_fds[key]
+        premapped = getattr(t, "premap_addrs", {})
+        trap = rs.trap.get(t.pid, False)
+        threads = [thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads]
+        keep = {self.status_fd}
+        close = sorted(self.fds.own - keep)
+        return PiePlan(
+            vmas=pie_vmas(mem, premapped),
+            iovs=iovs_without(mem, [(v.start, v.end) for v in t.premap]),
+            pages_fd=self.pages_fd, threads=threads, status_fd=self.status_fd,
+            vdso_vvar=mem.vdso_vvar, sigactions=sigactions(core),
+            mm_map=mm_map(img.mm), exe_fd=self.exe_fd, close_fds=close,
+            trap_before_sigreturn=trap,
+            signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [],
+            dumpable=img.mm.dumpable if img.mm.HasField("dumpable") else -1,
+            tgid=t.pid, premap=getattr(t, "premap_area", (0, 0)),
+            sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO)
+
+
+class _FdName:
+    """What the kind modules print as "fd N" in errors, for a file opened before its
+    task's fd table exists."""
+
+    def __init__(self, fid: int):
+        self.fd = f"(file id {fid})"
+
+
+class FileContext:
+    """What the file kinds' restore halves (FILE_KINDS[...].restore_fd) may ask for:
+    pipe data, the images, shared memory objects (parked fds), and the raw ends of
+    the pipes made so far."""
+
+    def __init__(self, run: TaskRun):
+        self.run = run
+        self.pipe_data = run.rs.tree.pipe_data
+        self.images = run.rs.images
+        self._pipes: dict = {}
+        self.raw_fds: list = []
+        self.handed: set = set()      # raw pipe ends already used as a description
 
     def shared_fd(self, shmid: int) -> int:
-        """An O_RDWR fd of shared memory object `shmid`, made and filled on first use."""
-        from criu_py.mem import shmem_restore
-        obj = self.memory.shared[shmid]
-        if obj.fd < 0:
-            shmem_restore.make(obj, self.images)
-        return obj.fd
+        return self.run.resource_fd(("shmem", shmid))
 
     def memfd_shmid(self, inode_id: int) -> int:
-        return self.memory.memfd_inodes[inode_id].shmid
+        return self.run.rs.tree.memfd_inodes[inode_id].shmid
 
     def pipe_ends(self, pipe_id: int, make) -> tuple[int, int]:
         if pipe_id not in self._pipes:
@@ -69,97 +366,100 @@ class RestoreContext:
             self.raw_fds.extend(ends)
         return self._pipes[pipe_id]
 
-
-def set_session(t, shell_job: bool) -> None:
-    pid, sid, pgid = t.pid, t.pstree.sid, t.pstree.pgid
-    if sid == pid:
-        os.setsid()
-        return
-    if not shell_job:
-        raise RestoreError(f"pid {pid} was not a session leader (sid {sid}): use --shell-job")
-    if pgid == pid:
-        os.setpgid(0, 0)
+    def close_raw(self) -> None:
+        for fd in self.raw_fds:
+            os.close(fd)
+        self.raw_fds = []
 
 
-def set_personality(t) -> None:
+# ---------------------------------------------------------------- helpers and zombies
+def die_as_zombie(t) -> None:
+    """End with the dumped wait status: exit(code), or killed by the same signal (no
+    core file)."""
+    from criu_py.native import ffi
+    name = ffi.new("char[16]", os.fsencode(t.img.core.tc.comm)[:15])
+    _prctl(15, int(ffi.cast("uintptr_t", name)))        # PR_SET_NAME: ps shows its name
+    status = t.exit_code
+    sig = status & 0x7F
+    if sig:
+        _prctl(4, 0)                             # PR_SET_DUMPABLE 0: no core file
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
+    os._exit((status >> 8) & 0xFF)
+
+
+def drain_sigchld() -> None:
+    """The SIGCHLDs of helpers and zombies that ended during the restore (the dumped
+    pending signals come back later, in the restorer)."""
+    while signal.sigtimedwait([signal.SIGCHLD], 0) is not None:
+        pass
+
+
+def _waitpid(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except InterruptedError:
+            continue
+
+
+def _prctl(option: int, arg: int) -> None:
     from criu_py.native import lib
-    r = lib.criu_py_restore_syscall(NR_PERSONALITY, t.core.tc.personality, 0, 0, 0, 0, 0)
+    r = lib.criu_py_restore_syscall(157, option, arg, 0, 0, 0, 0)
+    if r < 0:
+        raise OSError(-r, f"prctl({option}): {os.strerror(-r)}")
+
+
+# ---------------------------------------------------------------- process state
+def set_personality(img) -> None:
+    from criu_py.native import lib
+    r = lib.criu_py_restore_syscall(NR_PERSONALITY, img.core.tc.personality, 0, 0, 0, 0, 0)
     if r < 0:
         raise OSError(-r, os.strerror(-r))
 
 
-def make_shared_memory(t, fdt: FdTable) -> RestoreContext:
-    """Every shared memory object, made and filled, its fd parked."""
-    ctx = RestoreContext(pipe_data=t.pipe_data, images=t.images, memory=t.memory)
-    for obj in t.memory.shared.values():
-        ctx.shared_fd(obj.shmid)
-        obj.fd = fdt.park(obj.fd)
-    return ctx
-
-
-def install_fds(t, fdt: FdTable, ctx: RestoreContext) -> None:
-    """Open every file of fdinfo, park the results, then dup2 each to its number."""
-    from criu_py.files import FD_CLOEXEC, FILE_KINDS
-    kind_by_type = {ops.fd_type: ops for ops in FILE_KINDS.values()}
-    opened: dict[int, int] = {}          # file id -> parked fd (dup'ed fds share one)
-    for fi in t.fdinfos:
-        if fi.id not in opened:
-            fe = t.files[fi.id]
-            ops = kind_by_type.get(fe.type)
-            if ops is None:
-                raise RestoreError(f"fd {fi.fd}: no restore for file type {fe.type}")
-            opened[fi.id] = fdt.park(ops.restore_fd(ctx, fe, fi))
-    for fd in ctx.raw_fds:
-        os.close(fd)
-    for fi in t.fdinfos:
-        os.dup2(opened[fi.id], fi.fd, inheritable=not fi.flags & FD_CLOEXEC)
-    for fd in opened.values():
-        os.close(fd)
-        fdt.parked.discard(fd)
-
-
-def set_fs(t) -> None:
+def set_fs(tree, img) -> None:
     """cwd, then root (paths are as the dump saw them, from outside any chroot)."""
-    os.chdir(t.reg(t.fs.cwd_id, "cwd").name)
-    root = t.reg(t.fs.root_id, "root").name
+    os.chdir(tree.reg(img.fs.cwd_id, "cwd").name)
+    root = tree.reg(img.fs.root_id, "root").name
     if root != "/":
         os.chroot(root)
-    if t.fs.HasField("umask"):
-        os.umask(t.fs.umask)
+    if img.fs.HasField("umask"):
+        os.umask(img.fs.umask)
 
 
-def set_scheduling_and_timers(t) -> None:
-    """Nice value, scheduling policy and the interval timers (the kernel keeps them
-    across the restorer; an armed ITIMER_REAL fires after the task is back)."""
-    th = t.core.thread_core
-    if th.HasField("sched_nice"):
-        os.setpriority(os.PRIO_PROCESS, 0, th.sched_nice)
-    if th.HasField("sched_policy") and th.sched_policy not in (0,):
-        os.sched_setscheduler(0, th.sched_policy, os.sched_param(th.sched_prio))
-    if t.core.tc.HasField("timers"):
+def set_timers(img) -> None:
+    """The interval timers (the kernel keeps them across the restorer; an armed
+    ITIMER_REAL fires after the task is back: its SIGALRM waits, blocked)."""
+    tc = img.core.tc
+    if tc.HasField("timers"):
         for which, name in ((signal.ITIMER_REAL, "real"), (signal.ITIMER_VIRTUAL, "virt"),
                             (signal.ITIMER_PROF, "prof")):
-            tm = getattr(t.core.tc.timers, name)
+            tm = getattr(tc.timers, name)
             value = tm.vsec + tm.vusec / 1e6
             if value:
                 signal.setitimer(which, value, tm.isec + tm.iusec / 1e6)
 
 
-def raise_fd_limit() -> None:
+def raise_fd_limit() -> tuple[int, int]:
     """Soft RLIMIT_NOFILE up to the hard one while fds are installed (the task's own
     limits come back in set_rlimits at the end)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard, hard
 
 
-def set_rlimits(t) -> None:
+def set_rlimits(img) -> None:
     """The task's resource limits, best effort: without CAP_SYS_RESOURCE a hard limit
     above ours cannot be set, and then ours stays (documented in image-contract.md)."""
-    if not t.core.tc.HasField("rlimits"):
+    if not img.core.tc.HasField("rlimits"):
         return
     inf = 2**64 - 1
-    for res, rl in enumerate(t.core.tc.rlimits.rlimits):
+    for res, rl in enumerate(img.core.tc.rlimits.rlimits):
         cur = resource.RLIM_INFINITY if rl.cur == inf else rl.cur
         hi = resource.RLIM_INFINITY if rl.max == inf else rl.max
         try:
@@ -168,51 +468,13 @@ def set_rlimits(t) -> None:
             pass
 
 
-def set_comm(t) -> None:
-    from criu_py.native import ffi, lib
-    name = ffi.new("char[16]", t.core.tc.comm.encode()[:15])
-    lib.criu_py_restore_syscall(NR_PRCTL, PR_SET_NAME, int(ffi.cast("uintptr_t", name)), 0, 0, 0, 0)
-
-
-def open_restorer_fds(t, fdt: FdTable) -> tuple[int, int]:
-    """Mapped files, the executable and the pages file, parked. Returns (pages fd, exe fd)."""
-    for mf in t.memory.files.values():
-        if mf.shmid is not None:
-            mf.fd = t.memory.shared[mf.shmid].fd
-            continue
-        try:
-            mf.fd = fdt.park(os.open(mf.path, mf.flags | os.O_CLOEXEC))
-        except OSError as exc:
-            raise RestoreError(f"cannot open mapped file {mf.path}: {exc.strerror}") from None
-    exe = t.reg(t.mm.exe_file_id, "the exe link").name
-    st, own = os.stat(exe), os.stat("/proc/self/exe")
-    if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
-        # Same file as our own executable (a Python task restored by criu-py): the link
-        # is right already, and the kernel refuses to "replace" it while it is mapped.
-        exe_fd = -1
-    else:
-        exe_fd = fdt.park(os.open(exe, os.O_RDONLY | os.O_CLOEXEC))
-    pages_fd = fdt.park(t.images.open_raw(t.memory.pages_name))
-    return pages_fd, exe_fd
-
-
-def close_other_fds(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 def block_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
 
 
 def sigactions(core) -> dict:
     """signo -> (handler, flags, restorer, mask) from the core (64 entries as criu-py
-    writes them, or 62 without SIGKILL/SIGSTOP as upstream does)."""
+    0.1 wrote them, or 62 without SIGKILL/SIGSTOP as upstream does)."""
     acts = list(core.tc.sigactions)
     if len(acts) == 64:
         signos = range(1, 65)
@@ -222,7 +484,7 @@ def sigactions(core) -> dict:
             for s, a in zip(signos, acts) if s not in (SIGKILL, SIGSTOP)}
 
 
-def task_registers(core):
+def thread_registers(core):
     from criu_py import arch_x86
     from criu_py.restore.sigframe import TaskRegisters
     ti = core.thread_info
@@ -231,11 +493,59 @@ def task_registers(core):
     if len(xsave) < 576:
         raise RestoreError("core: the dump holds no xsave state")
     altstack = (0, 2, 0)                # SS_DISABLE
-    if core.HasField("thread_core") and core.thread_core.HasField("sas"):
-        sas = core.thread_core.sas
+    th = core.thread_core if core.HasField("thread_core") else None
+    if th is not None and th.HasField("sas"):
+        sas = th.sas
         if sas.ss_size and not sas.ss_flags & 2:
             altstack = (sas.ss_sp, sas.ss_flags & 0x80000000, sas.ss_size)   # keep SS_AUTODISARM
-    return TaskRegisters(gp=gp, xsave=xsave, sigmask=core.tc.blk_sigset, altstack=altstack)
+    mask = th.blk_sigset if th is not None and th.HasField("blk_sigset") else core.tc.blk_sigset
+    return TaskRegisters(gp=gp, xsave=xsave, sigmask=mask, altstack=altstack)
+
+
+task_registers = thread_registers
+
+
+def thread_creds(th, host):
+    """PieCreds of a dumped thread, or None when they are what the restore runs with."""
+    from criu_py.restore.pie import PieCreds
+    if not th.HasField("creds"):
+        return None
+    c = th.creds
+    creds = PieCreds(uids=(c.uid, c.euid, c.suid, c.fsuid), gids=(c.gid, c.egid, c.sgid, c.fsgid),
+                     cap_inh=tuple(c.cap_inh[:2]) or (0, 0), cap_prm=tuple(c.cap_prm[:2]) or (0, 0),
+                     cap_eff=tuple(c.cap_eff[:2]) or (0, 0), cap_bnd=tuple(c.cap_bnd[:2]) or (0, 0),
+                     cap_amb=tuple(c.cap_amb[:2]) or (0, 0), secbits=c.secbits,
+                     no_new_privs=int(c.no_new_privs), groups=tuple(c.groups),
+                     cap_last_cap=host.cap_last_cap)
+    return None if creds == host.creds else creds
+
+
+def thread_plan(tid: int, core, trap: bool, host):
+    """PieThread of one dumped thread."""
+    from criu_py.restore.pie import PieThread
+    regs = thread_registers(core)
+    th = core.thread_core if core.HasField("thread_core") else None
+    pt = PieThread(tid=tid, regs=regs, frame_on_stack=trap,
+                   clear_child_tid=core.thread_info.clear_tid_addr)
+    if th is None:
+        return pt
+    if th.HasField("rseq_entry") and th.rseq_entry.rseq_abi_pointer:
+        r = th.rseq_entry
+        pt.rseq = (r.rseq_abi_pointer, r.rseq_abi_size, r.signature)
+    if th.futex_rla:
+        pt.robust_list = (th.futex_rla, th.futex_rla_len)
+    if th.HasField("sched_policy") and th.sched_policy not in (0,):
+        pt.sched = (th.sched_policy, th.sched_prio)
+    if th.HasField("sched_nice"):
+        pt.nice = th.sched_nice
+    comm = th.comm if th.HasField("comm") else (core.tc.comm if core.HasField("tc") else "")
+    pt.comm = os.fsencode(comm)
+    if th.HasField("signals_p"):
+        pt.signals = [s.siginfo for s in th.signals_p.signals]
+    pt.creds = thread_creds(th, host)
+    if th.HasField("pdeath_sig"):
+        pt.pdeath_sig = th.pdeath_sig
+    return pt
 
 
 def mm_map(mm) -> dict:
@@ -251,40 +561,27 @@ def mm_map(mm) -> dict:
             "env_start": mm.mm_env_start, "env_end": mm.mm_env_end, "auxv": auxv}
 
 
-def build_plan(t, pages_fd: int, exe_fd: int, status_fd: int, fdt: FdTable, trap: bool):
-    from criu_py.mem.restore import pie_vmas
-    from criu_py.restore.pie import PiePlan
-    core = t.core
-    rseq = None
-    if core.HasField("thread_core") and core.thread_core.HasField("rseq_entry"):
-        r = core.thread_core.rseq_entry
-        if r.rseq_abi_pointer:
-            rseq = (r.rseq_abi_pointer, r.rseq_abi_size, r.signature)
-    regs = task_registers(core)
-    return PiePlan(
-        vmas=pie_vmas(t.memory), iovs=list(t.memory.iovs), pages_fd=pages_fd,
-        regs=regs, status_fd=status_fd, vdso_vvar=t.memory.vdso_vvar,
-        frame_on_stack=trap,
-        sigactions=sigactions(core), new_rseq=rseq,
-        clear_child_tid=core.thread_info.clear_tid_addr, mm_map=mm_map(t.mm), exe_fd=exe_fd,
-        close_fds=sorted(fdt.parked - {status_fd}))
-
-
-def frame_fits_on_stack(t, regs) -> bool:
-    """The sigframe can go below the task's sp (inside one writable private VMA)."""
+def frames_fit_on_stacks(img) -> bool:
+    """Every thread's sigframe can go below its sp (inside one writable private VMA)."""
     from criu_py.restore.pie import frame_bytes, stack_frame_addr
-    sp = regs.gp["sp"]
-    lo = stack_frame_addr(sp, frame_bytes(regs))
-    return any(v.start <= lo and sp <= v.end and v.prot & M.PROT_WRITE
-               and not v.status & (M.VMA_FILE_SHARED | M.VMA_ANON_SHARED) for v in t.memory.vmas)
+    for _, core in img.threads:
+        regs = thread_registers(core)
+        sp = regs.gp["sp"]
+        lo = stack_frame_addr(sp, frame_bytes(regs))
+        if not any(v.start <= lo and sp <= v.end and v.prot & M.PROT_WRITE
+                   and not v.status & (M.VMA_FILE_SHARED | M.VMA_ANON_SHARED)
+                   for v in img.memory.vmas):
+            return False
+    return True
 
 
-def enter_restorer(t, plan) -> None:
+def enter_restorer(run: TaskRun, plan) -> None:
     from criu_py.native import lib
     from criu_py.restore import pie
+    img = run.t.img
     blob = lib.criu_py_pie_blob_end() - lib.criu_py_pie_blob_start()
     size = pie.region_size(plan, blob)
-    busy = pie.current_layout() + [(v.start, v.end) for v in t.mm.vmas
+    busy = pie.current_layout() + [(v.start, v.end) for v in img.mm.vmas
                                    if not v.status & M.VMA_AREA_VSYSCALL]
     base = pie.free_gap(size, busy)
     pie.map_region(base, size)
@@ -292,60 +589,10 @@ def enter_restorer(t, plan) -> None:
     pie.enter(entry, args, stack)
 
 
-def run_child(t, status_fd: int, go_fd: int, shell_job: bool, trap: bool) -> None:
-    """The whole child side; reports the failing stage through status_fd. Starts once
-    the parent says go (it has seized us by then when `trap`)."""
-    from criu_py.log import log
-    stage = "start"
-    try:
-        if os.read(go_fd, 1) != b"g":
-            os._exit(1)
-        os.close(go_fd)
-        block_signals()        # traced: a delivered signal would stop us, unseen
-        raise_fd_limit()
-        fdt = FdTable({fi.fd for fi in t.fdinfos})
-        status_fd = fdt.park(status_fd)
-        t.images.dirfd = fdt.park(t.images.dirfd)
-        log.disabled = True            # its fds are about to be replaced by the task's
-        stage = "session"
-        set_session(t, shell_job)
-        stage = "personality"
-        set_personality(t)
-        stage = "shared memory"
-        ctx = make_shared_memory(t, fdt)
-        stage = "files"
-        install_fds(t, fdt, ctx)
-        stage = "restorer fds"
-        pages_fd, exe_fd = open_restorer_fds(t, fdt)     # paths as the dump saw them
-        os.close(t.images.dirfd)
-        fdt.parked.discard(t.images.dirfd)
-        close_other_fds({fi.fd for fi in t.fdinfos} | fdt.parked | {status_fd})
-        stage = "cwd/root/umask"
-        set_fs(t)
-        stage = "comm"
-        set_comm(t)
-        stage = "scheduling/timers"
-        set_scheduling_and_timers(t)      # after blocking: an early SIGALRM stays pending
-        stage = "rlimits"
-        set_rlimits(t)
-        stage = "restorer set-up"
-        from criu_py.restore.sigframe import request_xfeatures
-        request_xfeatures(task_registers(t.core).xsave)
-        plan = build_plan(t, pages_fd, exe_fd, status_fd, fdt, trap)
-        plan.trap_before_sigreturn = trap
-        enter_restorer(t, plan)
-    except RestoreError as exc:
-        _report(status_fd, f"{stage}: {exc}")
-    except OSError as exc:
-        _report(status_fd, f"{stage}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
-    except BaseException as exc:   # noqa: BLE001 - the child must report, never unwind
-        _report(status_fd, f"{stage}: {exc!r}")
-    os._exit(1)
-
-
-def _report(fd: int, text: str) -> None:
+def report(fd: int, text: str) -> None:
     data = ("T" + text.replace("\n", " ")).encode()
     try:
         os.write(fd, struct.pack("<I", len(data)) + data)
     except OSError:
         pass
+

@@ -1,10 +1,12 @@
-# Removing the restorer region from the restored task, as CRIU does with ptrace: the
-# restore parent seizes the task before it enters the restorer; the restorer places the
-# sigframe on the task's own stack and stops with int3 right before rt_sigreturn. The
-# parent then makes the task run munmap(region) through a `syscall` instruction of the
-# vdso (which is back at its dumped address and identical to ours), turns the syscall's
-# exit into rt_sigreturn at that same instruction, and detaches: the task continues from
-# its saved registers with nothing of the restore left in its address space.
+# Removing the restore's own memory from the restored tasks, as CRIU does with ptrace:
+# once every thread of the tree has set itself up and waits on the sync page, the restore
+# command seizes them all and lets them go; each thread stops at an int3 right before its
+# rt_sigreturn, with its sigframe on its own stack. The restore command then makes one
+# thread per process run munmap() of the restorer region and of the sync page through a
+# `syscall` instruction of the vdso (which is back at its dumped address and identical
+# to ours), points every thread at rt_sigreturn on that same instruction, and detaches:
+# the tasks continue from their saved registers with nothing of the restore left in
+# their address space.
 import ctypes
 import os
 import signal
@@ -46,7 +48,7 @@ def _wait_stop(pid: int, what: str) -> int:
         except InterruptedError:
             continue
     if not os.WIFSTOPPED(st):
-        raise RestoreError(f"removing the restorer region: the task ended while {what}")
+        raise RestoreError(f"removing the restorer region of {pid}: the task ended while {what}")
     return os.WSTOPSIG(st)
 
 
@@ -56,7 +58,7 @@ def _regs(pid: int) -> dict:
     buf = ffi.new("char[]", 216)
     r = lib.cp_getregset(pid, NT_PRSTATUS, buf, 216)
     if r < 0:
-        raise RestoreError(f"removing the restorer region: PTRACE_GETREGSET: {os.strerror(-r)}")
+        raise RestoreError(f"removing the restorer region of {pid}: PTRACE_GETREGSET: {os.strerror(-r)}")
     return arch_x86.gpregs_from_bytes(bytes(ffi.buffer(buf, 216)))
 
 
@@ -66,33 +68,49 @@ def _set_regs(pid: int, regs: dict) -> None:
     data = bytearray(arch_x86.gpregs_to_bytes(regs))
     r = lib.cp_setregset(pid, NT_PRSTATUS, ffi.from_buffer(data), len(data))
     if r < 0:
-        raise RestoreError(f"removing the restorer region: PTRACE_SETREGSET: {os.strerror(-r)}")
+        raise RestoreError(f"removing the restorer region of {pid}: PTRACE_SETREGSET: {os.strerror(-r)}")
 
 
 def _ptrace(req: int, pid: int, what: str) -> None:
     from criu_py.native import lib
     r = lib.cp_ptrace(req, pid, 0, 0)
     if r < 0:
-        raise RestoreError(f"removing the restorer region: {what}: {os.strerror(-r)}")
+        raise RestoreError(f"removing the restorer region of {pid}: {what}: {os.strerror(-r)}")
 
 
-def unmap_region_and_release(pid: int, start: int, length: int, syscall_addr: int) -> None:
-    """At the restorer's int3: munmap(start, length) inside the task, then rt_sigreturn."""
-    sig = _wait_stop(pid, "waiting for the restorer's trap")
+def wait_trap(tid: int) -> None:
+    sig = _wait_stop(tid, "waiting for the restorer's trap")
     if sig != signal.SIGTRAP:
-        raise RestoreError(f"removing the restorer region: task stopped by signal {sig}, not the trap")
-    regs = _regs(pid)
-    saved_sp = regs["sp"]
-    regs.update(ip=syscall_addr, ax=NR_MUNMAP, di=start, si=length, orig_ax=2**64 - 1)
-    _set_regs(pid, regs)
-    _ptrace(PTRACE_SYSCALL, pid, "PTRACE_SYSCALL")        # the trap's SIGTRAP is dropped
-    _wait_stop(pid, "entering munmap")
-    _ptrace(PTRACE_SYSCALL, pid, "PTRACE_SYSCALL")
-    _wait_stop(pid, "leaving munmap")
-    regs = _regs(pid)
-    ret = regs["ax"] - (1 << 64) if regs["ax"] >> 63 else regs["ax"]
-    if ret != 0:
-        raise RestoreError(f"removing the restorer region: munmap failed: {os.strerror(-ret)}")
-    regs.update(ip=syscall_addr, ax=NR_RT_SIGRETURN, sp=saved_sp)
-    _set_regs(pid, regs)
-    _ptrace(PTRACE_DETACH, pid, "PTRACE_DETACH")
+        raise RestoreError(f"removing the restorer region of {tid}: stopped by signal {sig}, "
+                           f"not the trap")
+
+
+def run_syscall(tid: int, syscall_addr: int, nr: int, *args: int) -> int:
+    """Make the stopped thread run one syscall at syscall_addr; its return value."""
+    regs = _regs(tid)
+    names = ("di", "si", "dx", "r10", "r8", "r9")
+    regs.update(ip=syscall_addr, ax=nr, orig_ax=2**64 - 1, **dict(zip(names, args)))
+    _set_regs(tid, regs)
+    _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")        # the trap's SIGTRAP is dropped
+    _wait_stop(tid, "entering a syscall")
+    _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")
+    _wait_stop(tid, "leaving a syscall")
+    ret = _regs(tid)["ax"]
+    return ret - (1 << 64) if ret >> 63 else ret
+
+
+def release_process(tids: list[int], syscall_addr: int, unmaps: list[tuple[int, int]]) -> None:
+    """Every thread of one process stopped at its trap (rsp = its sigframe + 8): unmap
+    `unmaps` from the first, then all of them rt_sigreturn at syscall_addr."""
+    sps = {tid: _regs(tid)["sp"] for tid in tids}
+    for start, length in unmaps:
+        ret = run_syscall(tids[0], syscall_addr, NR_MUNMAP, start, length)
+        if ret != 0:
+            raise RestoreError(f"removing the restorer region of {tids[0]}: munmap failed: "
+                               f"{os.strerror(-ret)}")
+    for tid in tids:
+        regs = _regs(tid)
+        regs.update(ip=syscall_addr, ax=NR_RT_SIGRETURN, sp=sps[tid], orig_ax=2**64 - 1)
+        _set_regs(tid, regs)
+    for tid in tids:
+        _ptrace(PTRACE_DETACH, tid, "PTRACE_DETACH")

@@ -20,6 +20,7 @@ HAS_AVX512 = cpu_has("avx512f")
 BUILD_FLAGS = {
     "vecregs": ["-mavx512f", "-DUSE_ZMM"] if HAS_AVX512 else ["-mavx"],
     "unsupported": ["-pthread"],
+    "threads": ["-pthread"],
 }
 
 

@@ -1,0 +1,273 @@
+# The tree a dump takes: every process below the root PID (children of every thread,
+# recursively) and every thread of each, all stopped with PTRACE_SEIZE + PTRACE_INTERRUPT.
+# Tasks keep forking and starting threads until they are stopped, so the walk is
+# repeated until a pass finds nothing new (as CRIU does); a thread that exits meanwhile
+# is dropped, not an error. Zombies are recorded but not seized. Which processes share
+# an mm, fd table, fs or signal handlers is found with kcmp(2) and numbered as CRIU's
+# kernel-object ids (from 2: id 1 is the dumping tool's own, inventory's root_ids).
+import os
+
+from criu_py.errors import CriuError, NoSuchProcess, Unsupported
+from criu_py.log import log
+from criu_py.proc import Record
+
+NR_KCMP = 312
+KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND = 0, 1, 2, 3, 4
+KOBJ_KINDS = (("vm", KCMP_VM), ("files", KCMP_FILES), ("fs", KCMP_FS),
+              ("sighand", KCMP_SIGHAND))
+FIRST_TASK_KOBJ_ID = 2
+MAX_PASSES = 64
+
+NR_VFORK, NR_CLONE, NR_CLONE3 = 58, 56, 435
+CLONE_VM, CLONE_VFORK = 0x100, 0x4000
+
+
+class Proc(Record):
+    """One process of the tree. threads: tids in pstree order (the leader first);
+    tracees: tid -> ptrace.Tracee of the stopped threads; zombie: exited, not reaped
+    (exit_code: its wait status); kobj: kernel-object kind -> id (vm, files, fs, sighand);
+    vfork_child: pid of the child it waits for in vfork() (its leader cannot stop)."""
+    _fields = ("pid", "ppid", "pgid", "sid", "threads", "tracees", "zombie", "exit_code",
+               "comm", "children", "kobj", "vfork_child")
+    zombie = False
+    exit_code = 0
+    vfork_child = 0
+
+    def __init__(self, *args, **kwargs):
+        self.threads, self.tracees, self.children, self.kobj = [], {}, [], {}
+        super().__init__(*args, **kwargs)
+
+    @property
+    def leader(self):
+        return self.tracees.get(self.pid)
+
+
+class Tree:
+    """The frozen tree: procs in pstree order (root first, then depth first), as
+    upstream writes pstree.img. Leaving it releases every task: detached (still
+    running, with any injected state undone by the code that injected it), unless
+    kill_all() ended them."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.procs: dict[int, Proc] = {}
+        self.order: list[Proc] = []
+        self.killed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+    # ---------------------------------------------------------------- freezing
+    def freeze(self) -> None:
+        """Seize every thread of every process below the root until a pass finds no new
+        task. Raises before returning if the root itself cannot be stopped."""
+        from criu_py import proc as P
+        new = [self.root]
+        for _ in range(MAX_PASSES):
+            stopping = []
+            for pid in new:
+                stopping += self._add_process(pid, P)
+            for p in list(self.procs.values()):
+                if p.zombie:
+                    continue
+                stopping += self._seize_new_threads(p, P)
+            self._wait_stopped(stopping)
+            new = self._unseen_children(P)
+            if not new and not stopping:
+                break
+        else:
+            raise CriuError(f"the tree of {self.root} keeps changing: gave up freezing it "
+                            f"after {MAX_PASSES} passes")
+        self._check_leaders()
+        self._order()
+
+    def _add_process(self, pid: int, P) -> list:
+        try:
+            st = P.read_stat(pid)
+        except NoSuchProcess:
+            if pid == self.root:
+                raise
+            return []          # exited before we got to it
+        p = Proc(pid=pid, ppid=st.ppid, pgid=st.pgid, sid=st.sid, comm=st.comm)
+        self.procs[pid] = p
+        if st.state == "Z":
+            if pid == self.root:
+                raise NoSuchProcess(f"pid {pid} is a zombie")
+            p.zombie, p.exit_code, p.threads = True, st.exit_code, [pid]
+            return []
+        if st.state in ("T", "t"):
+            raise Unsupported(f"pid {pid} is stopped: stopped tasks are not supported")
+        if st.flags & 0x00200000:         # PF_KTHREAD
+            raise Unsupported(f"pid {pid} is a kernel thread")
+        return self._seize_new_threads(p, P)
+
+    def _seize_new_threads(self, p: Proc, P) -> list:
+        """Seize + interrupt the threads of p not seized yet; returns their tracees."""
+        from criu_py.ptrace import Tracee
+        try:
+            tids = P.list_threads(p.pid)
+        except NoSuchProcess:
+            tids = []
+        out = []
+        for tid in tids:
+            if tid in p.tracees:
+                continue
+            t = Tracee(tid)
+            try:
+                t.seize_nowait()
+            except NoSuchProcess:
+                continue                  # the thread exited meanwhile
+            except CriuError:
+                t.detach()
+                raise
+            p.tracees[tid] = t
+            out.append(t)
+        return out
+
+    def _wait_stopped(self, tracees: list) -> None:
+        for t in tracees:
+            p = self.procs[self._tgid(t.pid)]
+            if t.pid == p.pid and self._vfork_blocked(p):
+                continue                 # stops only once its vfork child is gone
+            try:
+                t.wait_stopped()
+            except NoSuchProcess:
+                p.tracees.pop(t.pid, None)
+                if t.pid == p.pid:
+                    raise NoSuchProcess(f"pid {p.pid} exited while the tree was frozen") from None
+                log.debug("thread %d of %d exited while the tree was frozen", t.pid, p.pid)
+
+    def _tgid(self, tid: int) -> int:
+        for p in self.procs.values():
+            if tid in p.tracees:
+                return p.pid
+        raise KeyError(tid)
+
+    def _vfork_blocked(self, p: Proc) -> bool:
+        """True when p's leader sleeps in vfork() until a child execs or exits: a
+        PTRACE_INTERRUPT cannot stop it there."""
+        from criu_py import proc as P
+        if p.vfork_child:
+            return True
+        try:
+            sc = P.read_syscall(p.pid)
+            st = P.read_stat(p.pid)
+        except NoSuchProcess:
+            return False
+        if st.state != "D" or sc.nr not in (NR_VFORK, NR_CLONE, NR_CLONE3):
+            return False
+        if sc.nr == NR_CLONE and not (sc.args[0] & CLONE_VFORK):
+            return False
+        for kid in P.read_children(p.pid):
+            if kcmp(p.pid, kid, KCMP_VM) == 0:
+                p.vfork_child = kid
+                log.info("pid %d waits in vfork() for its child %d", p.pid, kid)
+                return True
+        return False
+
+    def _unseen_children(self, P) -> list[int]:
+        out = []
+        for p in self.procs.values():
+            if p.zombie:
+                continue
+            try:
+                kids = P.read_children(p.pid)
+            except NoSuchProcess:
+                kids = []
+            for kid in kids:
+                if kid not in self.procs and kid not in out:
+                    out.append(kid)
+        return out
+
+    def _check_leaders(self) -> None:
+        for p in self.procs.values():
+            if not p.zombie and p.pid not in p.tracees:
+                raise Unsupported(f"pid {p.pid}: its main thread has exited while other "
+                                  f"threads run: not supported")
+
+    def _order(self) -> None:
+        """Parent links from what the kernel says now (all stopped) and pstree order."""
+        from criu_py import proc as P
+        for p in self.procs.values():
+            p.children = []
+            p.threads = [p.pid] + sorted(t for t in p.tracees if t != p.pid) \
+                if not p.zombie else [p.pid]
+        for p in self.procs.values():
+            if p.pid == self.root:
+                continue
+            if not p.zombie:
+                p.ppid = P.read_stat(p.pid).ppid
+            parent = self.procs.get(p.ppid)
+            if parent is None:
+                raise CriuError(f"pid {p.pid} left the tree of {self.root} while it was frozen")
+            parent.children.append(p)
+        for p in self.procs.values():
+            p.children.sort(key=lambda c: c.pid)
+        self.order = []
+        stack = [self.procs[self.root]]
+        while stack:
+            p = stack.pop()
+            self.order.append(p)
+            stack.extend(reversed(p.children))
+
+    # ---------------------------------------------------------------- sharing
+    def number_kernel_objects(self) -> None:
+        """kobj ids for vm, files, fs and sighand: processes that share one get the same
+        id (kcmp), the others their own; numbered from FIRST_TASK_KOBJ_ID."""
+        alive = [p for p in self.order if not p.zombie]
+        for kind, kcmp_type in KOBJ_KINDS:
+            reps: list[Proc] = []
+            next_id = FIRST_TASK_KOBJ_ID
+            for p in alive:
+                for r in reps:
+                    if kcmp(p.pid, r.pid, kcmp_type) == 0:
+                        p.kobj[kind] = r.kobj[kind]
+                        break
+                else:
+                    p.kobj[kind] = next_id
+                    next_id += 1
+                    reps.append(p)
+
+    # ---------------------------------------------------------------- release
+    def stopped_threads(self):
+        """(proc, tracee) for every stopped thread, leaders first within a process."""
+        for p in self.order:
+            for tid in p.threads:
+                t = p.tracees.get(tid)
+                if t is not None and not t.dead:
+                    yield p, t
+
+    def kill_all(self) -> None:
+        """End every task (the default end of a dump): SIGKILL each process once."""
+        import signal
+        for p in self.order:
+            if p.zombie:
+                continue
+            t = p.leader
+            if t is not None:
+                t.kill(wait=False)
+            else:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for tr in p.tracees.values():
+                tr.attached, tr.dead = False, True
+        self.killed = True
+
+    def release(self) -> None:
+        """Detach every thread still traced (the tasks run on)."""
+        for p in self.procs.values():
+            for t in p.tracees.values():
+                if not t.dead:
+                    t.detach()
+
+
+def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:
+    """kcmp(2): 0 when the two tasks' objects are the same, else 1/2 (ordering); -errno."""
+    from criu_py.native import lib
+    return lib.criu_py_raw_syscall6(NR_KCMP, pid1, pid2, kind, idx1, idx2, 0)

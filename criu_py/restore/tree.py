@@ -1,0 +1,290 @@
+# How the dumped tree is rebuilt, decided in the restore command before anything is
+# forked (every task inherits the plan through fork):
+# - who forks whom, and when: sessions are inherited at fork, so a task forks the
+#   children that stay in its old session before it calls setsid(); a session or process
+#   group whose leader is gone gets a short-lived helper task with the leader's pid, as
+#   CRIU does (the helper's children are then reparented to their dumped parent, a
+#   child subreaper);
+# - which children share their parent's fd table or fs (CLONE_FILES / CLONE_FS);
+# - which task opens each resource that several fd tables or address spaces share (an
+#   inherited open file description, a pipe, a shared memory object): the lowest common
+#   ancestor of its users, before it forks them, so that they inherit the very same one;
+# - which private VMAs a child still shares copy-on-write with its parent: the parent
+#   maps and fills them before forking, the child keeps the pages that did not change.
+from dataclasses import dataclass, field
+
+from criu_py.errors import ImageError, Unsupported
+
+ALIVE, ZOMBIE, HELPER = "alive", "zombie", "helper"
+CLONE_FS, CLONE_FILES = 0x200, 0x400
+
+
+@dataclass(eq=False)
+class RTask:
+    """One task of the restore tree. img: its TaskImages (None for helpers)."""
+    pid: int
+    kind: str
+    sid: int
+    pgid: int
+    img: object = None
+    parent: "RTask | None" = None
+    children: list = field(default_factory=list)
+    born_sid: int | None = None          # the session it must be born in, when not its parent's final one
+    clone_flags: int = 0                 # CLONE_FILES / CLONE_FS shared with the parent
+    subreaper: bool = False
+    opens: list = field(default_factory=list)      # resource keys it opens before forking
+    premap: list = field(default_factory=list)     # vma_entry it maps and fills before forking
+    inherits: dict = field(default_factory=dict)   # vma start -> the parent's VMA it inherits
+    exit_code: int = 0                   # zombies
+
+    @property
+    def files_owner(self) -> bool:
+        return self.kind == ALIVE and not self.clone_flags & CLONE_FILES
+
+    @property
+    def fs_owner(self) -> bool:
+        return self.kind == ALIVE and not self.clone_flags & CLONE_FS
+
+    def ancestors(self):
+        p = self.parent
+        while p is not None:
+            yield p
+            p = p.parent
+
+    @property
+    def required_session(self) -> int | None:
+        """The session this task must be born in: its own final one unless it calls
+        setsid() (then only what it forks before that matters)."""
+        if self.sid != self.pid:
+            return self.sid
+        return self.born_sid
+
+    def forks_before_setsid(self, child: "RTask") -> bool:
+        """A session leader forks the children that need its old session first."""
+        return self.sid == self.pid and child.required_session not in (None, self.sid)
+
+    def walk(self):
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+
+@dataclass
+class TreePlan:
+    root: RTask
+    tasks: dict                      # pid -> RTask (helpers included)
+    resources: dict = field(default_factory=dict)   # key -> Resource
+
+    @property
+    def all(self) -> list:
+        return list(self.root.walk())
+
+    @property
+    def alive(self) -> list:
+        return [t for t in self.root.walk() if t.kind == ALIVE]
+
+
+@dataclass
+class Resource:
+    """Something several tasks must get the very same instance of. kind: "file" (one
+    files.img id), "pipe" (every files.img id of one pipe_id), "shmem" (a shared memory
+    object); ids: the files.img ids (file, pipe) or the shmid (shmem)."""
+    key: tuple
+    kind: str
+    ids: list
+    users: set = field(default_factory=set)        # RTask
+    opener: RTask | None = None
+
+
+def plan_tree(tree, root_sid: int, root_pgid: int) -> TreePlan:
+    """The restore tree for TreeImages `tree`. root_sid/root_pgid: the restore
+    command's own session and group (what the root inherits)."""
+    tasks = {}
+    root = None
+    for ti in tree.tasks:
+        e = ti.pstree
+        t = RTask(pid=ti.pid, kind=ZOMBIE if ti.zombie else ALIVE, sid=e.sid, pgid=e.pgid, img=ti)
+        if ti.zombie:
+            t.exit_code = ti.core.tc.exit_code
+        else:
+            t.subreaper = bool(ti.core.tc.child_subreaper)
+        if root is None:
+            root = t
+        else:
+            t.parent = tasks[e.ppid]
+            if t.parent.kind == ZOMBIE:
+                raise ImageError(f"pstree.img: pid {t.pid} has the zombie {e.ppid} as its parent")
+            t.parent.children.append(t)
+        tasks[t.pid] = t
+    plan = TreePlan(root=root, tasks=tasks)
+    _plan_sessions(plan, root_sid)
+    _plan_groups(plan, root_pgid)
+    _plan_sharing(plan)
+    _plan_resources(plan, tree)
+    _plan_cow(plan)
+    return plan
+
+
+# ---------------------------------------------------------------- sessions, groups
+def _needs_session(x: RTask, sid: int, root_sid: int) -> bool:
+    """Make x be in session `sid` at the time it forks a child that needs it."""
+    while True:
+        if x.sid == sid:
+            return True
+        if x.sid != x.pid:
+            return False          # x never changes its session, and it is another one
+        # x calls setsid(); before that it is in the session it was born in
+        if x.born_sid not in (None, sid):
+            return False
+        x.born_sid = sid
+        if x.parent is None:
+            return sid == root_sid
+        x = x.parent
+
+
+def _plan_sessions(plan: TreePlan, root_sid: int) -> None:
+    root = plan.root
+    if root.sid != root.pid and root.sid != root_sid:
+        raise Unsupported(f"pid {root.pid} was in session {root.sid}, which is neither its "
+                          f"own nor this shell's: restore it from that session (--shell-job)")
+    for t in list(root.walk()):
+        if t is root or t.sid == t.pid or t.sid == t.parent.sid:
+            continue
+        if _needs_session(t.parent, t.sid, root_sid):
+            continue
+        # The session leader is gone: a helper with its pid, forked by t's parent, calls
+        # setsid() and forks t, then exits; t goes back to its parent, a subreaper.
+        p = t.parent
+        helper = plan.tasks.get(t.sid)
+        if helper is not None and (helper.kind != HELPER or helper.parent is not p):
+            raise Unsupported(f"pid {t.pid}: its session {t.sid} cannot be recreated "
+                              f"(its leader is not among its ancestors)")
+        if not p.subreaper:
+            raise Unsupported(f"pid {t.pid}: its session {t.sid} lost its leader and its "
+                              f"parent {p.pid} is not a child subreaper")
+        if helper is None:
+            helper = RTask(pid=t.sid, kind=HELPER, sid=t.sid, pgid=t.sid, parent=p)
+            p.children.append(helper)
+            plan.tasks[helper.pid] = helper
+        p.children.remove(t)
+        t.parent = helper
+        helper.children.append(t)
+
+
+def _plan_groups(plan: TreePlan, root_pgid: int) -> None:
+    for t in list(plan.root.walk()):
+        if t.pgid == t.pid or t.pgid in plan.tasks or t.pgid == root_pgid and t.sid == plan.root.sid:
+            continue
+        # The group leader is gone: a helper with its pid, forked by t itself (so it is in
+        # t's session), makes the group, t joins it, the helper exits and t reaps it.
+        helper = RTask(pid=t.pgid, kind=HELPER, sid=t.sid, pgid=t.pgid, parent=t)
+        t.children.insert(0, helper)
+        plan.tasks[helper.pid] = helper
+    for t in plan.root.walk():
+        if t.kind == HELPER or t.pgid == t.pid:
+            continue
+        leader = plan.tasks.get(t.pgid)
+        if leader is not None and leader.sid != t.sid:
+            raise ImageError(f"pstree.img: pid {t.pid} is in group {t.pgid} of another session")
+
+
+# ---------------------------------------------------------------- sharing
+def _plan_sharing(plan: TreePlan) -> None:
+    """CLONE_FILES / CLONE_FS with the parent where the dump saw one fd table or one fs
+    for both; sharing between tasks that are not parent and child, and shared memory or
+    signal handlers between processes, cannot be recreated."""
+    owners = {}
+    for t in plan.root.walk():
+        if t.kind != ALIVE:
+            continue
+        ids = t.img.ids
+        p = t.parent
+        for kind, flag in (("files", CLONE_FILES), ("fs", CLONE_FS), ("vm", 0), ("sighand", 0)):
+            value = getattr(ids, f"{kind}_id")
+            first = owners.get((kind, value))
+            if first is None:
+                owners[(kind, value)] = t
+                continue
+            if flag and p is not None and p.kind == ALIVE and getattr(p.img.ids, f"{kind}_id") == value:
+                t.clone_flags |= flag
+                continue
+            what = {"files": "fd table", "fs": "fs (cwd, root, umask)", "vm": "memory",
+                    "sighand": "signal handlers"}[kind]
+            raise Unsupported(f"pid {t.pid} shares its {what} with pid {first.pid}, which "
+                              f"this restore cannot recreate")
+
+
+def _lca(tasks) -> RTask:
+    tasks = list(tasks)
+    chain = [tasks[0]] + list(tasks[0].ancestors())
+    common = chain
+    for t in tasks[1:]:
+        mine = {id(x) for x in [t] + list(t.ancestors())}
+        common = [x for x in common if id(x) in mine]
+    return common[0]
+
+
+def _plan_resources(plan: TreePlan, tree) -> None:
+    """Who opens what: per resource, the lowest common ancestor of its users."""
+    res = plan.resources
+
+    def use(key, kind, ident, user):
+        r = res.get(key)
+        if r is None:
+            r = res[key] = Resource(key=key, kind=kind, ids=[])
+        if ident not in r.ids:
+            r.ids.append(ident)
+        r.users.add(user)
+
+    for t in plan.alive:
+        if t.files_owner:
+            for fi in t.img.fdinfos:
+                fe = tree.files[fi.id]
+                if fe.HasField("pipe"):
+                    use(("pipe", fe.pipe.pipe_id), "pipe", fi.id, t)
+                else:
+                    use(("file", fi.id), "file", fi.id, t)
+                if fe.HasField("memfd"):
+                    shmid = t.img.memory.memfd_inodes[fe.memfd.inode_id].shmid
+                    use(("shmem", shmid), "shmem", shmid, t)
+        for mf in t.img.memory.files.values():
+            if mf.shmid is not None:
+                use(("shmem", mf.shmid), "shmem", mf.shmid, t)
+    for r in res.values():
+        r.opener = _lca(r.users)
+    # Shared objects first: the files opened from them need their fd.
+    for r in sorted(res.values(), key=lambda r: (r.kind != "shmem", r.key)):
+        r.opener.opens.append(r.key)
+
+
+# ---------------------------------------------------------------- copy-on-write
+def _private(v) -> bool:
+    from criu_py import mem as M
+    return bool(v.status & (M.VMA_ANON_PRIVATE | M.VMA_FILE_PRIVATE)) and \
+        not v.status & (M.VMA_AREA_VDSO | M.VMA_AREA_VVAR | M.VMA_AREA_VSYSCALL) and \
+        not v.flags & (M.MAP_GROWSDOWN | M.MAP_HUGETLB)
+
+
+def _plan_cow(plan: TreePlan) -> None:
+    """A child's private VMA with the same bounds, kind and file as one of its parent's
+    may still share pages with it: both are premapped (the parent's before the fork),
+    and the child keeps the inherited pages whose contents did not change."""
+    from criu_py import mem as M
+    for t in plan.alive:
+        p = t.parent
+        if p is None or p.kind != ALIVE or t.img.mm.exe_file_id != p.img.mm.exe_file_id:
+            continue
+        theirs = {v.start: v for v in p.img.memory.vmas if _private(v)}
+        for v in t.img.memory.vmas:
+            pv = theirs.get(v.start)
+            if pv is None or not _private(v) or pv.end != v.end:
+                continue
+            if (v.flags ^ pv.flags) & M.MAP_ANONYMOUS or (v.status ^ pv.status) & M.VMA_FILE_PRIVATE:
+                continue
+            if v.status & M.VMA_FILE_PRIVATE and (v.shmid != pv.shmid or v.pgoff != pv.pgoff):
+                continue
+            t.inherits[v.start] = pv
+    for t in plan.alive:
+        wanted = set(t.inherits)
+        wanted |= {s for c in t.children if c.kind == ALIVE for s in c.inherits}
+        t.premap = [v for v in t.img.memory.vmas if v.start in wanted]
