@@ -188,6 +188,13 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def dumped_pids(images: Path) -> list[int]:
+    """The processes pstree.img lists."""
+    from criu_py.images import ImageDir
+    with ImageDir(images) as d:
+        return [e.pid for e in d.read_entries("pstree.img")]
+
+
 def reap_gone(pids: list[int], timeout: float = 10.0) -> None:
     """After a dump killed a tree: its processes come to us (the subreaper) as zombies
     once their parents are gone; reap them so their PIDs are free for the restore."""
@@ -440,7 +447,6 @@ class Harness:
             args += ["-o", log_file]
         if leave_running:
             args.append("--leave-running")
-        tree = descendants(task.pid)
         res = self.cli(*args)
         assert res.returncode == 0, (f"dump failed (exit {res.returncode}): {res.stderr.strip()}"
                                      f"{self._log_tail(images, log_file)}")
@@ -450,7 +456,7 @@ class Harness:
             except (AssertionError, subprocess.TimeoutExpired):
                 raise AssertionError(f"dumped task {task.pid} still alive after dump: "
                                      f"{task.status()}")
-            reap_gone(tree)
+            reap_gone(dumped_pids(images))
         return images
 
     def restore(self, images: Path, *extra, task: Task, log_file: str | None = "restore.log",

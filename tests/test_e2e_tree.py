@@ -4,9 +4,10 @@
 # reap with the same status, and every live process's memory goes on from where it was.
 import os
 import signal
+import subprocess
 import time
 
-from conftest import wait_for
+from conftest import Log, Task, descendants, wait_for
 
 
 def tree_of(root: int) -> dict:
@@ -67,3 +68,90 @@ def test_forest_comes_back_with_groups_sessions_and_zombie(h):
     zpid = zombies[0]
     os.kill(before[zpid][0], signal.SIGUSR2)
     assert task.log.wait(rf"reaped {zpid} (\d+)").group(1) == "7"
+
+
+def test_bash_loop_with_a_sleep_child(h):
+    # A shell script as a user would checkpoint it: at dump time bash waits for its
+    # `sleep` child; after restore both are back and the loop counts on in bash's memory.
+    log = h.path("bash.log")
+    script = f'i=0; while :; do i=$((i+1)); echo "tick $$ $i" >> {log}; sleep 0.1; done'
+    p = subprocess.Popen(["bash", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=h.dir)
+    task = Task(p.pid, script[:20], Log(log), p)
+    h.tasks.append(task)
+    task.log.wait(rf"tick {p.pid} 3")
+    wait_for(lambda: descendants(p.pid), what="bash's sleep child")
+    kids = descendants(p.pid)
+    assert open(f"/proc/{kids[0]}/comm").read().strip() == "sleep"
+    before = tree_of(p.pid)
+    restored = h.checkpoint_restore(task)
+    dumped = int(task.log.lines()[-1].split()[2])
+    after = tree_of(p.pid)
+    if kids[0] in after:           # the sleep child may have finished meanwhile
+        assert after[kids[0]][:3] == before[kids[0]][:3]
+    task.log.wait(rf"tick {p.pid} {dumped + 3}")
+    ticks = [int(line.split()[2]) for line in task.log.lines()]
+    assert ticks == list(range(1, len(ticks) + 1)), ticks
+    assert restored.running()
+
+
+def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(312, pid1, pid2, kind, idx1, idx2)
+
+
+KCMP_FILE, KCMP_FILES, KCMP_FS = 0, 2, 3
+
+
+def fdinfo(pid: int, fd: int) -> dict:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        return dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in f if ":" in line))
+
+
+def sharing_facts(r, c1, c2, c3, file_fd, prd, pwr, q, q2) -> dict:
+    return {
+        "file shared with C1": kcmp(r, c1, KCMP_FILE, file_fd, file_fd) == 0,
+        "pipe ends shared with C1": (kcmp(r, c1, KCMP_FILE, prd, prd), kcmp(r, c1, KCMP_FILE, pwr, pwr)) == (0, 0),
+        "one offset": fdinfo(r, file_fd)["pos"] == fdinfo(c1, file_fd)["pos"],
+        "two descriptions of one pipe": kcmp(r, r, KCMP_FILE, q, q2) != 0
+        and os.stat(f"/proc/{r}/fd/{q}").st_ino == os.stat(f"/proc/{r}/fd/{q2}").st_ino,
+        "their flags": (int(fdinfo(r, q)["flags"], 8) & os.O_NONBLOCK,
+                        int(fdinfo(r, q2)["flags"], 8) & os.O_NONBLOCK),
+        "pipe read end nonblocking (set by C1)": int(fdinfo(r, prd)["flags"], 8) & os.O_NONBLOCK,
+        "C2 shares the fd table": kcmp(r, c2, KCMP_FILES) == 0,
+        "C1 has its own fd table": kcmp(r, c1, KCMP_FILES) != 0,
+        "C3 shares the fs": kcmp(r, c3, KCMP_FS) == 0,
+        "C1 has its own fs": kcmp(r, c1, KCMP_FS) != 0,
+    }
+
+
+def test_shared_fd_table_fs_descriptions_and_offsets(h):
+    shared_file = h.path("shared.txt")
+    task = h.start("sharing", shared_file, ready=r"ready .*")
+    ids = [int(x) for x in task.log.matches(r"ready (.*)")[0].group(1).split()]
+    r, c1, c2, c3 = ids[:4]
+    before = sharing_facts(*ids)
+    assert before["their flags"] == (0, os.O_NONBLOCK) and all(
+        v for k, v in before.items() if k != "their flags"), before
+    h.checkpoint_restore(task)
+    after = sharing_facts(*ids)
+    assert after == before
+    assert after["their flags"] == (0, os.O_NONBLOCK) and all(
+        v for k, v in after.items() if k != "their flags"), after
+    # still one table, one fs: what C2 opens shows in R, where C3 goes R is
+    n = len(task.log)
+    os.kill(c2, signal.SIGUSR1)
+    fd = int(task.log.wait(rf"opened {c2} (\d+)").group(1))
+    assert os.readlink(f"/proc/{r}/fd/{fd}") == "/dev/zero"
+    os.kill(c3, signal.SIGUSR1)
+    task.log.wait(rf"chdir {c3} 0")
+    assert os.readlink(f"/proc/{r}/cwd") == "/"
+    wait_for(lambda: all(len(task.log.matches(rf"tick {p} .*")) > 2 for p in (r, c1, c2, c3))
+             and len(task.log) > n + 12, what="all four to tick on")
+    assert not task.log.matches(r"BAD .*"), task.log.matches(r"BAD .*")[0].group(0)
+    lines = shared_file.read_text().splitlines()
+    assert all(line.split()[0] in ("r", "c") for line in lines), "the shared offset was lost"
+    for who in ("r", "c"):
+        nums = [int(line.split()[1]) for line in lines if line.startswith(who)]
+        assert nums == list(range(1, len(nums) + 1))

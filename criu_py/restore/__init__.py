@@ -171,7 +171,8 @@ def prepare_shared(rs: Restore, stack) -> None:
     rs.images.dirfd = rs.fds.park(rs.images.dirfd)
     if logger.file is not None:
         logger.file.flush()
-        logger.file = os.fdopen(rs.fds.park(os.dup(logger.file.fileno())), "w", buffering=1)
+        logger.file = os.fdopen(rs.fds.park(os.dup(logger.file.fileno())), "w", buffering=1,
+                                closefd=False)
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     stack.callback(_prctl, PR_SET_CHILD_SUBREAPER, 0)
     stack.callback(kill_unless_running, rs)

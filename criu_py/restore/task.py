@@ -130,7 +130,8 @@ class TaskRun:
         self.status_fd = self.fds.dup(rs.status_w)
         self.dirfd = rs.images.dirfd = self.fds.dup(rs.images.dirfd)
         if log.file is not None:
-            log.file = os.fdopen(self.fds.dup(log.file.fileno()), "w", buffering=1)
+            # closefd=False: an fd table may be shared, only FdSpace closes parked fds
+            log.file = os.fdopen(self.fds.dup(log.file.fileno()), "w", buffering=1, closefd=False)
         else:
             log.disabled = True         # stderr is about to become the task's
         if self.t.parent is None:
