@@ -56,6 +56,8 @@
 
 #define MAP_FIXED_ 0x10
 #define MAP_ANONYMOUS_ 0x20
+#define MAP_LOCKED_ 0x2000
+#define NR_mlock 149
 #define MREMAP_MAYMOVE_ 1
 #define MREMAP_FIXED_ 2
 #define ARCH_SET_GS_ 0x1001
@@ -221,11 +223,14 @@ PIE void pie_map_vmas(struct pie_args *a)
 
 		if (v->kind == PIE_VMA_PREMAPPED)
 			continue;
+		/* locked only once filled (pie_protect_vmas): mapped locked, it would be
+		 * populated with empty pages first */
 		if (v->kind == PIE_VMA_FILE)
-			r = sys6(NR_mmap, v->start, len, v->map_prot, v->flags | MAP_FIXED_, v->fd, v->pgoff);
+			r = sys6(NR_mmap, v->start, len, v->map_prot,
+				 (v->flags & ~MAP_LOCKED_) | MAP_FIXED_, v->fd, v->pgoff);
 		else
 			r = sys6(NR_mmap, v->start, len, v->map_prot,
-				 v->flags | MAP_FIXED_ | MAP_ANONYMOUS_, -1, 0);
+				 (v->flags & ~MAP_LOCKED_) | MAP_FIXED_ | MAP_ANONYMOUS_, -1, 0);
 		if (r != (long)v->start)
 			pie_fail(a, PIE_STAGE_MAP_VMA, r, v->start);
 	}
@@ -307,11 +312,16 @@ PIE void pie_protect_vmas(struct pie_args *a)
 		for (n = 0; n < 64; n++)
 			if (v->madv & (1ULL << n))
 				sys3(NR_madvise, v->start, v->end - v->start, n);
-		if (v->prot == v->map_prot)
-			continue;
-		r = sys3(NR_mprotect, v->start, v->end - v->start, v->prot);
-		if (r < 0)
-			pie_fail(a, PIE_STAGE_MPROTECT, r, v->start);
+		if (v->prot != v->map_prot) {
+			r = sys3(NR_mprotect, v->start, v->end - v->start, v->prot);
+			if (r < 0)
+				pie_fail(a, PIE_STAGE_MPROTECT, r, v->start);
+		}
+		if (v->flags & MAP_LOCKED_) {
+			r = sys3(NR_mlock, v->start, v->end - v->start, 0);
+			if (r < 0)
+				pie_fail(a, PIE_STAGE_MPROTECT, r, v->start);
+		}
 	}
 }
 

@@ -104,3 +104,33 @@ def test_full_pipe_keeps_all_its_data(h):
     assert ask(task) == f"OK {task.pid}"
     restored = h.checkpoint_restore(task)
     assert ask(restored) == f"OK {task.pid}"
+
+
+def vm_flags(pid: int) -> dict:
+    """{(start, end): VmFlags} of every VMA but the restore-independent special ones."""
+    out, cur = {}, None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                s, e = (int(x, 16) for x in head.split("-"))
+                cur = (s, e)
+            elif line.startswith("VmFlags:"):
+                out[cur] = " ".join(sorted(line.split()[1:]))
+    return out
+
+
+def test_madvise_and_vma_flags_survive(h):
+    task = h.start("vmflags", ready=r"ready \d+")
+    before = vm_flags(task.pid)
+    wanted = {"dc", "dd", "hg", "nh", "mg", "wf", "sr", "rr", "lo", "nr", "dp"}
+    seen = {f for flags in before.values() for f in flags.split()}
+    assert wanted <= seen, f"the workload lacks {wanted - seen}"
+    restored = h.checkpoint_restore(task)
+    after = vm_flags(task.pid)
+    diff = {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
+            if before.get(k) != after.get(k)}
+    assert not diff, diff
+    restored.signal(signal.SIGUSR1)
+    line = task.log.wait(r"(OK|BAD) .*").group(0)
+    assert line == f"OK {task.pid}", line

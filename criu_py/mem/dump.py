@@ -24,7 +24,8 @@ SCAN_VEC_LEN = 4096
 _SPECIAL = {"[vdso]": M.VMA_AREA_VDSO, "[vvar]": M.VMA_AREA_VVAR,
             "[vvar_vclock]": M.VMA_AREA_VVAR}
 _MADV_BY_VMFLAG = {"dc": M.MADV_DONTFORK, "mg": M.MADV_MERGEABLE, "hg": M.MADV_HUGEPAGE,
-                   "nh": M.MADV_NOHUGEPAGE, "dd": M.MADV_DONTDUMP, "wf": M.MADV_WIPEONFORK}
+                   "nh": M.MADV_NOHUGEPAGE, "dd": M.MADV_DONTDUMP, "wf": M.MADV_WIPEONFORK,
+                   "sr": M.MADV_SEQUENTIAL, "rr": M.MADV_RANDOM}
 
 
 class VmaPlan(Record):
@@ -101,7 +102,8 @@ def plan_vmas(pid: int, vmas: list[Vma], ctx) -> list[VmaPlan]:
             e.status = M.VMA_AREA_REGULAR | M.VMA_ANON_PRIVATE
             if v.path == "[heap]":
                 e.status |= M.VMA_AREA_HEAP
-            e.flags = M.MAP_PRIVATE | M.MAP_ANONYMOUS | extra_flags
+            kind = M.MAP_DROPPABLE if "dp" in v.vm_flags else M.MAP_PRIVATE
+            e.flags = kind | M.MAP_ANONYMOUS | extra_flags
             plan.dump_private_pages = True
         elif is_shared_anon(v) or is_memfd(v):
             ctx.plan_shmem(plan)           # sets status, flags, shmid, pgoff; may refuse

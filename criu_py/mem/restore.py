@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from criu_py import mem as M
 from criu_py.errors import ImageError, RestoreError
 
-# mmap flags a VMA is re-created with. MAP_LOCKED is left out: it needs RLIMIT_MEMLOCK
-# the restore may not have, and locking is not part of the memory contents.
-MAP_KEEP = M.MAP_SHARED | M.MAP_PRIVATE | M.MAP_GROWSDOWN | M.MAP_NORESERVE
+# mmap flags a VMA is re-created with. MAP_LOCKED is passed on to the restorer, which
+# mlock()s the VMA once its pages are in instead of mapping it locked (and empty).
+MAP_KEEP = M.MAP_TYPE | M.MAP_GROWSDOWN | M.MAP_NORESERVE | M.MAP_LOCKED
 
 SPECIAL = M.VMA_AREA_VDSO | M.VMA_AREA_VVAR | M.VMA_AREA_VSYSCALL
 TASK_SIZE = 0x7FFFFFFFF000
@@ -227,7 +227,8 @@ def check_vdso(plan: MemoryPlan, mm, pid: int) -> None:
 
 # madvise advice a restored VMA gets back (vma_entry.madv bit n = advice n).
 MADV_RESTORED = (1 << M.MADV_DONTFORK) | (1 << M.MADV_MERGEABLE) | (1 << M.MADV_HUGEPAGE) | \
-    (1 << M.MADV_NOHUGEPAGE) | (1 << M.MADV_DONTDUMP) | (1 << M.MADV_WIPEONFORK)
+    (1 << M.MADV_NOHUGEPAGE) | (1 << M.MADV_DONTDUMP) | (1 << M.MADV_WIPEONFORK) | \
+    (1 << M.MADV_SEQUENTIAL) | (1 << M.MADV_RANDOM)
 
 
 def pie_vmas(plan: MemoryPlan, premapped: dict | None = None) -> list:
@@ -249,7 +250,8 @@ def pie_vmas(plan: MemoryPlan, premapped: dict | None = None) -> list:
             out.append(PieVma(v.start, v.end, v.prot, flags & ~M.MAP_ANONYMOUS, lib.PIE_VMA_FILE,
                               fd=mf.fd, pgoff=v.pgoff))
         else:
-            out.append(PieVma(v.start, v.end, v.prot, (flags | M.MAP_PRIVATE) & ~M.MAP_SHARED,
+            kind = M.MAP_DROPPABLE if flags & M.MAP_TYPE == M.MAP_DROPPABLE else M.MAP_PRIVATE
+            out.append(PieVma(v.start, v.end, v.prot, (flags & ~M.MAP_TYPE) | kind,
                               lib.PIE_VMA_ANON))
         if v.HasField("madv"):
             out[-1].madv = v.madv & MADV_RESTORED
@@ -268,5 +270,3 @@ def pie_vmas(plan: MemoryPlan, premapped: dict | None = None) -> list:
     return out
 
 
-def vma_key(v) -> tuple:
-    return _vma_key(v)

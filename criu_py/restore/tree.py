@@ -262,7 +262,7 @@ def _private(v) -> bool:
     from criu_py import mem as M
     return bool(v.status & (M.VMA_ANON_PRIVATE | M.VMA_FILE_PRIVATE)) and \
         not v.status & (M.VMA_AREA_VDSO | M.VMA_AREA_VVAR | M.VMA_AREA_VSYSCALL) and \
-        not v.flags & (M.MAP_GROWSDOWN | M.MAP_HUGETLB)
+        not v.flags & (M.MAP_GROWSDOWN | M.MAP_HUGETLB) and v.flags & M.MAP_TYPE != M.MAP_DROPPABLE
 
 
 def _plan_cow(plan: TreePlan) -> None:
