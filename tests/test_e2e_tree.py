@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from conftest import Log, Task, descendants, wait_for
+from conftest import Log, Task, descendants, proc_status, wait_for
 
 
 def tree_of(root: int) -> dict:
@@ -155,3 +155,30 @@ def test_shared_fd_table_fs_descriptions_and_offsets(h):
     for who in ("r", "c"):
         nums = [int(line.split()[1]) for line in lines if line.startswith(who)]
         assert nums == list(range(1, len(nums) + 1))
+
+
+def creds_of(pid: int, tid: int | None = None) -> dict:
+    st = proc_status(pid) if tid is None else \
+        dict(line.split(":", 1) for line in open(f"/proc/{pid}/task/{tid}/status").read().splitlines())
+    keys = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
+    return {k: " ".join(st[k].split()) for k in keys}
+
+
+def test_each_task_and_thread_keeps_its_credentials(h):
+    task = h.start("creds", ready=r"ready .*")
+    r, u, c, t, tt = (int(x) for x in task.log.matches(r"ready (.*)")[0].group(1).split())
+    who = {"root": (r, None), "unprivileged": (u, None), "capped": (c, None), "threaded": (t, None),
+           "thread with uid 3000": (t, tt)}
+    before = {name: creds_of(*ids) for name, ids in who.items()}
+    assert before["unprivileged"]["Uid"] == "1000 1001 1002 1001"      # fsuid follows euid
+    assert before["thread with uid 3000"]["Uid"] == "3000 3000 3000 3000" != before["threaded"]["Uid"]
+    extra = lambda pid: (open(f"/proc/{pid}/personality").read(),   # noqa: E731
+                         open(f"/proc/{pid}/status").read().count("\n"),
+                         os.stat(f"/proc/{pid}").st_uid)            # non-dumpable: owned by root
+    before_extra = {p: extra(p) for p in (r, u, c)}
+    h.checkpoint_restore(task)
+    assert {name: creds_of(*ids) for name, ids in who.items()} == before
+    assert {p: extra(p) for p in (r, u, c)} == before_extra
+    n = len(task.log)
+    wait_for(lambda: all(len(task.log.matches(rf"tick {p} .*")) > 2 for p in (r, u, c, t))
+             and len(task.log) > n + 8, what="every task to tick on")

@@ -21,6 +21,7 @@ BUILD_FLAGS = {
     "vecregs": ["-mavx512f", "-DUSE_ZMM"] if HAS_AVX512 else ["-mavx"],
     "unsupported": ["-pthread"],
     "threads": ["-pthread"],
+    "creds": ["-pthread"],
 }
 
 
