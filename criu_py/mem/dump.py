@@ -90,6 +90,9 @@ def plan_vmas(pid: int, vmas: list[Vma], ctx) -> list[VmaPlan]:
         elif v.path in _SPECIAL:
             e.status = M.VMA_AREA_REGULAR | M.VMA_ANON_PRIVATE | _SPECIAL[v.path]
             e.flags = M.MAP_PRIVATE | M.MAP_ANONYMOUS
+            # The vdso's pages are written too (never vvar's): upstream's restorer reads
+            # the dumped vdso's ELF header to match it with the live one.
+            plan.dump_private_pages = v.path == "[vdso]"
         elif v.path.startswith("[") or (v.inode == 0 and not v.path.startswith("/")):
             # [heap], [stack], [anon:...] and plain anonymous memory
             if v.shared:
@@ -158,7 +161,8 @@ def lazy_allowed(plan: VmaPlan) -> bool:
     """Upstream's rule for PE_LAZY: private anonymous memory that is not locked (vdso,
     vvar and vsyscall never get here)."""
     e = plan.entry
-    return bool(e.status & M.VMA_ANON_PRIVATE) and not e.flags & M.MAP_LOCKED
+    return bool(e.status & M.VMA_ANON_PRIVATE) and not e.flags & M.MAP_LOCKED and \
+        not e.status & (M.VMA_AREA_VDSO | M.VMA_AREA_VVAR | M.VMA_AREA_VSYSCALL)
 
 
 PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
@@ -209,7 +213,10 @@ def private_page_ranges(pid: int, plans: list[VmaPlan], scan=None) -> tuple[list
             if not p.dump_private_pages:
                 continue
             scanned += (p.vma.end - p.vma.start) // M.PAGE_SIZE
-            found = scan(fd, p.vma.start, p.vma.end)
+            if p.entry.status & M.VMA_AREA_VDSO:
+                found = [(p.vma.start, p.vma.end)]     # kernel pages: no scan sees them
+            else:
+                found = scan(fd, p.vma.start, p.vma.end)
             ranges += found
             owners += [p] * len(found)
     finally:

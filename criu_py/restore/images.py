@@ -110,6 +110,8 @@ def check_pstree(entries) -> None:
             raise ImageError(f"pstree.img: pid {e.pid} has parent {e.ppid}, which is not "
                              f"an earlier task of the tree")
         threads = list(e.threads) or [e.pid]
+        if threads == [0]:
+            threads = [e.pid]          # upstream's zombies: no thread ids
         if e.pid not in threads:
             raise ImageError(f"pstree.img: pid {e.pid} is not among its own threads")
         for tid in threads:
