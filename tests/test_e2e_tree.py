@@ -182,3 +182,30 @@ def test_each_task_and_thread_keeps_its_credentials(h):
     n = len(task.log)
     wait_for(lambda: all(len(task.log.matches(rf"tick {p} .*")) > 2 for p in (r, u, c, t))
              and len(task.log) > n + 8, what="every task to tick on")
+
+
+def test_pid_taken_during_the_restore_kills_every_created_task(h):
+    task = h.start("forest", ready=r"ready \d+")
+    before = tree_of(task.pid)
+    images = h.dump(task)
+    deepest = max(before, key=lambda p: (len(list(_ancestors(before, p))), p))
+    assert len(list(_ancestors(before, deepest))) >= 3
+    env = dict(os.environ, CRIU_PY_TEST_TAKE_PID=str(deepest))
+    res = subprocess.run(h.cli_argv("restore", "-D", images, "-d", "-o", "restore.log", "-v4"),
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {deepest} is in use" in lines[0], res.stderr
+    # nothing of the tree is left, not even the process that took the PID
+    wait_for(lambda: not [p for p in before if os.path.exists(f"/proc/{p}")], timeout=5,
+             what="every task the restore created to be gone")
+    # and the images still restore
+    restored = h.restore(images, task=task)
+    assert tree_of(task.pid).keys() == before.keys()
+    assert restored.running()
+
+
+def _ancestors(tree: dict, pid: int):
+    while pid in tree and tree[pid][0] in tree:
+        pid = tree[pid][0]
+        yield pid

@@ -174,6 +174,8 @@ class TaskRun:
 
     def fork_child(self, c) -> None:
         from criu_py.restore.fork import clone_with_pid
+        if os.environ.get("CRIU_PY_TEST_TAKE_PID") == str(c.pid):
+            take_pid_for_test(c.pid)
         pid = clone_with_pid(c.pid, c.clone_flags)
         if pid == 0:
             TaskRun(self.rs, c).run()
@@ -371,6 +373,14 @@ class FileContext:
         for fd in self.raw_fds:
             os.close(fd)
         self.raw_fds = []
+
+
+def take_pid_for_test(pid: int) -> None:
+    """Test hook (CRIU_PY_TEST_TAKE_PID): another process takes `pid` right before this
+    task forks the task that needs it, as a PID taken during a restore would be."""
+    from criu_py.restore.fork import clone_with_pid
+    if clone_with_pid(pid) == 0:
+        os.execv("/bin/sleep", ["sleep", "600"])
 
 
 # ---------------------------------------------------------------- helpers and zombies
