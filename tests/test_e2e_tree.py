@@ -80,9 +80,13 @@ def test_bash_loop_with_a_sleep_child(h):
     task = Task(p.pid, script[:20], Log(log), p)
     h.tasks.append(task)
     task.log.wait(rf"tick {p.pid} 3")
-    wait_for(lambda: descendants(p.pid), what="bash's sleep child")
-    kids = descendants(p.pid)
-    assert open(f"/proc/{kids[0]}/comm").read().strip() == "sleep"
+    def sleeping_child():
+        kids = descendants(p.pid)
+        try:
+            return kids if open(f"/proc/{kids[0]}/comm").read().strip() == "sleep" else None
+        except (IndexError, OSError):
+            return None
+    kids = wait_for(sleeping_child, what="bash's sleep child")
     before = tree_of(p.pid)
     restored = h.checkpoint_restore(task)
     dumped = int(task.log.lines()[-1].split()[2])

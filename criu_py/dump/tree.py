@@ -184,10 +184,33 @@ class Tree:
         return out
 
     def _check_leaders(self) -> None:
-        for p in self.procs.values():
-            if not p.zombie and p.pid not in p.tracees:
+        """A process whose leader could not be seized was exiting: by now it is a zombie
+        (its parent is frozen and cannot reap it) or gone; a live process whose main
+        thread exited while others run is refused."""
+        from criu_py import proc as P
+        for p in list(self.procs.values()):
+            if p.zombie or p.pid in p.tracees or self._vfork_blocked(p):
+                continue
+            try:
+                st = P.read_stat(p.pid)
+            except NoSuchProcess:
+                st = None
+            if st is None or st.state == "X":
+                self._drop(p)
+            elif st.state == "Z" and not p.tracees:
+                for t in p.tracees.values():
+                    t.detach()
+                p.tracees, p.zombie, p.exit_code = {}, True, st.exit_code
+            else:
                 raise Unsupported(f"pid {p.pid}: its main thread has exited while other "
                                   f"threads run: not supported")
+
+    def _drop(self, p: Proc) -> None:
+        if p.pid == self.root:
+            raise NoSuchProcess(f"pid {p.pid} exited while the tree was frozen")
+        for t in p.tracees.values():
+            t.detach()
+        del self.procs[p.pid]
 
     def _order(self) -> None:
         """Parent links from what the kernel says now (all stopped) and pstree order."""
