@@ -53,6 +53,18 @@
 #define NR_rt_tgsigqueueinfo 297
 #define NR_rseq 334
 #define NR_clone3 435
+#define NR_dup3 292
+#define NR_fchdir 81
+#define NR_chroot 161
+#define NR_umask 95
+#define NR_setsid 112
+#define NR_setpgid 109
+#define NR_personality 135
+#define NR_prlimit64 302
+#define NR_setitimer 38
+#define O_CLOEXEC_ 02000000
+#define CLONE_VFORK_FLAGS_ (0x100 | 0x4000)	/* CLONE_VM | CLONE_VFORK */
+#define SIGCHLD_ 17
 
 #define MAP_FIXED_ 0x10
 #define MAP_ANONYMOUS_ 0x20
@@ -454,6 +466,8 @@ PIE void pie_wait_while(uint32_t *word, uint32_t val, int private_)
 		sys6(NR_futex, (long)word, FUTEX_WAIT_ | (private_ ? FUTEX_PRIVATE_ : 0), val, 0, 0, 0);
 }
 
+PIE void pie_vfork(struct pie_args *a);
+
 /* Everything one thread restores for itself, then the barrier, then into the task. */
 PIE __attribute__((noreturn)) void pie_thread_main(struct pie_args *a, struct pie_thread *t)
 {
@@ -513,10 +527,12 @@ PIE __attribute__((noreturn)) void pie_thread_main(struct pie_args *a, struct pi
 			sys6(NR_futex, (long)&a->threads_ready, FUTEX_WAIT_ | FUTEX_PRIVATE_, n, 0, 0, 0);
 		}
 		pie_report(a, PIE_STAGE_DONE, a->keep_end - a->keep_start, a->keep_start);
-		if (a->status_fd >= 0)
+		if (a->status_fd >= 0 && !a->vfork_args)
 			sys3(NR_close, a->status_fd, 0, 0);
 		if (s && __atomic_sub_fetch(&s->nr_in_progress, 1, __ATOMIC_SEQ_CST) == 0)
 			sys6(NR_futex, (long)&s->nr_in_progress, FUTEX_WAKE_, 0x7fffffff, 0, 0, 0);
+		if (a->vfork_args)
+			pie_vfork(a);
 	} else {
 		sys6(NR_futex, (long)&a->threads_ready, FUTEX_WAKE_ | FUTEX_PRIVATE_, 1, 0, 0, 0);
 	}
@@ -535,6 +551,93 @@ PIE __attribute__((noreturn)) void pie_thread_main(struct pie_args *a, struct pi
 PIE __attribute__((noreturn, used)) void pie_thread_entry(struct pie_args *a, struct pie_thread *t)
 {
 	pie_thread_main(a, t);
+}
+
+/* What a process made here (a vfork child) restores for itself before its thread
+ * state: its fd table from the fds its parent parked, cwd/root/umask, session and
+ * group, personality, resource limits, interval timers, signal actions and pending
+ * signals. Limits and timers are best effort, as in the Python phase. */
+PIE void pie_process_extras(struct pie_args *a)
+{
+	struct pie_fd_move *m = (struct pie_fd_move *)a->fd_moves;
+	uint64_t *rl = (uint64_t *)a->rlimits;
+	uint64_t i;
+	long r;
+
+	for (i = 0; i < a->nr_fd_moves; i++) {
+		r = sys3(NR_dup3, m[i].from, m[i].to, m[i].cloexec ? O_CLOEXEC_ : 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_CLOSE, r, m[i].to);
+	}
+	if (a->root_fd >= 0) {
+		r = sys3(NR_fchdir, a->root_fd, 0, 0);
+		if (r == 0)
+			r = sys3(NR_chroot, (long)a->dot, 0, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_PRCTL, r, 1);
+	}
+	if (a->cwd_fd >= 0) {
+		r = sys3(NR_fchdir, a->cwd_fd, 0, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_PRCTL, r, 2);
+	}
+	if (a->umask >= 0)
+		sys3(NR_umask, a->umask, 0, 0);
+	if (a->setsid)
+		sys3(NR_setsid, 0, 0, 0);
+	else if (a->pgid > 0) {
+		r = sys3(NR_setpgid, 0, a->pgid, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_PRCTL, r, 3);
+	}
+	if (a->personality >= 0)
+		sys3(NR_personality, a->personality, 0, 0);
+	for (i = 0; i < a->nr_rlimits; i++)
+		sys6(NR_prlimit64, 0, i, (long)&rl[2 * i], 0, 0, 0);
+	if (a->has_itimers)
+		for (i = 0; i < 3; i++)
+			sys3(NR_setitimer, i, a->itimers + 32 * i, 0);
+	pie_restore_sigactions(a);
+	pie_queue_signals(a, a->signals, a->nr_signals, 0);
+	pie_close_fds(a);
+}
+
+PIE __attribute__((noreturn, used)) void pie_vfork_entry(struct pie_args *v)
+{
+	pie_process_extras(v);
+	pie_thread_main(v, (struct pie_thread *)v->threads);
+}
+
+/* The vfork child, with its PID, in this task's memory: the caller sleeps in the
+ * kernel until the child exits or execs, exactly as the dumped parent did. */
+PIE long pie_clone_vfork(struct pie_args *a)
+{
+	struct pie_args *v = (struct pie_args *)a->vfork_args;
+	struct pie_thread *vt = (struct pie_thread *)v->threads;
+	struct clone_args_ ca;
+	int32_t tid = vt->tid;
+	register long r12 asm("r12") = (long)v;
+	long ret;
+
+	ca.flags = CLONE_VFORK_FLAGS_;
+	ca.pidfd = ca.child_tid = ca.parent_tid = ca.tls = ca.cgroup = 0;
+	ca.exit_signal = SIGCHLD_;
+	ca.stack = vt->stack_top - a->thread_stack;
+	ca.stack_size = a->thread_stack;
+	ca.set_tid = (uint64_t)&tid;
+	ca.set_tid_size = 1;
+	asm volatile("syscall\n\t"
+		     "test %%rax, %%rax\n\t"
+		     "jnz 1f\n\t"
+		     "xor %%ebp, %%ebp\n\t"
+		     "mov %%r12, %%rdi\n\t"
+		     "call %P[entry]\n\t"
+		     "ud2\n"
+		     "1:"
+		     : "=a"(ret)
+		     : "a"(NR_clone3), "D"(&ca), "S"(sizeof(ca)), "r"(r12), [entry] "i"(pie_vfork_entry)
+		     : "rcx", "r11", "memory");
+	return ret;
 }
 
 /* clone3 a thread of this task with its TID; the child starts on its own stack in the
@@ -567,6 +670,29 @@ PIE long pie_clone_thread(struct pie_args *a, struct pie_thread *t, uint64_t sta
 		       [entry] "i"(pie_thread_entry)
 		     : "rcx", "r11", "memory");
 	return ret;
+}
+
+/* A vfork parent, once ready: make the child and sleep until it is done; then close
+ * what was parked for it (its fd table's sources) and the status fd. */
+PIE void pie_vfork(struct pie_args *a)
+{
+	struct pie_args *v = (struct pie_args *)a->vfork_args;
+	struct pie_fd_move *m = (struct pie_fd_move *)v->fd_moves;
+	struct pie_thread *vt = (struct pie_thread *)v->threads;
+	uint64_t i;
+	long r;
+
+	r = pie_clone_vfork(a);
+	if (r < 0)
+		pie_fail(a, PIE_STAGE_CLONE_THREAD, r, vt->tid);
+	for (i = 0; i < v->nr_fd_moves; i++)
+		sys3(NR_close, m[i].from, 0, 0);
+	if (v->cwd_fd >= 0)
+		sys3(NR_close, v->cwd_fd, 0, 0);
+	if (v->root_fd >= 0)
+		sys3(NR_close, v->root_fd, 0, 0);
+	if (a->status_fd >= 0)
+		sys3(NR_close, a->status_fd, 0, 0);
 }
 
 PIE_ENTRY __attribute__((noreturn)) void pie_restorer_main(struct pie_args *a)

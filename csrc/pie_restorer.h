@@ -100,6 +100,14 @@ struct pie_thread {
 	struct pie_creds creds;
 };
 
+/* One fd of a vfork child's table: dup3(from, to) (from: parked by its parent). */
+struct pie_fd_move {
+	int32_t from;
+	int32_t to;
+	int32_t cloexec;
+	int32_t pad;
+};
+
 /* Words shared by every task of the restore and the restore command (a MAP_SHARED
  * page inherited through fork): the stage barrier, futexes on `stage` and
  * `nr_in_progress`, and the first failure of any task's restorer. */
@@ -195,6 +203,26 @@ struct pie_args {
 	uint64_t sync_len;
 	uint32_t stage_ready;	/* the stage during which threads set themselves up */
 	uint32_t stage_go;	/* the stage that lets them return into the task */
+
+	/* A child that shares this task's memory (vfork): its own struct pie_args, run
+	 * by a clone3(CLONE_VM | CLONE_VFORK) once this task is ready; 0: none. */
+	uint64_t vfork_args;
+
+	/* What a process created here (a vfork child) sets up for itself, since no Python
+	 * ran in it: its fd table, fs, session, group, personality, limits, timers. */
+	uint64_t fd_moves;	/* struct pie_fd_move[nr_fd_moves] */
+	uint64_t nr_fd_moves;
+	uint64_t rlimits;	/* uint64_t[2 * nr_rlimits]: cur, max in RLIMIT_* order */
+	uint64_t nr_rlimits;
+	uint64_t itimers;	/* uint64_t[3][4]: interval s, us, value s, us (real, virt, prof) */
+	int32_t has_itimers;
+	int32_t cwd_fd;		/* -1: keep */
+	int32_t root_fd;	/* -1: keep */
+	int32_t umask;		/* -1: keep */
+	int32_t setsid;
+	int32_t pgid;		/* > 0: setpgid(0, pgid) */
+	int64_t personality;	/* -1: keep */
+	char dot[8];		/* ".": chroot()'s argument after fchdir(root_fd) */
 };
 
 #endif

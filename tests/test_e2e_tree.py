@@ -213,3 +213,21 @@ def _ancestors(tree: dict, pid: int):
     while pid in tree and tree[pid][0] in tree:
         pid = tree[pid][0]
         yield pid
+
+
+def test_vfork_child_runs_in_its_parents_memory_and_the_parent_waits(h):
+    task = h.start("vfork", ready=r"ready .*")
+    r, hp, v = (int(x) for x in task.log.matches(r"ready (.*)")[0].group(1).split())
+    assert tree_of(task.pid)[hp][3] == "D"                   # asleep in vfork()
+    assert kcmp(hp, v, 1) == 0                               # KCMP_VM: one mm
+    task.log.wait(rf"tick {v} .*", count=3)
+    h.checkpoint_restore(task)
+    at_dump = last_ticks(task.log)[v]
+    after = tree_of(task.pid)
+    assert after[hp][3] == "D" and after[v][0] == hp and kcmp(hp, v, 1) == 0
+    n = len(task.log)
+    task.log.wait(rf"tick {v} .*", count=len(task.log.matches(rf"tick {v} .*")) + 2)
+    firsts = [int(line.split()[2]) for line in task.log.lines()[n:] if line.startswith(f"tick {v} ")]
+    assert firsts[0] == at_dump + 1, (at_dump, firsts)      # its count, in the shared memory
+    os.kill(v, signal.SIGUSR1)
+    assert task.log.wait(rf"back {hp} {v} (\d+)").group(1) == "3"    # the parent goes on

@@ -49,6 +49,8 @@ def dump_tasks(opts: dict) -> int:
             plan_memory(ctx)
         with step("plan files"):
             plan_files(ctx)
+        with step("vfork parents"):
+            release_vfork_parents(ctx)
         # ---- every check passed: images from here on
         with step("write memory"):
             write_memory(ctx)
@@ -136,6 +138,23 @@ def refuse_unsupported(ctx) -> None:
                                   f"are not supported")
         if pd.stat.tty_nr and not shell_job:
             raise Unsupported(f"pid {pid} has a controlling terminal: use --shell-job")
+        if p.vfork_child:
+            if ctx.opts.get("leave_running"):
+                raise Unsupported(f"pid {pid} waits in vfork() for its child {p.vfork_child}, "
+                                  f"which only ends when the child does: cannot dump it "
+                                  f"with --leave-running")
+            if len(p.tracees) > 1:
+                raise Unsupported(f"pid {pid} waits in vfork() while other threads run: "
+                                  f"not supported")
+            kid = tree.procs[p.vfork_child]
+            if kid.children:
+                raise Unsupported(f"pid {kid.pid}, a vfork() child, has children of its own: "
+                                  f"not supported")
+        try:
+            pd.pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            from criu_py.errors import from_oserror
+            raise from_oserror(exc, "pidfd_open", pid) from None
     root = tree.procs[tree.root]
     if not shell_job and (root.sid != root.pid or root.pgid != root.pid):
         raise Unsupported(f"pid {root.pid} is not a session and group leader (sid {root.sid}, "
@@ -160,6 +179,8 @@ def find_shared_objects(ctx) -> None:
         p = pd.proc
         for kind in ("vm", "sighand"):
             other = seen.get((kind, p.kobj[kind]))
+            if kind == "vm" and other is not None and ctx.tree.procs[other].vfork_child == p.pid:
+                continue                 # a vfork() child runs in its parent's memory
             if other is not None:
                 raise Unsupported(f"pid {p.pid} shares its {'memory' if kind == 'vm' else 'signal handlers'} "
                                   f"with pid {other} (CLONE_{kind.upper()} without CLONE_THREAD): "
@@ -168,10 +189,10 @@ def find_shared_objects(ctx) -> None:
 
 
 # ------------------------------------------------------------------ collect
-def collect_registers(ctx) -> None:
+def collect_registers(ctx, procs=None) -> None:
     from criu_py import arch_x86
     from criu_py.dump.context import ThreadDump
-    for pd in ctx.procs:
+    for pd in procs or ctx.stopped():
         for tid in pd.proc.threads:
             t = pd.proc.tracees[tid]
             th = ThreadDump(tid=tid, tracee=t)
@@ -191,10 +212,10 @@ def collect_registers(ctx) -> None:
         pd.signals_shared = pd.tracee.pending_signals(shared=True)
 
 
-def collect_in_task_state(ctx) -> None:
+def collect_in_task_state(ctx, procs=None) -> None:
     from criu_py import proc
     from criu_py.dump import parasite
-    for pd in ctx.procs:
+    for pd in procs or ctx.stopped():
         site = parasite.code_site(proc.read_maps(pd.pid))
         others = [(th.tracee, th.raw_gpregs) for th in pd.threads[1:]]
         pd.parasite = parasite.collect(pd.tracee, site, pd.leader.raw_gpregs, others)
@@ -204,12 +225,12 @@ def collect_in_task_state(ctx) -> None:
                   pd.pid, pd.parasite.injected_calls, pd.parasite.brk)
 
 
-def collect_proc_state(ctx) -> None:
+def collect_proc_state(ctx, procs=None) -> None:
     from criu_py import proc
     from criu_py.dump import task
     from criu_py.errors import from_oserror
     from criu_py.files.regular import path_entry_id
-    for pd in ctx.procs:
+    for pd in procs or ctx.stopped():
         pid = pd.pid
         for th in pd.threads:
             tid = th.tid
@@ -235,16 +256,12 @@ def collect_proc_state(ctx) -> None:
         if exe.endswith(" (deleted)"):
             raise Unsupported(f"pid {pid}: its executable {exe} was deleted")
         pd.exe_id = path_entry_id(pd.files, exe, os.stat(f"/proc/{pid}/exe"))
-        try:
-            pd.pidfd = os.pidfd_open(pid)
-        except OSError as exc:
-            raise from_oserror(exc, "pidfd_open", pid) from None
 
 
-def plan_memory(ctx) -> None:
+def plan_memory(ctx, procs=None) -> None:
     from criu_py import proc
     from criu_py.mem import dump as memdump
-    for pd in ctx.procs:
+    for pd in procs or ctx.stopped():
         pd.vma_plans = memdump.plan_vmas(pd.pid, proc.read_smaps(pd.pid), pd)
 
 
@@ -286,11 +303,38 @@ def plan_files(ctx) -> None:
             setattr(pd, f"{name}_id", fid)
 
 
+def release_vfork_parents(ctx) -> None:
+    """A parent sleeping in vfork() cannot be stopped until its child exits: with
+    everything else collected and checked, the child is ended (its state is in hand),
+    the parent stops on its way out of vfork() (ax = the child's pid), and is collected
+    like the others. Its SIGCHLD for that exit is not part of its state: dropped."""
+    import signal
+    import struct
+    for pd in ctx.procs:
+        vpid = pd.proc.vfork_child
+        if not vpid:
+            continue
+        ctx.tree.procs[vpid].leader.kill(wait=True)
+        pd.tracee.wait_stopped(drop=(signal.SIGCHLD,))
+        collect_registers(ctx, [pd])
+        # siginfo: si_signo at 0, si_pid at 16
+        pd.signals_shared = [raw for raw in pd.signals_shared
+                             if struct.unpack_from("<i12xi", raw) != (signal.SIGCHLD, vpid)]
+        collect_in_task_state(ctx, [pd])
+        collect_proc_state(ctx, [pd])
+        plan_memory(ctx, [pd])
+        log.info("pid %d: out of vfork() once its child %d was ended", pd.pid, vpid)
+
+
 # ------------------------------------------------------------------ write
 def write_memory(ctx) -> None:
     from criu_py.mem import dump as memdump
     for pd in ctx.procs:
         pd.pages_id = ctx.alloc_pages_id()
+        if pd.in_parents_memory:
+            # a vfork() child: its memory is its parent's, dumped there
+            memdump.write_no_pages(ctx.images, pd.pages_id, pd.pid)
+            continue
         pd.page_stats = memdump.dump_private_pages(pd.pid, pd.vma_plans, ctx.images,
                                                    pd.pages_id, pd.pid, ctx.opts.get("kdat"))
     if ctx.shmem:

@@ -49,6 +49,10 @@ class DumpContext:
         for p in self.procs:
             p.close()
 
+    def stopped(self) -> list:
+        """The processes whose leader is stopped (all but parents waiting in vfork())."""
+        return [p for p in self.procs if not p.proc.vfork_child]
+
     def alloc_pages_id(self) -> int:
         """A fresh pages-N.img number (per process, then per shared object)."""
         n = self._next_pages_id
@@ -117,6 +121,12 @@ class ProcDump:
     @property
     def tracee(self):
         return self.proc.leader
+
+    @property
+    def in_parents_memory(self) -> bool:
+        """A vfork() child: it runs in its parent's mm."""
+        parent = self.dump.tree.procs.get(self.proc.ppid)
+        return parent is not None and parent.vfork_child == self.pid
 
     # ---- shared with the whole dump
     @property

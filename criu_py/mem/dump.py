@@ -361,6 +361,13 @@ def page_scanner(kdat):
     return lambda fd, start, end: scan_pages_by_pagemap(fd, start, end, zero_pfn)
 
 
+def write_no_pages(images, pages_id: int, pid_for_name: int) -> None:
+    """An empty pagemap (and pages file) for a process whose memory is dumped elsewhere."""
+    from criu_py.images import PE_PRESENT
+    os.close(images.open_raw(f"pages-{pages_id}.img", write=True))
+    images.write_entries(f"pagemap-{pid_for_name}.img", pagemap_entries([], pages_id, PE_PRESENT))
+
+
 def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
                        pid_for_name: int, kdat=None) -> PageStats:
     """pagemap-PID.img and pages-ID.img for the private pages of `plans`."""

@@ -63,8 +63,10 @@ class Tracee:
         self.attached = True
         check_errno(lib.cp_ptrace(PTRACE_INTERRUPT, self.pid, 0, 0), "PTRACE_INTERRUPT", self.pid)
 
-    def wait_stopped(self) -> None:
-        self._wait_event_stop()
+    def wait_stopped(self, drop: tuple = ()) -> None:
+        """Wait for the PTRACE_INTERRUPT stop; signals in `drop` that arrive first are
+        discarded instead of delivered."""
+        self._wait_event_stop(drop)
 
     def _exiting(self) -> bool:
         try:
@@ -90,7 +92,7 @@ class Tracee:
             raise NoSuchProcess(f"task {self.pid} exited while being dumped")
         return status
 
-    def _wait_event_stop(self) -> None:
+    def _wait_event_stop(self, drop: tuple = ()) -> None:
         """Wait for the PTRACE_INTERRUPT stop; signals that arrive first are passed on."""
         ffi, lib = _lib()
         for _ in range(64):
@@ -99,8 +101,10 @@ class Tracee:
             if event == PTRACE_EVENT_STOP:
                 return
             # A signal-delivery stop: deliver it and wait for the pending interrupt.
-            log.debug("pid %d: signal %d delivered while stopping", self.pid, sig)
-            check_errno(lib.cp_ptrace(PTRACE_CONT, self.pid, 0, sig), "PTRACE_CONT", self.pid)
+            log.debug("pid %d: signal %d %s while stopping", self.pid, sig,
+                      "dropped" if sig in drop else "delivered")
+            check_errno(lib.cp_ptrace(PTRACE_CONT, self.pid, 0, 0 if sig in drop else sig),
+                        "PTRACE_CONT", self.pid)
         raise DumpError(f"stopping task {self.pid}: it keeps receiving signals")
 
     def detach(self) -> None:

@@ -98,6 +98,17 @@ class PiePlan:
     sync: tuple[int, int] = (0, 0)       # (address, length) of the shared sync page
     stage_ready: int = 0
     stage_go: int = 0
+    vfork: "PiePlan | None" = None       # a child sharing this memory, made once ready
+    # What a process made by the restorer (a vfork child) sets up itself:
+    fd_moves: list = field(default_factory=list)   # (parked fd, fd number, cloexec)
+    cwd_fd: int = -1
+    root_fd: int = -1
+    umask: int = -1
+    setsid: bool = False
+    pgid: int = 0
+    personality: int = -1
+    rlimits: list = field(default_factory=list)    # (cur, max) in RLIMIT_* order
+    itimers: list | None = None                    # 3 x (interval s, us, value s, us)
 
     def __post_init__(self):
         if not self.threads and self.regs is not None:
@@ -112,9 +123,17 @@ def _frame_len(regs: TaskRegisters) -> int:
 
 
 def region_size(plan: PiePlan, blob_len: int) -> int:
+    n = page_up(blob_len) + _data_size(plan)
+    if plan.vfork is not None:
+        n += _data_size(plan.vfork)
+    n = page_up(n + PAGE)
+    nthreads = len(plan.threads) + (1 if plan.vfork is not None else 0)
+    return n + STACK_SIZE + THREAD_STACK_SIZE * max(0, nthreads - 1)
+
+
+def _data_size(plan: PiePlan) -> int:
     from criu_py.native import ffi
-    n = page_up(blob_len)
-    n += ffi.sizeof("struct pie_args") + 64
+    n = ffi.sizeof("struct pie_args") + 64
     n += len(plan.vmas) * ffi.sizeof("struct pie_vma")
     n += len(plan.iovs) * 16 + 16
     n += 64 * ffi.sizeof("struct pie_sigaction")
@@ -126,8 +145,8 @@ def region_size(plan: PiePlan, blob_len: int) -> int:
         n += _frame_len(t.regs) + 128
         n += SIGINFO_SIZE * len(t.signals) + 16
         n += 4 * len(t.creds.groups if t.creds else ()) + 16
-    n = page_up(n + PAGE)
-    return n + STACK_SIZE + THREAD_STACK_SIZE * max(0, len(plan.threads) - 1)
+    n += 16 * len(plan.fd_moves) + 16 * len(plan.rlimits) + 96 + 64
+    return n
 
 
 def free_gap(size: int, busy: list[tuple[int, int]], low: int = 0x10000, high: int = TASK_SIZE) -> int:
@@ -213,10 +232,23 @@ def prepare(plan: PiePlan, base: int, size: int) -> tuple[int, int, int]:
     blob_len = stop - start
     ffi.memmove(ffi.cast("char *", base), ffi.cast("char *", start), blob_len)
     entry = base + (lib.criu_py_pie_entry() - start)
-    nthreads = len(plan.threads)
+    nthreads = len(plan.threads) + (1 if plan.vfork is not None else 0)
     stacks_size = STACK_SIZE + THREAD_STACK_SIZE * max(0, nthreads - 1)
     w = _Writer(ffi, base + page_up(blob_len), base + size - stacks_size)
+    # the leader's stack at the top, then one per other thread (and the vfork child)
+    tops = [(base + size - 64) & ~15] + [base + size - STACK_SIZE - THREAD_STACK_SIZE * i
+                                          for i in range(nthreads - 1)]
+    args = _fill_args(ffi, w, plan, base, size, tops[:len(plan.threads)])
+    if plan.vfork is not None:
+        a = ffi.cast("struct pie_args *", args)
+        a.vfork_args = _fill_args(ffi, w, plan.vfork, base, size, tops[len(plan.threads):])
+    return entry, args, tops[0]
 
+
+def _fill_args(ffi, w: "_Writer", plan: PiePlan, base: int, size: int, tops: list) -> int:
+    """One struct pie_args (and what it points to) for `plan`; its address."""
+    from criu_py.native import lib
+    nthreads = len(plan.threads)
     args_addr = w.alloc(ffi.sizeof("struct pie_args"), 64)
     a = _zeroed(ffi, args_addr, "struct pie_args")
 
@@ -273,12 +305,10 @@ def prepare(plan: PiePlan, base: int, size: int) -> tuple[int, int, int]:
 
     th_sz = ffi.sizeof("struct pie_thread")
     threads_addr = w.alloc(max(1, nthreads) * th_sz, 64)
-    leader_stack = (base + size - 64) & ~15
     for i, pt in enumerate(plan.threads):
         t = _zeroed(ffi, threads_addr + i * th_sz, "struct pie_thread")
         t.tid = pt.tid
-        t.stack_top = leader_stack if i == 0 else \
-            base + size - STACK_SIZE - THREAD_STACK_SIZE * (i - 1)
+        t.stack_top = tops[i]
         gp = pt.regs.gp
         t.fs_base, t.gs_base = gp.get("fs_base", 0), gp.get("gs_base", 0)
         t.clear_child_tid = pt.clear_child_tid
@@ -313,7 +343,19 @@ def prepare(plan: PiePlan, base: int, size: int) -> tuple[int, int, int]:
     a.sync, a.sync_len = plan.sync
     a.stage_ready, a.stage_go = plan.stage_ready, plan.stage_go
     a.trap_before_sigreturn = 1 if plan.trap_before_sigreturn else 0
-    return entry, args_addr, leader_stack
+
+    moves = b"".join(struct.pack("<iiii", src, dst, int(cloexec), 0)
+                     for src, dst, cloexec in plan.fd_moves)
+    a.fd_moves, a.nr_fd_moves = w.put(moves or bytes(16), 8), len(plan.fd_moves)
+    rl = b"".join(struct.pack("<QQ", cur, mx) for cur, mx in plan.rlimits)
+    a.rlimits, a.nr_rlimits = w.put(rl or bytes(16), 8), len(plan.rlimits)
+    if plan.itimers is not None:
+        a.itimers = w.put(b"".join(struct.pack("<qqqq", *t) for t in plan.itimers), 8)
+        a.has_itimers = 1
+    a.cwd_fd, a.root_fd, a.umask = plan.cwd_fd, plan.root_fd, plan.umask
+    a.setsid, a.pgid, a.personality = int(plan.setsid), plan.pgid, plan.personality
+    a.dot[0] = b"."
+    return args_addr
 
 
 def stack_frame_addr(sp: int, frame_len: int) -> int:

@@ -159,7 +159,8 @@ class TaskRun:
             from criu_py.mem.premap import premap_vmas
             premap_vmas(self)
         self.stage = "children"
-        early = [c for c in t.children if t.forks_before_setsid(c)]
+        children = [c for c in t.children if not c.vfork]     # vfork: the restorer makes it
+        early = [c for c in children if t.forks_before_setsid(c)]
         for c in early:
             self.fork_child(c)
         self.stage = "session"
@@ -168,7 +169,7 @@ class TaskRun:
         elif t.pgid == t.pid and os.getpgid(0) != t.pid:
             os.setpgid(0, 0)
         self.stage = "children"
-        for c in t.children:
+        for c in children:
             if c not in early:
                 self.fork_child(c)
 
@@ -250,6 +251,26 @@ class TaskRun:
         else:
             self.exe_fd = self.fds.park(os.open(exe, os.O_RDONLY | os.O_CLOEXEC))
         self.pages_fd = self.fds.park(self.rs.images.open_raw(mem.pages_name))
+        if self.t.vfork_child is not None:
+            self.prepare_vfork_child(self.t.vfork_child)
+
+    def prepare_vfork_child(self, v) -> None:
+        """What the vfork child, made by our restorer, takes from us: its fd table (our
+        own copies of the resources, moved to its numbers there), its cwd and root."""
+        from criu_py.files import FD_CLOEXEC
+        tree = self.rs.tree
+        self.vfork_moves = []
+        for fi in v.img.fdinfos:
+            fe = tree.files[fi.id]
+            key = ("pipe", fe.pipe.pipe_id) if fe.HasField("pipe") else ("file", fi.id)
+            src = self.fds.dup(self.resource_fd(key)[fi.id])
+            self.vfork_moves.append((src, fi.fd, bool(fi.flags & FD_CLOEXEC)))
+        self.vfork_dirs = (-1, -1)
+        if v.fs_owner:
+            flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+            cwd = self.fds.park(os.open(tree.reg(v.img.fs.cwd_id, "cwd").name, flags))
+            root = self.fds.park(os.open(tree.reg(v.img.fs.root_id, "root").name, flags))
+            self.vfork_dirs = (cwd, root)
 
     def resource_fd(self, key) -> int:
         fd = self.resources.get(key)
@@ -321,8 +342,12 @@ class TaskRun:
         trap = rs.trap.get(t.pid, False)
         threads = [thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads]
         keep = {self.status_fd}
+        vfork = None
+        if t.vfork_child is not None:
+            vfork = self.vfork_plan(t.vfork_child)
+            keep |= {src for src, _, _ in vfork.fd_moves} | {vfork.cwd_fd, vfork.root_fd}
         close = sorted(self.fds.own - keep)
-        return PiePlan(
+        return PiePlan(vfork=vfork,
             vmas=pie_vmas(mem, premapped),
             iovs=iovs_without(mem, [(v.start, v.end) for v in t.premap]),
             pages_fd=self.pages_fd, threads=threads, status_fd=self.status_fd,
@@ -333,6 +358,35 @@ class TaskRun:
             dumpable=img.mm.dumpable if img.mm.HasField("dumpable") else -1,
             tgid=t.pid, premap=getattr(t, "premap_area", (0, 0)),
             sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO)
+
+
+    def vfork_plan(self, v):
+        """The PiePlan of the vfork child: no memory of its own, the rest of a
+        process's state set up by the restorer itself."""
+        from criu_py.restore.pie import PiePlan
+        core = v.img.core
+        tc = core.tc
+        targets = {dst for _, dst, _ in self.vfork_moves}
+        ours = {fi.fd for fi in self.t.img.fdinfos}
+        cwd_fd, root_fd = self.vfork_dirs
+        close = sorted((ours - targets) | {src for src, _, _ in self.vfork_moves} |
+                       ({cwd_fd, root_fd} - {-1}))
+        rlimits = [(rl.cur, rl.max) for rl in tc.rlimits.rlimits] if tc.HasField("rlimits") else []
+        itimers = None
+        if tc.HasField("timers"):
+            itimers = [(t.isec, t.iusec, t.vsec, t.vusec)
+                       for t in (tc.timers.real, tc.timers.virt, tc.timers.prof)]
+        rs = self.rs
+        return PiePlan(
+            vmas=[], iovs=[], pages_fd=-1, status_fd=self.status_fd, tgid=v.pid,
+            threads=[thread_plan(v.pid, core, False, rs.host_creds)],
+            sigactions=sigactions(core), close_fds=close,
+            signals=[s.siginfo for s in tc.signals_s.signals] if tc.HasField("signals_s") else [],
+            sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO,
+            fd_moves=self.vfork_moves, cwd_fd=cwd_fd, root_fd=root_fd,
+            umask=v.img.fs.umask if v.fs_owner and v.img.fs.HasField("umask") else -1,
+            setsid=v.sid == v.pid, pgid=v.pgid if v.pgid != self.t.pgid else 0,
+            personality=tc.personality, rlimits=rlimits, itimers=itimers)
 
 
 class _FdName:

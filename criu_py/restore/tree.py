@@ -36,6 +36,8 @@ class RTask:
     premap: list = field(default_factory=list)     # vma_entry it maps and fills before forking
     inherits: dict = field(default_factory=dict)   # vma start -> the parent's VMA it inherits
     exit_code: int = 0                   # zombies
+    vfork: bool = False                  # runs in its parent's memory: made by the parent's restorer
+    vfork_child: "RTask | None" = None   # such a child of this task
 
     @property
     def files_owner(self) -> bool:
@@ -82,6 +84,11 @@ class TreePlan:
     @property
     def alive(self) -> list:
         return [t for t in self.root.walk() if t.kind == ALIVE]
+
+    @property
+    def forked(self) -> list:
+        """Every task forked in Python (all but vfork children)."""
+        return [t for t in self.root.walk() if not t.vfork]
 
 
 @dataclass
@@ -205,13 +212,31 @@ def _plan_sharing(plan: TreePlan) -> None:
             if first is None:
                 owners[(kind, value)] = t
                 continue
-            if flag and p is not None and p.kind == ALIVE and getattr(p.img.ids, f"{kind}_id") == value:
+            same_as_parent = p is not None and p.kind == ALIVE and \
+                getattr(p.img.ids, f"{kind}_id") == value
+            if flag and same_as_parent:
                 t.clone_flags |= flag
+                continue
+            if kind == "vm" and same_as_parent and _can_vfork(p, t):
+                t.vfork, p.vfork_child = True, t
                 continue
             what = {"files": "fd table", "fs": "fs (cwd, root, umask)", "vm": "memory",
                     "sighand": "signal handlers"}[kind]
             raise Unsupported(f"pid {t.pid} shares its {what} with pid {first.pid}, which "
                               f"this restore cannot recreate")
+
+
+def _can_vfork(p: RTask, t: RTask) -> bool:
+    """t runs in p's memory the way a vfork() child does: p has one thread and no
+    other such child, t has no children (it can only be made by p's restorer)."""
+    if len(p.img.threads) != 1 or p.vfork_child is not None:
+        raise Unsupported(f"pid {t.pid} shares its memory with pid {p.pid}, which has "
+                          f"{len(p.img.threads)} threads: only a vfork() child of a "
+                          f"single-threaded process can be restored")
+    if t.children:
+        raise Unsupported(f"pid {t.pid}, which runs in its parent's memory (vfork), has "
+                          f"children: not supported")
+    return True
 
 
 def _lca(tasks) -> RTask:
@@ -252,6 +277,8 @@ def _plan_resources(plan: TreePlan, tree) -> None:
                 use(("shmem", mf.shmid), "shmem", mf.shmid, t)
     for r in res.values():
         r.opener = _lca(r.users)
+        if r.opener.vfork:           # no Python runs in it: its parent opens for it
+            r.opener = r.opener.parent
     # Shared objects first: the files opened from them need their fd.
     for r in sorted(res.values(), key=lambda r: (r.kind != "shmem", r.key)):
         r.opener.opens.append(r.key)
@@ -272,7 +299,7 @@ def _plan_cow(plan: TreePlan) -> None:
     from criu_py import mem as M
     for t in plan.alive:
         p = t.parent
-        if p is None or p.kind != ALIVE or t.img.mm.exe_file_id != p.img.mm.exe_file_id:
+        if p is None or p.kind != ALIVE or t.vfork or t.img.mm.exe_file_id != p.img.mm.exe_file_id:
             continue
         theirs = {v.start: v for v in p.img.memory.vmas if _private(v)}
         for v in t.img.memory.vmas:
