@@ -112,5 +112,12 @@ def release_process(tids: list[int], syscall_addr: int, unmaps: list[tuple[int, 
         regs = _regs(tid)
         regs.update(ip=syscall_addr, ax=NR_RT_SIGRETURN, sp=sps[tid], orig_ax=2**64 - 1)
         _set_regs(tid, regs)
+    # Through rt_sigreturn (its entry and exit stops) before letting go: once the restore
+    # command returns, every thread has its registers and signal mask back.
+    for what in ("entering rt_sigreturn", "leaving rt_sigreturn"):
+        for tid in tids:
+            _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")
+        for tid in tids:
+            _wait_stop(tid, what)
     for tid in tids:
         _ptrace(PTRACE_DETACH, tid, "PTRACE_DETACH")
