@@ -14,7 +14,16 @@ def test_eight_threads_continue_with_their_tids_and_state(h):
     tids = [int(x) for x in task.log.lines()[0].split()[2:]]
     assert len(set(tids)) == 8
     task.log.wait(rf"tick {task.pid} .*", count=3)
+    # a signal pending on one thread only (thread 3 blocks SIGRTMIN+3): it must wait there
+    rtmin = signal.SIGRTMIN
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(234, task.pid, tids[3], rtmin + 3) == 0      # tgkill
+    pending = lambda tid: int(open(f"/proc/{task.pid}/task/{tid}/status").read()  # noqa: E731
+                              .split("SigPnd:")[1].split()[0], 16)
+    assert pending(tids[3]) == 1 << (rtmin + 3 - 1)
     restored = h.checkpoint_restore(task)
+    assert pending(tids[3]) == 1 << (rtmin + 3 - 1) and pending(tids[2]) == 0
     before = ticks(task)[-1]
     assert sorted(int(t) for t in os.listdir(f"/proc/{task.pid}/task")) == sorted([task.pid] + tids)
     n = len(ticks(task))

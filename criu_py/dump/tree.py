@@ -241,19 +241,28 @@ class Tree:
     def number_kernel_objects(self) -> None:
         """kobj ids for vm, files, fs and sighand: processes that share one get the same
         id (kcmp), the others their own; numbered from FIRST_TASK_KOBJ_ID."""
+        import functools
         alive = [p for p in self.order if not p.zombie]
+        position = {p.pid: i for i, p in enumerate(alive)}
         for kind, kcmp_type in KOBJ_KINDS:
-            reps: list[Proc] = []
-            next_id = FIRST_TASK_KOBJ_ID
-            for p in alive:
-                for r in reps:
-                    if kcmp(p.pid, r.pid, kcmp_type) == 0:
-                        p.kobj[kind] = r.kobj[kind]
-                        break
+            # kcmp orders the objects (1: less, 2: greater): sort, then equal ones are
+            # neighbours; n log n calls instead of one per pair.
+            def cmp(a, b, t=kcmp_type):
+                r = kcmp(a.pid, b.pid, t)
+                if r < 0 or r > 2:
+                    raise CriuError(f"kcmp of {a.pid} and {b.pid} failed ({r})")
+                return (0, -1, 1)[r]
+            groups: list[list[Proc]] = []
+            for p in sorted(alive, key=functools.cmp_to_key(cmp)):
+                if groups and cmp(groups[-1][0], p) == 0:
+                    groups[-1].append(p)
                 else:
-                    p.kobj[kind] = next_id
-                    next_id += 1
-                    reps.append(p)
+                    groups.append([p])
+            # ids in pstree order of each group's first process, as a linear scan gives
+            groups.sort(key=lambda g: min(position[p.pid] for p in g))
+            for i, g in enumerate(groups):
+                for p in g:
+                    p.kobj[kind] = FIRST_TASK_KOBJ_ID + i
 
     # ---------------------------------------------------------------- release
     def stopped_threads(self):

@@ -190,8 +190,14 @@ def check_pages_size(images, pages_name: str, pagemap_name: str, total: int) -> 
         raise ImageError(f"{pages_name}: holds {size} bytes, {pagemap_name} describes {total}")
 
 
+_OWN_VDSO = None
+
+
 def own_vdso_layout() -> list[tuple[str, int, int]]:
-    """[(name, start, end)] of this process's [vvar], [vvar_vclock], [vdso]."""
+    """[(name, start, end)] of this process's [vvar], [vvar_vclock], [vdso] (read once)."""
+    global _OWN_VDSO
+    if _OWN_VDSO is not None:
+        return _OWN_VDSO
     out = []
     with open("/proc/self/maps") as f:
         for line in f:
@@ -199,6 +205,7 @@ def own_vdso_layout() -> list[tuple[str, int, int]]:
             if len(parts) >= 6 and parts[5] in ("[vvar]", "[vvar_vclock]", "[vdso]"):
                 s, e = parts[0].split("-")
                 out.append((parts[5], int(s, 16), int(e, 16)))
+    _OWN_VDSO = out
     return out
 
 

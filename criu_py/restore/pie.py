@@ -367,6 +367,13 @@ def frame_bytes(regs: TaskRegisters) -> int:
     return _frame_len(regs)
 
 
+def frame_bytes_here() -> int:
+    """The size of every sigframe this process builds (its xsave part is always this
+    process's signal-frame size, whatever the dump held)."""
+    from criu_py.restore.sigframe import local_xstate
+    return frame_layout(local_xstate()[1] + 4)[0]
+
+
 def enter(entry: int, args: int, stack_top: int):
     """Jump into the restorer. Never returns: the interpreter is gone after this."""
     from criu_py.native import lib

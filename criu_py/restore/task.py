@@ -6,11 +6,13 @@
 # rlimits and timers, and finally the restorer region built and entered. Runs in the
 # forked tasks only; a failure is reported in one line through the status pipe and
 # aborts the whole restore.
+import contextlib
 import fcntl
 import os
 import resource
 import signal
 import struct
+import time
 
 from criu_py import mem as M
 from criu_py.errors import RestoreError
@@ -89,7 +91,8 @@ class TaskRun:
             self.fds.after_fork()
             self.own_service_fds()
             sy.wait_stage(S.STAGE_FORK)
-            self.fork_stage()
+            with self.timed("fork"):
+                self.fork_stage()
             sy.stage_done(S.STAGE_FORK)
             self.stage = "process group"
             if os.getpgid(0) != t.pgid:
@@ -99,11 +102,13 @@ class TaskRun:
             self.cleanup_stage()            # helpers and zombies end here
             sy.stage_done(S.STAGE_CLEANUP)
             self.stage = "restorer files"
-            self.open_restorer_fds()
+            with self.timed("prepare"):
+                self.open_restorer_fds()
             sy.stage_done(S.STAGE_PREPARE)
             self.stage = "fd table"
-            if t.files_owner:
-                self.install_fds()
+            with self.timed("files"):
+                if t.files_owner:
+                    self.install_fds()
             sy.stage_done(S.STAGE_FILES)
             self.stage = "task state"
             self.restore_stage()            # enters the restorer
@@ -116,6 +121,13 @@ class TaskRun:
         except BaseException as exc:   # noqa: BLE001 - a task must report, never unwind
             self.fail(repr(exc))
         os._exit(1)
+
+    @contextlib.contextmanager
+    def timed(self, what: str):
+        from criu_py.log import log
+        t0 = time.monotonic()
+        yield
+        log.debug("pid %d: %s stage %.2f ms", self.t.pid, what, (time.monotonic() - t0) * 1e3)
 
     def fail(self, text: str) -> None:
         report(self.status_fd if self.status_fd >= 0 else self.rs.status_w,
@@ -315,6 +327,7 @@ class TaskRun:
     # ------------------------------------------------------------ stage RESTORE
     def restore_stage(self) -> None:
         from criu_py.log import log
+        t0 = time.monotonic()
         t, img = self.t, self.t.img
         if t.fs_owner:
             set_fs(self.rs.tree, img)
@@ -324,8 +337,8 @@ class TaskRun:
         from criu_py.restore.sigframe import request_xfeatures
         request_xfeatures(thread_registers(img.core).xsave)
         plan = self.build_plan()
-        log.debug("pid %d: entering the restorer (%d VMAs, %d threads)", t.pid,
-                  len(plan.vmas), len(plan.threads))
+        log.debug("pid %d: entering the restorer (%d VMAs, %d threads) after %.2f ms", t.pid,
+                  len(plan.vmas), len(plan.threads), (time.monotonic() - t0) * 1e3)
         if log.file is not None:
             log.file.flush()
         enter_restorer(self, plan)
@@ -628,11 +641,11 @@ def mm_map(mm) -> dict:
 
 def frames_fit_on_stacks(img) -> bool:
     """Every thread's sigframe can go below its sp (inside one writable private VMA)."""
-    from criu_py.restore.pie import frame_bytes, stack_frame_addr
+    from criu_py.restore.pie import frame_bytes_here, stack_frame_addr
+    frame = frame_bytes_here()
     for _, core in img.threads:
-        regs = thread_registers(core)
-        sp = regs.gp["sp"]
-        lo = stack_frame_addr(sp, frame_bytes(regs))
+        sp = core.thread_info.gpregs.sp
+        lo = stack_frame_addr(sp, frame)
         if not any(v.start <= lo and sp <= v.end and v.prot & M.PROT_WRITE
                    and not v.status & (M.VMA_FILE_SHARED | M.VMA_ANON_SHARED)
                    for v in img.memory.vmas):

@@ -292,10 +292,15 @@ def _private(v) -> bool:
         not v.flags & (M.MAP_GROWSDOWN | M.MAP_HUGETLB) and v.flags & M.MAP_TYPE != M.MAP_DROPPABLE
 
 
+def _has_pages(memory, start: int, end: int) -> bool:
+    return any(a is not None and a < end and start < a + n for a, n in memory.iovs)
+
+
 def _plan_cow(plan: TreePlan) -> None:
     """A child's private VMA with the same bounds, kind and file as one of its parent's
     may still share pages with it: both are premapped (the parent's before the fork),
-    and the child keeps the inherited pages whose contents did not change."""
+    and the child keeps the inherited pages whose contents did not change. Only where
+    both have dumped pages: otherwise there is nothing to share."""
     from criu_py import mem as M
     for t in plan.alive:
         p = t.parent
@@ -309,6 +314,9 @@ def _plan_cow(plan: TreePlan) -> None:
             if (v.flags ^ pv.flags) & M.MAP_ANONYMOUS or (v.status ^ pv.status) & M.VMA_FILE_PRIVATE:
                 continue
             if v.status & M.VMA_FILE_PRIVATE and (v.shmid != pv.shmid or v.pgoff != pv.pgoff):
+                continue
+            if not _has_pages(t.img.memory, v.start, v.end) or \
+                    not _has_pages(p.img.memory, v.start, v.end):
                 continue
             t.inherits[v.start] = pv
     for t in plan.alive:

@@ -22,6 +22,7 @@ BUILD_FLAGS = {
     "unsupported": ["-pthread"],
     "threads": ["-pthread"],
     "creds": ["-pthread"],
+    "spawner": ["-pthread"],
 }
 
 
