@@ -63,7 +63,6 @@
 #define NR_prlimit64 302
 #define NR_setitimer 38
 #define O_CLOEXEC_ 02000000
-#define CLONE_VFORK_FLAGS_ (0x100 | 0x4000)	/* CLONE_VM | CLONE_VFORK */
 #define SIGCHLD_ 17
 
 #define MAP_FIXED_ 0x10
@@ -608,8 +607,9 @@ PIE __attribute__((noreturn, used)) void pie_vfork_entry(struct pie_args *v)
 	pie_thread_main(v, (struct pie_thread *)v->threads);
 }
 
-/* The vfork child, with its PID, in this task's memory: the caller sleeps in the
- * kernel until the child exits or execs, exactly as the dumped parent did. */
+/* The child that runs in this task's memory, with its PID and the dumped sharing (with
+ * CLONE_VFORK the caller sleeps in the kernel until the child exits or execs, exactly
+ * as the dumped parent did). */
 PIE long pie_clone_vfork(struct pie_args *a)
 {
 	struct pie_args *v = (struct pie_args *)a->vfork_args;
@@ -619,7 +619,7 @@ PIE long pie_clone_vfork(struct pie_args *a)
 	register long r12 asm("r12") = (long)v;
 	long ret;
 
-	ca.flags = CLONE_VFORK_FLAGS_;
+	ca.flags = v->clone_flags;
 	ca.pidfd = ca.child_tid = ca.parent_tid = ca.tls = ca.cgroup = 0;
 	ca.exit_signal = SIGCHLD_;
 	ca.stack = vt->stack_top - a->thread_stack;
@@ -672,8 +672,8 @@ PIE long pie_clone_thread(struct pie_args *a, struct pie_thread *t, uint64_t sta
 	return ret;
 }
 
-/* A vfork parent, once ready: make the child and sleep until it is done; then close
- * what was parked for it (its fd table's sources) and the status fd. */
+/* Once ready: make the child that runs in this memory (a vfork parent sleeps until it
+ * is done); then close what was parked for it (its fd table's sources) and the status fd. */
 PIE void pie_vfork(struct pie_args *a)
 {
 	struct pie_args *v = (struct pie_args *)a->vfork_args;

@@ -204,9 +204,11 @@ struct pie_args {
 	uint32_t stage_ready;	/* the stage during which threads set themselves up */
 	uint32_t stage_go;	/* the stage that lets them return into the task */
 
-	/* A child that shares this task's memory (vfork): its own struct pie_args, run
-	 * by a clone3(CLONE_VM | CLONE_VFORK) once this task is ready; 0: none. */
+	/* A child that shares this task's memory (vfork(), clone(CLONE_VM)): its own struct
+	 * pie_args, run by a clone3 with its clone_flags once this task is ready; 0: none. */
 	uint64_t vfork_args;
+	uint64_t clone_flags;	/* (in the child's args) CLONE_VM [| CLONE_VFORK | CLONE_SIGHAND
+				 * | CLONE_FILES | CLONE_FS] */
 
 	/* What a process created here (a vfork child) sets up for itself, since no Python
 	 * ran in it: its fd table, fs, session, group, personality, limits, timers. */

@@ -231,3 +231,27 @@ def test_vfork_child_runs_in_its_parents_memory_and_the_parent_waits(h):
     assert firsts[0] == at_dump + 1, (at_dump, firsts)      # its count, in the shared memory
     os.kill(v, signal.SIGUSR1)
     assert task.log.wait(rf"back {hp} {v} (\d+)").group(1) == "3"    # the parent goes on
+
+
+def test_clone_vm_sighand_child_runs_beside_its_parent(h):
+    task = h.start("clonevm", ready=r"ready .*")
+    r, p, k = (int(x) for x in task.log.matches(r"ready (.*)")[0].group(1).split())
+    KCMP_VM, KCMP_SIGHAND = 1, 4
+    assert kcmp(p, k, KCMP_VM) == 0 and kcmp(p, k, KCMP_SIGHAND) == 0
+    h.checkpoint_restore(task)
+    at_dump = last_ticks(task.log)
+    assert tree_of(task.pid)[k][0] == p
+    assert kcmp(p, k, KCMP_VM) == 0 and kcmp(p, k, KCMP_SIGHAND) == 0
+    n = len(task.log)
+    wait_for(lambda: all(last_ticks(task.log).get(x, 0) > at_dump[x] + 1 for x in (p, k)),
+             what="both to count on")
+    firsts = {}
+    for line in task.log.lines()[n:]:
+        parts = line.split()
+        if parts[0] == "tick":
+            firsts.setdefault(int(parts[1]), int(parts[2]))
+    assert firsts == {p: at_dump[p] + 1, k: at_dump[k] + 1}, (at_dump, firsts)
+    os.kill(k, signal.SIGUSR2)       # K installs a SIGURG handler: P has it too
+    task.log.wait(rf"installed {k}")
+    caught = int(proc_status(p)["SigCgt"], 16)
+    assert caught >> (signal.SIGURG - 1) & 1

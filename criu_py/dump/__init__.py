@@ -146,10 +146,6 @@ def refuse_unsupported(ctx) -> None:
             if len(p.tracees) > 1:
                 raise Unsupported(f"pid {pid} waits in vfork() while other threads run: "
                                   f"not supported")
-            kid = tree.procs[p.vfork_child]
-            if kid.children:
-                raise Unsupported(f"pid {kid.pid}, a vfork() child, has children of its own: "
-                                  f"not supported")
         try:
             pd.pidfd = os.pidfd_open(pid)
         except OSError as exc:
@@ -177,14 +173,22 @@ def find_shared_objects(ctx) -> None:
     seen = {}
     for pd in ctx.procs:
         p = pd.proc
+        parent = ctx.tree.procs.get(p.ppid)
         for kind in ("vm", "sighand"):
             other = seen.get((kind, p.kobj[kind]))
-            if kind == "vm" and other is not None and ctx.tree.procs[other].vfork_child == p.pid:
-                continue                 # a vfork() child runs in its parent's memory
+            # A child running in its parent's memory (vfork(), or clone(CLONE_VM) with or
+            # without CLONE_SIGHAND) is made by its parent's restorer: it may share both
+            # with its parent, as long as it has no children of its own.
+            if other is not None and parent is not None and other == parent.pid and \
+                    p.kobj["vm"] == parent.kobj["vm"]:
+                if p.children:
+                    raise Unsupported(f"pid {p.pid} runs in its parent's memory and has "
+                                      f"children of its own: not supported")
+                continue
             if other is not None:
                 raise Unsupported(f"pid {p.pid} shares its {'memory' if kind == 'vm' else 'signal handlers'} "
-                                  f"with pid {other} (CLONE_{kind.upper()} without CLONE_THREAD): "
-                                  f"not supported")
+                                  f"with pid {other} (CLONE_{kind.upper()} without CLONE_THREAD), "
+                                  f"which is not its parent: not supported")
             seen[(kind, p.kobj[kind])] = p.pid
 
 

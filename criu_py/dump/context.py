@@ -124,9 +124,10 @@ class ProcDump:
 
     @property
     def in_parents_memory(self) -> bool:
-        """A vfork() child: it runs in its parent's mm."""
+        """A vfork() or clone(CLONE_VM) child: it runs in its parent's mm."""
         parent = self.dump.tree.procs.get(self.proc.ppid)
-        return parent is not None and parent.vfork_child == self.pid
+        return parent is not None and not parent.zombie and \
+            parent.kobj.get("vm") == self.proc.kobj.get("vm")
 
     # ---- shared with the whole dump
     @property

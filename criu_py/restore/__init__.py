@@ -111,9 +111,10 @@ def plan_region_removal(rs: Restore) -> None:
     off = vdso_syscall_offset()
     for t in rs.plan.alive:
         vdso = [v for v in t.img.mm.vmas if v.status & M.VMA_AREA_VDSO]
-        # a vfork pair keeps the region: the parent sleeps in the restorer's code
+        # processes sharing one mm keep the region: it is in both (and a vfork parent
+        # sleeps in its code)
         ok = bool(vdso) and off is not None and frames_fit_on_stacks(t.img) and \
-            not t.vfork and t.vfork_child is None
+            not t.in_parent_mm and t.mm_child is None
         rs.trap[t.pid] = ok
         if ok:
             t.syscall_addr = vdso[0].start + off
@@ -227,7 +228,7 @@ def _remove_unless_running(path: str, rs: Restore) -> None:
 def run_stages(rs: Restore) -> None:
     from criu_py.restore import sync as S
     everyone = len(rs.plan.forked)
-    alive = len([t for t in rs.plan.alive if not t.vfork])
+    alive = len([t for t in rs.plan.alive if not t.in_parent_mm])
     for stage, n in ((S.STAGE_FORK, everyone), (S.STAGE_PGID, everyone),
                      (S.STAGE_CLEANUP, everyone), (S.STAGE_PREPARE, alive),
                      (S.STAGE_FILES, alive), (S.STAGE_RESTORE, len(rs.plan.alive))):
@@ -273,7 +274,7 @@ def check_progress(rs: Restore, stage: int) -> None:
         rs.sync.abort()
         raise RestoreError(failure_message(rs, stage))
     for t in rs.plan.all:
-        if t.kind != "alive" and stage > S.STAGE_CLEANUP or t.vfork and stage < S.STAGE_GO:
+        if t.kind != "alive" and stage > S.STAGE_CLEANUP or t.in_parent_mm and stage < S.STAGE_GO:
             continue
         state = _proc_state(t.pid)
         if state in ("Z", "X") and not (t.kind != "alive" and stage >= S.STAGE_CLEANUP):

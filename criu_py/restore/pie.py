@@ -99,6 +99,7 @@ class PiePlan:
     stage_ready: int = 0
     stage_go: int = 0
     vfork: "PiePlan | None" = None       # a child sharing this memory, made once ready
+    clone_flags: int = 0                 # how that child is made (CLONE_VM, CLONE_VFORK, ...)
     # What a process made by the restorer (a vfork child) sets up itself:
     fd_moves: list = field(default_factory=list)   # (parked fd, fd number, cloexec)
     cwd_fd: int = -1
@@ -353,6 +354,7 @@ def _fill_args(ffi, w: "_Writer", plan: PiePlan, base: int, size: int, tops: lis
         a.itimers = w.put(b"".join(struct.pack("<qqqq", *t) for t in plan.itimers), 8)
         a.has_itimers = 1
     a.cwd_fd, a.root_fd, a.umask = plan.cwd_fd, plan.root_fd, plan.umask
+    a.clone_flags = plan.clone_flags
     a.setsid, a.pgid, a.personality = int(plan.setsid), plan.pgid, plan.personality
     a.dot[0] = b"."
     return args_addr

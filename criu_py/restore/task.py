@@ -171,7 +171,7 @@ class TaskRun:
             from criu_py.mem.premap import premap_vmas
             premap_vmas(self)
         self.stage = "children"
-        children = [c for c in t.children if not c.vfork]     # vfork: the restorer makes it
+        children = [c for c in t.children if not c.in_parent_mm]   # the restorer makes those
         early = [c for c in children if t.forks_before_setsid(c)]
         for c in early:
             self.fork_child(c)
@@ -263,16 +263,17 @@ class TaskRun:
         else:
             self.exe_fd = self.fds.park(os.open(exe, os.O_RDONLY | os.O_CLOEXEC))
         self.pages_fd = self.fds.park(self.rs.images.open_raw(mem.pages_name))
-        if self.t.vfork_child is not None:
-            self.prepare_vfork_child(self.t.vfork_child)
+        if self.t.mm_child is not None:
+            self.prepare_mm_child(self.t.mm_child)
 
-    def prepare_vfork_child(self, v) -> None:
-        """What the vfork child, made by our restorer, takes from us: its fd table (our
-        own copies of the resources, moved to its numbers there), its cwd and root."""
+    def prepare_mm_child(self, v) -> None:
+        """What the child that runs in our memory (made by our restorer) takes from us:
+        its fd table (our own copies of the resources, moved to its numbers there) unless
+        it shares ours, its cwd and root unless it shares our fs."""
         from criu_py.files import FD_CLOEXEC
         tree = self.rs.tree
         self.vfork_moves = []
-        for fi in v.img.fdinfos:
+        for fi in (v.img.fdinfos if v.files_owner else ()):
             fe = tree.files[fi.id]
             key = ("pipe", fe.pipe.pipe_id) if fe.HasField("pipe") else ("file", fi.id)
             src = self.fds.dup(self.resource_fd(key)[fi.id])
@@ -356,8 +357,8 @@ class TaskRun:
         threads = [thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads]
         keep = {self.status_fd}
         vfork = None
-        if t.vfork_child is not None:
-            vfork = self.vfork_plan(t.vfork_child)
+        if t.mm_child is not None:
+            vfork = self.mm_child_plan(t.mm_child)
             keep |= {src for src, _, _ in vfork.fd_moves} | {vfork.cwd_fd, vfork.root_fd}
         close = sorted(self.fds.own - keep)
         return PiePlan(vfork=vfork,
@@ -373,14 +374,16 @@ class TaskRun:
             sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO)
 
 
-    def vfork_plan(self, v):
-        """The PiePlan of the vfork child: no memory of its own, the rest of a
-        process's state set up by the restorer itself."""
+    def mm_child_plan(self, v):
+        """The PiePlan of the child that runs in our memory: no memory of its own, the
+        rest of a process's state set up by the restorer itself (what it shares with us
+        left alone)."""
         from criu_py.restore.pie import PiePlan
+        from criu_py.restore.tree import CLONE_SIGHAND
         core = v.img.core
         tc = core.tc
         targets = {dst for _, dst, _ in self.vfork_moves}
-        ours = {fi.fd for fi in self.t.img.fdinfos}
+        ours = {fi.fd for fi in self.t.img.fdinfos} if v.files_owner else set()
         cwd_fd, root_fd = self.vfork_dirs
         close = sorted((ours - targets) | {src for src, _, _ in self.vfork_moves} |
                        ({cwd_fd, root_fd} - {-1}))
@@ -392,8 +395,8 @@ class TaskRun:
         rs = self.rs
         return PiePlan(
             vmas=[], iovs=[], pages_fd=-1, status_fd=self.status_fd, tgid=v.pid,
-            threads=[thread_plan(v.pid, core, False, rs.host_creds)],
-            sigactions=sigactions(core), close_fds=close,
+            threads=[thread_plan(v.pid, core, False, rs.host_creds)], clone_flags=v.clone_flags,
+            sigactions={} if v.clone_flags & CLONE_SIGHAND else sigactions(core), close_fds=close,
             signals=[s.siginfo for s in tc.signals_s.signals] if tc.HasField("signals_s") else [],
             sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO,
             fd_moves=self.vfork_moves, cwd_fd=cwd_fd, root_fd=root_fd,

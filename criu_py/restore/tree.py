@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from criu_py.errors import ImageError, Unsupported
 
 ALIVE, ZOMBIE, HELPER = "alive", "zombie", "helper"
-CLONE_FS, CLONE_FILES = 0x200, 0x400
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND, CLONE_VFORK = 0x100, 0x200, 0x400, 0x800, 0x4000
+NR_VFORK, NR_CLONE = 58, 56
 
 
 @dataclass(eq=False)
@@ -36,8 +37,8 @@ class RTask:
     premap: list = field(default_factory=list)     # vma_entry it maps and fills before forking
     inherits: dict = field(default_factory=dict)   # vma start -> the parent's VMA it inherits
     exit_code: int = 0                   # zombies
-    vfork: bool = False                  # runs in its parent's memory: made by the parent's restorer
-    vfork_child: "RTask | None" = None   # such a child of this task
+    in_parent_mm: bool = False           # runs in its parent's memory: made by the parent's restorer
+    mm_child: "RTask | None" = None      # such a child of this task
 
     @property
     def files_owner(self) -> bool:
@@ -87,8 +88,8 @@ class TreePlan:
 
     @property
     def forked(self) -> list:
-        """Every task forked in Python (all but vfork children)."""
-        return [t for t in self.root.walk() if not t.vfork]
+        """Every task forked in Python (all but children sharing their parent's memory)."""
+        return [t for t in self.root.walk() if not t.in_parent_mm]
 
 
 @dataclass
@@ -217,8 +218,11 @@ def _plan_sharing(plan: TreePlan) -> None:
             if flag and same_as_parent:
                 t.clone_flags |= flag
                 continue
-            if kind == "vm" and same_as_parent and _can_vfork(p, t):
-                t.vfork, p.vfork_child = True, t
+            if kind == "vm" and same_as_parent:
+                _share_mm(p, t)
+                continue
+            if kind == "sighand" and same_as_parent and t.in_parent_mm:
+                t.clone_flags |= CLONE_SIGHAND
                 continue
             what = {"files": "fd table", "fs": "fs (cwd, root, umask)", "vm": "memory",
                     "sighand": "signal handlers"}[kind]
@@ -226,17 +230,22 @@ def _plan_sharing(plan: TreePlan) -> None:
                               f"this restore cannot recreate")
 
 
-def _can_vfork(p: RTask, t: RTask) -> bool:
-    """t runs in p's memory the way a vfork() child does: p has one thread and no
-    other such child, t has no children (it can only be made by p's restorer)."""
-    if len(p.img.threads) != 1 or p.vfork_child is not None:
-        raise Unsupported(f"pid {t.pid} shares its memory with pid {p.pid}, which has "
-                          f"{len(p.img.threads)} threads: only a vfork() child of a "
-                          f"single-threaded process can be restored")
+def _share_mm(p: RTask, t: RTask) -> None:
+    """t runs in p's memory (vfork(), clone(CLONE_VM)): p's restorer makes it, with
+    CLONE_VFORK when p was asleep in vfork() for it (its registers show the return with
+    t's pid). t can have no children (no Python runs in it to fork them); a vfork parent
+    must be single-threaded."""
+    gp = p.img.core.thread_info.gpregs
+    vfork = gp.ax == t.pid and (gp.orig_ax == NR_VFORK or
+                                gp.orig_ax == NR_CLONE and gp.di & CLONE_VFORK)
+    if p.mm_child is not None or (vfork and len(p.img.threads) != 1):
+        raise Unsupported(f"pid {t.pid} shares its memory with pid {p.pid}, which this "
+                          f"restore cannot recreate")
     if t.children:
-        raise Unsupported(f"pid {t.pid}, which runs in its parent's memory (vfork), has "
-                          f"children: not supported")
-    return True
+        raise Unsupported(f"pid {t.pid}, which runs in its parent's memory, has children: "
+                          f"not supported")
+    t.in_parent_mm, p.mm_child = True, t
+    t.clone_flags |= CLONE_VM | (CLONE_VFORK if vfork else 0)
 
 
 def _lca(tasks) -> RTask:
@@ -277,7 +286,7 @@ def _plan_resources(plan: TreePlan, tree) -> None:
                 use(("shmem", mf.shmid), "shmem", mf.shmid, t)
     for r in res.values():
         r.opener = _lca(r.users)
-        if r.opener.vfork:           # no Python runs in it: its parent opens for it
+        if r.opener.in_parent_mm:    # no Python runs in it: its parent opens for it
             r.opener = r.opener.parent
     # Shared objects first: the files opened from them need their fd.
     for r in sorted(res.values(), key=lambda r: (r.kind != "shmem", r.key)):
@@ -304,7 +313,7 @@ def _plan_cow(plan: TreePlan) -> None:
     from criu_py import mem as M
     for t in plan.alive:
         p = t.parent
-        if p is None or p.kind != ALIVE or t.vfork or t.img.mm.exe_file_id != p.img.mm.exe_file_id:
+        if p is None or p.kind != ALIVE or t.in_parent_mm or t.img.mm.exe_file_id != p.img.mm.exe_file_id:
             continue
         theirs = {v.start: v for v in p.img.memory.vmas if _private(v)}
         for v in t.img.memory.vmas:
