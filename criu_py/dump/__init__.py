@@ -45,6 +45,9 @@ def dump_tasks(opts: dict) -> int:
             plan_memory(ctx)
         with step("plan files"):
             plan_files(ctx)
+        with step("cgroups"):                       # issue 10: sets, cgroup.img
+            from criu_py.cgroup.dump import dump_cgroups
+            ctx.cg_sets = dump_cgroups([pid], opts, images)
         # ---- every check passed: images from here on
         with step("write memory"):
             write_memory(ctx)
@@ -94,6 +97,7 @@ def open_images_dir(opts: dict):
 def load_modules() -> None:
     """Import what the frozen part needs now, so the task is not frozen while Python
     loads protobuf descriptors and the native module (most of a small dump's time)."""
+    import criu_py.cgroup.dump  # noqa: F401
     import criu_py.dump.context  # noqa: F401
     import criu_py.dump.parasite  # noqa: F401
     import criu_py.dump.task  # noqa: F401

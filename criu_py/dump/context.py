@@ -53,6 +53,7 @@ class DumpContext:
         self.shmem_stats = {}
         self.page_stats = None
         self.times = {}                         # stats-dump times, microseconds
+        self.cg_sets = {}                       # pid -> cgroup set id (criu_py.cgroup.dump)
         self._fd_reps = {}                      # (dev, ino) -> [fd, ...] seen
 
     def close(self) -> None:

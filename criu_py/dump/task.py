@@ -71,6 +71,9 @@ def build_core(ctx):
         e.sigaction, e.flags, e.restorer, e.mask = sa.handler, sa.flags, sa.restorer, sa.mask
         e.compat_sigaction = False
     tc.child_subreaper = par.child_subreaper
+    cg_set = ctx.cg_sets.get(ctx.pid)
+    if cg_set:                    # issue 10: cgroups; upstream 4.2 reads thread_core's
+        tc.cg_set = core.thread_core.cg_set = cg_set
 
     th = core.thread_core
     th.futex_rla, th.futex_rla_len = ctx.robust_list
@@ -132,6 +135,8 @@ def build_inventory(ctx):
     inv.fdinfo_per_id = True
     fill_ids(inv.root_ids, ctx.ns_ids)
     inv.ns_per_id = True
+    from criu_py.cgroup import ROOT_CG_SET
+    inv.root_cg_set = ROOT_CG_SET     # issue 10: criu-py's own cgroup set
     inv.lsmtype = inventory_pb2.NO_LSM
     inv.network_lock_method = 0
     try:

@@ -26,6 +26,9 @@ def restore_tasks(opts: dict) -> int:
             check_pid_free(t.pid)
             check_vdso(t)
             plan_region_removal(t)
+        with _step("cgroup yard"):                  # issue 10: mounted until the end
+            from criu_py.cgroup.restore import open_yard
+            t.cg_yard = stack.enter_context(open_yard(opts, t.images))
         if opts.get("pidfile"):
             write_pidfile(opts["pidfile"], t, stack)
         with _step("fork with pid"):
@@ -119,6 +122,8 @@ def wait_for_restorer(t, child: "Child", status_r: int) -> None:
     from criu_py.restore.tracer import unmap_region_and_release
     done, msg = read_status(status_r, child.pid)
     if done:
+        if t.cg_yard is not None:           # issue 10: limits once restored, before it runs
+            t.cg_yard.apply_properties()
         if t.syscall_addr:
             start, length = done
             unmap_region_and_release(child.pid, start, length, t.syscall_addr)

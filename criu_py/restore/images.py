@@ -26,6 +26,7 @@ class TaskImages:
     # decided by the restore itself:
     syscall_addr: int = 0          # vdso `syscall` the parent uses to unmap the region (0: keep it)
     restored: bool = False         # the task runs: keep the pidfile
+    cg_yard: object = None         # criu_py.cgroup.restore.Yard (issue 10)
 
     def reg(self, file_id: int, what: str):
         fe = self.files.get(file_id)

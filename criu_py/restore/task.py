@@ -302,6 +302,10 @@ def run_child(t, status_fd: int, go_fd: int, shell_job: bool, trap: bool) -> Non
             os._exit(1)
         os.close(go_fd)
         block_signals()        # traced: a delivered signal would stop us, unseen
+        stage = "cgroups"      # issue 10: into its cgroups before anything else
+        if t.cg_yard is not None:
+            from criu_py.cgroup.restore import task_cg_set
+            t.cg_yard.move(0, task_cg_set(t.core))
         raise_fd_limit()
         fdt = FdTable({fi.fd for fi in t.fdinfos})
         status_fd = fdt.park(status_fd)
