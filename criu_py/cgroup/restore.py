@@ -194,8 +194,19 @@ class Yard:
                         members[i] = (hh, name, _reroot(path, old, new))
 
     # -------------------------------------------------------------- mounting
+    def _has_work(self, h: Hierarchy) -> bool:
+        """Whether the yard needs hierarchy `h`: some task goes elsewhere than where the
+        restore runs, or a saved directory is not a hierarchy's root (roots get nothing
+        written). Skipping the others saves a mount each."""
+        own = self._own_cgroups()
+        if any(hh is h and own.get(name) != path
+               for s in self.sets.values() for hh, name, path in s):
+            return True
+        return any(d.path != "/" or d.children for d in h.heads)
+
     def _mount(self) -> None:
-        used = {id(h) for s in self.sets.values() for h, _, _ in s}
+        used = {id(h) for s in self.sets.values() for h, _, _ in s
+                if self._has_work(h)}
         if self.user_yard:
             self.path = self.user_yard
             try:
@@ -203,8 +214,7 @@ class Yard:
             except OSError as exc:
                 raise RestoreError(f"--cgroup-yard {self.path}: {exc.strerror}") from None
         else:
-            import tempfile
-            self.path = self._tmpdir = tempfile.mkdtemp(prefix="criu-py-cgyard-")
+            self.path = self._tmpdir = cg.temp_dir("criu-py-cgyard-")
             try:
                 cg.mount("none", self.path, "tmpfs", 0, "mode=700")
             except OSError as exc:
@@ -220,10 +230,9 @@ class Yard:
             if self.user_yard and os.path.isdir(where):
                 h.mounted = True
                 continue
-            fstype, data = cg.mount_options(h.name)
             os.mkdir(where, 0o700)
             try:
-                cg.mount("none", where, fstype, 0, data or None)
+                cg.attach_hierarchy(h.name, where)
             except OSError as exc:
                 _rmdir_quiet(where)
                 raise RestoreError(str(cg.hierarchy_error(h.name, exc))) from None
