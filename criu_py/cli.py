@@ -12,6 +12,8 @@ from criu_py.options import COMMANDS, Opt
 
 
 def _click_type(opt: Opt):
+    if opt.kind == "choice":
+        return click.Choice(opt.choices)
     return {"int": int, "level": click.IntRange(0, 4), "dir": click.Path(file_okay=False),
             "file": click.Path(dir_okay=False)}.get(opt.kind)
 
@@ -24,7 +26,12 @@ def click_options(table: list[Opt]):
             if opt.kind == "flag":
                 kwargs["is_flag"] = True
             else:
-                kwargs.update(required=opt.required, show_default=opt.default is not None)
+                kwargs.update(required=opt.required,
+                              show_default=opt.default is not None and not opt.multiple)
+                if opt.multiple:
+                    kwargs["multiple"] = True
+                if opt.flag_value is not None:
+                    kwargs.update(is_flag=False, flag_value=opt.flag_value)
                 click_type = _click_type(opt)
                 if click_type is not None:
                     kwargs["type"] = click_type

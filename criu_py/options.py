@@ -12,14 +12,41 @@ KDAT_PATH_HELP = ("kdat cache file (default: $CRIU_PY_KDAT, else /run/criu.kdat,
 
 class Opt:
     """One option. kind: flag, int, str, dir (a path that must not be a file), file (a
-    path that must not be a directory) or level (an int 0..4)."""
-    __slots__ = ("flags", "dest", "kind", "default", "required", "help", "metavar")
+    path that must not be a directory), level (an int 0..4) or choice (one of `choices`;
+    with `flag_value` the value may be left out, as `--manage-cgroups` alone, and is
+    then only taken from `--opt=value`, like getopt's optional arguments).
+    multiple: the option may repeat; its value is the tuple of all given."""
+    __slots__ = ("flags", "dest", "kind", "default", "required", "help", "metavar",
+                 "choices", "flag_value", "multiple")
 
     def __init__(self, flags, dest, kind="str", default=None, required=False, help="",
-                 metavar=None):
+                 metavar=None, choices=None, flag_value=None, multiple=False):
         self.flags, self.dest, self.kind = flags, dest, kind
-        self.default = False if kind == "flag" else default
+        self.default = False if kind == "flag" else () if multiple else default
         self.required, self.help, self.metavar = required, help, metavar
+        self.choices, self.flag_value, self.multiple = choices, flag_value, multiple
+
+
+MANAGE_CGROUPS_MODES = ("none", "props", "soft", "full", "strict", "ignore")
+CGROUP_BOTH = [
+    Opt(("--manage-cgroups",), "manage_cgroups", "choice", "soft", choices=MANAGE_CGROUPS_MODES,
+        flag_value="soft", metavar="[=MODE]",
+        help="How to treat cgroups: none, props, soft (default), full, strict or ignore."),
+    Opt(("--cgroup-root",), "cgroup_root", multiple=True, metavar="[CONTROLLER:]/ROOT",
+        help="Dump: read the hierarchy from this root. Restore: put the tasks' cgroups under "
+             "this root. Repeatable; ':/ROOT' names cgroup2."),
+    Opt(("--cgroup-yard",), "cgroup_yard", "dir", metavar="PATH",
+        help="A directory with the cgroup hierarchies already mounted (unified, memory, "
+             "cpu,cpuacct, ...) instead of criu-py's own yard."),
+]
+CGROUP_DUMP = [
+    Opt(("--cgroup-props",), "cgroup_props", metavar="STRING",
+        help="Extra cgroup properties to dump, in CRIU's description format."),
+    Opt(("--cgroup-props-file",), "cgroup_props_file", "file", metavar="FILE",
+        help="Like --cgroup-props, read from a file."),
+    Opt(("--cgroup-dump-controller",), "cgroup_dump_controller", multiple=True, metavar="NAME",
+        help="Dump only these hierarchies (repeatable; 'unified' names cgroup2)."),
+]
 
 
 COMMON = [
@@ -40,7 +67,7 @@ COMMANDS = {
             help="Let the tasks run on after the dump."),
         Opt(("--shell-job", "-j"), "shell_job", "flag",
             help="Allow a task that shares the caller's session/tty."),
-    ] + COMMON,
+    ] + CGROUP_BOTH + CGROUP_DUMP + COMMON,
     "restore": [
         Opt(("-d", "--restore-detached"), "detach", "flag",
             help="Return once the tasks run instead of waiting for the root task."),
@@ -48,7 +75,7 @@ COMMANDS = {
             help="Write the restored root task's PID to this file."),
         Opt(("--shell-job", "-j"), "shell_job", "flag",
             help="Restore into the caller's session/tty."),
-    ] + COMMON,
+    ] + CGROUP_BOTH + COMMON,
 }
 
 
@@ -66,8 +93,11 @@ def normalize_verbosity(argv: list[str]) -> list[str]:
 _BAD = object()
 
 
-def _convert(kind: str, value: str):
+def _convert(opt: Opt, value: str):
     """The value as click would give it, or _BAD where click would complain."""
+    kind = opt.kind
+    if kind == "choice":
+        return value if value in opt.choices else _BAD
     if kind in ("int", "level"):
         try:
             number = int(value)
@@ -105,15 +135,17 @@ def parse_plain(argv: list[str]) -> tuple[str, dict] | None:
                 return None
             opts[opt.dest] = True
             continue
+        if value is None and opt.flag_value is not None:
+            value = opt.flag_value
         if value is None:
             if i == len(words):
                 return None
             value = words[i]
             i += 1
-        converted = _convert(opt.kind, value)
+        converted = _convert(opt, value)
         if converted is _BAD:
             return None
-        opts[opt.dest] = converted
+        opts[opt.dest] = opts[opt.dest] + (converted,) if opt.multiple else converted
     if any(opt.required and opts[opt.dest] is None for opt in table):
         return None
     return argv[0], opts

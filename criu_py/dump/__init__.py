@@ -51,6 +51,8 @@ def dump_tasks(opts: dict) -> int:
             plan_files(ctx)
         with step("vfork parents"):
             release_vfork_parents(ctx)
+        with step("cgroups"):
+            dump_cgroups(ctx)
         # ---- every check passed: images from here on
         with step("write memory"):
             write_memory(ctx)
@@ -101,6 +103,7 @@ def open_images_dir(opts: dict):
 def load_modules() -> None:
     """Import what the frozen part needs now, so the task is not frozen while Python
     loads protobuf descriptors and the native module (most of a small dump's time)."""
+    import criu_py.cgroup.dump  # noqa: F401
     import criu_py.dump.context  # noqa: F401
     import criu_py.dump.parasite  # noqa: F401
     import criu_py.dump.task  # noqa: F401
@@ -328,6 +331,13 @@ def release_vfork_parents(ctx) -> None:
         collect_proc_state(ctx, [pd])
         plan_memory(ctx, [pd])
         log.info("pid %d: out of vfork() once its child %d was ended", pd.pid, vpid)
+
+
+def dump_cgroups(ctx) -> None:
+    """Every task's cgroup set (core.tc.cg_set, thread_core.cg_set) and cgroup.img."""
+    from criu_py.cgroup.dump import dump_cgroups as dump
+    threads = {pd.pid: [th.tid for th in pd.threads] for pd in ctx.procs}
+    ctx.cg_sets = dump([pd.pid for pd in ctx.procs], ctx.opts, ctx.images, threads=threads)
 
 
 # ------------------------------------------------------------------ write

@@ -42,6 +42,7 @@ class DumpContext:
         self.shmem = {}                         # key -> mem.shmem.SharedObject
         self.shmem_stats = {}
         self.times = {}                         # stats-dump times, microseconds
+        self.cg_sets = {}                       # pid or tid -> cgroup set id (criu_py.cgroup.dump)
         self._next_pages_id = 1
         self._fd_reps = {}                      # (dev, ino) -> [(pid, fd), ...] seen
 

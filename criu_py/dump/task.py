@@ -45,6 +45,12 @@ def build_core(proc, thread):
     _fill_thread_core(core.thread_core, thread)
     if thread.tid == proc.pid:
         _fill_task_core(core.tc, proc)
+    cg_sets = proc.dump.cg_sets
+    cg_set = cg_sets.get(thread.tid) or cg_sets.get(proc.pid)
+    if cg_set:                    # upstream 4.2 reads thread_core's; tc's for older readers
+        core.thread_core.cg_set = cg_set
+        if thread.tid == proc.pid:
+            core.tc.cg_set = cg_sets.get(proc.pid) or cg_set
     return core
 
 
@@ -170,6 +176,8 @@ def build_inventory(ctx):
     inv.img_version = 2
     inv.fdinfo_per_id = True
     fill_ids(inv.root_ids, ctx.procs[0].ns_ids)
+    from criu_py.cgroup import ROOT_CG_SET
+    inv.root_cg_set = ROOT_CG_SET     # criu-py's own cgroup set
     inv.ns_per_id = True
     inv.lsmtype = inventory_pb2.NO_LSM
     inv.network_lock_method = 0

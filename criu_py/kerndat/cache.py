@@ -125,6 +125,7 @@ ENTRY_SCHEMA = {
     73: ("xfeatures_supported", "uint"), 74: ("xsave_instructions", "uint"),
     75: ("xfeatures", _XFEATURE),
     80: ("cgroup_v1", _CGROUP), 81: ("cgroup2_mount", "string"), 82: ("cgroup_mnt_ns", "uint"),
+    83: ("cgroup2_controllers", "string"), 84: ("cgroup_controllers", "string"),
 }
 REQUIRED = ("boot_id", "kernel_release", "criu_py_version", "probed_euid")
 _DOUBLE = struct.Struct("<d")

@@ -24,4 +24,28 @@ def probe_cgroup_layout() -> dict:
                 seen.add(controllers)
                 v1.append(CgroupMount(controllers, mnt.mountpoint))
     return {"cgroup_v1": tuple(v1), "cgroup2_mount": v2,
-            "cgroup_mnt_ns": procfs.read_namespaces().get("mnt", 0)}
+            "cgroup_mnt_ns": procfs.read_namespaces().get("mnt", 0),
+            "cgroup2_controllers": _first_line(v2 + "/cgroup.controllers") if v2 else "",
+            "cgroup_controllers": " ".join(_kernel_controllers())}
+
+
+def _first_line(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+def _kernel_controllers() -> list[str]:
+    """/proc/cgroups: name, hierarchy, number of cgroups, enabled."""
+    out = []
+    try:
+        with open("/proc/cgroups") as f:
+            for line in f:
+                fields = line.split()
+                if fields and not line.startswith("#") and fields[-1] == "1":
+                    out.append(fields[0])
+    except OSError:
+        pass
+    return out

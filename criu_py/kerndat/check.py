@@ -75,6 +75,17 @@ FEATURES = (
 )
 BY_NAME = {feature.name: feature for feature in FEATURES}
 
+
+def _cgroup_layout(f: KerndatFacts) -> str:
+    v1 = ", ".join(f"{m.controllers} at {m.mountpoint}" for m in f.cgroup_v1) or "none"
+    v2 = (f"at {f.cgroup2_mount} (controllers: {f.cgroup2_controllers or 'none'})"
+          if f.cgroup2_mount else "not mounted")
+    return f"v1 {v1}; v2 {v2}"
+
+
+# What `check --feature NAME` adds after "NAME is supported".
+DETAILS = {"cgroups": _cgroup_layout}
+
 Verdict = namedtuple("Verdict", "feature ok text")
 
 

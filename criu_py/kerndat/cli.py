@@ -145,7 +145,8 @@ def check_action(opts) -> int:
     verdicts = check.evaluate(facts, names, opts["check_all"])
     for v in verdicts:
         if v.ok and names:
-            click.echo(f"{v.feature.name} is supported")
+            detail = check.DETAILS.get(v.feature.name)
+            click.echo(f"{v.feature.name} is supported" + (f": {detail(facts)}" if detail else ""))
         elif not v.ok:
             click.echo(f"{v.feature.severity}: {v.feature.name}: {v.text}")
     status = check.exit_status(verdicts)

@@ -62,6 +62,8 @@ FACTS = (
     ("cgroup_v1", "cgroup_v1", "cgroup v1 hierarchies: controllers, mount point"),
     ("cgroup2_mount", STR, "cgroup2 mount point ('' when none)"),
     ("cgroup_mnt_ns", INT, "mount namespace the cgroup layout was read in"),
+    ("cgroup2_controllers", STR, "controllers cgroup2 can give out (its root's cgroup.controllers)"),
+    ("cgroup_controllers", STR, "controllers the kernel has enabled (/proc/cgroups)"),
 )
 FACT_NAMES = tuple(name for name, _, _ in FACTS)
 FACT_KIND = {name: kind for name, kind, _ in FACTS}

@@ -316,3 +316,26 @@ def read_ns_ids(pid: int | str, names=NS_KINDS) -> dict:
             continue
         out[name] = int(link[link.index("[") + 1:-1])
     return out
+
+
+# ---------------------------------------------------------------- /proc/PID/cgroup
+class CgroupLine(Record):
+    """One line of /proc/PID/cgroup: hierarchy id, its controllers as the kernel names
+    them ("cpu,cpuacct", "name=systemd", "" for cgroup2), the task's cgroup path."""
+    _fields = ("hierarchy", "controllers", "path")
+
+
+def read_cgroup(pid: int, tid: int | None = None) -> list[CgroupLine]:
+    """/proc/PID/cgroup, or /proc/PID/task/TID/cgroup for one thread."""
+    name = "cgroup" if tid is None else f"task/{tid}/cgroup"
+    return parse_cgroup(_read(pid, name))
+
+
+def parse_cgroup(text: str) -> list[CgroupLine]:
+    out = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        hier, controllers, path = line.split(":", 2)
+        out.append(CgroupLine(int(hier), controllers, path))
+    return out

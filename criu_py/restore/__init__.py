@@ -36,6 +36,7 @@ class Restore:
         self.resource_fds = {}        # filled by each task for itself after the fork
         self.trap = {}                # pid -> its restorer region is removed with ptrace
         self.host_creds = None
+        self.cg_yard = None           # criu_py.cgroup.restore.Yard
         self.root_pid = 0
         self.running = False          # the tree was let go: do not kill it
         self.regions = {}             # pid -> (start, length) of its restorer region
@@ -59,6 +60,9 @@ def restore_tasks(opts: dict) -> int:
             check_vdso(rs)
             plan_region_removal(rs)
             rs.host_creds = host_creds()
+        with _step("cgroup yard"):               # mounted until the end
+            from criu_py.cgroup.restore import open_yard
+            rs.cg_yard = stack.enter_context(open_yard(opts, rs.images))
         if opts.get("pidfile"):
             write_pidfile(opts["pidfile"], rs, stack)
         with _step("sync page, status pipe, fd space"):
@@ -172,6 +176,8 @@ def prepare_shared(rs: Restore, stack) -> None:
     stack.callback(_close_quietly, r)
     stack.callback(_close_quietly, rs.status_w)
     rs.images.dirfd = rs.fds.park(rs.images.dirfd)
+    if rs.cg_yard.fd >= 0:                  # every task moves itself in through it
+        rs.cg_yard.fd = rs.fds.park(rs.cg_yard.fd)
     if logger.file is not None:
         logger.file.flush()
         logger.file = os.fdopen(rs.fds.park(os.dup(logger.file.fileno())), "w", buffering=1,
@@ -241,6 +247,20 @@ def run_stages(rs: Restore) -> None:
         log.debug("restore: stage %s done in %.2f ms", S.STAGE_NAMES[stage],
                   (time.monotonic() - t) * 1e3)
     read_status(rs)
+    place_threads_in_cgroups(rs)
+
+
+def place_threads_in_cgroups(rs: Restore) -> None:
+    """Every thread (and child made by a restorer) exists now: threads with a cgroup set
+    of their own go into it; then the limits that had to wait for the tasks."""
+    from criu_py.cgroup.restore import task_cg_set
+    for t in rs.plan.alive:
+        own = task_cg_set(t.img.core)
+        if t.in_parent_mm:
+            rs.cg_yard.move(t.pid, own, task_cg_set(t.parent.img.core))
+        for tid, core in t.img.threads[1:]:
+            rs.cg_yard.move_thread(tid, task_cg_set(core), own)
+    rs.cg_yard.apply_properties()
 
 
 def read_status(rs: Restore) -> tuple[list, list]:

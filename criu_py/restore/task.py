@@ -160,6 +160,8 @@ class TaskRun:
     # ------------------------------------------------------------ stage FORK
     def fork_stage(self) -> None:
         t = self.t
+        self.stage = "cgroups"
+        self.rs.cg_yard.move(0, cg_set_of(t), cg_set_of(t.parent) if t.parent else None)
         self.stage = "session"
         if t.subreaper:
             _prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -443,6 +445,19 @@ class FileContext:
         for fd in self.raw_fds:
             os.close(fd)
         self.raw_fds = []
+
+
+def cg_set_of(t) -> int:
+    """The cgroup set a task goes into: its core's; a helper's or zombie's without one
+    stay in their parent's (0: where the restore command is)."""
+    from criu_py.cgroup.restore import task_cg_set
+    while t is not None:
+        if t.img is not None:
+            cg = task_cg_set(t.img.core)
+            if cg:
+                return cg
+        t = t.parent
+    return 0
 
 
 def take_pid_for_test(pid: int) -> None:
