@@ -41,12 +41,12 @@ def dump_tasks(opts: dict) -> int:
             find_shared_objects(ctx)
         with step("registers and signal masks"):
             collect_registers(ctx)
+        with step("plan memory"):
+            plan_memory(ctx)
         with step("in-task state (parasite)"):
             collect_in_task_state(ctx)
         with step("task state from /proc"):
             collect_proc_state(ctx)
-        with step("plan memory"):
-            plan_memory(ctx)
         with step("plan files"):
             plan_files(ctx)
         with step("vfork parents"):
@@ -223,7 +223,7 @@ def collect_in_task_state(ctx, procs=None) -> None:
     from criu_py import proc
     from criu_py.dump import parasite
     for pd in procs or ctx.stopped():
-        site = parasite.code_site(proc.read_maps(pd.pid))
+        site = parasite.code_site([p.vma for p in pd.vma_plans] or proc.read_maps(pd.pid))
         others = [(th.tracee, th.raw_gpregs) for th in pd.threads[1:]]
         pd.parasite = parasite.collect(pd.tracee, site, pd.leader.raw_gpregs, others)
         for th in pd.threads:
@@ -327,9 +327,9 @@ def release_vfork_parents(ctx) -> None:
         # siginfo: si_signo at 0, si_pid at 16
         pd.signals_shared = [raw for raw in pd.signals_shared
                              if struct.unpack_from("<i12xi", raw) != (signal.SIGCHLD, vpid)]
+        plan_memory(ctx, [pd])
         collect_in_task_state(ctx, [pd])
         collect_proc_state(ctx, [pd])
-        plan_memory(ctx, [pd])
         log.info("pid %d: out of vfork() once its child %d was ended", pd.pid, vpid)
 
 
