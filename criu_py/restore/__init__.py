@@ -176,6 +176,8 @@ def prepare_shared(rs: Restore, stack) -> None:
     stack.callback(_close_quietly, r)
     stack.callback(_close_quietly, rs.status_w)
     rs.images.dirfd = rs.fds.park(rs.images.dirfd)
+    for parent in rs.tree.chain[1:]:        # incremental dumps: the parents' pages files
+        parent.dirfd = rs.fds.park(parent.dirfd)
     if rs.cg_yard.fd >= 0:                  # every task moves itself in through it
         rs.cg_yard.fd = rs.fds.park(rs.cg_yard.fd)
     if logger.file is not None:

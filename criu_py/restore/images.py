@@ -41,6 +41,7 @@ class TreeImages:
     pipe_data: dict = field(default_factory=dict)   # pipe_id -> (bytes, pipe size)
     shared: dict = field(default_factory=dict)      # shmid -> shmem_restore.SharedObject
     memfd_inodes: dict = field(default_factory=dict)
+    chain: list = field(default_factory=list)       # [images, parent, ...] (mem.chain)
 
     @property
     def root(self) -> TaskImages:
@@ -63,6 +64,8 @@ class TreeImages:
         return fe.reg
 
     def close(self) -> None:
+        from criu_py.mem.chain import close_chain
+        close_chain(self.chain)
         self.images.close()
 
 
@@ -78,6 +81,7 @@ def load(images_dir: str) -> TreeImages:
 
 def _load(images) -> TreeImages:
     from criu_py.mem import shmem_restore
+    from criu_py.mem.chain import open_chain
     images.read_one("inventory.img")
     entries = images.read_entries("pstree.img")
     if not entries:
@@ -85,6 +89,7 @@ def _load(images) -> TreeImages:
     check_pstree(entries)
     files = {fe.id: fe for fe in images.read_entries("files.img")}
     tree = TreeImages(images=images, tasks=[], files=files)
+    tree.chain = open_chain(images)
     tree.memfd_inodes = shmem_restore.memfd_inodes(images)
     fdinfo_cache = {}
     for e in entries:
@@ -150,7 +155,8 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
     _check_path(tree.reg(fs.cwd_id, "cwd").name, f"pid {pid}: cwd")
     _check_path(tree.reg(fs.root_id, "root").name, f"pid {pid}: root")
     _check_path(tree.reg(mm.exe_file_id, "the exe link").name, f"pid {pid}: the executable")
-    t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes)
+    t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes,
+                           tree.chain)
     for mf in t.memory.files.values():
         if mf.path is not None:
             _check_path(mf.path, f"pid {pid}: a mapping")
