@@ -44,12 +44,20 @@ class DumpContext:
         self.times = {}                         # stats-dump times, microseconds
         self.cg_sets = {}                       # pid or tid -> cgroup set id (criu_py.cgroup.dump)
         self.mapped_file_ids = {}               # (major, minor, inode, flags) -> files.img id
+        self.track = None                       # criu_py.track.Tracking
+        self.smaps_cache = {}                   # pid -> (smaps read before the freeze, VmLck)
+        self.page_buffer = None                 # mem.dump.PageBuffer, made before the freeze
+        self.dump_uptime = 0                    # CLOCK_BOOTTIME at the freeze, microseconds
+        self.finished = False                   # every image written
         self._next_pages_id = 1
         self._fd_reps = {}                      # (dev, ino) -> [(pid, fd), ...] seen
 
     def close(self) -> None:
         for p in self.procs:
             p.close()
+        if self.page_buffer is not None:
+            self.page_buffer.close()
+            self.page_buffer = None
 
     def stopped(self) -> list:
         """The processes whose leader is stopped (all but parents waiting in vfork())."""
@@ -84,6 +92,7 @@ class DumpContext:
                 continue
             total.pages_scanned += s.pages_scanned
             total.pages_written += s.pages_written
+            total.pages_parent += s.pages_parent
             total.memdump_us += s.memdump_us
             total.memwrite_us += s.memwrite_us
         return total
@@ -113,6 +122,9 @@ class ProcDump:
         self.vma_plans = []                     # mem.dump.VmaPlan
         self.fds = []                           # FdPlan (fd table owners only)
         self.pages_id = 0
+        self.pages = None                       # mem.dump.PagePlan, planned while frozen
+        self.mm_fd = -1                         # pre-dump: pagemap fd of the frozen mm
+        self.swapped = False                    # VmSwap > 0: some pages are in swap
         self.page_stats = None
 
     # ---- what the leader thread is
@@ -152,9 +164,11 @@ class ProcDump:
         return self.dump.file_description_key(ref)
 
     def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        for name in ("pidfd", "mm_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
     # --- services for mem.dump.plan_vmas
     def file_id_for_mapping(self, vma) -> int:

@@ -47,7 +47,8 @@ def pid_exists(pid: int) -> bool:
 class Stat(Record):
     _fields = ("pid", "comm", "state", "ppid", "pgid", "sid", "tty_nr", "flags", "num_threads",
                "start_code", "end_code", "start_stack", "start_data", "end_data", "start_brk",
-               "arg_start", "arg_end", "env_start", "env_end", "exit_signal", "exit_code")
+               "arg_start", "arg_end", "env_start", "env_end", "exit_signal", "exit_code",
+               "start_time")
 
 
 def read_stat(pid: int) -> Stat:
@@ -58,7 +59,8 @@ def read_stat(pid: int) -> Stat:
     f = text[rpar + 2:].split()
     n = lambda i: int(f[i - 3])  # noqa: E731  (proc(5) field number -> value)
     return Stat(pid=int(text[:lpar]), comm=comm, state=f[0], ppid=n(4), pgid=n(5), sid=n(6),
-                tty_nr=n(7), flags=n(9), num_threads=n(20), start_code=n(26), end_code=n(27),
+                tty_nr=n(7), flags=n(9), num_threads=n(20), start_time=n(22),
+                start_code=n(26), end_code=n(27),
                 start_stack=n(28), exit_signal=n(38), start_data=n(45), end_data=n(46),
                 start_brk=n(47), arg_start=n(48), arg_end=n(49), env_start=n(50), env_end=n(51),
                 exit_code=n(52) if len(f) >= 50 else 0)
@@ -70,8 +72,10 @@ class Status(Record):
     # namespace, outermost first; groups: supplementary groups.
     _fields = ("name", "umask", "state", "tgid", "ppid", "tracer_pid", "uids", "gids", "threads",
                "sig_blk", "sig_ign", "sig_cgt", "sig_pnd", "shd_pnd", "cap_inh", "cap_prm",
-               "cap_eff", "cap_bnd", "cap_amb", "no_new_privs", "seccomp", "ns_pids", "groups")
+               "cap_eff", "cap_bnd", "cap_amb", "no_new_privs", "seccomp", "ns_pids", "groups",
+               "vm_rss", "vm_swap", "vm_lck")
     groups = ()
+    vm_rss = vm_swap = vm_lck = 0       # kB
 
 
 def read_status(pid: int, tid: int | None = None) -> Status:
@@ -94,7 +98,13 @@ def read_status(pid: int, tid: int | None = None) -> Status:
         cap_bnd=hexa("CapBnd"), cap_amb=hexa("CapAmb"),
         no_new_privs=int(kv.get("NoNewPrivs", "0")), seccomp=int(kv.get("Seccomp", "0")),
         ns_pids=tuple(int(x) for x in kv.get("NSpid", kv["Tgid"]).split()),
-        groups=tuple(int(x) for x in kv.get("Groups", "").split()))
+        groups=tuple(int(x) for x in kv.get("Groups", "").split()),
+        vm_rss=_kb(kv.get("VmRSS")), vm_swap=_kb(kv.get("VmSwap")), vm_lck=_kb(kv.get("VmLck")))
+
+
+def _kb(value: str | None) -> int:
+    """'1234 kB' -> 1234 (0 when absent: kernel threads, zombies)."""
+    return int(value.split()[0]) if value else 0
 
 
 # ---------------------------------------------------------------- /proc/PID/maps + smaps
