@@ -210,7 +210,7 @@ class Tracking:
                 mm = None
                 self.touched = True
             elif mm is None and self.parent is not None and why is None:
-                why = "it was not tracked"
+                why = "its tracking ended: it exec'ed or exited after the parent dump"
             if mm is None and self.keep_on:
                 mm = self.new_mm(pd)
         elif self.method == "soft-dirty" and level is not None:

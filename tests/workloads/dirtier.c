@@ -3,7 +3,8 @@
  * versions in a table of their own. Every 10 ms it rewrites a share of the pages so
  * that PERMILLE per mille of them are written per second (each gets the next version).
  * SIGUSR2 rewrites the marker page (index 7) once more, logging "marked <version>"
- * (the random writes leave that page alone).
+ * (the random writes leave that page alone). SIGHUP makes it exec itself again with the
+ * same arguments (a new address space, the same pid): it logs "ready" once more.
  * On SIGUSR1 it checks every page against its version and logs
  * "OK <pid> <checksum> p7=<version>" or "BAD <pid> <what>"; the checksum covers every
  * word, so a test can compare it with a value logged earlier.
@@ -16,13 +17,14 @@
 #define WORDS (PAGE / 8)
 #define MARKER 7
 
-static volatile sig_atomic_t check_requested, mark_requested;
+static volatile sig_atomic_t check_requested, mark_requested, exec_requested;
 static uint64_t *area;
 static uint32_t *version;
 static size_t pages;
 
 static void on_usr1(int sig) { (void)sig; check_requested = 1; }
 static void on_usr2(int sig) { (void)sig; mark_requested = 1; }
+static void on_hup(int sig) { (void)sig; exec_requested = 1; }
 
 static uint64_t word(size_t page, size_t w, uint32_t v)
 {
@@ -83,6 +85,8 @@ int main(int argc, char **argv)
 	sigaction(SIGUSR1, &sa, NULL);
 	sa.sa_handler = on_usr2;
 	sigaction(SIGUSR2, &sa, NULL);
+	sa.sa_handler = on_hup;
+	sigaction(SIGHUP, &sa, NULL);
 	wl_log("ready %d", getpid());
 	for (;;) {
 		if (check_requested) {
@@ -96,6 +100,11 @@ int main(int argc, char **argv)
 			else
 				wl_log("OK %d %016llx p7=%u", getpid(), (unsigned long long)sum,
 				       version[MARKER]);
+		}
+		if (exec_requested) {
+			execv("/proc/self/exe", argv);
+			wl_log("BAD %d exec failed", getpid());
+			exec_requested = 0;
 		}
 		if (mark_requested) {
 			mark_requested = 0;
