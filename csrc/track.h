@@ -14,4 +14,9 @@ long cp_uffd_wake(int uffd, uint64_t start, uint64_t len);
 long cp_pagemap_scan_ex(int pagemap_fd, uint64_t start, uint64_t end, uint64_t flags,
 			struct cp_page_region *vec, uint64_t vec_len, uint64_t inverted,
 			uint64_t mask, uint64_t anyof, uint64_t ret_mask, uint64_t *walk_end);
+long cp_track_scan(int fd, uint64_t start, uint64_t end, int mode, int rearm,
+		   const uint64_t *cover, long ncover, uint64_t *out, long max_out);
+long cp_vm_read_ranges(int pid, void *buf, const uint64_t *ranges, long n);
+long cp_triples_bytes(const uint64_t *t, long n, uint64_t flag);
+long cp_vm_read_triples(int pid, void *buf, const uint64_t *t, long n);
 #endif

@@ -37,6 +37,8 @@ def dump_tasks(opts: dict) -> int:
         with step("read big memory maps"):
             preread_smaps(ctx)
             prepare_page_buffer(ctx)
+        with step("snapshot: protect memory"):
+            start_snapshot(ctx, stack)
         with step("freeze the tree"):
             t_freeze = time.monotonic()
             ctx.tree = stack.enter_context(Tree(pid))
@@ -87,6 +89,8 @@ def dump_tasks(opts: dict) -> int:
             with step("kill or release the tree"):
                 finish_tree(ctx)
                 ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
+            with step("snapshot: copy memory"):
+                copy_snapshot(ctx)
             with step("write copied memory"):
                 write_deferred_memory(ctx)
         with step("parent link, memory tracking"):
@@ -461,7 +465,9 @@ def scan_memory(ctx) -> None:
         if pd.in_parents_memory:
             continue
         track.prepare(pd)
-        pd.pages = memdump.private_page_ranges(pd.pid, pd.vma_plans, scanner, track.vma_scan(pd))
+        hook = ctx.snapshot.vma_scan(pd) if ctx.snapshot is not None else None
+        pd.pages = memdump.private_page_ranges(pd.pid, pd.vma_plans, scanner,
+                                               hook or track.vma_scan(pd))
         track.after_scan(pd)
         if ctx.opts.get("pre_dump"):
             # the copy happens once the tree runs again: an exec or exit meanwhile must
@@ -480,6 +486,9 @@ def write_memory(ctx) -> None:
             # a vfork() child: its memory is its parent's, dumped there
             if not pre:
                 memdump.write_no_pages(ctx.images, pd.pages_id, pd.pid)
+            continue
+        if ctx.snapshot is not None and pd.pid in ctx.snapshot.targets:
+            ctx.snapshot.write_frozen(pd, ctx.images, pd.pages_id, ctx.page_buffer)
             continue
         try:
             pd.page_stats = memdump.dump_private_pages(pd.pid, pd.vma_plans, ctx.images,
@@ -503,6 +512,33 @@ def write_memory(ctx) -> None:
     if ctx.shmem and not pre:
         from criu_py.mem import shmem
         shmem.write_images(ctx)
+    if ctx.snapshot is not None:
+        ctx.snapshot.copy_mode()       # from now on a write waits for its copy
+
+
+def start_snapshot(ctx, stack) -> None:
+    """dump --leave-running of big processes: write-protect their memory while they
+    still run, to copy it once they run again (track/snapshot.py)."""
+    from criu_py.track import snapshot
+    if not snapshot.wanted(ctx):
+        return
+    ctx.snapshot = snapshot.Snapshot(ctx)
+    stack.callback(ctx.snapshot.close)
+    ctx.snapshot.prepare()
+    if not ctx.snapshot.targets:
+        ctx.snapshot.close()
+        ctx.snapshot = None
+
+
+def copy_snapshot(ctx) -> None:
+    if ctx.snapshot is None:
+        return
+    for pid, st in ctx.snapshot.copy(ctx.images).items():
+        for pd in ctx.procs:
+            if pd.pid == pid:
+                pd.page_stats = st
+    ctx.times["frozen"] += ctx.snapshot.stop_us
+    ctx.snapshot.close()
 
 
 def write_deferred_memory(ctx) -> None:

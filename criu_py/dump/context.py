@@ -47,6 +47,7 @@ class DumpContext:
         self.track = None                       # criu_py.track.Tracking
         self.smaps_cache = {}                   # pid -> (smaps read before the freeze, VmLck)
         self.page_buffer = None                 # mem.dump.PageBuffer, made before the freeze
+        self.snapshot = None                    # track.snapshot.Snapshot (--leave-running)
         self.dump_uptime = 0                    # CLOCK_BOOTTIME at the freeze, microseconds
         self.finished = False                   # every image written
         self._next_pages_id = 1

@@ -1,0 +1,305 @@
+# Snapshots with --leave-running: a big process is frozen only while its state is
+# collected, not while gigabytes are copied, and the images still hold its memory exactly
+# as it was at the freeze. Its private anonymous memory is write-protected with a
+# synchronous userfaultfd (made inside the task, held by us): once the tree runs again,
+# a copier (csrc/snapshot.c) saves every page and lifts its protection, and a write to a
+# page not saved yet waits until it is (copy before write, as QEMU's background
+# snapshots do).
+#
+# Protecting a GiB takes 15-30 ms, too long for a short freeze, so it is done before:
+#   1. before the freeze: the tree is stopped for a moment to make each big process's
+#      uffd, its anonymous VMAs are registered, a fault thread starts ("pre" mode: a
+#      write only lifts the protection of its 2 MiB chunk) and the present pages are
+#      protected while the tasks run;
+#   2. frozen: the pages are scanned again; those not protected (written since, or new)
+#      are protected now (few), the page list is fixed and the fault thread switches to
+#      copy-before-write; memory outside those VMAs (file-private copies, ...) is copied
+#      into memory now;
+#   3. released: the copy runs while the tasks work; then the images are completed.
+# Pages that only map the zero page come out as data (zeros) here: telling them apart
+# would cost a slow walk while frozen.
+import os
+import time
+
+from criu_py.errors import DumpError, check_errno
+from criu_py.log import log
+from criu_py.proc import Record
+
+SNAPSHOT_MIN_KB = 16 << 10          # processes smaller than this are copied while frozen
+CHUNK = 2 << 20
+POOL_MAX = 1 << 30                  # buffers between the copy and the disk
+
+
+class Target(Record):
+    """One process being snapshot: its index in the engine, uffd, /proc/PID/mem of the
+    frozen mm, its registered VMAs, and the pages file being filled."""
+    _fields = ("pid", "index", "uffd", "mem_fd", "registered", "out_fd", "buffered",
+               "entries", "pages_id")
+    out_fd = -1
+    buffered = ()
+    entries = None
+
+
+def wanted(ctx) -> bool:
+    opts = ctx.opts
+    kdat = opts.get("kdat")
+    return bool(opts.get("leave_running") and not opts.get("pre_dump") and
+                not opts.get("track_mem") and getattr(kdat, "uffd_wp", True))
+
+
+class Snapshot:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.targets = {}           # pid -> Target
+        self.engine = None
+        self.stop_us = 0            # how long the tree was stopped to make the uffds
+        self.stats = None
+
+    # ------------------------------------------------------------ before the freeze
+    def prepare(self) -> None:
+        from criu_py import proc
+        from criu_py.errors import CriuError
+        pids = [p for p in _tree_pids(self.ctx.pid) if _rss_kb(p) >= SNAPSHOT_MIN_KB]
+        if not pids:
+            return
+        self._make_uffds(pids)
+        if not self.targets:
+            return
+        from criu_py.native import ffi, lib
+        from criu_py.track import uffd as U
+        for t in self.targets.values():
+            try:
+                vmas = proc.read_maps(t.pid)
+            except CriuError:
+                vmas = []
+            for v in vmas:
+                if v.shared or v.path.startswith("[v") or not (
+                        v.inode == 0 and (not v.path or v.path in ("[heap]", "[stack]")
+                                          or v.path.startswith("[anon:"))):
+                    continue
+                if U.register_wp(t.uffd, v.start, v.end) == 0:
+                    t.registered.append((v.start, v.end))
+        self.engine = lib.cp_snap_new(len(self.targets), CHUNK)
+        if self.engine == ffi.NULL:
+            raise DumpError("cannot set up the snapshot copier")
+        for t in self.targets.values():
+            arr = ffi.new("uint64_t[]", [x for r in t.registered for x in r] or [0, 0])
+            check_errno(lib.cp_snap_target(self.engine, t.index, t.uffd, t.mem_fd, arr,
+                                           len(t.registered)), "snapshot set-up", t.pid)
+        check_errno(lib.cp_snap_start(self.engine), "starting the snapshot fault thread")
+        t0 = time.monotonic()
+        nbytes = 0
+        for t in self.targets.values():
+            pm = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for start, end in t.registered:
+                    triples, n = _present(pm, start, end, t.pid)
+                    pairs = ffi.new("uint64_t[]", 2 * max(n, 1))
+                    for i in range(n):
+                        pairs[2 * i] = triples[3 * i]
+                        pairs[2 * i + 1] = triples[3 * i + 1] - triples[3 * i]
+                        nbytes += pairs[2 * i + 1]
+                    check_errno(lib.cp_snap_protect(self.engine, t.index, pairs, n),
+                                "write-protecting memory", t.pid)
+            finally:
+                os.close(pm)
+        log.info("snapshot: %d processes, %d MiB write-protected while running in %.1f ms",
+                 len(self.targets), nbytes >> 20, (time.monotonic() - t0) * 1e3)
+
+    def _make_uffds(self, pids: list) -> None:
+        """A synchronous userfaultfd per process, made inside it: the tree is stopped
+        just for that."""
+        from criu_py import proc
+        from criu_py.dump import parasite
+        from criu_py.dump.tree import Tree
+        from criu_py.track import uffd as U
+        t0 = time.monotonic()
+        with Tree(self.ctx.pid) as tree:
+            tree.freeze()
+            for pid in pids:
+                p = tree.procs.get(pid)
+                if p is None or p.zombie or p.leader is None or p.vfork_child:
+                    continue
+                pidfd = os.pidfd_open(pid)
+                try:
+                    leader = p.leader
+                    site = parasite.code_site(proc.read_maps(pid))
+                    fd = parasite.make_userfaultfd(leader, site, leader.get_gpregs(), pidfd)
+                finally:
+                    os.close(pidfd)
+                if fd < 0:
+                    log.info("snapshot: pid %d cannot have a userfaultfd (%s): copied while "
+                             "frozen", pid, os.strerror(-fd))
+                    continue
+                t = Target(pid, len(self.targets), fd, -1, [])
+                self.targets[pid] = t
+                U.api(fd, 0, pid)
+                t.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        self.stop_us = int((time.monotonic() - t0) * 1e6)
+
+    # ------------------------------------------------------------ frozen
+    def vma_scan(self, pd):
+        """The per-VMA scan for mem.dump.private_page_ranges: for registered VMAs, the
+        present pages, those written since protected again (now, frozen)."""
+        t = self.targets.get(pd.pid)
+        if t is None:
+            return None
+        registered = set(t.registered)
+        from criu_py.native import lib
+
+        def scan(fd, plan):
+            if (plan.vma.start, plan.vma.end) not in registered:
+                return None
+            triples, n = _present(fd, plan.vma.start, plan.vma.end, pd.pid)
+            check_errno(lib.cp_snap_refresh(self.engine, t.index, triples, n),
+                        "write-protecting memory", pd.pid)
+            return triples, n
+        return scan
+
+    def write_frozen(self, pd, images, pages_id: int, pool) -> None:
+        """Frozen: the layout of pd's pages file; the pages outside the registered VMAs
+        copied into memory now, the rest handed to the copier."""
+        from criu_py.mem.dump import pagemap_entries, pagemap_flags
+        from criu_py.native import ffi, lib
+        t = self.targets[pd.pid]
+        registered = set(t.registered)
+        engine, now, off = [], [], 0
+        for start, end, _, plan in pd.pages.flat():
+            if (plan.vma.start, plan.vma.end) in registered:
+                engine.append((start, end - start, off))
+            else:
+                now.append((start, end, off))
+            off += end - start
+        t.pages_id = pages_id
+        t.out_fd = images.open_raw(f"pages-{pages_id}.img", write=True)
+        os.ftruncate(t.out_fd, off)
+        t.buffered = [(_read_now(pd, s, e, pool), o) for s, e, o in now]
+        t.entries = pagemap_entries(pd.pages.ranges, pages_id, pagemap_flags(pd.pages))
+        arr = ffi.new("uint64_t[]", [x for r in engine for x in r] or [0, 0, 0])
+        check_errno(lib.cp_snap_set_chunks(self.engine, t.index, arr, len(engine), t.out_fd),
+                    "snapshot set-up", pd.pid)
+        t.total = off
+        t.scanned = pd.pages.scanned
+        log.debug("pid %d: %d KiB left to the copier, %d KiB copied while frozen", pd.pid,
+                  sum(n for _, n, _ in engine) >> 10, sum(e - s for s, e, _ in now) >> 10)
+
+    def copy_mode(self) -> None:
+        from criu_py.native import lib
+        if self.engine is not None:
+            lib.cp_snap_copy_mode(self.engine)
+
+    # ------------------------------------------------------------ released
+    def copy(self, images) -> dict:
+        """The tree runs: copy, then complete each pages file and pagemap. Returns
+        pid -> PageStats."""
+        from criu_py.mem import PAGE_SIZE
+        from criu_py.mem.dump import PageStats
+        from criu_py.native import ffi, lib
+        if self.engine is None or not any(t.out_fd >= 0 for t in self.targets.values()):
+            return {}
+        st = ffi.new("struct cp_snap_stats *")
+        pool = min(POOL_MAX, sum(getattr(t, "total", 0) for t in self.targets.values()) + CHUNK)
+        t0 = time.monotonic()
+        err = lib.cp_snap_copy(self.engine, pool, st)
+        copy_s = time.monotonic() - t0
+        if err:
+            raise DumpError(f"the snapshot copy failed at {st.error_addr:#x}: "
+                            f"{os.strerror(-err)} (did a task exec or exit?)")
+        self.stats = st
+        out = {}
+        for t in self.targets.values():
+            if t.out_fd < 0:
+                continue
+            for (buf, boff, n, own), off in t.buffered:
+                view = memoryview(buf)[boff:boff + n]
+                done = 0
+                while done < n:
+                    done += os.pwrite(t.out_fd, view[done:], off + done)
+                view.release()
+                if own:
+                    buf.close()
+            os.close(t.out_fd)
+            t.out_fd = -1
+            images.write_entries(f"pagemap-{t.pid}.img", t.entries)
+            ps = PageStats(pages_scanned=t.scanned, pages_written=t.total // PAGE_SIZE,
+                           memwrite_us=int(copy_s * 1e6))
+            out[t.pid] = ps
+        log.info("snapshot: %d MiB copied in %.1f ms while the tree ran (%d write faults, "
+                 "%d chunks copied for a waiting task, %d let through before the freeze)",
+                 st.bytes >> 20, copy_s * 1e3, st.faults, st.fault_copies, st.pre_unprotects)
+        return out
+
+    def close(self) -> None:
+        """Stop the copier and close the uffds: any task waiting on one goes on."""
+        from criu_py.native import lib
+        if self.engine is not None:
+            lib.cp_snap_free(self.engine)
+            self.engine = None
+        for t in self.targets.values():
+            for name in ("uffd", "mem_fd", "out_fd"):
+                fd = getattr(t, name)
+                if fd >= 0:
+                    os.close(fd)
+                    setattr(t, name, -1)
+
+
+def _present(pagemap_fd: int, start: int, end: int, pid: int):
+    """(uint64_t[] triples, count) of the present pages of [start, end), flag 1 where
+    they are write-protected."""
+    import errno
+    from criu_py.native import ffi, lib
+    everything = ffi.new("uint64_t[2]", [0, 2**64 - 1])
+    cap = 4096
+    while True:
+        out = ffi.new("uint64_t[]", 3 * cap)
+        n = lib.cp_track_scan(pagemap_fd, start, end, 0, 0, everything, 1, out, cap)
+        if n != -errno.ENOSPC:
+            break
+        cap *= 8
+    check_errno(n, "PAGEMAP_SCAN", pid)
+    return out, n
+
+
+def _read_now(pd, start: int, end: int, pool):
+    """pd's memory [start, end) into memory (frozen): (mmap, offset, length, own)."""
+    import mmap
+    n = end - start
+    got = pool.take(n) if pool is not None else None
+    buf, boff, own = (got[0], got[1], False) if got else (mmap.mmap(-1, max(n, 4096)), 0, True)
+    with open(f"/proc/{pd.pid}/mem", "rb", buffering=0) as f:
+        f.seek(start)
+        view = memoryview(buf)[boff:boff + n]
+        done = 0
+        while done < n:
+            k = f.readinto(view[done:])
+            if not k:
+                view.release()
+                raise DumpError(f"cannot read memory of pid {pd.pid} at {start + done:#x}")
+            done += k
+        view.release()
+    return buf, boff, n, own
+
+
+def _tree_pids(root: int) -> list:
+    from criu_py import proc
+    from criu_py.errors import CriuError
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.append(pid)
+        try:
+            todo += proc.read_children(pid)
+        except CriuError:
+            pass
+    return out
+
+
+def _rss_kb(pid: int) -> int:
+    from criu_py import proc
+    from criu_py.errors import CriuError
+    try:
+        return proc.read_status(pid).vm_rss
+    except CriuError:
+        return 0
