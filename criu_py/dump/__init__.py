@@ -75,6 +75,8 @@ def dump_tasks(opts: dict) -> int:
                 ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
             with step("write memory"):
                 write_memory(ctx)
+            with step("irmap cache"):
+                write_irmap_cache(ctx)
             with step("write inventory"):
                 write_inventory(ctx)
         else:
@@ -554,6 +556,23 @@ def write_deferred_memory(ctx) -> None:
 def _same_mm(pd) -> bool:
     from criu_py.track.uffd import mm_alive
     return pd.mm_fd < 0 or mm_alive(pd.mm_fd)
+
+
+def write_irmap_cache(ctx) -> None:
+    """Pre-dump: the paths of the inodes that inotify/fanotify fds watch, found now
+    (the tree runs again), in irmap-cache.img for the dump to revalidate."""
+    from criu_py.errors import CriuError
+    from criu_py.irmap.handles import watch_path
+    if not ctx.irmap_queue:
+        return
+    for dev, ino, htype, handle in ctx.irmap_queue:
+        try:
+            watch_path(ctx.irmap, bool(ctx.opts.get("force_irmap")), dev, ino, htype, handle,
+                       "a watch")
+        except CriuError as exc:
+            log.warning("irmap: %s (the dump will look again)", exc)
+    from criu_py.irmap import CACHE_IMAGE
+    ctx.images.write_entries(CACHE_IMAGE, ctx.irmap.cache_entries())
 
 
 def write_inventory(ctx) -> None:

@@ -48,6 +48,8 @@ class DumpContext:
         self.smaps_cache = {}                   # pid -> (smaps read before the freeze, VmLck)
         self.page_buffer = None                 # mem.dump.PageBuffer, made before the freeze
         self.snapshot = None                    # track.snapshot.Snapshot (--leave-running)
+        self.irmap_queue = []                   # pre-dump: (dev, ino, handle type, handle)
+        self._irmap = None
         self.dump_uptime = 0                    # CLOCK_BOOTTIME at the freeze, microseconds
         self.finished = False                   # every image written
         self._next_pages_id = 1
@@ -59,6 +61,17 @@ class DumpContext:
         if self.page_buffer is not None:
             self.page_buffer.close()
             self.page_buffer = None
+
+    @property
+    def irmap(self):
+        """The inode -> path map of this dump (criu_py/irmap), its cache loaded from the
+        images dir or else the parent images."""
+        if self._irmap is None:
+            from criu_py.irmap import Irmap
+            parent = self.track.parent if self.track is not None else None
+            self._irmap = Irmap(self.opts.get("irmap_scan_path") or (),
+                                [self.images, parent])
+        return self._irmap
 
     def stopped(self) -> list:
         """The processes whose leader is stopped (all but parents waiting in vfork())."""
@@ -163,6 +176,10 @@ class ProcDump:
 
     def file_description_key(self, ref: FdRef) -> tuple:
         return self.dump.file_description_key(ref)
+
+    @property
+    def irmap(self):
+        return self.dump.irmap
 
     def close(self) -> None:
         for name in ("pidfd", "mm_fd"):

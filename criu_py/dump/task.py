@@ -257,4 +257,6 @@ def build_stats(ctx):
     d.shpages_scanned = ctx.shmem_stats.get("scanned", 0)
     d.shpages_skipped_parent = 0
     d.shpages_written = ctx.shmem_stats.get("written", 0)
+    if ctx._irmap is not None:
+        d.irmap_resolve = int(ctx._irmap.seconds * 1e6)
     return s

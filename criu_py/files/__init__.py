@@ -81,8 +81,11 @@ def fown_entry(msg) -> None:
 
 # The table. The kind modules import the names above, so they come last; they load no
 # protobuf at import time, which keeps this cheap.
-from criu_py.files import memfd, pipe, regular  # noqa: E402
+from criu_py.files import fanotify, inotify, memfd, pipe, regular  # noqa: E402
 
 # kind name -> ops object: claims(ref), check(ref), dump_fd(ctx, ref) -> files.img id,
 # restore_fd(ctx, file_entry, fdinfo_entry) -> fd; fd_type is the fdinfo/file_entry type.
-FILE_KINDS = {"reg": regular.OPS, "pipe": pipe.OPS, "memfd": memfd.OPS}
+# Optional: pre_dump(ctx, ref) (what pre-dump does early), check_entry(file_entry, what)
+# (restore: an ImageError before anything is made).
+FILE_KINDS = {"reg": regular.OPS, "pipe": pipe.OPS, "memfd": memfd.OPS,
+              "inotify": inotify.OPS, "fanotify": fanotify.OPS}

@@ -349,3 +349,85 @@ def parse_cgroup(text: str) -> list[CgroupLine]:
         hier, controllers, path = line.split(":", 2)
         out.append(CgroupLine(int(hier), controllers, path))
     return out
+
+
+# ---------------------------------------------------------------- fsnotify marks (fdinfo)
+class NotifyMark(Record):
+    """One watch or mark line of an inotify or fanotify fd's fdinfo. kind: "inotify"
+    (a watch), "inode", "mount" or "sb" (fanotify marks); values: the line's hex
+    fields by name (wd, ino, sdev, mask, ignored_mask, mflags, mnt_id, fhandle-bytes,
+    fhandle-type); handle: the f_handle bytes (inode marks)."""
+    _fields = ("kind", "values", "handle")
+    handle = b""
+
+
+class NotifyInfo(Record):
+    """What fdinfo says of an inotify/fanotify fd: fanotify's group flags and event
+    flags (flags, event_flags), and its marks in fdinfo order."""
+    _fields = ("flags", "event_flags", "marks")
+    flags = event_flags = 0
+
+
+def parse_fsnotify(text: str) -> NotifyInfo:
+    """The inotify/fanotify lines of an fdinfo text (kernel format, see
+    fs/notify/fdinfo.c): "inotify wd:1 ino:20c009 sdev:fe00000 mask:a ..." or
+    "fanotify flags:3 event-flags:8000" then "fanotify ino:...|mnt_id:...|sdev:..."."""
+    info = NotifyInfo(marks=[])
+    for line in text.splitlines():
+        head, _, rest = line.partition(" ")
+        if head not in ("inotify", "fanotify"):
+            continue
+        values, handle = {}, b""
+        for word in rest.split():
+            key, _, value = word.partition(":")
+            if key == "f_handle":
+                handle = bytes.fromhex(value)
+            else:
+                values[key] = int(value, 16)
+        if head == "inotify":
+            info.marks.append(NotifyMark("inotify", values, handle))
+        elif "flags" in values and "event-flags" in values:
+            info.flags, info.event_flags = values["flags"], values["event-flags"]
+        elif "ino" in values:
+            info.marks.append(NotifyMark("inode", values, handle))
+        elif "mnt_id" in values:
+            info.marks.append(NotifyMark("mount", values))
+        else:
+            info.marks.append(NotifyMark("sb", values))
+    return info
+
+
+def read_fsnotify(pid: int, fd: int) -> NotifyInfo:
+    return parse_fsnotify(_read(pid, f"fdinfo/{fd}"))
+
+
+# ---------------------------------------------------------------- /proc/PID/mountinfo
+class MountInfo(Record):
+    _fields = ("mnt_id", "parent_id", "major", "minor", "root", "mount_point", "fstype",
+               "source")
+
+
+def _unescape(path: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    if "\\" not in path:
+        return path
+    import re
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+
+
+def parse_mountinfo(text: str) -> list[MountInfo]:
+    out = []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        f = left.split()
+        if len(f) < 5 or not right:
+            continue
+        major, minor = f[2].split(":")
+        r = right.split()
+        out.append(MountInfo(int(f[0]), int(f[1]), int(major), int(minor), _unescape(f[3]),
+                             _unescape(f[4]), r[0], r[1] if len(r) > 1 else ""))
+    return out
+
+
+def read_mountinfo(pid: int | str = "self") -> list[MountInfo]:
+    return parse_mountinfo(_read(pid, "mountinfo"))

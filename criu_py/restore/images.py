@@ -175,17 +175,26 @@ def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:
         fe = tree.files.get(fi.id)
         if fe is None:
             raise ImageError(f"{name}: fd {fi.fd} names file id {fi.id}, missing from files.img")
-        if fe.type not in (FD_TYPE_REG, FD_TYPE_PIPE, FD_TYPE_MEMFD):
+        ops = _kinds_by_type().get(fe.type)
+        if ops is None:
             from criu_py.images.pb import fdinfo_pb2
             kind = fdinfo_pb2.fd_types.Name(fe.type) if fe.type in fdinfo_pb2.fd_types.values() else fe.type
             raise Unsupported(f"{name}: fd {fi.fd} is of kind {kind}, which restore "
                               f"does not support")
+        if hasattr(ops, "check_entry"):
+            ops.check_entry(fe, f"{name}: fd {fi.fd}")
         if fe.type == FD_TYPE_REG:
             _check_path(fe.reg.name, f"fd {fi.fd}")
         elif fe.type == FD_TYPE_MEMFD:   # memfds only open, not mapped, are shared objects too
             shmem_restore.object_for_memfd(tree.shared, images, tree.memfd_inodes, fe,
                                            f"fd {fi.fd}")
     return fdinfos
+
+
+def _kinds_by_type() -> dict:
+    """fd type -> the FILE_KINDS ops that restore it."""
+    from criu_py.files import FILE_KINDS
+    return {ops.fd_type: ops for ops in FILE_KINDS.values()}
 
 
 def _check_path(path: str, what: str) -> None:
