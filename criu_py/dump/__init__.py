@@ -275,12 +275,21 @@ def collect_in_task_state(ctx, procs=None) -> None:
     from criu_py.dump import parasite
     for pd in procs or ctx.stopped():
         site = parasite.code_site([p.vma for p in pd.vma_plans] or proc.read_maps(pd.pid))
+        note_code_site(ctx, pd.pid, site)
         others = [(th.tracee, th.raw_gpregs) for th in pd.threads[1:]]
         pd.parasite = parasite.collect(pd.tracee, site, pd.leader.raw_gpregs, others)
         for th in pd.threads:
             th.info = pd.parasite.threads[th.tid]
         log.debug("pid %d: parasite ran with %d injected runs; brk %#x",
                   pd.pid, pd.parasite.injected_calls, pd.parasite.brk)
+
+
+def note_code_site(ctx, pid: int, site: int) -> None:
+    """Before code is written at site: a private copy of its page made by that write is
+    ours, not the task's (mem.dump.injection_would_copy); the dump leaves it out."""
+    from criu_py.mem.dump import injection_would_copy
+    if injection_would_copy(pid, site):
+        ctx.cow_by_us.setdefault(pid, set()).add(site & ~4095)
 
 
 def collect_proc_state(ctx, procs=None) -> None:
@@ -469,7 +478,8 @@ def scan_memory(ctx) -> None:
         track.prepare(pd)
         hook = ctx.snapshot.vma_scan(pd) if ctx.snapshot is not None else None
         pd.pages = memdump.private_page_ranges(pd.pid, pd.vma_plans, scanner,
-                                               hook or track.vma_scan(pd))
+                                               hook or track.vma_scan(pd),
+                                               ctx.cow_by_us.get(pd.pid, ()))
         track.after_scan(pd)
         if ctx.opts.get("pre_dump"):
             # the copy happens once the tree runs again: an exec or exit meanwhile must

@@ -49,6 +49,7 @@ class DumpContext:
         self.page_buffer = None                 # mem.dump.PageBuffer, made before the freeze
         self.snapshot = None                    # track.snapshot.Snapshot (--leave-running)
         self.irmap_queue = []                   # pre-dump: (dev, ino, handle type, handle)
+        self.cow_by_us = {}                     # pid -> pages our code injection copied
         self._irmap = None
         self.dump_uptime = 0                    # CLOCK_BOOTTIME at the freeze, microseconds
         self.finished = False                   # every image written

@@ -431,3 +431,21 @@ def parse_mountinfo(text: str) -> list[MountInfo]:
 
 def read_mountinfo(pid: int | str = "self") -> list[MountInfo]:
     return parse_mountinfo(_read(pid, "mountinfo"))
+
+
+# ---------------------------------------------------------------- /proc/PID/pagemap
+def read_pagemap(pid: int, addr: int, pages: int = 1) -> list[int]:
+    """The raw 64-bit pagemap entries of `pages` pages from addr."""
+    import struct
+    path = f"/proc/{pid}/pagemap"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(exc, f"opening {path}", pid) from None
+    try:
+        data = os.pread(fd, 8 * pages, addr // 4096 * 8)
+    except OSError as exc:
+        raise from_oserror(exc, f"reading {path}", pid) from None
+    finally:
+        os.close(fd)
+    return list(struct.unpack(f"<{len(data) // 8}Q", data))

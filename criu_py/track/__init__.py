@@ -235,6 +235,8 @@ class Tracking:
         from criu_py.dump import parasite
         from criu_py.track import uffd as U
         site = parasite.code_site([p.vma for p in pd.vma_plans] or proc.read_maps(pd.pid))
+        from criu_py.dump import note_code_site
+        note_code_site(self.ctx, pd.pid, site)
         fd = parasite.make_userfaultfd(pd.tracee, site, pd.leader.raw_gpregs, pd.pidfd,
                                        user_mode_only_ok=True)
         if fd < 0:

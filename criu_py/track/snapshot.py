@@ -124,6 +124,8 @@ class Snapshot:
                 try:
                     leader = p.leader
                     site = parasite.code_site(proc.read_maps(pid))
+                    from criu_py.dump import note_code_site
+                    note_code_site(self.ctx, pid, site)
                     fd = parasite.make_userfaultfd(leader, site, leader.get_gpregs(), pidfd)
                 finally:
                     os.close(pidfd)
