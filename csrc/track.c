@@ -182,10 +182,10 @@ static int emit_parent(struct cp_rangebuf *out, uint64_t s, uint64_t e, const ui
  * mode 1: uffd-wp, exact: data pages reporting PAGE_IS_WRITTEN; rearm protects them
  *         again in the same walk;
  * mode 2: soft-dirty: data pages reporting PAGE_IS_SOFT_DIRTY.
- * Returns the number of triples written to out (3 u64 each), -ENOSPC when max_out is
- * too small (call again with more), or -errno. */
+ * Returns the number of triples, in *out (3 u64 each, malloc'ed: cp_free() it), or
+ * -errno. */
 long cp_track_scan(int fd, uint64_t start, uint64_t end, int mode, int rearm,
-		   const uint64_t *cover, long ncover, uint64_t *out, long max_out)
+		   const uint64_t *cover, long ncover, uint64_t **out)
 {
 	struct cp_page_region *vec = malloc(SCAN_VEC * sizeof(*vec));
 	struct cp_rangebuf a = { 0 }, b = { 0 }, res = { 0 };
@@ -235,15 +235,12 @@ long cp_track_scan(int fd, uint64_t start, uint64_t end, int mode, int rearm,
 				ret = emit_parent(&res, a.r[i].start, a.r[i].end, cover, ncover, &ci);
 		}
 	}
-	if (!ret && res.n > max_out)
-		ret = -ENOSPC;
+	*out = NULL;
 	if (!ret) {
-		for (long i = 0; i < res.n; i++) {
-			out[3 * i] = res.r[i].start;
-			out[3 * i + 1] = res.r[i].end;
-			out[3 * i + 2] = res.r[i].categories;
-		}
+		/* struct cp_page_region is three u64: the result is the triples already */
+		*out = (uint64_t *)res.r;
 		ret = res.n;
+		res.r = NULL;
 	}
 	free(vec);
 	free(a.r);
@@ -322,4 +319,9 @@ long cp_vm_read_triples(int pid, void *buf, const uint64_t *t, long n)
 		}
 	}
 	return total;
+}
+
+void cp_free(void *p)
+{
+	free(p);
 }

@@ -15,7 +15,8 @@ long cp_pagemap_scan_ex(int pagemap_fd, uint64_t start, uint64_t end, uint64_t f
 			struct cp_page_region *vec, uint64_t vec_len, uint64_t inverted,
 			uint64_t mask, uint64_t anyof, uint64_t ret_mask, uint64_t *walk_end);
 long cp_track_scan(int fd, uint64_t start, uint64_t end, int mode, int rearm,
-		   const uint64_t *cover, long ncover, uint64_t *out, long max_out);
+		   const uint64_t *cover, long ncover, uint64_t **out);
+void cp_free(void *p);
 long cp_vm_read_ranges(int pid, void *buf, const uint64_t *ranges, long n);
 long cp_triples_bytes(const uint64_t *t, long n, uint64_t flag);
 long cp_vm_read_triples(int pid, void *buf, const uint64_t *t, long n);

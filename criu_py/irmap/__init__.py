@@ -42,6 +42,8 @@ class Irmap:
         self.cache_source = None
         self.scanned = 0            # directory entries looked at
         self.seconds = 0.0
+        self.seen = {}              # inode number -> [paths] of every entry walked
+        self.walked = set()         # (root, recursive) walked already
         for images in cache_dirs:
             if images is not None and images.exists(CACHE_IMAGE):
                 for e in images.read_entries(CACHE_IMAGE):
@@ -79,30 +81,32 @@ class Irmap:
             self.seconds += time.monotonic() - t0
 
     def _scan(self, dev: int, ino: int) -> str | None:
-        for root in self.scan_paths:
-            path = self._walk(root, dev, ino, True)
-            if path is not None:
-                return path
-        for root, recursive in HINTS:
-            path = self._walk(root, dev, ino, recursive)
-            if path is not None:
-                return path
+        """The scan dirs, then the hints, in order: each is walked once (every entry's
+        inode number noted), later lookups first look at what was seen."""
+        roots = [(r, True) for r in self.scan_paths] + list(HINTS)
+        for root, recursive in roots:
+            if (root, recursive) not in self.walked:
+                self.walked.add((root, recursive))
+                self._walk(root, recursive)
+            for path in self.seen.get(ino, ()):
+                if _names(path, dev, ino):
+                    return path
         return None
 
-    def _walk(self, root: str, dev: int, ino: int, recursive: bool) -> str | None:
-        """Depth-first from root, without following symlinks. Entries are matched by the
-        inode number readdir gives (no stat per file); a match, and every directory
-        entered (a mount point's readdir inode is the one below it), is checked with
-        lstat."""
+    def _walk(self, root: str, recursive: bool) -> None:
+        """Depth-first from root, without following symlinks, noting the inode number
+        readdir gives for every entry (no stat per file: a candidate is checked with
+        lstat when asked for). A directory is also noted by its own inode (a mount
+        point's readdir inode is the one below it)."""
         try:
             st = os.lstat(root)
         except OSError:
-            return None
-        if (kdev(st.st_dev), st.st_ino) == (dev, ino):
-            return root
+            return
+        self.seen.setdefault(st.st_ino, []).append(root)
         if not recursive or not stat.S_ISDIR(st.st_mode):
-            return None
+            return
         todo = [root]
+        seen = self.seen
         while todo:
             d = todo.pop()
             try:
@@ -113,16 +117,14 @@ class Irmap:
                 for e in it:
                     self.scanned += 1
                     try:
-                        is_dir = e.is_dir(follow_symlinks=False)
-                        if e.inode() == ino or is_dir:
-                            est = e.stat(follow_symlinks=False)
-                            if (kdev(est.st_dev), est.st_ino) == (dev, ino):
-                                return e.path
+                        seen.setdefault(e.inode(), []).append(e.path)
+                        if e.is_dir(follow_symlinks=False):
+                            todo.append(e.path)
+                            own = e.stat(follow_symlinks=False).st_ino
+                            if own != e.inode():
+                                seen.setdefault(own, []).append(e.path)
                     except OSError:
                         continue
-                    if is_dir:
-                        todo.append(e.path)
-        return None
 
     def cache_entries(self) -> list:
         """irmap_cache_entry messages of every path found (for irmap-cache.img)."""

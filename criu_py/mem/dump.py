@@ -39,9 +39,10 @@ class VmaPlan(Record):
 class PageStats(Record):
     """Counters for stats-dump."""
     _fields = ("pages_scanned", "pages_written", "pages_parent", "memdump_us", "memwrite_us",
-               "pending")
+               "pending", "copied")
     pages_scanned = pages_written = pages_parent = memdump_us = memwrite_us = 0
     pending = None          # deferred writing of the images (dump_private_pages(defer=True))
+    copied = None           # ... and waiting for the copy into memory, before the task runs
 
 
 def vma_prot(v: Vma) -> int:
@@ -498,26 +499,45 @@ class PageBuffer:
         self.map.close()
 
 
-def read_into_buffer(pid: int, pages: PagePlan, pool: PageBuffer | None = None):
-    """The data pages (not in_parent) of `pages`, read from pid's memory into `pool`
-    when it has room, else into a new anonymous mapping: (mmap, offset, length, own)."""
-    import mmap
-    from criu_py.native import ffi, lib
-    total = pages.bytes()
-    got = pool.take(total) if pool is not None else None
-    if got is not None:
-        buf, off, own = got[0], got[1], False
-    else:
-        buf, off, own = mmap.mmap(-1, max(total, M.PAGE_SIZE)), 0, True
-    cbuf = ffi.from_buffer(buf)
-    try:
-        at = off
-        for _, t, n in pages.chunks:
-            at += check_errno(lib.cp_vm_read_triples(pid, cbuf + at, t, n),
-                              "copying memory with process_vm_readv", pid)
-    finally:
-        ffi.release(cbuf)
-    return buf, off, total, own
+class BufferedCopy:
+    """The data pages of a PagePlan being read from the task into memory by a thread of
+    ours (process_vm_readv releases the GIL) while the dump goes on with its other
+    frozen work; join() before the task may run or die. (A second reader thread does not
+    help: both wait on the task's page tables.)"""
+
+    def __init__(self, pid: int, pages: PagePlan, pool: PageBuffer | None = None):
+        import mmap
+        import threading
+        self.pid = pid
+        self.pages = pages
+        self.total = total = pages.bytes()
+        got = pool.take(total) if pool is not None else None
+        if got is not None:
+            self.buf, self.off, self.own = got[0], got[1], False
+        else:
+            self.buf, self.off, self.own = mmap.mmap(-1, max(total, M.PAGE_SIZE)), 0, True
+        self.error = 0
+        self.thread = threading.Thread(target=self._read, name="page-copy", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        from criu_py.native import ffi, lib
+        cbuf = ffi.from_buffer(self.buf)
+        try:
+            at = self.off
+            for _, t, n in self.pages.chunks:
+                r = lib.cp_vm_read_triples(self.pid, cbuf + at, t, n)
+                if r < 0:
+                    self.error = r
+                    return
+                at += r
+        finally:
+            ffi.release(cbuf)
+
+    def join(self):
+        self.thread.join()
+        check_errno(self.error, "copying memory with process_vm_readv", self.pid)
+        return self.buf, self.off, self.total, self.own
 
 
 def pagemap_flags(pages: PagePlan) -> list:
@@ -544,8 +564,14 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
     nbytes = pages.bytes()
     t1 = time.monotonic()
     if defer and not unreadable and nbytes <= BUFFER_MAX:
-        buf, off, total, own = read_into_buffer(pid, pages, pool)
-        t2 = time.monotonic()
+        copy = BufferedCopy(pid, pages, pool)
+        total = copy.total
+
+        def copied():
+            nonlocal buf, off, own
+            buf, off, _, own = copy.join()
+            _finish_stats(st, pages, total, t0, t1, time.monotonic())
+        buf = off = own = None
 
         def pending():
             fd = images.open_raw(f"pages-{pages_id}.img", write=True)
@@ -562,8 +588,7 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
             images.write_entries(f"pagemap-{pid_for_name}.img",
                                  pagemap_entries(pages.ranges, pages_id, pagemap_flags(pages)))
             _log_pages(st, pid, pages)
-        st.pending = pending
-        _finish_stats(st, pages, total, t0, t1, t2)
+        st.copied, st.pending = copied, pending
         return st
     data = pages.data_ranges()
     fd = images.open_raw(f"pages-{pages_id}.img", write=True)

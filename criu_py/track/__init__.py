@@ -26,22 +26,32 @@ from criu_py.proc import Record
 WRITTEN_KIND = {"uffd-wp": "PAGE_IS_WRITTEN", "soft-dirty": "PAGE_IS_SOFT_DIRTY"}
 
 
-def track_scan(fd: int, start: int, end: int, mode: int, rearm: bool, level, pid: int) -> list:
-    """(uint64_t[] of (start, end, in_parent) triples, count): the data pages of one VMA (csrc/track.c
-    cp_track_scan; mode 0: uffd-wp quick, 1: uffd-wp exact, 2: soft-dirty). Pages are
-    in_parent only where the parent's pagemap has them (`level`, mem.chain.Level)."""
+def scan_triples(fd: int, start: int, end: int, mode: int, rearm: bool, cover, ncover: int,
+                 pid: int):
+    """csrc/track.c cp_track_scan: (uint64_t[] of (start, end, flag) triples, count),
+    the array freed with its last reference."""
     from criu_py.errors import check_errno
     from criu_py.native import ffi, lib
+    out = ffi.new("uint64_t **")
+    n = check_errno(lib.cp_track_scan(fd, start, end, mode, 1 if rearm else 0, cover, ncover, out),
+                    "PAGEMAP_SCAN", pid)
+    return (ffi.gc(out[0], lib.cp_free) if out[0] != ffi.NULL else ffi.new("uint64_t[3]")), n
+
+
+def everything():
+    """A cover of the whole address space: cp_track_scan's flag then tells unprotected
+    (0) from protected (1) present pages."""
+    from criu_py.native import ffi
+    return ffi.new("uint64_t[2]", [0, 2**64 - 1]), 1
+
+
+def track_scan(fd: int, start: int, end: int, mode: int, rearm: bool, level, pid: int):
+    """(uint64_t[] of (start, end, in_parent) triples, count): the data pages of one VMA
+    (mode 0: uffd-wp quick, 1: uffd-wp exact, 2: soft-dirty). Pages are in_parent only
+    where the parent's pagemap has them (`level`, mem.chain.Level)."""
+    from criu_py.native import ffi
     cover, ncover = level.cover_array(start) if level is not None else (ffi.NULL, 0)
-    cap = 4096
-    while True:
-        out = ffi.new("uint64_t[]", 3 * cap)
-        n = lib.cp_track_scan(fd, start, end, mode, 1 if rearm else 0, cover, ncover, out, cap)
-        if n != -errno.ENOSPC:
-            break
-        cap *= 8
-    check_errno(n, "PAGEMAP_SCAN", pid)
-    return out, n
+    return scan_triples(fd, start, end, mode, rearm, cover, ncover, pid)
 
 
 class TrackedMm(Record):
@@ -164,10 +174,10 @@ class Tracking:
         run on): what a dump will copy, to have memory ready for it before the freeze."""
         from criu_py import proc
         from criu_py.errors import CriuError
-        from criu_py.native import ffi, lib
+        from criu_py.native import lib
         if self.method != "uffd-wp":
             return 0
-        everything = ffi.new("uint64_t[2]", [0, 2**64 - 1])
+        cover, ncover = everything()
         total = 0
         for mm in self.taken.values():
             try:
@@ -177,12 +187,12 @@ class Tracking:
             for v in vmas:
                 if v.shared or v.path.startswith("[v"):
                     continue
-                out = ffi.new("uint64_t[]", 3 * 8192)
-                n = lib.cp_track_scan(mm.pagemap_fd, v.start, v.end, 0, 0, everything, 1, out, 8192)
-                if n > 0:
-                    total += lib.cp_triples_bytes(out, n, 0)
-                elif n == -errno.ENOSPC:
-                    total += v.end - v.start
+                try:
+                    out, n = scan_triples(mm.pagemap_fd, v.start, v.end, 0, False, cover, ncover,
+                                          mm.pid)
+                except CriuError:
+                    continue
+                total += lib.cp_triples_bytes(out, n, 0)
         return total
 
     # ------------------------------------------------------------ frozen

@@ -28,14 +28,19 @@ from criu_py.proc import Record
 SNAPSHOT_MIN_KB = 16 << 10          # processes smaller than this are copied while frozen
 CHUNK = 2 << 20
 POOL_MAX = 1 << 30                  # buffers between the copy and the disk
+CATCH_UP_PASSES = 3                 # protecting again what was written meanwhile, before
+CATCH_UP_DONE = 16 << 20            # the freeze, until this little is left
 
 
 class Target(Record):
-    """One process being snapshot: its index in the engine, uffd, /proc/PID/mem of the
-    frozen mm, its registered VMAs, and the pages file being filled."""
+    """One process being snapshot: its index in the engine, uffd, a fd that reads its
+    mm as it was when frozen (/proc/PID/mem when other tasks share that mm, else a
+    pagemap fd that tells whether it is still alive while process_vm_readv reads), its
+    registered VMAs, and the pages file being filled."""
     _fields = ("pid", "index", "uffd", "mem_fd", "registered", "out_fd", "buffered",
-               "entries", "pages_id")
+               "entries", "pages_id", "shared_mm")
     out_fd = -1
+    shared_mm = False
     buffered = ()
     entries = None
 
@@ -84,8 +89,11 @@ class Snapshot:
             raise DumpError("cannot set up the snapshot copier")
         for t in self.targets.values():
             arr = ffi.new("uint64_t[]", [x for r in t.registered for x in r] or [0, 0])
-            check_errno(lib.cp_snap_target(self.engine, t.index, t.uffd, t.mem_fd, arr,
-                                           len(t.registered)), "snapshot set-up", t.pid)
+            check_errno(lib.cp_snap_target(self.engine, t.index, t.uffd, t.mem_fd,
+                                           0 if t.shared_mm else t.pid, arr, len(t.registered)),
+                        "snapshot set-up", t.pid)
+        check_errno(lib.cp_snap_reserve(self.engine, self._pool_size(pids)),
+                    "memory for the snapshot")
         check_errno(lib.cp_snap_start(self.engine), "starting the snapshot fault thread")
         t0 = time.monotonic()
         nbytes = 0
@@ -105,13 +113,51 @@ class Snapshot:
                 os.close(pm)
         log.info("snapshot: %d processes, %d MiB write-protected while running in %.1f ms",
                  len(self.targets), nbytes >> 20, (time.monotonic() - t0) * 1e3)
+        # What the tasks wrote meanwhile lost its protection: protect it again, a few
+        # times, so that little is left for the freeze.
+        for _ in range(CATCH_UP_PASSES):
+            t1 = time.monotonic()
+            again = self._protect_written()
+            log.debug("snapshot: %d KiB written meanwhile, protected again in %.1f ms",
+                      again >> 10, (time.monotonic() - t1) * 1e3)
+            if again <= CATCH_UP_DONE:
+                break
+
+    def _pool_size(self, pids: list) -> int:
+        """Buffers for every page when memory allows (the disk is then written after
+        the copy), else for a part (a writer drains them meanwhile)."""
+        total = sum(_rss_kb(p) for p in pids if p in self.targets) << 10
+        try:
+            with open("/proc/meminfo") as f:
+                avail = next(int(line.split()[1]) << 10 for line in f
+                             if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            avail = 0
+        return max(64 << 20, min(total + (32 << 20), POOL_MAX, avail // 4))
+
+    def _protect_written(self) -> int:
+        """Protect the present pages that are not protected (while the tasks run):
+        their bytes."""
+        from criu_py.native import lib
+        total = 0
+        for t in self.targets.values():
+            pm = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for start, end in t.registered:
+                    triples, n = _present(pm, start, end, t.pid)
+                    total += lib.cp_triples_bytes(triples, n, 0)
+                    check_errno(lib.cp_snap_refresh(self.engine, t.index, triples, n),
+                                "write-protecting memory", t.pid)
+            finally:
+                os.close(pm)
+        return total
 
     def _make_uffds(self, pids: list) -> None:
         """A synchronous userfaultfd per process, made inside it: the tree is stopped
         just for that."""
         from criu_py import proc
         from criu_py.dump import parasite
-        from criu_py.dump.tree import Tree
+        from criu_py.dump.tree import KCMP_VM, Tree, kcmp
         from criu_py.track import uffd as U
         t0 = time.monotonic()
         with Tree(self.ctx.pid) as tree:
@@ -136,8 +182,13 @@ class Snapshot:
                 t = Target(pid, len(self.targets), fd, -1, [])
                 self.targets[pid] = t
                 U.api(fd, 0, pid)
-                t.mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+                t.shared_mm = any(kcmp(pid, o.pid, KCMP_VM) == 0 for o in tree.procs.values()
+                                  if o.pid != pid and not o.zombie)
+                name = "mem" if t.shared_mm else "pagemap"
+                t.mem_fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         self.stop_us = int((time.monotonic() - t0) * 1e6)
+        log.info("snapshot: the tree was stopped %.2f ms to make %d userfaultfds",
+                 self.stop_us / 1e3, len(self.targets))
 
     # ------------------------------------------------------------ frozen
     def vma_scan(self, pd):
@@ -203,7 +254,7 @@ class Snapshot:
         pool = min(POOL_MAX, sum(getattr(t, "total", 0) for t in self.targets.values()) + CHUNK)
         t0 = time.monotonic()
         err = lib.cp_snap_copy(self.engine, pool, st)
-        copy_s = time.monotonic() - t0
+        copy_s = st.copy_ns / 1e9           # until the last page was copied
         if err:
             raise DumpError(f"the snapshot copy failed at {st.error_addr:#x}: "
                             f"{os.strerror(-err)} (did a task exec or exit?)")
@@ -227,8 +278,9 @@ class Snapshot:
                            memwrite_us=int(copy_s * 1e6))
             out[t.pid] = ps
         log.info("snapshot: %d MiB copied in %.1f ms while the tree ran (%d write faults, "
-                 "%d chunks copied for a waiting task, %d let through before the freeze)",
-                 st.bytes >> 20, copy_s * 1e3, st.faults, st.fault_copies, st.pre_unprotects)
+                 "%d chunks copied for a waiting task, %d let through before the freeze; "
+                 "monotonic %.6f-%.6f)", st.bytes >> 20, copy_s * 1e3, st.faults,
+                 st.fault_copies, st.pre_unprotects, t0, t0 + copy_s)
         return out
 
     def close(self) -> None:
@@ -248,18 +300,8 @@ class Snapshot:
 def _present(pagemap_fd: int, start: int, end: int, pid: int):
     """(uint64_t[] triples, count) of the present pages of [start, end), flag 1 where
     they are write-protected."""
-    import errno
-    from criu_py.native import ffi, lib
-    everything = ffi.new("uint64_t[2]", [0, 2**64 - 1])
-    cap = 4096
-    while True:
-        out = ffi.new("uint64_t[]", 3 * cap)
-        n = lib.cp_track_scan(pagemap_fd, start, end, 0, 0, everything, 1, out, cap)
-        if n != -errno.ENOSPC:
-            break
-        cap *= 8
-    check_errno(n, "PAGEMAP_SCAN", pid)
-    return out, n
+    from criu_py.track import everything, scan_triples
+    return scan_triples(pagemap_fd, start, end, 0, False, *everything(), pid)
 
 
 def _read_now(pd, start: int, end: int, pool):
