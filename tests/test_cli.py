@@ -102,3 +102,17 @@ def test_usage_error_is_one_line():
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:"), res.stderr
+
+
+def test_plain_parser_reads_the_incremental_options(tmp_path):
+    cmd, o = parse_plain(["pre-dump", "-t", "5", "-D", "d", "--track-mem", "--prev-images-dir",
+                          "../p", "--irmap-scan-path", "/a", "--irmap-scan-path", "/b",
+                          "--force-irmap", "-R"])
+    assert cmd == "pre-dump"
+    assert (o["pid"], o["track_mem"], o["prev_images_dir"], o["irmap_scan_path"],
+            o["force_irmap"], o["leave_running"]) == (5, True, "../p", ("/a", "/b"), True, True)
+    # a plain pre-dump, too, runs without click
+    res = run_main(["pre-dump", "-t", "4194304", "-D", str(tmp_path / "img"), "-v0"],
+                   "'click' not in mods")
+    assert res.returncode == 1 and "modules ok" in res.stdout, res.stderr
+    assert res.stderr.strip().splitlines() == ["Error: no such process 4194304"]

@@ -186,6 +186,22 @@ def _children(pid):
     return out
 
 
+def test_dump_with_track_mem_then_an_incremental_dump(h):
+    # CRIU's other way: a full dump that leaves the task running and starts tracking,
+    # then dumps with that one as parent
+    task = h.start("dirtier", 64, 20, ready=r"ready \d+")
+    first = h.dump(task, h.images_dir("first"), "--track-mem", leave_running=True)
+    assert task.running() and tracking_holders(h.dir)
+    present, parent = pagemap_pages(first, task.pid)
+    assert present >= (64 << 20) // PAGE and parent == 0
+    version = mark(task)
+    second = h.dump(task, h.images_dir("second"), "--track-mem", "--prev-images-dir", "../first")
+    present, parent = pagemap_pages(second, task.pid)
+    assert 0 < present < parent
+    restored = h.restore(second, task=task)
+    assert ask(restored)[2] == version
+
+
 def test_bad_prev_images_dir_is_one_line_and_leaves_the_task_alone(h):
     task = h.start("dirtier", 8, 0, ready=r"ready \d+")
     images = h.images_dir("dump")
