@@ -114,3 +114,53 @@ def test_small_processes_are_copied_while_frozen(h):
     assert res.returncode == 0, res.stderr
     assert "snapshot:" not in (images / "dump.log").read_text().replace("dump: snapshot:", "")
     rewriter_image_state(images, task.pid)
+
+
+def test_a_dumper_killed_during_the_copy_leaves_the_task_running(h):
+    task = h.start("rewriter", 512, 0, ready=r"ready \d+")
+    images = h.images_dir()
+    dumper = h.cli_background("dump", "-t", task.pid, "-D", images, "--leave-running", "-v4",
+                              "-o", "dump.log")
+    from conftest import wait_for
+    log = images / "dump.log"
+    wait_for(lambda: log.exists() and ("dump: snapshot: copy memory" in log.read_text()
+                                       or dumper.poll() is not None),
+             timeout=60, what="the snapshot copy to start")
+    dumper.kill()
+    dumper.wait()
+    # its userfaultfd went with it: nothing waits, nothing is protected any more
+    from conftest import wait_for
+    wait_for(lambda: " uw" not in open(f"/proc/{task.pid}/smaps").read(), timeout=30,
+             what="the write protection to go")
+    assert proc_status(task.pid)["TracerPid"] == "0"
+    assert self_check(task).startswith(f"OK {task.pid} ")
+
+
+def test_a_refused_snapshot_leaves_the_task_untouched(h):
+    # a big process with a socket: refused once frozen, after its memory was already
+    # write-protected for the snapshot; the protection goes with the refusal
+    import subprocess
+    import sys
+    from conftest import Log, Task, assert_one_line_error, assert_running_untraced
+    log = h.path("py.log")
+    code = ("import socket, sys, time\n"
+            "s = socket.socket()\n"
+            "buf = bytearray(64 << 20)\n"
+            "open(sys.argv[1], 'w').write('ready\\n')\n"
+            "i = 0\n"
+            "while True:\n"
+            "    buf[i % len(buf)] = 1\n"
+            "    i += 4096\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(log)], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    task = Task(p.pid, "socket.socket", Log(log), p)
+    h.tasks.append(task)
+    task.log.wait("ready")
+    images = h.images_dir()
+    res = h.cli("dump", "-t", task.pid, "-D", images, "--leave-running", "-v4", "-o", "dump.log")
+    assert_one_line_error(res, f"pid {task.pid}", "socket")
+    assert "write-protected while running" in (images / "dump.log").read_text()
+    assert_running_untraced(task)
+    assert " uw" not in open(f"/proc/{task.pid}/smaps").read()
+    assert not list(images.glob("*.img"))
