@@ -202,6 +202,25 @@ def test_dump_with_track_mem_then_an_incremental_dump(h):
     assert ask(restored)[2] == version
 
 
+def test_shared_memory_is_dumped_whole_in_an_incremental_dump(h):
+    # shared anonymous memory, a memfd and private file pages: the private pages are
+    # incremental, the shared objects whole; the task checks all of it after restore
+    task = h.start("shmem", h.path("mapped.data"), 0x5EED1234)
+    pre_dump(h, task, h.images_dir("pre"))
+    images = h.dump(task, h.images_dir("dump"), "--track-mem", "--prev-images-dir", "../pre")
+    from criu_py.images import PE_PARENT, ImageDir
+    with ImageDir(images) as d:
+        shmem = [n for n in d.list() if n.startswith("pagemap-shmem-")]
+        assert shmem
+        for name in shmem:
+            assert not any(e.flags & PE_PARENT for e in d.read_entries(name)[1:]), name
+    assert pagemap_pages(images, task.pid)[1] > 0
+    restored = h.restore(images, task=task)
+    n = len(task.log.matches(r"(OK|BAD) .*"))
+    restored.signal(signal.SIGUSR1)
+    assert task.log.wait(r"(OK|BAD) .*", count=n + 1).group(0) == f"OK {task.pid}"
+
+
 def test_bad_prev_images_dir_is_one_line_and_leaves_the_task_alone(h):
     task = h.start("dirtier", 8, 0, ready=r"ready \d+")
     images = h.images_dir("dump")
