@@ -95,6 +95,8 @@ class Tracking:
         kdat = opts.get("kdat")
         self.ctx = ctx
         self.method = (getattr(kdat, "mem_tracking", "") or "") if opts.get("track_mem") else ""
+        if self.method == "soft-dirty" and not getattr(kdat, "pagemap_scan", True):
+            self.method = ""            # the bits are read with PAGEMAP_SCAN (6.7+)
         # Tracking goes on after this command: a pre-dump, or a dump that leaves the
         # tasks running with --track-mem.
         self.keep_on = bool(self.method) and bool(opts.get("pre_dump") or opts.get("leave_running"))
