@@ -65,7 +65,12 @@ def test_inotify_and_fanotify_keep_their_watches(h, tmpfs):
     w = wds(task)
     assert w["c"] == w["b"] + 2, w                  # the hole is part of the state
     before = notify_fds(task.pid)
-    restored = h.checkpoint_restore(task)
+    images = h.dump(task)
+    res = subprocess.run(["/usr/bin/crit", "decode", "--pretty", "-i", str(images / "files.img")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and '"INOTIFY"' in res.stdout and '"FANOTIFY"' in res.stdout, \
+        res.stderr
+    restored = h.restore(images, task=task)
     assert notify_fds(task.pid) == before, (before, notify_fds(task.pid))
     n = len(task.log.lines())
     with open(d / "a", "a") as f:
@@ -132,6 +137,10 @@ def test_irmap_cache_of_a_predump_and_a_renamed_file(h):
     with ImageDir(pre) as im:
         cached = {e.path for e in im.read_entries("irmap-cache.img")}
     assert str(deep / "deep") in cached and str(d / "a") in cached, cached
+    # Debian's crit (CRIU 3.17) reads the cache
+    res = subprocess.run(["/usr/bin/crit", "decode", "--pretty", "-i", str(pre / "irmap-cache.img")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and str(deep / "deep") in res.stdout, res.stderr
     os.rename(deep / "deep", deep / "renamed")
     images = h.dump(task, h.images_dir("dump"), "--track-mem", "--prev-images-dir", "../pre", *scan)
     log = (images / "dump.log").read_text()
