@@ -566,6 +566,21 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
     if defer and not unreadable and nbytes <= BUFFER_MAX:
         copy = BufferedCopy(pid, pages, pool)
         total = copy.total
+        # The space both images need is taken now, while the task still runs (or is
+        # frozen): a full disk must fail the dump before the task is killed, not after.
+        pages_fd = images.open_raw(f"pages-{pages_id}.img", write=True)
+        pagemap_name = f"pagemap-{pid_for_name}.img"
+        pagemap_fd = images.open_raw(pagemap_name, write=True)
+        try:
+            if total:
+                os.posix_fallocate(pages_fd, 0, total)
+            os.posix_fallocate(pagemap_fd, 0, 64 + 32 * sum(n for _, _, n in pages.chunks))
+        except OSError as exc:
+            os.close(pages_fd)
+            os.close(pagemap_fd)
+            copy.join()
+            from criu_py.errors import DumpError
+            raise DumpError(f"no room for the images of pid {pid}: {exc.strerror}") from None
 
         def copied():
             nonlocal buf, off, own
@@ -574,19 +589,24 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
         buf = off = own = None
 
         def pending():
-            fd = images.open_raw(f"pages-{pages_id}.img", write=True)
+            from criu_py.images import encode_file
             try:
                 view = memoryview(buf)[off:off + total]
                 done = 0
                 while done < total:
-                    done += os.write(fd, view[done:])
+                    done += os.pwrite(pages_fd, view[done:], done)
                 view.release()
+                data = encode_file("pagemap", pagemap_entries(pages.ranges, pages_id,
+                                                              pagemap_flags(pages)), pagemap_name)
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(pagemap_fd, data[done:], done)
+                os.ftruncate(pagemap_fd, len(data))
             finally:
-                os.close(fd)
+                os.close(pages_fd)
+                os.close(pagemap_fd)
                 if own:
                     buf.close()
-            images.write_entries(f"pagemap-{pid_for_name}.img",
-                                 pagemap_entries(pages.ranges, pages_id, pagemap_flags(pages)))
             _log_pages(st, pid, pages)
         st.copied, st.pending = copied, pending
         return st
