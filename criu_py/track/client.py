@@ -81,8 +81,11 @@ def start_holder(state: dict, mms: list) -> int:
                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
         argv = [sys.executable, "-m", "criu_py.track.holder", str(b.fileno()),
                 state.get("path", "")]
-        pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions,
-                             setsid=True)
+        # the holder imports criu_py.track.holder the way this process found criu_py
+        env = dict(os.environ)
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(H.__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        pid = os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
         b.close()
         b = None
         state = dict(state, tasks=[{"pid": m.pid, "start": m.start} for m in mms],
