@@ -67,6 +67,8 @@ def restore_tasks(opts: dict) -> int:
             write_pidfile(opts["pidfile"], rs, stack)
         with _step("sync page, status pipe, fd space"):
             prepare_shared(rs, stack)
+        with _step("load modules"):
+            load_modules()
         with _step("fork the root"):
             fork_root(rs, stack)
         with _step("stages"):
@@ -199,6 +201,27 @@ def parked_fd_range(rs: Restore, hard: int) -> tuple[int, int]:
         raise RestoreError("no free fd numbers left for the restore's own files "
                            f"(the tasks use {len(used)} of {hard})")
     return best
+
+
+def load_modules() -> None:
+    """Import (and compute once) what every task needs after the fork: each of up to
+    hundreds of tasks would otherwise import and compute it for itself. Then freeze
+    the garbage collector's view of what exists: a collection in a task would write to
+    every page of the heap it inherited (copy-on-write faults in every task)."""
+    import gc
+    import criu_py.files  # noqa: F401  (every kind module)
+    import criu_py.mem.premap  # noqa: F401
+    import criu_py.mem.restore  # noqa: F401
+    import criu_py.mem.shmem_restore  # noqa: F401
+    import criu_py.restore.fork  # noqa: F401
+    import criu_py.restore.pie  # noqa: F401
+    import criu_py.cgroup.restore  # noqa: F401
+    from criu_py.native import lib
+    from criu_py.restore.sigframe import local_xstate
+    local_xstate()
+    lib.criu_py_glibc_rseq_addr()
+    gc.collect()
+    gc.freeze()
 
 
 def fork_root(rs: Restore, stack) -> None:

@@ -87,6 +87,8 @@ class TaskRun:
         failures)."""
         t, sy = self.t, self.rs.sync
         self.stage = "start"
+        import gc
+        gc.disable()            # short-lived: no collection touching the inherited heap
         try:
             self.fds.after_fork()
             self.own_service_fds()
