@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from conftest import Log, Task, descendants, proc_status, wait_for
+from conftest import Log, Task, descendants, dumped_pids, proc_status, reap_gone, wait_for
 
 
 def tree_of(root: int) -> dict:
@@ -255,3 +255,26 @@ def test_clone_vm_sighand_child_runs_beside_its_parent(h):
     task.log.wait(rf"installed {k}")
     caught = int(proc_status(p)["SigCgt"], 16)
     assert caught >> (signal.SIGURG - 1) & 1
+
+
+def test_leave_running_tree_runs_on_untraced_and_restores_later(h):
+    task = h.start("forest", ready=r"ready \d+")
+    before = tree_of(task.pid)
+    images = h.dump(task, leave_running=True)
+    assert tree_of(task.pid) == before
+    for pid, (_, _, _, state) in before.items():
+        if state != "Z":
+            assert proc_status(pid)["TracerPid"] == "0"
+    at_dump = last_ticks(task.log)
+    live = [p for p, v in before.items() if v[3] != "Z"]
+    wait_for(lambda: all(last_ticks(task.log).get(p, 0) > at_dump[p] + 1 for p in live),
+             what="every process to run on")
+    # now end the tree ourselves and bring the dumped one back
+    for pid in [task.pid] + descendants(task.pid):
+        os.kill(pid, signal.SIGKILL)
+    task.reap()
+    reap_gone(dumped_pids(images))
+    h.restore(images, task=task)
+    after = tree_of(task.pid)
+    before[task.pid] = (after[task.pid][0],) + before[task.pid][1:]
+    assert after == before
