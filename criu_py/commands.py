@@ -27,6 +27,13 @@ def run_command(opts: dict, action, create_work_dir: bool = False):
     except OSError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         leave(1)
+    except Exception as exc:  # noqa: BLE001 - a bug still gets one line, not a traceback
+        if os.environ.get("CRIU_PY_TRACEBACK") == "1":
+            raise
+        text = str(exc).replace("\n", " ")
+        print(f"Error: internal error ({type(exc).__name__}{': ' + text if text else ''})",
+              file=sys.stderr)
+        leave(1)
     leave(rc or 0)
 
 
@@ -46,6 +53,8 @@ def leave(code: int):
 
 def dump_action(opts: dict) -> int:
     from criu_py import kerndat
+    if opts.get("pid") is None:
+        raise CriuError("missing option -t/--tree PID")
     from criu_py.dump import dump_tasks
     opts["kdat"] = kerndat.load(opts["kdat_path"])
     return dump_tasks(opts)

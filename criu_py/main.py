@@ -13,5 +13,9 @@ def main(argv: list[str] | None = None):
         from criu_py.commands import RUNNERS
         command, opts = plain
         RUNNERS[command](opts)
-    from criu_py.cli import cli
-    cli.main(args=args, prog_name="criu-py")
+    from criu_py.usage import last_resort
+
+    def with_click():
+        from criu_py.cli import cli
+        cli.main(args=args, prog_name="criu-py")
+    last_resort(with_click)

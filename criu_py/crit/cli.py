@@ -70,7 +70,8 @@ def _write_json(doc, out, pretty):
             f.write(text)
 
 
-@click.group(name="crit", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="crit", context_settings={"help_option_names": ["-h", "--help"]},
+             no_args_is_help=False)
 def crit():
     """CRIU image tool: decode, encode, show and explore checkpoint images.
 
@@ -179,4 +180,6 @@ def register(group):
 
 
 def main(argv: list[str] | None = None):
-    crit.main(args=sys.argv[1:] if argv is None else argv, prog_name="crit-py")
+    from criu_py.usage import last_resort, one_line_usage_errors
+    one_line_usage_errors()
+    last_resort(lambda: crit.main(args=sys.argv[1:] if argv is None else argv, prog_name="crit-py"))
