@@ -27,6 +27,13 @@ def _one_line_errors(fn):
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
             sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - damaged input must never give a traceback
+            if os.environ.get("CRIU_PY_TRACEBACK") == "1":
+                raise
+            why = " ".join(str(exc).split())
+            click.echo(f"Error: cannot read the input ({type(exc).__name__}"
+                       f"{': ' + why if why else ''})", err=True)
+            sys.exit(1)
     return wrapper
 
 
