@@ -89,7 +89,9 @@ def open_log_file(path: str) -> int:
 @contextlib.contextmanager
 def step(phase: str, name: str):
     """One named step of an orchestrator: logged at -v4 when it starts, at -v3 with its
-    duration when it ends."""
+    duration when it ends. A SIGINT/SIGTERM noted since the last step aborts here."""
+    from criu_py import interrupts
+    interrupts.check(f"before the {phase} step '{name}'")
     log.debug("%s: %s", phase, name)
     t = time.monotonic()
     yield

@@ -8,6 +8,9 @@ from criu_py.options import normalize_verbosity, parse_plain
 
 def main(argv: list[str] | None = None):
     args = normalize_verbosity(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["dump"], ["restore"]):
+        from criu_py import interrupts
+        interrupts.install()           # as early as possible: never a KeyboardInterrupt
     plain = parse_plain(args)
     if plain is not None:
         from criu_py.commands import RUNNERS

@@ -76,7 +76,7 @@ def test_counter_dump_writes_crit_readable_images(h):
     task = h.start("counter", ready=r"\d+ 5")
     images = h.dump(task)
     assert not proc_is_running(task.pid)
-    assert file_mode(images) == 0o755          # the user's dir keeps its mode
+    assert file_mode(images) == 0o700          # as the test made it
     for f in image_files(images):
         if f.name != "dump.log":
             assert file_mode(f) == 0o600, f"{f.name} is {oct(file_mode(f))}"

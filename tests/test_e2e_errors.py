@@ -2,12 +2,15 @@
 # stderr and a non-zero exit; a refused dump must leave the task running and untraced
 # and write no image; a restore from damaged images must start nothing.
 import os
+import signal
+import time
 import struct
 import subprocess
 
 import pytest
 
-from conftest import assert_one_line_error, assert_running_untraced, proc_is_running
+from conftest import (Task, assert_one_line_error, assert_running_untraced, proc_is_running,
+                      proc_status, wait_for)
 
 pytestmark = pytest.mark.needs_tool
 
@@ -154,3 +157,51 @@ def test_restore_fails_cleanly_when_an_open_file_is_gone(h):
     images = h.dump(task, log_file=None)
     (workdir / "records").unlink()
     assert_restore_fails_cleanly(h, task, images, "records")
+
+
+@pytest.mark.needs_tool
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_restore_leaves_nothing_half_restored(h, sig):
+    """SIGINT/SIGTERM at several instants of a restore: it either finished (the task runs
+    with its PID) or aborted in one line with nothing at the PID and no pidfile."""
+    task = h.start("memhog", 64, 7, ready=r"ready \d+")
+    images = h.dump(task)
+    outcomes = {"restored": 0, "aborted": 0}
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2):
+        pidfile = h.path("r.pid")
+        restored = Task(task.pid, task.marker, task.log)
+        h.tasks.append(restored)
+        p = subprocess.Popen(h.cli_argv("restore", "-D", images, "-d", "--pidfile", pidfile),
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=h.dir)
+        wait_for_handlers(p.pid)
+        time.sleep(delay)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        if p.returncode == 0:
+            outcomes["restored"] += 1
+            assert restored.running() and pidfile.read_text().strip() == str(task.pid)
+            restored.kill()
+        else:
+            outcomes["aborted"] += 1
+            assert_one_line_error(res_like(p, err), "interrupted")
+            assert p.returncode == 128 + sig
+            wait_for(lambda: not os.path.exists(f"/proc/{task.pid}") or
+                     not proc_is_running(task.pid), 5, "no task at the PID")
+            restored.kill()
+            assert not pidfile.exists()
+    print(f"signal {sig}: {outcomes}")
+
+
+def res_like(p, err):
+    return subprocess.CompletedProcess(p.args, p.returncode, "", err)
+
+
+def wait_for_handlers(pid: int) -> None:
+    """Until criu-py has installed its SIGTERM handler (before that, the interpreter is
+    still starting and a signal has its default effect, which no code of ours can change)."""
+    def caught():
+        st = proc_status(pid)
+        return st is None or int(st["SigCgt"], 16) >> (signal.SIGTERM - 1) & 1
+    wait_for(caught, 30, f"pid {pid} to install its signal handlers", interval=0.001)

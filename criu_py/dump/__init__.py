@@ -55,6 +55,8 @@ def dump_tasks(opts: dict) -> int:
         with step("write pstree, inventory"):
             write_tree_images(ctx)
         with step("kill or release task"):
+            from criu_py import interrupts
+            interrupts.hold()          # the images are complete: finish, whatever comes
             finish_task(ctx)
             ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
         with step("write stats"):
@@ -157,10 +159,8 @@ def collect_registers(ctx) -> None:
 
 
 def collect_in_task_state(ctx) -> None:
-    from criu_py import proc
     from criu_py.dump import parasite
-    site = parasite.code_site(proc.read_maps(ctx.pid))
-    ctx.parasite = parasite.collect(ctx.tracee, site, ctx.raw_gpregs)
+    ctx.parasite = parasite.collect(ctx.tracee, ctx.raw_gpregs)
     log.debug("pid %d: parasite ran with %d injected runs; brk %#x, clear_tid %#x",
               ctx.pid, ctx.parasite.injected_calls, ctx.parasite.brk, ctx.parasite.clear_tid_addr)
 

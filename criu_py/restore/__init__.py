@@ -36,6 +36,8 @@ def restore_tasks(opts: dict) -> int:
     log.info("restore: pid %d runs", t.pid)
     if opts.get("detach"):
         return 0
+    from criu_py import interrupts
+    interrupts.raise_at_once(f"pid {t.pid} is restored and keeps running")
     return wait_for_task(t.pid)
 
 

@@ -33,8 +33,10 @@ def _read_until_eof_or_stop(fd: int, pid: int) -> tuple[bytes, int]:
     """The child's status bytes until the pipe closes; stops early (returning the signal)
     if the child stops instead: a traced child that faults stops rather than dies, and
     would otherwise keep the pipe open forever."""
+    from criu_py import interrupts
     data = b""
     while True:
+        interrupts.check(f"while pid {pid} was being restored")
         ready, _, _ = select.select([fd], [], [], 0.05)
         if ready:
             chunk = os.read(fd, 65536)
