@@ -50,6 +50,9 @@ COMMANDS = {
             help="Write the restored root task's PID to this file."),
         Opt(("--shell-job", "-j"), "shell_job", "flag",
             help="Restore into the caller's session/tty."),
+        Opt(("--no-verify",), "no_verify", "flag",
+            help="Do not check the images against the checksums the dump wrote "
+                 "(criu-py-checksums.img)."),
     ] + COMMON,
 }
 

@@ -34,8 +34,8 @@ def entries(images: Path, name: str) -> list:
 def assert_all_decode(images: Path) -> dict:
     decoded = {}
     for f in image_files(images):
-        if RAW_IMAGE.match(f.name) or f.name.endswith(".log"):
-            continue
+        if RAW_IMAGE.match(f.name) or f.name.endswith(".log") or f.name == "criu-py-checksums.img":
+            continue      # criu-py's own checksum image: upstream tools do not know it
         decoded[f.name] = crit_decode(f)
     return decoded
 

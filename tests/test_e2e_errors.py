@@ -23,8 +23,17 @@ def good_images(h):
     return task, images
 
 
-def assert_restore_fails_cleanly(h, task, images, *words):
+def assert_restore_fails_cleanly(h, task, images, *words, damaged=None):
+    """With checksums, the damaged file is named first (`damaged`, or a word); with
+    --no-verify the image checks themselves must still give one line with `words`."""
     res = h.cli("restore", "-D", images, "-d")
+    if damaged:
+        assert_one_line_error(res, damaged)
+        assert "damaged" in res.stderr or "missing" in res.stderr, res.stderr
+    else:
+        assert_one_line_error(res, *words)
+    assert not proc_is_running(task.pid), f"a failed restore left pid {task.pid} behind"
+    res = h.cli("restore", "-D", images, "-d", "--no-verify")
     line = assert_one_line_error(res, *words)
     assert not proc_is_running(task.pid), f"a failed restore left pid {task.pid} behind"
     return line
@@ -47,7 +56,7 @@ def test_restore_truncated_image(h, good_images):
     core = images / f"core-{task.pid}.img"
     data = core.read_bytes()
     core.write_bytes(data[: len(data) // 2])
-    assert_restore_fails_cleanly(h, task, images, f"core-{task.pid}")
+    assert_restore_fails_cleanly(h, task, images, f"core-{task.pid}", damaged=core.name)
 
 
 def test_restore_missing_pages(h, good_images):
@@ -55,7 +64,7 @@ def test_restore_missing_pages(h, good_images):
     pages = next(images.glob("pages-*.img"))
     data = pages.read_bytes()
     pages.write_bytes(data[: len(data) - 4096])
-    assert_restore_fails_cleanly(h, task, images)
+    assert_restore_fails_cleanly(h, task, images, damaged=pages.name)
 
 
 def test_restore_flipped_bytes(h, good_images):
@@ -67,7 +76,7 @@ def test_restore_flipped_bytes(h, good_images):
     for i in range(12, 12 + length):
         data[i] ^= 0xFF
     mm.write_bytes(bytes(data))
-    assert_restore_fails_cleanly(h, task, images)
+    assert_restore_fails_cleanly(h, task, images, damaged=mm.name)
 
 
 def test_restore_entry_length_past_end(h, good_images):
@@ -76,7 +85,7 @@ def test_restore_entry_length_past_end(h, good_images):
     data = bytearray(pstree.read_bytes())
     struct.pack_into("<I", data, 8, 0x7FFFFFF0)
     pstree.write_bytes(bytes(data))
-    assert_restore_fails_cleanly(h, task, images, "pstree")
+    assert_restore_fails_cleanly(h, task, images, "pstree", damaged="pstree.img")
 
 
 def test_restore_wrong_magic(h, good_images):
@@ -85,7 +94,61 @@ def test_restore_wrong_magic(h, good_images):
     data = bytearray(core.read_bytes())
     struct.pack_into("<I", data, 4, 0x57492820)  # mm's magic in a core image
     core.write_bytes(bytes(data))
-    assert_restore_fails_cleanly(h, task, images, "magic")
+    assert_restore_fails_cleanly(h, task, images, "magic", damaged=core.name)
+
+
+# ---------------------------------------------------------------- checksums (issue 8)
+
+def test_damage_the_parser_cannot_see_is_named_by_the_checksums(h, good_images):
+    """Silent damage: one flipped byte of page data, an fdinfo image cut at an entry
+    boundary, an image added or removed: the restore names the file, starts nothing."""
+    import shutil
+    task, images = good_images
+    cases = []
+    pages = next(images.glob("pages-*.img"))
+    fdinfo = next(images.glob("fdinfo-*.img"))
+
+    def flip_page_byte(d):
+        p = d / pages.name
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        p.write_bytes(bytes(data))
+        return pages.name, "damaged page run"
+
+    def cut_fdinfo(d):
+        p = d / fdinfo.name
+        data = p.read_bytes()
+        (first,) = struct.unpack_from("<I", data, 8)
+        p.write_bytes(data[:12 + first])           # keep header + one whole entry
+        return fdinfo.name, "damaged"
+
+    def add_pipes_data(d):
+        (d / "pipes-data.img").write_bytes(struct.pack("<II", 0x54564319, 0x56453709))
+        return "pipes-data.img", "added after the dump"
+
+    def remove_fs(d):
+        os.unlink(d / f"fs-{task.pid}.img")
+        return f"fs-{task.pid}.img", "missing"
+
+    for damage in (flip_page_byte, cut_fdinfo, add_pipes_data, remove_fs):
+        d = h.path(f"copy-{damage.__name__}")
+        shutil.copytree(images, d)
+        name, words = damage(d)
+        res = h.cli("restore", "-D", d, "-d")
+        assert_one_line_error(res, name, words)
+        assert not proc_is_running(task.pid)
+        cases.append(name)
+    assert len(cases) == 4
+
+
+def test_images_without_checksums_restore_unverified(h, good_images):
+    """An image set as upstream CRIU writes it (no checksum image) restores, and -v3 says
+    it was not verified."""
+    task, images = good_images
+    os.unlink(images / "criu-py-checksums.img")
+    restored = h.restore(images, task=task, verbosity=3)
+    assert "without verification" in (images / "restore.log").read_text()
+    restored.kill()
 
 
 def test_dump_dead_pid(h):

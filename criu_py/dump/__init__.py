@@ -14,6 +14,7 @@ from criu_py.log import step as log_step
 
 
 def dump_tasks(opts: dict) -> int:
+    from criu_py.images import integrity
     pid = opts["pid"]
     t0 = time.monotonic()
     step = functools.partial(log_step, "dump")
@@ -61,6 +62,7 @@ def dump_tasks(opts: dict) -> int:
             ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
         with step("write stats"):
             write_stats(ctx)
+        integrity.seal(images)
     log.info("dump of %d done in %.1f ms", pid, (time.monotonic() - t0) * 1e3)
     return 0
 

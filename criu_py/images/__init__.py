@@ -94,9 +94,12 @@ MAGICS = {
     "apparmor": (0x59423047, "apparmor_pb2", "apparmor_entry"),
     "stats": (0x57093306, "stats_pb2", "stats_entry"),
     "irmap_cache": (0x57004059, "fh_pb2", "irmap_cache_entry"),
+    # criu-py's own: checksums of the image set (images/integrity.py); not in magic.h
+    "checksums": (0x51535843, "integrity_pb2", "integrity_file_entry"),
 }
 # Kinds whose first entry is of another message (the head).
-HEADS = {"pagemap": ("pagemap_pb2", "pagemap_head")}
+HEADS = {"pagemap": ("pagemap_pb2", "pagemap_head"),
+         "checksums": ("integrity_pb2", "integrity_head")}
 SERVICE_KINDS = frozenset({"stats", "irmap_cache"})
 NO_COMMON_MAGIC = frozenset({"inventory"})
 # Raw payload after each entry: kind -> size of the payload that follows `msg` (as CRIU writes it).
@@ -167,6 +170,7 @@ _NAME_SHAPES = {
     "bpfmap-data.img": "bpfmap_data", "apparmor.img": "apparmor",
     "filelocks.img": "file_locks", "remap-fpath.img": "remap_fpath",
     "stats-dump": "stats", "stats-restore": "stats", "irmap-cache.img": "irmap_cache",
+    "criu-py-checksums.img": "checksums",
 }
 # Names with a hexadecimal id: prefix -> kind ("ghost-file-1a2b.img").
 _HEX_NAMES = {"ghost-file-": "ghost_file", "tcp-stream-": "tcp_stream"}

@@ -17,7 +17,9 @@ def _step(name: str):
 
 
 def restore_tasks(opts: dict) -> int:
+    from criu_py.images import integrity
     from criu_py.restore import images as restore_images
+    integrity.verify(opts.get("images_dir") or ".", opts)
     with _step("read and check images"):
         t = restore_images.load(opts.get("images_dir") or ".")
     with contextlib.ExitStack() as stack:
