@@ -281,8 +281,8 @@ def crit_decode(path, pretty=False):
     return r
 
 
-# Kinds Debian's crit 3.17 has no handler for.
-CRIT_317_UNKNOWN = {"signal", "binfmt_misc"}
+# Kinds Debian's crit 3.17 has no handler for (checksums: criu-py's own image).
+CRIT_317_UNKNOWN = {"signal", "binfmt_misc", "checksums"}
 
 
 @needs_crit

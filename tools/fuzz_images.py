@@ -88,6 +88,9 @@ def mutate(rng: random.Random, src: str, dst: str) -> str:
     else:
         data += b"\0"
         kind = "append"
+    if bytes(data) == open(path, "rb").read():      # e.g. zeroing a length that was 0
+        data = bytearray(data) + b"\xff"
+        kind += "+append"
     open(path, "wb").write(bytes(data))
     return f"{kind} {name}"
 
