@@ -146,7 +146,7 @@ def test_sigint_and_sigterm_abort_the_dump_cleanly(h, sig):
 
 def test_regwatch_notices_a_changed_register(h):
     """The workload's checks can fail: r12 changed under it while it is in its loop."""
-    import ctypes
+
     from criu_py import arch_x86
     from criu_py.ptrace import seized
     task = h.start("regwatch", ready=r"ready \d+")
