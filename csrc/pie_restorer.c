@@ -499,8 +499,9 @@ PIE __attribute__((noreturn)) void pie_thread_main(struct pie_args *a, struct pi
 		sys6(NR_prctl, PR_SET_NAME_, (long)t->comm, 0, 0, 0, 0);
 	pie_queue_signals(a, t->signals, t->nr_signals, t->tid);
 	pie_restore_creds(a, &t->creds);
-	/* after the credentials, which reset both */
-	if (t->pdeath_sig) {
+	/* after the credentials, which reset both; the leader's always: the Python phase
+	 * had it die with its parent until now */
+	if (t->pdeath_sig || t == leader) {
 		r = sys6(NR_prctl, PR_SET_PDEATHSIG_, t->pdeath_sig, 0, 0, 0, 0);
 		if (r < 0)
 			pie_fail(a, PIE_STAGE_PRCTL, r, t->tid);

@@ -15,6 +15,7 @@ from criu_py.log import step as log_step
 
 
 def dump_tasks(opts: dict) -> int:
+    from criu_py.images import integrity
     pid = opts["pid"]
     t0 = time.monotonic()
     step = functools.partial(log_step, "dump")
@@ -63,10 +64,13 @@ def dump_tasks(opts: dict) -> int:
         with step("write pstree, inventory"):
             write_tree_images(ctx)
         with step("kill or release the tree"):
+            from criu_py import interrupts
+            interrupts.hold()          # the images are complete: finish, whatever comes
             finish_tree(ctx)
             ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
         with step("write stats"):
             write_stats(ctx)
+        integrity.seal(images)
     log.info("dump of %d (%d processes, %d threads) done in %.1f ms", pid, len(ctx.procs),
              sum(len(p.threads) for p in ctx.procs), (time.monotonic() - t0) * 1e3)
     return 0
@@ -220,12 +224,10 @@ def collect_registers(ctx, procs=None) -> None:
 
 
 def collect_in_task_state(ctx, procs=None) -> None:
-    from criu_py import proc
     from criu_py.dump import parasite
     for pd in procs or ctx.stopped():
-        site = parasite.code_site([p.vma for p in pd.vma_plans] or proc.read_maps(pd.pid))
-        others = [(th.tracee, th.raw_gpregs) for th in pd.threads[1:]]
-        pd.parasite = parasite.collect(pd.tracee, site, pd.leader.raw_gpregs, others)
+        others = [th.tracee for th in pd.threads[1:]]
+        pd.parasite = parasite.collect(pd.tracee, pd.leader.raw_gpregs, others)
         for th in pd.threads:
             th.info = pd.parasite.threads[th.tid]
         log.debug("pid %d: parasite ran with %d injected runs; brk %#x",
@@ -317,10 +319,12 @@ def release_vfork_parents(ctx) -> None:
     like the others. Its SIGCHLD for that exit is not part of its state: dropped."""
     import signal
     import struct
+    from criu_py import interrupts
     for pd in ctx.procs:
         vpid = pd.proc.vfork_child
         if not vpid:
             continue
+        interrupts.hold()              # once the child is gone, the dump must go on
         ctx.tree.procs[vpid].leader.kill(wait=True)
         pd.tracee.wait_stopped(drop=(signal.SIGCHLD,))
         collect_registers(ctx, [pd])

@@ -36,6 +36,7 @@ class Restore:
         self.resource_fds = {}        # filled by each task for itself after the fork
         self.trap = {}                # pid -> its restorer region is removed with ptrace
         self.host_creds = None
+        self.command_pid = os.getpid()
         self.cg_yard = None           # criu_py.cgroup.restore.Yard
         self.root_pid = 0
         self.running = False          # the tree was let go: do not kill it
@@ -44,9 +45,15 @@ class Restore:
         self.failures = []            # failure records of the restorers
         self._status_buf = b""
 
+    def parent_of(self, t) -> int:
+        """The pid that forks task t: its parent's, or ours for the root."""
+        return t.parent.pid if t.parent is not None else self.command_pid
+
 
 def restore_tasks(opts: dict) -> int:
+    from criu_py.images import integrity
     from criu_py.restore import images as restore_images
+    integrity.verify(opts.get("images_dir") or ".", opts)
     rs = Restore(opts)
     with _step("read and check images"):
         rs.tree = restore_images.load(opts.get("images_dir") or ".")
@@ -79,6 +86,8 @@ def restore_tasks(opts: dict) -> int:
              len(rs.plan.alive))
     if opts.get("detach"):
         return 0
+    from criu_py import interrupts
+    interrupts.raise_at_once(f"the tree of {rs.root_pid} is restored and keeps running")
     return wait_for_task(rs.root_pid)
 
 
@@ -310,8 +319,11 @@ def read_status(rs: Restore) -> tuple[list, list]:
 
 
 def check_progress(rs: Restore, stage: int) -> None:
-    """Between waits: a task that reported a failure or died aborts the restore."""
+    """Between waits: a task that reported a failure or died, or a signal to us (SIGINT,
+    SIGTERM), aborts the restore."""
+    from criu_py import interrupts
     from criu_py.restore import sync as S
+    interrupts.check(f"while {S.STAGE_NAMES[stage]}")
     read_status(rs)
     if rs.messages or rs.failures or rs.sync.error():
         rs.sync.abort()

@@ -23,6 +23,7 @@ NR_PERSONALITY = 135
 NR_MREMAP = 25
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 SIGKILL, SIGSTOP = 9, 19
 MAP_FIXED_NOREPLACE = 0x100000
 
@@ -99,6 +100,8 @@ class TaskRun:
             self.stage = "process group"
             if os.getpgid(0) != t.pgid:
                 os.setpgid(0, t.pgid)
+            if t.parent is not None and t.parent.kind == HELPER:
+                _prctl(PR_SET_PDEATHSIG, 0)     # its helper parent exits next, on purpose
             sy.stage_done(S.STAGE_PGID)
             self.stage = "helpers and zombies"
             self.cleanup_stage()            # helpers and zombies end here
@@ -162,6 +165,11 @@ class TaskRun:
     # ------------------------------------------------------------ stage FORK
     def fork_stage(self) -> None:
         t = self.t
+        # Until the tree is let go, a task dies with its parent (and the root with the
+        # restore command): nothing half-restored is left if the restore is killed.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.rs.parent_of(t):
+            os._exit(1)                 # the parent is gone already
         self.stage = "cgroups"
         self.rs.cg_yard.move(0, cg_set_of(t), cg_set_of(t.parent) if t.parent else None)
         self.stage = "session"

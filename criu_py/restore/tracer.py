@@ -16,6 +16,7 @@ from criu_py.errors import RestoreError
 PTRACE_SYSCALL = 24
 PTRACE_DETACH = 17
 PTRACE_SEIZE = 0x4206
+PTRACE_O_EXITKILL = 0x100000
 NT_PRSTATUS = 1
 WALL = 0x40000000
 NR_MUNMAP, NR_RT_SIGRETURN = 11, 15
@@ -34,8 +35,10 @@ def vdso_syscall_offset() -> int | None:
 
 
 def seize(pid: int) -> None:
+    """Trace the new task until it is handed over. EXITKILL: if the restore dies before
+    that (killed, even with SIGKILL), the kernel kills the half-made task with it."""
     from criu_py.native import lib
-    r = lib.cp_ptrace(PTRACE_SEIZE, pid, 0, 0)
+    r = lib.cp_ptrace(PTRACE_SEIZE, pid, 0, PTRACE_O_EXITKILL)
     if r < 0:
         raise RestoreError(f"cannot trace the new task {pid}: {os.strerror(-r)}")
 
