@@ -278,3 +278,37 @@ def test_leave_running_tree_runs_on_untraced_and_restores_later(h):
     after = tree_of(task.pid)
     before[task.pid] = (after[task.pid][0],) + before[task.pid][1:]
     assert after == before
+
+
+def test_restore_killed_at_any_instant_leaves_no_half_restored_tree(h):
+    task = h.start("forest", ready=r"ready \d+")
+    pids = list(tree_of(task.pid))
+    images = h.dump(task)
+    outcomes = []
+    for delay in (0.0, 0.02, 0.05, 0.08, 0.12, 0.2, 0.4):
+        p = subprocess.Popen(h.cli_argv("restore", "-D", images, "-d"), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+
+        def settled():
+            alive = [x for x in pids if os.path.exists(f"/proc/{x}")]
+            states = [tree_of(x).get(x, (0, 0, 0, "X"))[3] for x in alive]
+            if not alive or (len(alive) == len(pids) and "t" not in states and "T" not in states):
+                return alive or "none"
+            # reap what came back to us meanwhile
+            for x in alive:
+                try:
+                    os.waitpid(x, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            return None
+        state = wait_for(settled, timeout=10, what="the tree to be gone or whole")
+        outcomes.append("whole" if state != "none" else "gone")
+        if state != "none":             # it was let go before the kill: a complete tree
+            assert tree_of(task.pid).keys() == set(pids)
+            for x in [task.pid] + descendants(task.pid):
+                os.kill(x, signal.SIGKILL)
+        reap_gone(pids)
+    assert "gone" in outcomes, outcomes
