@@ -363,11 +363,14 @@ def _proc_state(pid: int) -> str | None:
 
 # ------------------------------------------------------------------ the end
 def release_tree(rs: Restore) -> None:
-    """Every thread is set up: seize them (where the region goes with ptrace), let the
-    tree go, unmap the regions and sync page, detach."""
+    """Every thread is set up: seize them (with PTRACE_O_EXITKILL: if we die now, they
+    die with us), let the tree go, unmap the regions and sync page and bring every thread
+    to the entry of its rt_sigreturn; then, all at once as far as we can, drop EXITKILL
+    (from there each completes its return whatever happens to us), finish, detach."""
+    from criu_py import interrupts
     from criu_py.restore import sync as S
     from criu_py.restore.sync import SYNC_SIZE
-    from criu_py.restore.tracer import release_process, seize, wait_trap
+    from criu_py.restore.tracer import commit, finish_release, prepare_release, seize, wait_trap
     traced = [t for t in rs.plan.alive if rs.trap.get(t.pid)]
     for t in traced:
         if t.pid not in rs.regions:
@@ -379,9 +382,13 @@ def release_tree(rs: Restore) -> None:
         for tid in t.img.tids:
             wait_trap(tid)
         start, length = rs.regions[t.pid]
-        release_process(t.img.tids, t.syscall_addr,
+        prepare_release(t.img.tids, t.syscall_addr,
                         [(start, length), (rs.sync.addr, SYNC_SIZE)])
+    interrupts.hold()                  # committed: the tree runs, whatever comes
+    everyone = [tid for t in traced for tid in t.img.tids]
+    commit(everyone)
     rs.running = True
+    finish_release(everyone)
 
 
 def kill_unless_running(rs: Restore) -> None:

@@ -107,6 +107,11 @@ class TaskRun:
             self.cleanup_stage()            # helpers and zombies end here
             sy.stage_done(S.STAGE_CLEANUP)
             self.stage = "restorer files"
+            if t.parent is not None and t.parent.kind == HELPER:
+                # its helper is gone: it dies with the parent it has now (a subreaper)
+                _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != t.parent.parent.pid:
+                    os._exit(1)         # that one died already
             with self.timed("prepare"):
                 self.open_restorer_fds()
             sy.stage_done(S.STAGE_PREPARE)
