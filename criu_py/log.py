@@ -59,7 +59,8 @@ def setup(verbosity: int = 2, log_file: str | None = None, work_dir: str | None 
     if log_file and log_file != "-":
         path = log_file if os.path.isabs(log_file) or not work_dir else os.path.join(work_dir, log_file)
         try:
-            log.file = open(open_log_file(path), "w", buffering=1)   # line-buffered: whole lines
+            # line-buffered: whole lines; names that are not UTF-8 go out as their bytes
+            log.file = open(open_log_file(path), "w", buffering=1, errors="surrogateescape")
         except OSError as exc:
             from criu_py.errors import CriuError
             raise CriuError(f"cannot open log file {path}: {exc.strerror}") from None

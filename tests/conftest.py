@@ -105,7 +105,7 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: flo
 def proc_status(pid: int) -> dict | None:
     """Fields of /proc/PID/status, or None when there is no such process."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status", errors="surrogateescape") as f:
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None

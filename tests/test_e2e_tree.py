@@ -16,7 +16,7 @@ def tree_of(root: int) -> dict:
     while todo:
         pid = todo.pop()
         try:
-            with open(f"/proc/{pid}/stat") as f:
+            with open(f"/proc/{pid}/stat", errors="surrogateescape") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue

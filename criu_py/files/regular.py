@@ -15,6 +15,7 @@ _PORTABLE_CHR = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/ura
 
 
 def reg_file_entry(fid: int, path: str, flags: int, pos: int, st: os.stat_result | None):
+    from criu_py.images import set_str
     from criu_py.images.pb import fdinfo_pb2
     fe = fdinfo_pb2.file_entry()
     fe.type = FD_TYPE_REG
@@ -24,7 +25,7 @@ def reg_file_entry(fid: int, path: str, flags: int, pos: int, st: os.stat_result
     r.flags = flags & ~O_CLOEXEC
     r.pos = pos
     fown_entry(r.fown)
-    r.name = path
+    set_str(r, "name", path)
     if st is not None:
         r.mode = st.st_mode
         if stat.S_ISREG(st.st_mode):
@@ -69,12 +70,14 @@ class RegularFileOps:
     def restore_fd(self, ctx, entry, fdinfo) -> int:
         """Reopen the file by path with its flags (never creating or truncating it) and
         put the position back; returns the new fd (the caller moves it into place)."""
+        from criu_py.images import get_str
         r = entry.reg
+        name = get_str(r.name)
         flags = (r.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | O_CLOEXEC)) | O_CLOEXEC
         try:
-            fd = os.open(r.name, flags)
+            fd = os.open(name, flags)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot open {r.name} for fd {fdinfo.fd}: {exc.strerror}") from None
+            raise OSError(exc.errno, f"cannot open {name} for fd {fdinfo.fd}: {exc.strerror}") from None
         if r.pos and not stat.S_ISCHR(os.fstat(fd).st_mode):
             os.lseek(fd, r.pos, os.SEEK_SET)
         return fd

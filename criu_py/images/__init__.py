@@ -342,6 +342,36 @@ def encode_file(kind: str, entries, label: str | None = None) -> bytes:
     return b"".join(parts)
 
 
+def set_str(msg, field: str, value) -> None:
+    """Set a string field to a kernel name or path (str, possibly with surrogate escapes
+    from os.fsdecode, or bytes) that need not be UTF-8: protobuf refuses such a value,
+    but a string field carries any bytes on the wire (CRIU's C writes them that way), so
+    it is merged in as raw wire bytes."""
+    raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    try:
+        setattr(msg, field, raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        number = msg.DESCRIPTOR.fields_by_name[field].number
+        msg.ClearField(field)
+        msg.MergeFromString(_varint(number << 3 | 2) + _varint(len(raw)) + raw)
+
+
+def get_str(value) -> str:
+    """A string field's value as a str: protobuf gives bytes for one that is not UTF-8;
+    decoded losslessly (os.fsdecode), so it opens the same file."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def pagemap_nr_pages(pe) -> int:
     """Pages of a pagemap_entry: field 5 (4.x) when set, else the 3.x field 2."""
     return pe.nr_pages if pe.HasField("nr_pages") else pe.compat_nr_pages

@@ -75,7 +75,7 @@ class Tracee:
 
     def _exiting(self) -> bool:
         try:
-            with open(f"/proc/{self.pid}/stat") as f:
+            with open(f"/proc/{self.pid}/stat", errors="surrogateescape") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             return True

@@ -355,7 +355,7 @@ def failure_message(rs: Restore, stage: int) -> str:
 
 def _proc_state(pid: int) -> str | None:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", errors="surrogateescape") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None

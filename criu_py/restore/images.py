@@ -62,6 +62,11 @@ class TreeImages:
             raise ImageError(f"files.img: no regular file with id {file_id} (needed for {what})")
         return fe.reg
 
+    def path(self, file_id: int, what: str) -> str:
+        """The path of a REG entry, as a str that opens it (os.fsdecode of its bytes)."""
+        from criu_py.images import get_str
+        return get_str(self.reg(file_id, what).name)
+
     def close(self) -> None:
         self.images.close()
 
@@ -147,9 +152,9 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
         fdinfo_cache[ids.files_id] = _load_fdinfo(images, tree, ids.files_id)
     t = TaskImages(pid=pid, pstree=e, core=core, threads=threads, ids=ids, mm=mm, fs=fs,
                    fdinfos=fdinfo_cache[ids.files_id])
-    _check_path(tree.reg(fs.cwd_id, "cwd").name, f"pid {pid}: cwd")
-    _check_path(tree.reg(fs.root_id, "root").name, f"pid {pid}: root")
-    _check_path(tree.reg(mm.exe_file_id, "the exe link").name, f"pid {pid}: the executable")
+    _check_path(tree.path(fs.cwd_id, "cwd"), f"pid {pid}: cwd")
+    _check_path(tree.path(fs.root_id, "root"), f"pid {pid}: root")
+    _check_path(tree.path(mm.exe_file_id, "the exe link"), f"pid {pid}: the executable")
     t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes)
     for mf in t.memory.files.values():
         if mf.path is not None:
@@ -175,7 +180,8 @@ def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:
             raise Unsupported(f"{name}: fd {fi.fd} is of kind {kind}, which restore "
                               f"does not support")
         if fe.type == FD_TYPE_REG:
-            _check_path(fe.reg.name, f"fd {fi.fd}")
+            from criu_py.images import get_str
+            _check_path(get_str(fe.reg.name), f"fd {fi.fd}")
         elif fe.type == FD_TYPE_MEMFD:   # memfds only open, not mapped, are shared objects too
             shmem_restore.object_for_memfd(tree.shared, images, tree.memfd_inodes, fe,
                                            f"fd {fi.fd}")

@@ -271,7 +271,7 @@ class TaskRun:
             except OSError as exc:
                 raise RestoreError(f"cannot open mapped file {mf.path}: {exc.strerror}") from None
             self.restorer_fds[key] = self.fds.park(fd)
-        exe = self.rs.tree.reg(img.mm.exe_file_id, "the exe link").name
+        exe = self.rs.tree.path(img.mm.exe_file_id, "the exe link")
         st, own = os.stat(exe), os.stat("/proc/self/exe")
         if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
             # Same file as our own executable (a Python task restored by criu-py): the link
@@ -298,8 +298,8 @@ class TaskRun:
         self.vfork_dirs = (-1, -1)
         if v.fs_owner:
             flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-            cwd = self.fds.park(os.open(tree.reg(v.img.fs.cwd_id, "cwd").name, flags))
-            root = self.fds.park(os.open(tree.reg(v.img.fs.root_id, "root").name, flags))
+            cwd = self.fds.park(os.open(tree.path(v.img.fs.cwd_id, "cwd"), flags))
+            root = self.fds.park(os.open(tree.path(v.img.fs.root_id, "root"), flags))
             self.vfork_dirs = (cwd, root)
 
     def resource_fd(self, key) -> int:
@@ -534,8 +534,8 @@ def set_personality(img) -> None:
 
 def set_fs(tree, img) -> None:
     """cwd, then root (paths are as the dump saw them, from outside any chroot)."""
-    os.chdir(tree.reg(img.fs.cwd_id, "cwd").name)
-    root = tree.reg(img.fs.root_id, "root").name
+    os.chdir(tree.path(img.fs.cwd_id, "cwd"))
+    root = tree.path(img.fs.root_id, "root")
     if root != "/":
         os.chroot(root)
     if img.fs.HasField("umask"):
