@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CRIT, descendants, file_mode, image_files, proc_is_running, proc_status, wait_for
+from criu_py.images import CRIU_PY_IMAGES
 
 pytestmark = pytest.mark.needs_tool
 
@@ -34,8 +35,8 @@ def entries(images: Path, name: str) -> list:
 def assert_all_decode(images: Path) -> dict:
     decoded = {}
     for f in image_files(images):
-        if RAW_IMAGE.match(f.name) or f.name.endswith(".log") or f.name == "criu-py-checksums.img":
-            continue      # criu-py's own checksum image: upstream tools do not know it
+        if RAW_IMAGE.match(f.name) or f.name.endswith(".log") or f.name in CRIU_PY_IMAGES:
+            continue      # criu-py's own images: upstream tools do not know them
         decoded[f.name] = crit_decode(f)
     return decoded
 

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import (CRIT, Task, fd_table, file_mode, image_files, layout_diff, maps_layout,
                       proc_is_running, rseq_config, signal_state, task_identity)
+from criu_py.images import CRIU_PY_IMAGES
 
 
 def counter_lines(task):
@@ -163,8 +164,8 @@ def test_crit_decodes_every_image(h):
         assert required in names, f"{required} missing from {sorted(names)}"
     decoded = {}
     for path in image_files(images):
-        if path.name.startswith("pages-") or path.name == "criu-py-checksums.img":
-            continue  # raw page data, no magic; criu-py's own checksums (crit-py reads it)
+        if path.name.startswith("pages-") or path.name in CRIU_PY_IMAGES:
+            continue  # raw page data, no magic; criu-py's own images (crit-py reads them)
         decoded[path.name] = crit_decode(path)
 
     pstree = decoded["pstree.img"]["entries"]

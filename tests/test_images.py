@@ -279,8 +279,8 @@ def crit_decode(path, pretty=False):
     return r
 
 
-# Kinds Debian's crit 3.17 has no handler for (checksums: criu-py's own image).
-CRIT_317_UNKNOWN = {"signal", "binfmt_misc", "checksums"}
+# Kinds Debian's crit 3.17 has no handler for (checksums, file_ids: criu-py's own images).
+CRIT_317_UNKNOWN = {"signal", "binfmt_misc", "checksums", "file_ids"}
 
 
 @needs_crit

@@ -16,7 +16,7 @@ from conftest import FIXTURES
 
 
 def load_without_path_checks(name, monkeypatch):
-    monkeypatch.setattr(restore_images, "_check_path", lambda path, what: None)
+    monkeypatch.setattr(restore_images, "_check_path", lambda *args: None)
     return restore_images._load(ImageDir(str(FIXTURES / name)))
 
 

@@ -264,7 +264,8 @@ def collect_proc_state(ctx, procs=None) -> None:
         exe = proc.read_link(pid, "exe")
         if exe.endswith(" (deleted)"):
             raise Unsupported(f"pid {pid}: its executable {exe} was deleted")
-        pd.exe_id = path_entry_id(pd.files, exe, os.stat(f"/proc/{pid}/exe"))
+        pd.exe_id = path_entry_id(pd.files, exe, os.stat(f"/proc/{pid}/exe"),
+                                  read_from=f"/proc/{pid}/exe")
 
 
 def plan_memory(ctx, procs=None) -> None:
@@ -375,7 +376,7 @@ def write_task_images(ctx) -> None:
 
 
 def write_file_images(ctx) -> None:
-    from criu_py.files import FD_CLOEXEC, FILE_KINDS
+    from criu_py.files import FD_CLOEXEC, FILE_KINDS, identity
     from criu_py.files.pipe import pipes_data_entries
     from criu_py.images.pb import fdinfo_pb2
     written = set()
@@ -394,6 +395,7 @@ def write_file_images(ctx) -> None:
             fdinfos.append(e)
         ctx.images.write_entries(f"fdinfo-{files_id}.img", fdinfos)
     ctx.images.write_entries("files.img", ctx.files.entries)
+    identity.write_image(ctx.images, ctx.files)
     data = pipes_data_entries(ctx.pipe_data)
     if data:
         ctx.images.write_entries_with_payload("pipes-data.img", data)

@@ -179,7 +179,7 @@ class ProcDump:
         if not stat.S_ISREG(st.st_mode):
             raise Unsupported(f"pid {self.pid}: mapping of {vma.path} at {vma.start:#x} "
                               f"(not a regular file) is not supported")
-        return path_entry_id(self.files, vma.path, st, flags)
+        return path_entry_id(self.files, vma.path, st, flags, read_from=path)
 
     def plan_shmem(self, plan) -> None:
         from criu_py.mem import shmem

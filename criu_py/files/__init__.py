@@ -59,6 +59,7 @@ class FileTable:
 
     def __init__(self):
         self.entries = []
+        self.stats = {}             # id -> os.stat_result of a REG entry's file
         self._ids = {}
 
     def lookup(self, key):

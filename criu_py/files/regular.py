@@ -33,13 +33,28 @@ def reg_file_entry(fid: int, path: str, flags: int, pos: int, st: os.stat_result
     return fe
 
 
+def add_reg_entry(table: FileTable, key, path: str, flags: int, pos: int,
+                  st: os.stat_result | None, read_from: str | None = None) -> int:
+    """The id of the REG entry for `key`, made the first time with what identifies its
+    file (files/identity.py: the build-id, and the stat for criu-py-file-ids.img);
+    read_from is a /proc path that opens the very file."""
+    def make(fid):
+        fe = reg_file_entry(fid, path, flags, pos, st)
+        if st is not None:
+            from criu_py.files import identity
+            table.stats[fid] = st
+            identity.record(fe.reg, st, read_from)
+        return fe
+    return table.add(key, make)
+
+
 def path_entry_id(table: FileTable, path: str, st: os.stat_result | None = None,
-                  flags: int = os.O_RDONLY) -> int:
+                  flags: int = os.O_RDONLY, read_from: str | None = None) -> int:
     """Id of a REG entry naming `path` (mapped files, exe, cwd, root): one per inode."""
     if st is None:
         st = os.stat(path)
     key = ("path", st.st_dev, st.st_ino, flags)
-    return table.add(key, lambda fid: reg_file_entry(fid, path, flags, 0, st))
+    return add_reg_entry(table, key, path, flags, 0, st, read_from)
 
 
 class RegularFileOps:
@@ -64,8 +79,8 @@ class RegularFileOps:
     def dump_fd(self, ctx, ref: FdRef) -> int:
         """The files.img id of this fd's open file (dup'ed fds share one)."""
         key = ("fd", ctx.file_description_key(ref))
-        return ctx.files.add(key, lambda fid: reg_file_entry(fid, ref.link, ref.flags,
-                                                             ref.pos, ref.st))
+        return add_reg_entry(ctx.files, key, ref.link, ref.flags, ref.pos, ref.st,
+                             f"/proc/{ref.pid}/fd/{ref.fd}")
 
     def restore_fd(self, ctx, entry, fdinfo) -> int:
         """Reopen the file by path with its flags (never creating or truncating it) and
@@ -78,8 +93,13 @@ class RegularFileOps:
             fd = os.open(name, flags)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot open {name} for fd {fdinfo.fd}: {exc.strerror}") from None
-        if r.pos and not stat.S_ISCHR(os.fstat(fd).st_mode):
-            os.lseek(fd, r.pos, os.SEEK_SET)
+        try:
+            ctx.tree.check_opened(entry.id, fd, f"fd {fdinfo.fd}")
+            if r.pos and not stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.lseek(fd, r.pos, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
 

@@ -96,11 +96,16 @@ MAGICS = {
     "irmap_cache": (0x57004059, "fh_pb2", "irmap_cache_entry"),
     # criu-py's own: checksums of the image set (images/integrity.py); not in magic.h
     "checksums": (0x51535843, "integrity_pb2", "integrity_file_entry"),
+    # criu-py's own: which file each REG entry named (files/identity.py); not in magic.h
+    "file_ids": (0x51534649, "file_ident_pb2", "file_ident_entry"),
 }
 # Kinds whose first entry is of another message (the head).
 HEADS = {"pagemap": ("pagemap_pb2", "pagemap_head"),
-         "checksums": ("integrity_pb2", "integrity_head")}
+         "checksums": ("integrity_pb2", "integrity_head"),
+         "file_ids": ("file_ident_pb2", "file_ident_head")}
 SERVICE_KINDS = frozenset({"stats", "irmap_cache"})
+# Images only criu-py writes and reads (upstream tools do not know their magics).
+CRIU_PY_IMAGES = frozenset({"criu-py-checksums.img", "criu-py-file-ids.img"})
 NO_COMMON_MAGIC = frozenset({"inventory"})
 # Raw payload after each entry: kind -> size of the payload that follows `msg` (as CRIU writes it).
 PAYLOAD_SIZE = {
@@ -170,7 +175,7 @@ _NAME_SHAPES = {
     "bpfmap-data.img": "bpfmap_data", "apparmor.img": "apparmor",
     "filelocks.img": "file_locks", "remap-fpath.img": "remap_fpath",
     "stats-dump": "stats", "stats-restore": "stats", "irmap-cache.img": "irmap_cache",
-    "criu-py-checksums.img": "checksums",
+    "criu-py-checksums.img": "checksums", "criu-py-file-ids.img": "file_ids",
 }
 # Names with a hexadecimal id: prefix -> kind ("ghost-file-1a2b.img").
 _HEX_NAMES = {"ghost-file-": "ghost_file", "tcp-stream-": "tcp_stream"}

@@ -42,15 +42,42 @@ class MemoryPlan:
 
 
 def _vma_key(v) -> tuple:
-    flags = v.fdflags if v.HasField("fdflags") else 0
-    if v.status & M.VMA_FILE_SHARED and v.prot & M.PROT_WRITE or v.status & M.VMA_ANON_SHARED:
-        flags = 2   # O_RDWR
-    return ("anon" if v.status & M.VMA_ANON_SHARED else "file", v.shmid, flags)
+    """(kind, object id, open flags) of a VMA's file. A private mapping never writes its
+    file: opened read-only whatever the image says. A shared one is opened for writing
+    only when the dump recorded its file open that way (fdflags; images without it get
+    upstream's guess from the protection), see _check_file_vma."""
+    if v.status & M.VMA_ANON_SHARED:
+        return ("anon", v.shmid, os.O_RDWR)
+    flags = os.O_RDONLY
+    if v.status & M.VMA_FILE_SHARED:
+        if v.HasField("fdflags"):
+            writable = v.fdflags & os.O_ACCMODE == os.O_RDWR
+        else:
+            writable = bool(v.prot & M.PROT_WRITE)
+        flags = os.O_RDWR if writable else os.O_RDONLY
+    return ("file", v.shmid, flags)
 
 
-def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: dict) -> MemoryPlan:
+def _check_file_vma(v, key: tuple, fe, checks, pid: int, what: str) -> None:
+    """A file mapped shared and writable must have been open for writing at dump, by
+    every record the images have of it: a damaged flag never makes the restore write
+    pages into (or open for writing) a file the task only read."""
+    if not v.status & M.VMA_FILE_SHARED:
+        return
+    if v.prot & M.PROT_WRITE and key[2] != os.O_RDWR:
+        raise ImageError(f"mm-{pid}.img: {what} maps {fe.reg.name} shared and writable, "
+                         f"but the dump had it open read-only")
+    if key[2] == os.O_RDWR and checks is not None and checks.idents \
+            and not checks.opened_for_writing(fe):
+        raise ImageError(f"mm-{pid}.img: {what} maps {fe.reg.name} for writing, but "
+                         f"files.img has it open read-only")
+
+
+def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: dict,
+                checks=None) -> MemoryPlan:
     """Check mm's VMAs and pagemap against each other and the pages file size. Shared
-    memory objects are registered in `shared` (shmid -> object), one for the whole tree."""
+    memory objects are registered in `shared` (shmid -> object), one for the whole tree.
+    checks: the tree's files.identity.FileChecks."""
     from criu_py.mem import shmem_restore
     plan = MemoryPlan(vmas=[], shared=shared, memfd_inodes=memfd_inodes)
     prev_end = 0
@@ -84,6 +111,7 @@ def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: d
                 plan.files.setdefault(key, MappedFile(v.shmid, None, key[2], shmid=obj.shmid))
             else:
                 from criu_py.images import get_str
+                _check_file_vma(v, key, fe, checks, pid, what)
                 plan.files.setdefault(key, MappedFile(v.shmid, get_str(fe.reg.name), key[2]))
         plan.vmas.append(v)
     if plan.special:
@@ -101,8 +129,10 @@ def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
     if not entries:
         raise ImageError(f"{name}: no pagemap head")
     plan.pages_name = f"pages-{entries[0].pages_id}.img"
-    spans = []          # contiguous runs of restored VMAs (upstream's entries may span two)
-    for v in plan.vmas:
+    spans = []          # contiguous runs of private VMAs (upstream's entries may span two);
+    for v in plan.vmas:  # pages of shared ones live in their object, never in pages-N.img
+        if v.status & (M.VMA_FILE_SHARED | M.VMA_ANON_SHARED):
+            continue
         if spans and spans[-1][1] == v.start:
             spans[-1] = (spans[-1][0], v.end)
         else:
@@ -128,7 +158,8 @@ def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
             total += end - start
             continue
         if not any(s <= start and end <= e for s, e in spans):
-            raise ImageError(f"{name}: pages {start:#x}-{end:#x} lie outside the restored VMAs")
+            raise ImageError(f"{name}: pages {start:#x}-{end:#x} lie outside the private "
+                             f"VMAs (pages are restored into private memory only)")
         if iovs and iovs[-1][0] is not None and iovs[-1][0] + iovs[-1][1] == start:
             iovs[-1] = (iovs[-1][0], iovs[-1][1] + end - start)
         else:

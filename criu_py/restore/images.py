@@ -2,7 +2,6 @@
 # restore either has a complete, consistent picture of the tree (every process, thread,
 # fd table, mapping and shared object) or stops with one line naming the file and the
 # problem.
-import os
 from dataclasses import dataclass, field
 
 from criu_py.errors import ImageError, Unsupported
@@ -41,6 +40,7 @@ class TreeImages:
     pipe_data: dict = field(default_factory=dict)   # pipe_id -> (bytes, pipe size)
     shared: dict = field(default_factory=dict)      # shmid -> shmem_restore.SharedObject
     memfd_inodes: dict = field(default_factory=dict)
+    checks: object = None          # files.identity.FileChecks: is each file the dumped one
 
     @property
     def root(self) -> TaskImages:
@@ -67,6 +67,16 @@ class TreeImages:
         from criu_py.images import get_str
         return get_str(self.reg(file_id, what).name)
 
+    def check_file(self, file_id: int, what: str) -> None:
+        """The file REG entry file_id names must exist and be the one dumped (once per
+        entry; files/identity.py)."""
+        if file_id not in self.checks.passed:
+            _check_path(self, file_id, what)
+
+    def check_opened(self, file_id: int, fd: int, what: str) -> None:
+        """The descriptor opened for REG entry file_id is the file check_file passed."""
+        self.checks.check_opened(self.files[file_id], fd, self.path(file_id, what), what)
+
     def close(self) -> None:
         self.images.close()
 
@@ -82,6 +92,7 @@ def load(images_dir: str) -> TreeImages:
 
 
 def _load(images) -> TreeImages:
+    from criu_py.files.identity import FileChecks
     from criu_py.mem import shmem_restore
     images.read_one("inventory.img")
     entries = images.read_entries("pstree.img")
@@ -89,7 +100,7 @@ def _load(images) -> TreeImages:
         raise ImageError("pstree.img: no tasks")
     check_pstree(entries)
     files = {fe.id: fe for fe in images.read_entries("files.img")}
-    tree = TreeImages(images=images, tasks=[], files=files)
+    tree = TreeImages(images=images, tasks=[], files=files, checks=FileChecks(images))
     tree.memfd_inodes = shmem_restore.memfd_inodes(images)
     fdinfo_cache = {}
     for e in entries:
@@ -152,13 +163,14 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
         fdinfo_cache[ids.files_id] = _load_fdinfo(images, tree, ids.files_id)
     t = TaskImages(pid=pid, pstree=e, core=core, threads=threads, ids=ids, mm=mm, fs=fs,
                    fdinfos=fdinfo_cache[ids.files_id])
-    _check_path(tree.path(fs.cwd_id, "cwd"), f"pid {pid}: cwd")
-    _check_path(tree.path(fs.root_id, "root"), f"pid {pid}: root")
-    _check_path(tree.path(mm.exe_file_id, "the exe link"), f"pid {pid}: the executable")
-    t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes)
+    tree.check_file(fs.cwd_id, f"pid {pid}: cwd")
+    tree.check_file(fs.root_id, f"pid {pid}: root")
+    tree.check_file(mm.exe_file_id, f"pid {pid}: the executable")
+    t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes,
+                           tree.checks)
     for mf in t.memory.files.values():
         if mf.path is not None:
-            _check_path(mf.path, f"pid {pid}: a mapping")
+            tree.check_file(mf.file_id, f"pid {pid}: a mapping")
     return t
 
 
@@ -180,14 +192,12 @@ def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:
             raise Unsupported(f"{name}: fd {fi.fd} is of kind {kind}, which restore "
                               f"does not support")
         if fe.type == FD_TYPE_REG:
-            from criu_py.images import get_str
-            _check_path(get_str(fe.reg.name), f"fd {fi.fd}")
+            tree.check_file(fi.id, f"fd {fi.fd}")
         elif fe.type == FD_TYPE_MEMFD:   # memfds only open, not mapped, are shared objects too
             shmem_restore.object_for_memfd(tree.shared, images, tree.memfd_inodes, fe,
                                            f"fd {fi.fd}")
     return fdinfos
 
 
-def _check_path(path: str, what: str) -> None:
-    if not os.path.exists(path):
-        raise ImageError(f"{what}: {path} does not exist on this system")
+def _check_path(tree: TreeImages, file_id: int, what: str) -> None:
+    tree.checks.check_path(tree.files[file_id], tree.path(file_id, what), what)

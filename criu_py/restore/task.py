@@ -270,15 +270,24 @@ class TaskRun:
                 fd = os.open(mf.path, mf.flags | os.O_CLOEXEC)
             except OSError as exc:
                 raise RestoreError(f"cannot open mapped file {mf.path}: {exc.strerror}") from None
-            self.restorer_fds[key] = self.fds.park(fd)
+            fd = self.fds.park(fd)
+            self.restorer_fds[key] = fd
+            self.rs.tree.check_opened(mf.file_id, fd, f"pid {self.t.pid}: a mapping")
         exe = self.rs.tree.path(img.mm.exe_file_id, "the exe link")
-        st, own = os.stat(exe), os.stat("/proc/self/exe")
+        exe_fd = os.open(exe, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.rs.tree.check_opened(img.mm.exe_file_id, exe_fd, f"pid {self.t.pid}: the executable")
+            st, own = os.fstat(exe_fd), os.stat("/proc/self/exe")
+        except BaseException:
+            os.close(exe_fd)
+            raise
         if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
             # Same file as our own executable (a Python task restored by criu-py): the link
             # is right already, and the kernel refuses to "replace" it while it is mapped.
+            os.close(exe_fd)
             self.exe_fd = -1
         else:
-            self.exe_fd = self.fds.park(os.open(exe, os.O_RDONLY | os.O_CLOEXEC))
+            self.exe_fd = self.fds.park(exe_fd)
         self.pages_fd = self.fds.park(self.rs.images.open_raw(mem.pages_name))
         if self.t.mm_child is not None:
             self.prepare_mm_child(self.t.mm_child)
@@ -437,6 +446,7 @@ class FileContext:
 
     def __init__(self, run: TaskRun):
         self.run = run
+        self.tree = run.rs.tree
         self.pipe_data = run.rs.tree.pipe_data
         self.images = run.rs.images
         self._pipes: dict = {}
@@ -534,7 +544,12 @@ def set_personality(img) -> None:
 
 def set_fs(tree, img) -> None:
     """cwd, then root (paths are as the dump saw them, from outside any chroot)."""
-    os.chdir(tree.path(img.fs.cwd_id, "cwd"))
+    fd = os.open(tree.path(img.fs.cwd_id, "cwd"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        tree.check_opened(img.fs.cwd_id, fd, "cwd")
+        os.fchdir(fd)
+    finally:
+        os.close(fd)
     root = tree.path(img.fs.root_id, "root")
     if root != "/":
         os.chroot(root)
