@@ -519,7 +519,36 @@ class Harness:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 pass
+        left = self.kill_leftovers()
         shutil.rmtree(self.dir, ignore_errors=True)
+        return left
+
+    def kill_leftovers(self) -> list[str]:
+        """Processes still alive whose command line names this test's dir (workloads
+        get their log path there; restored ones keep it): killed, and returned so the
+        test fails, since a test must clean up everything it started."""
+        mark = os.fsencode(str(self.dir)) + b"/"
+        left = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if mark in cmdline and proc_is_running(int(name)):
+                try:
+                    os.kill(int(name), signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                shown = cmdline.replace(b"\0", b" ")[:120]
+                left.append(f"{name} {shown!r}")
+        try:
+            reap_gone([int(x.split()[0]) for x in left], timeout=5)
+        except AssertionError:
+            pass            # not our children: gone once their parent reaps them
+        return left
 
 
 @pytest.fixture(scope="session")
@@ -538,7 +567,8 @@ def h(request, workload_bins):
     try:
         yield harness
     finally:
-        harness.cleanup()
+        left = harness.cleanup()
+    assert not left, f"the test left processes behind (now killed): {left}"
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *must_contain: str) -> str:
