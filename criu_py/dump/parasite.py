@@ -8,7 +8,7 @@ import struct
 
 from criu_py.errors import DumpError
 from criu_py.proc import Record
-from criu_py.ptrace import BLOB_END, Injection, Tracee
+from criu_py.ptrace import BLOB_END, SIGNAL_END, Injection, Tracee
 
 # x86_64, position independent, r12 = output area; never touches rsp; ends with
 # rt_sigreturn (ptrace.BLOB_END), which the dumper stops at (a blob left alone by a dead
@@ -62,27 +62,38 @@ class ThreadInfo(Record):
     _fields = ("clear_tid_addr", "sas", "secbits", "pdeath_sig")
 
 
+def _signal_ending(blob: bytes) -> bytes:
+    """The blob with SIGNAL_END before its BLOB_END (ptrace: free-running blobs)."""
+    return blob[:-len(BLOB_END)] + SIGNAL_END + BLOB_END
+
+
 def collect(tracee: Tracee, saved_regs: bytes, threads=()) -> ParasiteInfo:
     """Run the blob in the stopped leader `tracee` and the thread blob in every other
     stopped thread of `threads` (Tracees of the same process)."""
-    assert BLOB.endswith(BLOB_END) and len(BLOB) <= OUT_OFFSET
-    assert THREAD_BLOB.endswith(BLOB_END) and THREAD_BLOB_OFFSET + len(THREAD_BLOB) <= THREAD_OUT_OFFSET
+    assert BLOB.endswith(BLOB_END) and len(BLOB) + len(SIGNAL_END) <= OUT_OFFSET
+    assert THREAD_BLOB.endswith(BLOB_END) \
+        and THREAD_BLOB_OFFSET + len(THREAD_BLOB) + len(SIGNAL_END) <= THREAD_OUT_OFFSET
     others = [t for t in threads if t is not tracee]
     size = -(-(THREAD_OUT_OFFSET + THREAD_OUT_SIZE * len(others)) // 4096) * 4096
     with Injection(tracee, saved_regs) as inj:
+        # free-running blobs (two stops instead of two per syscall) when the process has
+        # a signal to end them with; stepped from syscall to syscall otherwise
+        sig = inj.end_signal([tracee, *others])
+        blob, thread_blob = (_signal_ending(BLOB), _signal_ending(THREAD_BLOB)) if sig \
+            else (BLOB, THREAD_BLOB)
         with inj.scratch_page(size) as page:
             tracee.write_mem(page + OUT_OFFSET, bytes(OUT_SIZE))
-            tracee.write_mem(page, BLOB)
-            inj.run_blob(page, OUT_OFFSET, r12=page + OUT_OFFSET)
+            tracee.write_mem(page, blob)
+            inj.run_blob(page, OUT_OFFSET, end_signal=sig, r12=page + OUT_OFFSET)
             out = tracee.read_mem(page + OUT_OFFSET, OUT_SIZE)
             thread_out = b""
             if others:
                 slots = page + THREAD_OUT_OFFSET
-                tracee.write_mem(page + THREAD_BLOB_OFFSET, THREAD_BLOB)
+                tracee.write_mem(page + THREAD_BLOB_OFFSET, thread_blob)
                 tracee.write_mem(slots, bytes(THREAD_OUT_SIZE * len(others)))
                 for i, t in enumerate(others):
                     inj.run_blob(page + THREAD_BLOB_OFFSET, THREAD_OUT_OFFSET - THREAD_BLOB_OFFSET,
-                                 thread=t, r12=slots + i * THREAD_OUT_SIZE)
+                                 thread=t, end_signal=sig, r12=slots + i * THREAD_OUT_SIZE)
                 thread_out = tracee.read_mem(slots, THREAD_OUT_SIZE * len(others))
         calls = inj.calls
     tid_addr, brk = struct.unpack_from("<QQ", out, 0)

@@ -14,6 +14,7 @@ from criu_py.errors import CriuError, DumpError, NoSuchProcess, check_errno, fro
 from criu_py.log import log
 
 PTRACE_CONT = 7
+PTRACE_GETSIGINFO = 0x4202
 PTRACE_DETACH = 17
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
@@ -173,6 +174,14 @@ class Tracee:
         check_errno(lib.cp_ptrace(PTRACE_SETSIGMASK, self.pid, 8, int(ffi.cast("uintptr_t", buf))),
                     "PTRACE_SETSIGMASK", self.pid)
 
+    def get_siginfo(self) -> bytes:
+        """The siginfo of the signal-delivery stop the thread is in."""
+        ffi, lib = _lib()
+        buf = ffi.new("char[]", SIGINFO_SIZE)
+        check_errno(lib.cp_ptrace(PTRACE_GETSIGINFO, self.pid, 0, int(ffi.cast("uintptr_t", buf))),
+                    "PTRACE_GETSIGINFO", self.pid)
+        return ffi.buffer(buf)[:]
+
     def pending_signals(self, shared: bool) -> list[bytes]:
         """The queued siginfos (128 bytes each): the thread's own, or the process-wide ones."""
         ffi, lib = _lib()
@@ -251,7 +260,13 @@ class Tracee:
 #   - a blob runs in the scratch page with rsp just above the frame and ends with its
 #     own `mov $15, %eax; syscall`;
 #   - while the tracer holds it, the thread only ever sits in syscall stops of those
-#     (PTRACE_O_TRACESYSGOOD: a stale stop code is no signal) or in its first event stop.
+#     (PTRACE_O_TRACESYSGOOD: a stale stop code is no signal) or in its first event stop;
+#   - a blob may instead run free (PTRACE_CONT, no stop per syscall) when the process has
+#     a signal that it neither handles nor has pending and whose default is to be
+#     ignored (SIGURG, SIGWINCH, SIGCHLD): the thread's mask then blocks all but that one,
+#     and the blob's end (SIGNAL_END) sends it to itself just before its rt_sigreturn.
+#     The tracer sees the signal-delivery stop, drops the signal and steps to the
+#     rt_sigreturn; without a tracer the signal is delivered and ignored.
 # Nothing else is written, so the worst case a killed dumper leaves is the scratch page
 # (one anonymous mapping) and a frame's worth of bytes below the stack pointer, which the
 # task treats as free; an interrupted syscall is re-issued (a relative timeout restarts
@@ -267,6 +282,12 @@ SS_NO_CHANGE = 4             # an invalid ss_flags: rt_sigreturn leaves sigaltst
 RESTORER_GADGETS = (bytes.fromhex("48c7c00f0000000f05"),   # mov $15, %rax; syscall
                     bytes.fromhex("b80f0000000f05"))         # mov $15, %eax; syscall
 BLOB_END = bytes.fromhex("b80f0000000f05")   # how every blob ends (rt_sigreturn)
+# tgkill(r14, r15, ebp): a free-running blob's last call before BLOB_END (see above)
+SIGNAL_END = bytes.fromhex("b8ea0000004c89f74c89fe89ea0f05")
+# Signals ignored by default whose sending has no other effect (not SIGCONT), best first.
+END_SIGNALS = (signal.SIGURG, signal.SIGWINCH, signal.SIGCHLD)
+ALL_SIGNALS = 0xFFFFFFFFFFFFFFFF
+SI_TKILL = -6
 FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
                            signal.SIGTRAP})
 MAX_BLOB_STOPS = 20000
@@ -414,6 +435,7 @@ class InjectedThread:
         self.frame = 0
         self.parked = False
         self.blocked = False
+        self.mask = None               # the mask set while injected (None: its own)
         self.at_entry = False          # in a syscall-entry stop (its syscall still to run)
         self.resend = []               # signals that stopped it while injected
 
@@ -438,16 +460,17 @@ class InjectedThread:
         self.parked = True
         killpoint()
 
-    def _set(self, **values) -> None:
+    def _set(self, mask: int = ALL_SIGNALS, **values) -> None:
         from criu_py import arch_x86
         regs = dict(self.gp)
         regs.update(values)
         self.t.set_gpregs(arch_x86.gpregs_to_bytes(regs))
         killpoint()
-        if not self.blocked:
+        if self.mask != mask:
             # only now: before, a resumed thread would run on with everything blocked
-            self.t.set_sigmask(0xFFFFFFFFFFFFFFFF)
+            self.t.set_sigmask(mask)
             self.blocked = True
+            self.mask = mask
             killpoint()
 
     def _step(self) -> None:
@@ -467,6 +490,26 @@ class InjectedThread:
             if sig in FAULT_SIGNALS:
                 raise DumpError(f"injected code in task {self.t.pid} stopped with signal {sig}")
             self.resend.append(sig)
+
+    def _run_to_own_signal(self, sig: int) -> None:
+        """PTRACE_CONT until the thread's stop for the `sig` it sent itself (dropped; the
+        thread stays in that stop). Other signals are held back as in _step."""
+        ffi, lib = _lib()
+        while True:
+            check_errno(lib.cp_ptrace(PTRACE_CONT, self.t.pid, 0, 0), "PTRACE_CONT", self.t.pid)
+            killpoint()                       # the blob runs free meanwhile
+            status = self.t._wait()
+            killpoint()
+            got = os.WSTOPSIG(status)
+            if status >> 16 or got == SYSCALL_STOP:
+                continue
+            if got in FAULT_SIGNALS:
+                raise DumpError(f"injected code in task {self.t.pid} stopped with signal {got}")
+            if got == sig:
+                code, pid = struct.unpack_from("<i4xi", self.t.get_siginfo(), 8)
+                if code == SI_TKILL and pid == self.site.pid:
+                    return
+            self.resend.append(got)
 
     def _regs_now(self) -> dict:
         from criu_py import arch_x86
@@ -491,11 +534,18 @@ class InjectedThread:
         ret = self._regs_now()["ax"]
         return ret - (1 << 64) if ret >= 1 << 63 else ret
 
-    def run_blob(self, addr: int, size: int, **regs) -> None:
+    def run_blob(self, addr: int, size: int, end_signal: int = 0, **regs) -> None:
         """Run the code at addr (inside [addr, addr + size)) until it issues rt_sigreturn
         (BLOB_END), which it must reach with rsp as it got it; rsp points just above this
-        thread's frame, so a blob left alone returns the thread to its own state."""
-        self._set(**regs, ip=addr, sp=self.frame + 8, orig_ax=0xFFFFFFFFFFFFFFFF)
+        thread's frame, so a blob left alone returns the thread to its own state. With
+        end_signal the code ends with SIGNAL_END + BLOB_END and runs free until then."""
+        if end_signal:
+            self._set(**regs, ip=addr, sp=self.frame + 8, orig_ax=0xFFFFFFFFFFFFFFFF,
+                      bp=end_signal, r14=self.site.pid, r15=self.t.pid,
+                      mask=ALL_SIGNALS & ~(1 << (end_signal - 1)))
+            self._run_to_own_signal(end_signal)
+        else:
+            self._set(**regs, ip=addr, sp=self.frame + 8, orig_ax=0xFFFFFFFFFFFFFFFF)
         for _ in range(MAX_BLOB_STOPS):
             self._step()
             if self.at_entry:
@@ -575,11 +625,26 @@ class Injection:
         self.calls += 1
         return self.threads[self.t.pid].syscall(nr, *args)
 
-    def run_blob(self, addr: int, size: int = 4096, thread: Tracee | None = None, **regs) -> None:
+    def run_blob(self, addr: int, size: int = 4096, thread: Tracee | None = None,
+                 end_signal: int = 0, **regs) -> None:
         """Run code already written at addr in the main thread or in `thread` (a seized,
-        stopped thread of the same process); the code must end with BLOB_END."""
+        stopped thread of the same process); the code must end with BLOB_END, and with
+        SIGNAL_END + BLOB_END when end_signal (from end_signal()) is given."""
         self.calls += 1
-        self._thread(thread).run_blob(addr, size, **regs)
+        self._thread(thread).run_blob(addr, size, end_signal=end_signal, **regs)
+
+    def end_signal(self, threads=()) -> int:
+        """A signal a blob may end with (see SIGNAL_END): one of END_SIGNALS that the
+        process does not catch and that no thread of `threads` has pending; 0 if none."""
+        from criu_py import proc
+        st = proc.read_status(self.t.pid)
+        busy = st.sig_cgt | st.shd_pnd
+        for t in threads or (self.t,):
+            busy |= proc.read_status(self.t.pid, t.pid).sig_pnd
+        for sig in END_SIGNALS:
+            if not busy & (1 << (sig - 1)):
+                return int(sig)
+        return 0
 
     @contextlib.contextmanager
     def scratch_page(self, size: int = 4096):

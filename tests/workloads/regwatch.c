@@ -3,8 +3,11 @@
  * fourteen general registers and compares them on every iteration (a task stopped in
  * user code), a 1 ms sleep (a task stopped in a syscall, which must be restarted), and a
  * check that its signal mask still blocks exactly SIGUSR2. Every 20 rounds it logs
- * "tick <pid> <n> ok"; any mismatch logs "BAD <pid> <what>" and exits 1.
- * usage: regwatch LOG */
+ * "tick <pid> <n> ok"; any mismatch logs "BAD <pid> <what>" and exits 1. With "catch"
+ * it handles SIGURG, SIGWINCH and SIGCHLD (counting them), which leaves the dumper no
+ * signal to end free-running blobs with: its injection then steps from syscall to
+ * syscall; a handler that runs logs "BAD <pid> signal <n>" (no one sends them).
+ * usage: regwatch LOG [catch] */
 #include "wl.h"
 #include <signal.h>
 
@@ -40,15 +43,29 @@ static int registers_hold(long iterations)
 	return bad == 0;
 }
 
+static volatile sig_atomic_t caught_signal;
+
+static void on_signal(int sig)
+{
+	caught_signal = sig;
+}
+
 int main(int argc, char **argv)
 {
 	sigset_t want, now;
 
 	if (argc < 2) {
-		fprintf(stderr, "usage: regwatch LOG\n");
+		fprintf(stderr, "usage: regwatch LOG [catch]\n");
 		return 2;
 	}
 	wl_open_log(argv[1]);
+	if (argc > 2 && !strcmp(argv[2], "catch")) {
+		struct sigaction sa = { .sa_handler = on_signal, .sa_flags = SA_RESTART };
+
+		sigaction(SIGURG, &sa, NULL);
+		sigaction(SIGWINCH, &sa, NULL);
+		sigaction(SIGCHLD, &sa, NULL);
+	}
 	sigemptyset(&want);
 	sigaddset(&want, SIGUSR2);
 	sigprocmask(SIG_SETMASK, &want, NULL);
@@ -65,6 +82,10 @@ int main(int argc, char **argv)
 				wl_log("BAD %d sigmask signal %d", getpid(), sig);
 				return 1;
 			}
+		}
+		if (caught_signal) {
+			wl_log("BAD %d signal %d", getpid(), (int)caught_signal);
+			return 1;
 		}
 		if (n % 20 == 0)
 			wl_log("tick %d %lu ok", getpid(), n);
