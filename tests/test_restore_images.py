@@ -16,7 +16,9 @@ from conftest import FIXTURES
 
 
 def load_without_path_checks(name, monkeypatch):
+    from criu_py.files import regular
     monkeypatch.setattr(restore_images, "_check_path", lambda path, what: None)
+    monkeypatch.setattr(regular, "check_reg_path", lambda reg, what: None)
     return restore_images._load(ImageDir(str(FIXTURES / name)))
 
 

@@ -42,6 +42,10 @@ class Restore:
         self.regions = {}             # pid -> (start, length) of its restorer region
         self.messages = []            # one-line failures the tasks reported
         self.failures = []            # failure records of the restorers
+        self.desc_locks = {}          # files.img id -> flock/OFD entries to take when opened
+        self.posix_locks = {}         # pid -> POSIX lock entries its restorer takes
+        self.caller_tty = -1          # parked: our stdin when it is a terminal (--shell-job)
+        self.ghosts = []              # paths of the deleted files recreated for the restore
         self._status_buf = b""
 
 
@@ -60,6 +64,10 @@ def restore_tasks(opts: dict) -> int:
             check_vdso(rs)
             plan_region_removal(rs)
             rs.host_creds = host_creds()
+            plan_file_locks(rs)
+        with _step("deleted files"):
+            stack.callback(remove_ghosts, rs)
+            make_ghosts(rs)
         with _step("cgroup yard"):               # mounted until the end
             from criu_py.cgroup.restore import open_yard
             rs.cg_yard = stack.enter_context(open_yard(opts, rs.images))
@@ -156,6 +164,37 @@ def host_creds() -> HostCreds:
     return HostCreds()
 
 
+def plan_file_locks(rs: Restore) -> None:
+    from criu_py.files.locks import by_file
+    rs.desc_locks, rs.posix_locks = by_file(rs.tree)
+
+
+def make_ghosts(rs: Restore) -> None:
+    """Deleted files come back under their old name for as long as the tasks open and
+    map them (removed again once every task has: remove_ghosts)."""
+    from criu_py.files import ghost
+    tree = rs.tree
+    names = {}
+    for fid, gid in tree.remaps.items():
+        names.setdefault(gid, tree.files[fid].reg.name)
+    for gid, name in sorted(names.items()):
+        tree.ghost_paths[gid] = ghost.create(tree.images, gid, name)
+        rs.ghosts.append(tree.ghost_paths[gid])
+    for t in rs.plan.alive:
+        for mf in t.img.memory.files.values():
+            if mf.path is not None and mf.file_id in tree.remaps:
+                mf.path = tree.reg_path(mf.file_id)
+
+
+def remove_ghosts(rs: Restore) -> None:
+    for path in rs.ghosts:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    rs.ghosts = []
+
+
 # ------------------------------------------------------------------ set-up
 def prepare_shared(rs: Restore, stack) -> None:
     """The sync page, the status pipe (tasks write, we read), the fd range for the
@@ -176,6 +215,8 @@ def prepare_shared(rs: Restore, stack) -> None:
     stack.callback(_close_quietly, r)
     stack.callback(_close_quietly, rs.status_w)
     rs.images.dirfd = rs.fds.park(rs.images.dirfd)
+    if os.isatty(0):                        # the caller's terminal (--shell-job)
+        rs.caller_tty = rs.fds.dup(0)
     if rs.cg_yard.fd >= 0:                  # every task moves itself in through it
         rs.cg_yard.fd = rs.fds.park(rs.cg_yard.fd)
     if logger.file is not None:
@@ -246,6 +287,8 @@ def run_stages(rs: Restore) -> None:
             raise RestoreError(failure_message(rs, stage)) from None
         log.debug("restore: stage %s done in %.2f ms", S.STAGE_NAMES[stage],
                   (time.monotonic() - t) * 1e3)
+        if stage == S.STAGE_PREPARE:
+            remove_ghosts(rs)           # every task has opened and mapped them
     read_status(rs)
     place_threads_in_cgroups(rs)
 
