@@ -299,7 +299,7 @@ def plan_files(ctx) -> None:
             FILE_KINDS[kind].check(pd, ref)
             plan = FdPlan(ref=ref, kind=kind, cloexec=bool(ref.flags & O_CLOEXEC))
             pd.fds.append(plan)
-            ctx.fd_index.setdefault((ref.st.st_dev, ref.st.st_ino), []).append((pid, fd, plan))
+            ctx.fd_index.setdefault((ref.st.st_dev, ref.st.st_ino), []).append((pid, ref.fd, plan))
     for late in (False, True):
         for pd in tables.values():
             for p in pd.fds:

@@ -11,6 +11,7 @@ import os
 
 from criu_py.errors import ImageError, Unsupported
 from criu_py.files import O_CLOEXEC, FdRef, FileOps, fown_entry
+from criu_py.log import log
 
 FD_TYPE_EVENTPOLL = 7
 
@@ -32,6 +33,7 @@ def _target_id(ctx, ref: FdRef, t, toff: int) -> int:
     still the file, else any fd of the tree that is (kcmp KCMP_EPOLL_TFD)."""
     from criu_py.files.kcall import kcmp_epoll_tfd
     candidates = ctx.dump.fd_index.get((t.dev, t.ino), [])
+    log.debug("epoll %d/%d target %d: %d candidates %s", ref.pid, ref.fd, t.tfd, len(candidates), [(c[0], c[1]) for c in candidates])
     same = [c for c in candidates if c[0] == ref.pid and c[1] == t.tfd]
     for pid, fd, plan in same + [c for c in candidates if c not in same]:
         if kcmp_epoll_tfd(pid, fd, ref.pid, ref.fd, t.tfd, toff):
