@@ -160,7 +160,11 @@ def read_ghost(images, gid: int):
     name = f"ghost-file-{gid:x}.img"
     if not images.exists(name):
         raise ImageError(f"{name}: missing (a deleted file of the dump)")
-    (e, payload), = images.read_entries_with_payload(name)
+    from criu_py.images import PAYLOAD_SCAN, _parse_header, iter_frames
+    data = images.read_bytes(name)
+    kind, off = _parse_header(data, name, "ghost_file")
+    (_, e, payload), = iter_frames(data, name, off, kind, scan=PAYLOAD_SCAN["ghost_file"])
+    payload = bytes(payload)
     if not e.chunks:
         return e, [(0, payload)]
     parts, off = [], 0
