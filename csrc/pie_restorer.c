@@ -63,6 +63,12 @@
 #define NR_prlimit64 302
 #define NR_setitimer 38
 #define NR_fcntl 72
+#define NR_shmat 30
+#define SHM_RDONLY_ 010000
+#define SHM_REMAP_ 040000
+#define SHM_EXEC_ 0100000
+#define PROT_WRITE_ 2
+#define PROT_EXEC_ 4
 #define NR_ioctl 16
 #define NR_timer_create 222
 #define NR_timer_settime 223
@@ -249,7 +255,11 @@ PIE void pie_map_vmas(struct pie_args *a)
 			continue;
 		/* locked only once filled (pie_protect_vmas): mapped locked, it would be
 		 * populated with empty pages first */
-		if (v->kind == PIE_VMA_FILE)
+		if (v->kind == PIE_VMA_SYSVSHM)
+			r = sys3(NR_shmat, v->fd, v->start, SHM_REMAP_ |
+				 (v->map_prot & PROT_WRITE_ ? 0 : SHM_RDONLY_) |
+				 (v->map_prot & PROT_EXEC_ ? SHM_EXEC_ : 0));
+		else if (v->kind == PIE_VMA_FILE)
 			r = sys6(NR_mmap, v->start, len, v->map_prot,
 				 (v->flags & ~MAP_LOCKED_) | MAP_FIXED_, v->fd, v->pgoff);
 		else

@@ -12,6 +12,7 @@ enum {
 	PIE_VMA_FILE = 1,	/* mmap fd at pgoff (private or shared, per flags) */
 	PIE_VMA_PREMAPPED = 2,	/* already mapped and filled at src (copy-on-write shared
 				 * with the parent or the children): mremap into place */
+	PIE_VMA_SYSVSHM = 3,	/* shmat the SysV segment fd (its id) at start */
 };
 
 struct pie_vma {
@@ -23,7 +24,7 @@ struct pie_vma {
 	int32_t prot;		/* final protection */
 	int32_t map_prot;	/* protection to map with (+RW when pages are read into it) */
 	int32_t flags;		/* mmap flags (MAP_PRIVATE/MAP_SHARED/MAP_ANONYMOUS/MAP_GROWSDOWN...) */
-	int32_t fd;		/* FILE: fd parked at the top of the fd table */
+	int32_t fd;		/* FILE: fd parked at the top of the fd table; SYSVSHM: shmid */
 	int32_t kind;
 	int32_t pad;
 };

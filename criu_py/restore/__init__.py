@@ -46,6 +46,7 @@ class Restore:
         self.posix_locks = {}         # pid -> POSIX lock entries its restorer takes
         self.caller_tty = -1          # parked: our stdin when it is a terminal (--shell-job)
         self.ghosts = []              # paths of the deleted files recreated for the restore
+        self.sysv = None              # criu_py.sysvipc.Segments
         self._status_buf = b""
 
 
@@ -68,6 +69,8 @@ def restore_tasks(opts: dict) -> int:
         with _step("deleted files"):
             stack.callback(remove_ghosts, rs)
             make_ghosts(rs)
+        with _step("SysV shared memory"):
+            make_sysv_segments(rs, stack)
         with _step("cgroup yard"):               # mounted until the end
             from criu_py.cgroup.restore import open_yard
             rs.cg_yard = stack.enter_context(open_yard(opts, rs.images))
@@ -186,6 +189,15 @@ def make_ghosts(rs: Restore) -> None:
                 mf.path = tree.reg_path(mf.file_id)
 
 
+def make_sysv_segments(rs: Restore, stack) -> None:
+    """SysV segments the tree attaches: the ones gone since the dump are made again."""
+    from criu_py import sysvipc
+    ns_id = rs.tree.root.ids.ipc_ns_id if rs.tree.root.ids.HasField("ipc_ns_id") else 3
+    rs.sysv = sysvipc.Segments(sysvipc.load(rs.images, ns_id))
+    stack.callback(lambda: rs.sysv.undo() if not rs.running else None)
+    rs.sysv.prepare()
+
+
 def remove_ghosts(rs: Restore) -> None:
     for path in rs.ghosts:
         try:
@@ -289,6 +301,8 @@ def run_stages(rs: Restore) -> None:
                   (time.monotonic() - t) * 1e3)
         if stage == S.STAGE_PREPARE:
             remove_ghosts(rs)           # every task has opened and mapped them
+        elif stage == S.STAGE_RESTORE:
+            rs.sysv.attached()          # every segment is attached where it was
     read_status(rs)
     place_threads_in_cgroups(rs)
 
