@@ -15,7 +15,6 @@ import fcntl
 import os
 import stat
 import struct
-import termios
 
 from criu_py.errors import ImageError, RestoreError, Unsupported
 from criu_py.files import O_CLOEXEC, FdRef, FileOps, fown_entry
@@ -45,11 +44,25 @@ def _ioctl_int(fd: int, req: int) -> int:
     return struct.unpack("<i", fcntl.ioctl(fd, req, b"\0" * 4))[0]
 
 
-def _fill_termios(msg, attrs) -> None:
-    msg.c_iflag, msg.c_oflag, msg.c_cflag, msg.c_lflag = attrs[0:4]
-    msg.c_line = 0
-    msg.c_ispeed, msg.c_ospeed = attrs[4], attrs[5]
-    msg.c_cc.extend(c if isinstance(c, int) else c[0] for c in attrs[6][:NCC])
+TCGETS, TCSETS, TIOCGLCKTRMIOS, TIOCSLCKTRMIOS = 0x5401, 0x5402, 0x5456, 0x5457
+KTERMIOS = struct.Struct("<IIIIB19s")       # the kernel's struct termios (TCGETS)
+
+
+def _fill_termios(msg, fd: int, req: int) -> None:
+    """termios_entry as upstream writes it: the flags, c_line, and the 19 control
+    characters' bytes copied as they lie into the repeated uint32 c_cc (4 per word, the
+    rest 0); speeds are in c_cflag."""
+    iflag, oflag, cflag, lflag, line, cc = KTERMIOS.unpack(fcntl.ioctl(fd, req, bytes(KTERMIOS.size)))
+    msg.c_iflag, msg.c_oflag, msg.c_cflag, msg.c_lflag, msg.c_line = iflag, oflag, cflag, lflag, line
+    msg.c_ispeed = msg.c_ospeed = 0
+    words = list(struct.unpack("<5I", cc + b"\0"))
+    msg.c_cc.extend(words + [0] * (NCC - len(words)))
+
+
+def _termios_bytes(t) -> bytes:
+    cc = b"".join(struct.pack("<I", w & 0xFFFFFFFF) for w in t.c_cc)[:NCC]
+    return KTERMIOS.pack(t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag, t.c_line & 0xFF,
+                         cc.ljust(NCC, b"\0"))
 
 
 def tty_info_entry(fd: int, index: int, master: bool, st: os.stat_result, sessions: dict):
@@ -65,7 +78,8 @@ def tty_info_entry(fd: int, index: int, master: bool, st: os.stat_result, sessio
     e.packet_mode = bool(_ioctl_int(fd, TIOCGPKT)) if master else False
     e.locked = bool(_ioctl_int(fd, TIOCGPTLCK)) if master else False
     e.sid, e.pgrp = sessions.get(index, (0, 0))
-    _fill_termios(e.termios, termios.tcgetattr(fd))
+    _fill_termios(e.termios, fd, TCGETS)
+    _fill_termios(e.termios_locked, fd, TIOCGLCKTRMIOS)
     rows, cols, xp, yp = struct.unpack("<HHHH", fcntl.ioctl(fd, TIOCGWINSZ, b"\0" * 8))
     e.winsize.ws_row, e.winsize.ws_col, e.winsize.ws_xpixel, e.winsize.ws_ypixel = rows, cols, xp, yp
     return e
@@ -171,14 +185,10 @@ def tty_path(tree, fe):
 
 
 def _set_params(fd: int, info) -> None:
+    if info.HasField("termios_locked"):
+        fcntl.ioctl(fd, TIOCSLCKTRMIOS, _termios_bytes(info.termios_locked))
     if info.HasField("termios"):
-        t = info.termios
-        cur = termios.tcgetattr(fd)
-        cc = list(cur[6])
-        for i, c in enumerate(t.c_cc[:NCC]):
-            cc[i] = c if isinstance(cur[6][i], int) else bytes([c])
-        termios.tcsetattr(fd, termios.TCSANOW, [t.c_iflag, t.c_oflag, t.c_cflag, t.c_lflag,
-                                                 t.c_ispeed, t.c_ospeed, cc])
+        fcntl.ioctl(fd, TCSETS, _termios_bytes(info.termios))
     if info.HasField("winsize"):
         w = info.winsize
         fcntl.ioctl(fd, TIOCSWINSZ, struct.pack("<HHHH", w.ws_row, w.ws_col, w.ws_xpixel,
