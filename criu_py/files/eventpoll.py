@@ -33,10 +33,11 @@ def _target_id(ctx, ref: FdRef, t, toff: int) -> int:
     still the file, else any fd of the tree that is (kcmp KCMP_EPOLL_TFD)."""
     from criu_py.files.kcall import kcmp_epoll_tfd
     candidates = ctx.dump.fd_index.get((t.dev, t.ino), [])
-    log.debug("epoll %d/%d target %d: %d candidates %s", ref.pid, ref.fd, t.tfd, len(candidates), [(c[0], c[1]) for c in candidates])
     same = [c for c in candidates if c[0] == ref.pid and c[1] == t.tfd]
     for pid, fd, plan in same + [c for c in candidates if c not in same]:
         if kcmp_epoll_tfd(pid, fd, ref.pid, ref.fd, t.tfd, toff):
+            log.debug("epoll %d/%d: target fd %d is pid %d fd %d (file id %d)", ref.pid,
+                      ref.fd, t.tfd, pid, fd, plan.file_id)
             return plan.file_id
     raise Unsupported(f"pid {ref.pid} fd {ref.fd}: epoll target fd {t.tfd} (inode {t.ino}) "
                       f"is open in no task of the tree: not supported")
