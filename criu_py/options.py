@@ -6,8 +6,10 @@
 # prints the usual help or error: the tables are the one definition of the options.
 import os
 
-KDAT_PATH_HELP = ("kdat cache file (default: $CRIU_PY_KDAT, else /run/criu.kdat, else "
-                  "$XDG_RUNTIME_DIR/criu.kdat; 'none': no cache).")
+KDAT_PATH_HELP = ("kdat cache file (default: $CRIU_PY_KDAT, else /run/criu-py.kdat, else "
+                  "$XDG_RUNTIME_DIR/criu-py.kdat; 'none': no cache). Upstream CRIU's "
+                  "/run/criu.kdat has another format: criu-py never reads, replaces or "
+                  "removes a file it did not write.")
 
 
 class Opt:
@@ -81,6 +83,9 @@ COMMANDS = {
             help="Restore into the caller's session/tty."),
         Opt(("--file-locks", "-l"), "file_locks", "flag",
             help="Accepted for CRIU compatibility: dumped file locks are always restored."),
+        Opt(("--no-verify",), "no_verify", "flag",
+            help="Do not check the images against the checksums the dump wrote "
+                 "(criu-py-checksums.img)."),
     ] + CGROUP_BOTH + COMMON,
 }
 

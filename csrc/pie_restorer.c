@@ -625,12 +625,8 @@ PIE __attribute__((noreturn)) void pie_thread_main(struct pie_args *a, struct pi
 		sys6(NR_prctl, PR_SET_NAME_, (long)t->comm, 0, 0, 0, 0);
 	pie_queue_signals(a, t->signals, t->nr_signals, t->tid);
 	pie_restore_creds(a, &t->creds);
-	/* after the credentials, which reset both */
-	if (t->pdeath_sig) {
-		r = sys6(NR_prctl, PR_SET_PDEATHSIG_, t->pdeath_sig, 0, 0, 0, 0);
-		if (r < 0)
-			pie_fail(a, PIE_STAGE_PRCTL, r, t->tid);
-	}
+	/* after the credentials, which reset it; the pdeath signal only once the tree is
+	 * let go (below): until then the leader dies with its parent */
 	if (t == leader && a->dumpable >= 0)
 		sys6(NR_prctl, PR_SET_DUMPABLE_, a->dumpable, 0, 0, 0, 0);
 
@@ -669,6 +665,13 @@ PIE __attribute__((noreturn)) void pie_thread_main(struct pie_args *a, struct pi
 				sys3(NR_exit_group, 127, 0, 0);
 			sys6(NR_futex, (long)&s->stage, FUTEX_WAIT_, st, 0, 0, 0);
 		}
+	}
+	/* The Python phase had the leader die with its parent (nothing half-restored is
+	 * left if the restore dies); now its own pdeath signal, whatever it is. */
+	if (t->pdeath_sig || t == leader) {
+		r = sys6(NR_prctl, PR_SET_PDEATHSIG_, t->pdeath_sig, 0, 0, 0, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_PRCTL, r, t->tid);
 	}
 	if (t == leader)
 		pie_arm_timers(a);

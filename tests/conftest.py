@@ -105,7 +105,7 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: flo
 def proc_status(pid: int) -> dict | None:
     """Fields of /proc/PID/status, or None when there is no such process."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status", errors="surrogateescape") as f:
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
@@ -408,12 +408,14 @@ class Harness:
     def path(self, name: str) -> Path:
         return self.dir / name
 
-    def images_dir(self, name: str = "images") -> Path:
-        """A fresh, empty images dir. Made 0755 like a user's mkdir would: the tool must
-        make it 0700 (CRIU expects -D to exist; the log file -o goes there too)."""
+    def images_dir(self, name: str = "images", mode: int = 0o700) -> Path:
+        """A fresh, empty images dir with `mode`. The tool leaves an existing dir's mode
+        alone (it only makes a missing -D, 0700), warns once at -v2 when others may read
+        it (so tests that count stderr lines use 0700), and writes every file in it 0600,
+        the log file -o too. tests/test_e2e_modes.py covers 0755 and 1777 dirs."""
         path = self.dir / name
-        path.mkdir(mode=0o755, exist_ok=True)
-        path.chmod(0o755)
+        path.mkdir(mode=mode, exist_ok=True)
+        path.chmod(mode)
         return path
 
     # -- the CLI

@@ -34,8 +34,8 @@ def entries(images: Path, name: str) -> list:
 def assert_all_decode(images: Path) -> dict:
     decoded = {}
     for f in image_files(images):
-        if RAW_IMAGE.match(f.name) or f.name.endswith(".log"):
-            continue
+        if RAW_IMAGE.match(f.name) or f.name.endswith(".log") or f.name == "criu-py-checksums.img":
+            continue      # criu-py's own checksum image: upstream tools do not know it
         decoded[f.name] = crit_decode(f)
     return decoded
 
@@ -76,7 +76,7 @@ def test_counter_dump_writes_crit_readable_images(h):
     task = h.start("counter", ready=r"\d+ 5")
     images = h.dump(task)
     assert not proc_is_running(task.pid)
-    assert file_mode(images) == 0o700
+    assert file_mode(images) == 0o700          # as the test made it
     for f in image_files(images):
         if f.name != "dump.log":
             assert file_mode(f) == 0o600, f"{f.name} is {oct(file_mode(f))}"

@@ -15,6 +15,7 @@ from criu_py.log import step as log_step
 
 
 def dump_tasks(opts: dict) -> int:
+    from criu_py.images import integrity
     pid = opts["pid"]
     t0 = time.monotonic()
     step = functools.partial(log_step, "dump")
@@ -41,12 +42,12 @@ def dump_tasks(opts: dict) -> int:
             find_shared_objects(ctx)
         with step("registers and signal masks"):
             collect_registers(ctx)
+        with step("plan memory"):
+            plan_memory(ctx)
         with step("in-task state (parasite)"):
             collect_in_task_state(ctx)
         with step("task state from /proc"):
             collect_proc_state(ctx)
-        with step("plan memory"):
-            plan_memory(ctx)
         with step("plan files"):
             plan_files(ctx)
         with step("vfork parents"):
@@ -63,10 +64,13 @@ def dump_tasks(opts: dict) -> int:
         with step("write pstree, inventory"):
             write_tree_images(ctx)
         with step("kill or release the tree"):
+            from criu_py import interrupts
+            interrupts.hold()          # the images are complete: finish, whatever comes
             finish_tree(ctx)
             ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
         with step("write stats"):
             write_stats(ctx)
+        integrity.seal(images)
     log.info("dump of %d (%d processes, %d threads) done in %.1f ms", pid, len(ctx.procs),
              sum(len(p.threads) for p in ctx.procs), (time.monotonic() - t0) * 1e3)
     return 0
@@ -217,17 +221,15 @@ def collect_registers(ctx, procs=None) -> None:
 
 
 def collect_in_task_state(ctx, procs=None) -> None:
-    from criu_py import proc
     from criu_py.dump import parasite
     for pd in procs or ctx.stopped():
-        site = parasite.code_site(proc.read_maps(pd.pid))
-        others = [(th.tracee, th.raw_gpregs) for th in pd.threads[1:]]
-        pd.parasite = parasite.collect(pd.tracee, site, pd.leader.raw_gpregs, others)
+        others = [th.tracee for th in pd.threads[1:]]
+        pd.parasite = parasite.collect(pd.tracee, pd.leader.raw_gpregs, others)
         for th in pd.threads:
             th.info = pd.parasite.threads[th.tid]
         if pd.timers:
             from criu_py.dump import timers
-            pd.posix_timers = timers.collect(pd, site)
+            pd.posix_timers = timers.collect(pd)
         log.debug("pid %d: parasite ran with %d injected runs; brk %#x",
                   pd.pid, pd.parasite.injected_calls, pd.parasite.brk)
 
@@ -343,19 +345,21 @@ def release_vfork_parents(ctx) -> None:
     like the others. Its SIGCHLD for that exit is not part of its state: dropped."""
     import signal
     import struct
+    from criu_py import interrupts
     for pd in ctx.procs:
         vpid = pd.proc.vfork_child
         if not vpid:
             continue
+        interrupts.hold()              # once the child is gone, the dump must go on
         ctx.tree.procs[vpid].leader.kill(wait=True)
         pd.tracee.wait_stopped(drop=(signal.SIGCHLD,))
         collect_registers(ctx, [pd])
         # siginfo: si_signo at 0, si_pid at 16
         pd.signals_shared = [raw for raw in pd.signals_shared
                              if struct.unpack_from("<i12xi", raw) != (signal.SIGCHLD, vpid)]
+        plan_memory(ctx, [pd])
         collect_in_task_state(ctx, [pd])
         collect_proc_state(ctx, [pd])
-        plan_memory(ctx, [pd])
         log.info("pid %d: out of vfork() once its child %d was ended", pd.pid, vpid)
 
 

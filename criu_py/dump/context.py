@@ -52,6 +52,7 @@ class DumpContext:
         self.file_locks = []                    # file_lock_entry
         self.lock_keys = set()                  # locks already noted (dup'ed fds show them too)
         self.sysv = None                        # criu_py.sysvipc.dump.SysvDump
+        self.mapped_file_ids = {}               # (major, minor, inode, flags) -> files.img id
         self._next_pages_id = 1
         self._fd_reps = {}                      # (dev, ino) -> [(pid, fd), ...] seen
 
@@ -172,10 +173,19 @@ class ProcDump:
 
     # --- services for mem.dump.plan_vmas
     def file_id_for_mapping(self, vma) -> int:
+        """files.img id of a mapped file; one stat per file in the whole dump (the maps
+        line's device and inode find the ones seen already)."""
+        flags = os.O_RDWR if (vma.shared and vma.perms[1] == "w") else os.O_RDONLY
+        key = (vma.dev_major, vma.dev_minor, vma.inode, flags)
+        fid = self.dump.mapped_file_ids.get(key)
+        if fid is None:
+            fid = self.dump.mapped_file_ids[key] = self._stat_mapped_file(vma, flags)
+        return fid
+
+    def _stat_mapped_file(self, vma, flags: int) -> int:
         from criu_py.files.regular import mapped_file_id
         import stat
         from criu_py.errors import Unsupported, from_oserror
-        flags = os.O_RDWR if (vma.shared and vma.perms[1] == "w") else os.O_RDONLY
         path = f"/proc/{self.pid}/map_files/{vma.map_files_name}"
         try:
             st = os.stat(path)

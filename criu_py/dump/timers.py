@@ -11,12 +11,12 @@ from criu_py.errors import DumpError
 NR_TIMER_GETTIME, NR_TIMER_GETOVERRUN = 224, 225
 
 
-def collect(pd, site: int) -> list:
+def collect(pd) -> list:
     """posix_timer_entry for every timer of the stopped process `pd`."""
     from criu_py.images.pb import timer_pb2
     from criu_py.ptrace import Injection
     out = []
-    with Injection(pd.tracee, site, pd.leader.raw_gpregs) as inj:
+    with Injection(pd.tracee, pd.leader.raw_gpregs) as inj:
         with inj.scratch_page() as page:
             for t in pd.timers:
                 ret = inj.syscall(NR_TIMER_GETTIME, t.id, page)

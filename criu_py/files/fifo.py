@@ -62,9 +62,11 @@ class FifoOps(FileOps):
         check_reg_path(regf, what)
 
     def restore_fd(self, ctx, entry, fdinfo) -> int:
+        from criu_py.images import get_str
         regf = fifo_path_entry(ctx.tree, entry)
+        name = get_str(regf.name)
         pipe_id = entry.fifo.pipe_id
-        keeper = os.open(regf.name, os.O_RDWR | os.O_NONBLOCK | O_CLOEXEC)
+        keeper = os.open(name, os.O_RDWR | os.O_NONBLOCK | O_CLOEXEC)
         try:
             owner = ctx.tree.fifo_data_owner.get(pipe_id)   # the first entry of the fifo
             data, _ = ctx.tree.fifo_data.get(pipe_id, (b"", 0))
@@ -73,7 +75,7 @@ class FifoOps(FileOps):
                 while view:
                     view = view[os.write(keeper, view):]
             flags = regf.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC) | O_CLOEXEC | os.O_NONBLOCK
-            fd = os.open(regf.name, flags)
+            fd = os.open(name, flags)
             if not regf.flags & os.O_NONBLOCK:
                 os.set_blocking(fd, True)
         finally:

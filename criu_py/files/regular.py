@@ -24,6 +24,7 @@ def keeps_size(flags: int) -> bool:
 
 
 def reg_file_entry(fid: int, path: str, flags: int, pos: int, st: os.stat_result | None):
+    from criu_py.images import set_str
     from criu_py.images.pb import fdinfo_pb2
     fe = fdinfo_pb2.file_entry()
     fe.type = FD_TYPE_REG
@@ -33,7 +34,7 @@ def reg_file_entry(fid: int, path: str, flags: int, pos: int, st: os.stat_result
     r.flags = flags & ~O_CLOEXEC
     r.pos = pos
     fown_entry(r.fown)
-    r.name = path
+    set_str(r, "name", path)
     if st is not None:
         r.mode = st.st_mode
         if stat.S_ISREG(st.st_mode) and keeps_size(flags):
@@ -94,13 +95,14 @@ class RegularFileOps(FileOps):
     def restore_fd(self, ctx, entry, fdinfo) -> int:
         """Reopen the file by path with its flags (never creating or truncating it) and
         put the position back; returns the new fd (the caller moves it into place)."""
+        from criu_py.images import get_str
         r = entry.reg
         name = ctx.tree.reg_path(entry.id)
         flags = (r.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | O_CLOEXEC)) | O_CLOEXEC
         try:
             fd = os.open(name, flags)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot open {r.name} for fd {fdinfo.fd}: {exc.strerror}") from None
+            raise OSError(exc.errno, f"cannot open {name} for fd {fdinfo.fd}: {exc.strerror}") from None
         if r.pos and not stat.S_ISCHR(os.fstat(fd).st_mode):
             os.lseek(fd, r.pos, os.SEEK_SET)
         return fd
@@ -109,14 +111,16 @@ class RegularFileOps(FileOps):
 def check_reg_path(r, what: str) -> None:
     """The file a REG entry names must be there with the dumped mode and (when recorded)
     size, as CRIU checks: otherwise it is not the file the task had open."""
+    from criu_py.images import get_str
+    name = get_str(r.name)
     try:
-        st = os.stat(r.name)
+        st = os.stat(name)
     except OSError:
-        raise ImageError(f"{what}: {r.name} does not exist on this system") from None
+        raise ImageError(f"{what}: {name} does not exist on this system") from None
     if r.HasField("mode") and r.mode and st.st_mode != r.mode:
-        raise ImageError(f"{what}: {r.name} has mode {st.st_mode:o}, the dump saw {r.mode:o}")
+        raise ImageError(f"{what}: {name} has mode {st.st_mode:o}, the dump saw {r.mode:o}")
     if r.HasField("size") and stat.S_ISREG(st.st_mode) and st.st_size != r.size:
-        raise ImageError(f"{what}: {r.name} has size {st.st_size}, the dump saw {r.size}")
+        raise ImageError(f"{what}: {name} has size {st.st_size}, the dump saw {r.size}")
 
 
 OPS = RegularFileOps()

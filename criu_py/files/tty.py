@@ -217,6 +217,7 @@ def _open_master(path: str, flags: int, index: int) -> int:
 
 def open_pty(ctx, index: int) -> dict:
     """Every description of pty `index`: files.img id -> fd."""
+    from criu_py.images import get_str
     tree = ctx.tree
     ids = [fid for fid, fe in tree.files.items()
            if fe.HasField("tty") and fe.tty.tty_info_id // 2 == index]
@@ -239,7 +240,8 @@ def open_pty(ctx, index: int) -> dict:
     for fid in masters:
         flags = tree.files[fid].tty.flags & ~(os.O_CREAT | os.O_TRUNC | O_CLOEXEC) | base
         if first is None:
-            first = out[fid] = _open_master(tty_path(tree, tree.files[fid]).name, flags, index)
+            first = out[fid] = _open_master(get_str(tty_path(tree, tree.files[fid]).name), flags,
+                                            index)
             fcntl.ioctl(first, TIOCSPTLCK, struct.pack("<i", 0))
         else:
             out[fid] = os.open(f"/proc/self/fd/{first}", flags)
@@ -247,7 +249,7 @@ def open_pty(ctx, index: int) -> dict:
         raise RestoreError(f"pty {index}: its master is in the dump but no task holds it")
     for fid in slaves:
         flags = tree.files[fid].tty.flags & ~(os.O_CREAT | os.O_TRUNC | O_CLOEXEC) | base
-        out[fid] = os.open(tty_path(tree, tree.files[fid]).name, flags)
+        out[fid] = os.open(get_str(tty_path(tree, tree.files[fid]).name), flags)
     if slave_info is not None:
         slave = out[slaves[0]] if slaves else os.open(f"/dev/pts/{index}", os.O_RDWR | base)
         _set_params(slave, slave_info)

@@ -86,7 +86,8 @@ def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: d
                 obj = shmem_restore.object_for_memfd(plan.shared, images, plan.memfd_inodes, fe, what)
                 plan.files.setdefault(key, MappedFile(v.shmid, None, key[2], shmid=obj.shmid))
             else:
-                plan.files.setdefault(key, MappedFile(v.shmid, fe.reg.name, key[2]))
+                from criu_py.images import get_str
+                plan.files.setdefault(key, MappedFile(v.shmid, get_str(fe.reg.name), key[2]))
         plan.vmas.append(v)
     if plan.special:
         plan.vdso_vvar = min(s for s, _ in plan.special)

@@ -33,7 +33,12 @@ class Record:
 def _read(pid: int, name: str, binary: bool = False):
     path = f"/proc/{pid}/{name}"
     try:
-        with open(path, "rb" if binary else "r") as f:
+        if binary:
+            with open(path, "rb") as f:
+                return f.read()
+        # Names and paths the kernel gives are bytes, not always UTF-8: decoded
+        # losslessly (surrogate escapes, as os.fsdecode does)
+        with open(path, "r", encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
     except OSError as exc:
         raise from_oserror(exc, f"reading {path}", pid) from None

@@ -36,6 +36,7 @@ class Restore:
         self.resource_fds = {}        # filled by each task for itself after the fork
         self.trap = {}                # pid -> its restorer region is removed with ptrace
         self.host_creds = None
+        self.command_pid = os.getpid()
         self.cg_yard = None           # criu_py.cgroup.restore.Yard
         self.root_pid = 0
         self.running = False          # the tree was let go: do not kill it
@@ -49,9 +50,15 @@ class Restore:
         self.sysv = None              # criu_py.sysvipc.Segments
         self._status_buf = b""
 
+    def parent_of(self, t) -> int:
+        """The pid that forks task t: its parent's, or ours for the root."""
+        return t.parent.pid if t.parent is not None else self.command_pid
+
 
 def restore_tasks(opts: dict) -> int:
+    from criu_py.images import integrity
     from criu_py.restore import images as restore_images
+    integrity.verify(opts.get("images_dir") or ".", opts)
     rs = Restore(opts)
     with _step("read and check images"):
         rs.tree = restore_images.load(opts.get("images_dir") or ".")
@@ -78,6 +85,8 @@ def restore_tasks(opts: dict) -> int:
             write_pidfile(opts["pidfile"], rs, stack)
         with _step("sync page, status pipe, fd space"):
             prepare_shared(rs, stack)
+        with _step("load modules"):
+            load_modules()
         with _step("fork the root"):
             fork_root(rs, stack)
         with _step("stages"):
@@ -88,6 +97,8 @@ def restore_tasks(opts: dict) -> int:
              len(rs.plan.alive))
     if opts.get("detach"):
         return 0
+    from criu_py import interrupts
+    interrupts.raise_at_once(f"the tree of {rs.root_pid} is restored and keeps running")
     return wait_for_task(rs.root_pid)
 
 
@@ -179,7 +190,7 @@ def make_ghosts(rs: Restore) -> None:
     tree = rs.tree
     names = {}
     for fid, gid in tree.remaps.items():
-        names.setdefault(gid, tree.files[fid].reg.name)
+        names.setdefault(gid, tree.path(fid, "a deleted file"))
     for gid, name in sorted(names.items()):
         tree.ghost_paths[gid] = ghost.create(tree.images, gid, name)
         rs.ghosts.append(tree.ghost_paths[gid])
@@ -252,6 +263,27 @@ def parked_fd_range(rs: Restore, hard: int) -> tuple[int, int]:
         raise RestoreError("no free fd numbers left for the restore's own files "
                            f"(the tasks use {len(used)} of {hard})")
     return best
+
+
+def load_modules() -> None:
+    """Import (and compute once) what every task needs after the fork: each of up to
+    hundreds of tasks would otherwise import and compute it for itself. Then freeze
+    the garbage collector's view of what exists: a collection in a task would write to
+    every page of the heap it inherited (copy-on-write faults in every task)."""
+    import gc
+    import criu_py.files  # noqa: F401  (every kind module)
+    import criu_py.mem.premap  # noqa: F401
+    import criu_py.mem.restore  # noqa: F401
+    import criu_py.mem.shmem_restore  # noqa: F401
+    import criu_py.restore.fork  # noqa: F401
+    import criu_py.restore.pie  # noqa: F401
+    import criu_py.cgroup.restore  # noqa: F401
+    from criu_py.native import lib
+    from criu_py.restore.sigframe import local_xstate
+    local_xstate()
+    lib.criu_py_glibc_rseq_addr()
+    gc.collect()
+    gc.freeze()
 
 
 def fork_root(rs: Restore, stack) -> None:
@@ -344,8 +376,11 @@ def read_status(rs: Restore) -> tuple[list, list]:
 
 
 def check_progress(rs: Restore, stage: int) -> None:
-    """Between waits: a task that reported a failure or died aborts the restore."""
+    """Between waits: a task that reported a failure or died, or a signal to us (SIGINT,
+    SIGTERM), aborts the restore."""
+    from criu_py import interrupts
     from criu_py.restore import sync as S
+    interrupts.check(f"while {S.STAGE_NAMES[stage]}")
     read_status(rs)
     if rs.messages or rs.failures or rs.sync.error():
         rs.sync.abort()
@@ -377,7 +412,7 @@ def failure_message(rs: Restore, stage: int) -> str:
 
 def _proc_state(pid: int) -> str | None:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", errors="surrogateescape") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
@@ -385,11 +420,14 @@ def _proc_state(pid: int) -> str | None:
 
 # ------------------------------------------------------------------ the end
 def release_tree(rs: Restore) -> None:
-    """Every thread is set up: seize them (where the region goes with ptrace), let the
-    tree go, unmap the regions and sync page, detach."""
+    """Every thread is set up: seize them (with PTRACE_O_EXITKILL: if we die now, they
+    die with us), let the tree go, unmap the regions and sync page and bring every thread
+    to the entry of its rt_sigreturn; then, all at once as far as we can, drop EXITKILL
+    (from there each completes its return whatever happens to us), finish, detach."""
+    from criu_py import interrupts
     from criu_py.restore import sync as S
     from criu_py.restore.sync import SYNC_SIZE
-    from criu_py.restore.tracer import release_process, seize, wait_trap
+    from criu_py.restore.tracer import commit, finish_release, prepare_release, seize, wait_trap
     traced = [t for t in rs.plan.alive if rs.trap.get(t.pid)]
     for t in traced:
         if t.pid not in rs.regions:
@@ -401,9 +439,13 @@ def release_tree(rs: Restore) -> None:
         for tid in t.img.tids:
             wait_trap(tid)
         start, length = rs.regions[t.pid]
-        release_process(t.img.tids, t.syscall_addr,
+        prepare_release(t.img.tids, t.syscall_addr,
                         [(start, length), (rs.sync.addr, SYNC_SIZE)])
+    interrupts.hold()                  # committed: the tree runs, whatever comes
+    everyone = [tid for t in traced for tid in t.img.tids]
+    commit(everyone)
     rs.running = True
+    finish_release(everyone)
 
 
 def kill_unless_running(rs: Restore) -> None:

@@ -64,16 +64,22 @@ class TreeImages:
 
     def reg_path(self, file_id: int) -> str:
         """Where to open a REG entry's file: its name, or the recreated ghost's path."""
+        from criu_py.images import get_str
         gid = self.remaps.get(file_id)
         if gid is not None and gid in self.ghost_paths:
             return self.ghost_paths[gid]
-        return self.files[file_id].reg.name
+        return get_str(self.files[file_id].reg.name)
 
     def reg(self, file_id: int, what: str):
         fe = self.files.get(file_id)
         if fe is None or not fe.HasField("reg"):
             raise ImageError(f"files.img: no regular file with id {file_id} (needed for {what})")
         return fe.reg
+
+    def path(self, file_id: int, what: str) -> str:
+        """The path of a REG entry, as a str that opens it (os.fsdecode of its bytes)."""
+        from criu_py.images import get_str
+        return get_str(self.reg(file_id, what).name)
 
     def close(self) -> None:
         self.images.close()
@@ -172,8 +178,8 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
         fdinfo_cache[ids.files_id] = _load_fdinfo(images, tree, ids.files_id)
     t = TaskImages(pid=pid, pstree=e, core=core, threads=threads, ids=ids, mm=mm, fs=fs,
                    fdinfos=fdinfo_cache[ids.files_id])
-    _check_path(tree.reg(fs.cwd_id, "cwd").name, f"pid {pid}: cwd")
-    _check_path(tree.reg(fs.root_id, "root").name, f"pid {pid}: root")
+    _check_path(tree.path(fs.cwd_id, "cwd"), f"pid {pid}: cwd")
+    _check_path(tree.path(fs.root_id, "root"), f"pid {pid}: root")
     _check_file(tree, mm.exe_file_id, "the exe link", f"pid {pid}: the executable")
     t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes)
     for mf in t.memory.files.values():

@@ -23,6 +23,7 @@ NR_PERSONALITY = 135
 NR_MREMAP = 25
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 SIGKILL, SIGSTOP = 9, 19
 MAP_FIXED_NOREPLACE = 0x100000
 
@@ -87,6 +88,8 @@ class TaskRun:
         failures)."""
         t, sy = self.t, self.rs.sync
         self.stage = "start"
+        import gc
+        gc.disable()            # short-lived: no collection touching the inherited heap
         try:
             self.fds.after_fork()
             self.own_service_fds()
@@ -97,11 +100,18 @@ class TaskRun:
             self.stage = "process group"
             if os.getpgid(0) != t.pgid:
                 os.setpgid(0, t.pgid)
+            if t.parent is not None and t.parent.kind == HELPER:
+                _prctl(PR_SET_PDEATHSIG, 0)     # its helper parent exits next, on purpose
             sy.stage_done(S.STAGE_PGID)
             self.stage = "helpers and zombies"
             self.cleanup_stage()            # helpers and zombies end here
             sy.stage_done(S.STAGE_CLEANUP)
             self.stage = "restorer files"
+            if t.parent is not None and t.parent.kind == HELPER:
+                # its helper is gone: it dies with the parent it has now (a subreaper)
+                _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != t.parent.parent.pid:
+                    os._exit(1)         # that one died already
             with self.timed("prepare"):
                 self.open_restorer_fds()
             sy.stage_done(S.STAGE_PREPARE)
@@ -162,6 +172,11 @@ class TaskRun:
     # ------------------------------------------------------------ stage FORK
     def fork_stage(self) -> None:
         t = self.t
+        # Until the tree is let go, a task dies with its parent (and the root with the
+        # restore command): nothing half-restored is left if the restore is killed.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.rs.parent_of(t):
+            os._exit(1)                 # the parent is gone already
         self.stage = "cgroups"
         self.rs.cg_yard.move(0, cg_set_of(t), cg_set_of(t.parent) if t.parent else None)
         self.stage = "session"
@@ -320,8 +335,8 @@ class TaskRun:
         self.vfork_dirs = (-1, -1)
         if v.fs_owner:
             flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-            cwd = self.fds.park(os.open(tree.reg(v.img.fs.cwd_id, "cwd").name, flags))
-            root = self.fds.park(os.open(tree.reg(v.img.fs.root_id, "root").name, flags))
+            cwd = self.fds.park(os.open(tree.path(v.img.fs.cwd_id, "cwd"), flags))
+            root = self.fds.park(os.open(tree.path(v.img.fs.root_id, "root"), flags))
             self.vfork_dirs = (cwd, root)
 
     def resource_fd(self, key) -> int:
@@ -632,8 +647,8 @@ def set_personality(img) -> None:
 
 def set_fs(tree, img) -> None:
     """cwd, then root (paths are as the dump saw them, from outside any chroot)."""
-    os.chdir(tree.reg(img.fs.cwd_id, "cwd").name)
-    root = tree.reg(img.fs.root_id, "root").name
+    os.chdir(tree.path(img.fs.cwd_id, "cwd"))
+    root = tree.path(img.fs.root_id, "root")
     if root != "/":
         os.chroot(root)
     if img.fs.HasField("umask"):
