@@ -117,3 +117,28 @@ def test_file_changed_since_the_dump_is_refused(h, change):
     assert_one_line_error(res, str(target), change)
     assert not proc_is_running(task.pid)
     assert not [p for p in workdir.iterdir() if "ghost" in p.name or p.name.startswith("gone")]
+
+
+def test_deleted_file_whose_name_was_taken_again(h):
+    # the deleted file's old name holds another file by restore time: the ghost is made
+    # beside it, opened, removed; the new file is left alone
+    workdir = h.path("fs")
+    workdir.mkdir()
+    task = h.start("filestate", workdir, "nolocks")
+    images = h.dump(task)
+    (workdir / "gone").write_bytes(b"a new file with the old name")
+    restored = h.restore(images, task=task)
+    assert (workdir / "gone").read_bytes() == b"a new file with the old name"
+    assert not [p for p in workdir.iterdir() if "ghost" in p.name]
+    fifo, ghost, pos, nlink, mapped, renamed = check(restored)
+    assert (ghost, pos, nlink, mapped) == ("ghost", "7", "0", "ok")
+    links = [os.readlink(f"/proc/{task.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{task.pid}/fd")]
+    assert [link for link in links if link.startswith(str(workdir / "gone.cr."))
+            and link.endswith(".ghost (deleted)")], links
+
+
+def test_bad_ghost_limit_is_one_line(h):
+    task = h.start("counter", ready=r"\d+ 2")
+    res = h.cli("dump", "-t", task.pid, "-D", h.images_dir(), "--ghost-limit", "lots")
+    assert_one_line_error(res, "--ghost-limit")
+    assert_running_untraced(task)

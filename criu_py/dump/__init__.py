@@ -22,6 +22,9 @@ def dump_tasks(opts: dict) -> int:
     with contextlib.ExitStack() as stack:
         with step("check target"):
             check_target(pid)
+            if opts.get("ghost_limit") is not None:
+                from criu_py.files.ghost import parse_size
+                parse_size(opts["ghost_limit"])
         with step("open images dir"):
             images = stack.enter_context(open_images_dir(opts))
         with step("load modules"):
