@@ -129,6 +129,7 @@ def test_shell_job_on_the_callers_terminal(h, workload_bins):
         rc = log.wait(r"rc (\d+) (.*)", timeout=60)
         assert rc.group(1) == "0", rc.group(2)
         assert tty_of(job_pid)[:3] == before[:3]
+        assert tty_of(job_pid)[3] == job_pid, "the restored job is the foreground job (as CRIU)"
         assert {fd: os.readlink(f"/proc/{job_pid}/fd/{fd}") for fd in (0, 1, 2)} == links
         n = int(job.log.lines()[-1].split()[1])
         job.log.wait(rf"{job_pid} {n + 3}")

@@ -117,6 +117,8 @@ class TaskRun:
             sy.stage_done(S.STAGE_PREPARE)
             self.stage = "fd table"
             with self.timed("files"):
+                if t.parent is None:
+                    self.shell_job_foreground()
                 if t.files_owner:
                     self.install_fds()
                 if t.ctty is not None and t.kind == ALIVE:
@@ -261,6 +263,17 @@ class TaskRun:
                 tty.take_controlling_tty(fd)
             finally:
                 os.close(fd)
+
+    def shell_job_foreground(self) -> None:
+        """--shell-job, as CRIU: a root that leads its own group and had the caller's
+        terminal becomes the foreground job of the restoring command's terminal."""
+        t, rs = self.t, self.rs
+        if rs.caller_tty < 0 or t.pgid != t.pid or t.sid == t.pid or \
+                not any(i.id % 2 == 0 and i.id + 1 not in rs.tree.tty_infos
+                        for i in rs.tree.tty_infos.values()):
+            return
+        from criu_py.files import tty
+        tty.set_foreground(rs.caller_tty, t.pgid)
 
     def set_foreground_group(self) -> None:
         """Once the groups exist: the controlling pty's foreground group."""
