@@ -11,8 +11,15 @@
 #   processes may share it; one that is gone is created again with its id (through
 #   kernel.shm_next_id), key, owner, mode and contents; one dumped as already removed
 #   (IPC_RMID while attached, key 0) is removed again once every task has attached it;
-# - semaphore sets and message queues are not attached to tasks: they stay in the
-#   namespace when the tree ends, untouched by dump and restore.
+# - semaphore sets and message queues are not attached to tasks and stay in the namespace
+#   when the tree ends. The ones the tree uses, as far as the kernel records it (a set
+#   in which a task of the tree made the last operation on, or set the value of, some
+#   semaphore; a queue a task of the tree last sent to or received from), are saved with
+#   their values and queued messages (ipcns-sem-N.img, ipcns-msg-N.img, upstream's
+#   messages). Restore treats them like the segments: one still there (same id and key)
+#   is used as it is, with whatever values and messages it has now; one that is gone is
+#   made again with its id, key, owner, mode, values, queue size and messages.
+#   (Semaphore undo records and the times of last operations cannot be restored.)
 # A segment attached only in part (a munmap()ed piece) or a hugetlb one is refused.
 import os
 import struct
@@ -27,11 +34,22 @@ SHMID_DS = struct.Struct("<iIIIIHxxHxxxxxxQQQqqqiiQQQ")      # struct shmid_ds, 
 SHM_NEXT_ID = "/proc/sys/kernel/shm_next_id"
 
 
+IPC_NOWAIT, MSG_COPY = 0o4000, 0o40000
+GETPID, GETALL, SETALL = 11, 13, 17
+SEM_NEXT_ID, MSG_NEXT_ID = "/proc/sys/kernel/sem_next_id", "/proc/sys/kernel/msg_next_id"
+MSQID_DS = struct.Struct("<iIIIIHxxHxxxxxxQQqqqQQQiiQQ")     # struct msqid_ds, x86_64
+MSGMAX = 1 << 16
+
+
 class SysvDump:
-    """The segments a dump saves: shmid -> (row of /proc/sysvipc/shm, contents)."""
+    """What a dump saves: segments (shmid -> (row of /proc/sysvipc/shm, contents)),
+    semaphore sets (semid -> (row, values)), queues (msqid -> (row, qbytes, [(type,
+    text)]))."""
 
     def __init__(self):
         self.segments = {}
+        self.sems = {}
+        self.queues = {}
         self.ns_id = 0
 
     def write_images(self, ctx) -> None:
@@ -46,7 +64,100 @@ class SysvDump:
             e.size = row["size"]
             e.in_pagemaps = False
             out.append((e, data + bytes(-len(data) % 4)))
-        ctx.images.write_entries_with_payload(f"ipcns-shm-{self.ns_id}.img", out)
+        if out:
+            ctx.images.write_entries_with_payload(f"ipcns-shm-{self.ns_id}.img", out)
+        self._write_sems(ctx)
+        self._write_queues(ctx)
+
+    def _write_sems(self, ctx) -> None:
+        from criu_py.images.pb import ipc_sem_pb2
+        out = []
+        for semid, (row, values) in sorted(self.sems.items()):
+            e = ipc_sem_pb2.ipc_sem_entry()
+            _desc(e.desc, row, semid)
+            e.nsems = len(values)
+            raw = struct.pack(f"<{len(values)}H", *values)
+            out.append((e, raw + bytes(-len(raw) % 8)))
+        if out:
+            ctx.images.write_entries_with_payload(f"ipcns-sem-{self.ns_id}.img", out)
+
+    def _write_queues(self, ctx) -> None:
+        """ipcns-msg: a queue entry, then per message a framed ipc_msg and its text
+        padded to 8 (upstream's layout), so the file is written here byte by byte."""
+        from criu_py.images import encode_file
+        from criu_py.images.pb import ipc_msg_pb2
+        if not self.queues:
+            return
+        parts = []
+        for msqid, (row, qbytes, msgs) in sorted(self.queues.items()):
+            e = ipc_msg_pb2.ipc_msg_entry()
+            _desc(e.desc, row, msqid)
+            e.qbytes, e.qnum = qbytes, len(msgs)
+            raw = e.SerializeToString()
+            parts.append(struct.pack("<I", len(raw)) + raw)
+            for mtype, text in msgs:
+                m = ipc_msg_pb2.ipc_msg()
+                m.mtype, m.msize = mtype, len(text)
+                raw = m.SerializeToString()
+                parts.append(struct.pack("<I", len(raw)) + raw + text + bytes(-len(text) % 8))
+        head = encode_file("ipcns_msg", [])
+        ctx.images.write_bytes(f"ipcns-msg-{self.ns_id}.img", head + b"".join(parts))
+
+
+def _desc(d, row: dict, ident: int) -> None:
+    d.key, d.id = row["key"] & 0xFFFFFFFF, ident
+    d.uid, d.gid, d.cuid, d.cgid = row["uid"], row["gid"], row["cuid"], row["cgid"]
+    d.mode = row["perms"]
+
+
+def plan_objects(ctx) -> None:
+    """The semaphore sets and message queues the tree uses (see above), read while the
+    tree is frozen."""
+    from criu_py import proc
+    pids = set(ctx.tree.procs)
+    sems = [r for r in proc.read_sysvipc("sem")]
+    queues = [r for r in proc.read_sysvipc("msg") if r["lspid"] in pids or r["lrpid"] in pids]
+    if not sems and not queues:
+        return
+    ctypes, libc = _libc()
+    found_sems = {}
+    for row in sems:
+        n = row["nsems"]
+        owners = {libc.semctl(row["semid"], i, GETPID) for i in range(n)}
+        if not owners & pids:
+            continue
+        vals = (ctypes.c_ushort * n)()
+        if libc.semctl(row["semid"], 0, GETALL, vals) < 0:
+            raise Unsupported(f"cannot read SysV semaphore set {row['semid']}: "
+                              f"{os.strerror(ctypes.get_errno())}")
+        found_sems[row["semid"]] = (row, list(vals))
+    found_queues = {}
+    for row in queues:
+        qid = row["msqid"]
+        st = ctypes.create_string_buffer(MSQID_DS.size)
+        if libc.msgctl(qid, IPC_STAT, st) < 0:
+            raise Unsupported(f"cannot read SysV message queue {qid}: "
+                              f"{os.strerror(ctypes.get_errno())}")
+        qbytes = MSQID_DS.unpack(st.raw)[14]
+        buf = ctypes.create_string_buffer(8 + MSGMAX)
+        msgs = []
+        for i in range(row["qnum"]):
+            got = libc.msgrcv(qid, buf, ctypes.c_size_t(MSGMAX), ctypes.c_long(i),
+                              IPC_NOWAIT | MSG_COPY)
+            if got < 0:
+                raise Unsupported(f"cannot read message {i} of SysV queue {qid}: "
+                                  f"{os.strerror(ctypes.get_errno())}")
+            mtype, = struct.unpack_from("<q", buf.raw)
+            msgs.append((mtype, buf.raw[8:8 + got]))
+        found_queues[qid] = (row, qbytes, msgs)
+    if not found_sems and not found_queues:
+        return
+    if ctx.sysv is None:
+        ctx.sysv = SysvDump()
+        ctx.sysv.ns_id = ctx.procs[0].ns_ids.get("ipc", 3)
+    ctx.sysv.sems, ctx.sysv.queues = found_sems, found_queues
+    log.info("SysV: %d semaphore sets, %d message queues used by the tree",
+             len(found_sems), len(found_queues))
 
 
 def plan_vma(ctx, plan) -> None:
@@ -88,6 +199,7 @@ def _libc():
     libc.shmat.restype = ctypes.c_void_p
     libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     libc.shmdt.argtypes = [ctypes.c_void_p]
+    libc.msgrcv.restype = ctypes.c_ssize_t
     return ctypes, libc
 
 
@@ -118,16 +230,75 @@ def _stat(libc, ctypes, shmid: int):
     return SHMID_DS.unpack(buf.raw)
 
 
-class Segments:
-    """The segments of a restore: made where missing (before any fork), removed again
-    where they had been removed (once attached), or all made ones removed on failure."""
+def load_sems(images, ns_id: int) -> list:
+    """(ipc_sem_entry, [values])."""
+    name = f"ipcns-sem-{ns_id}.img"
+    if not images.exists(name):
+        return []
+    return [(e, list(struct.unpack_from(f"<{e.nsems}H", data)))
+            for e, data in images.read_entries_with_payload(
+                name, payload_size=lambda m: (m.nsems * 2 + 7) & ~7)]
 
-    def __init__(self, entries: list):
+
+def load_queues(images, ns_id: int) -> list:
+    """(ipc_msg_entry, [(type, text)])."""
+    from criu_py.errors import ImageError
+    from criu_py.images import PAYLOAD_SCAN, _parse_header, iter_frames
+    from criu_py.images.pb import ipc_msg_pb2
+    name = f"ipcns-msg-{ns_id}.img"
+    if not images.exists(name):
+        return []
+    data = images.read_bytes(name)
+    kind, off = _parse_header(data, name, "ipcns_msg")
+    out = []
+    for _, e, payload in iter_frames(data, name, off, kind, scan=PAYLOAD_SCAN["ipcns_msg"]):
+        msgs, pos, payload = [], 0, bytes(payload)
+        for _ in range(e.qnum):
+            n, = struct.unpack_from("<I", payload, pos)
+            m = ipc_msg_pb2.ipc_msg()
+            m.ParseFromString(payload[pos + 4:pos + 4 + n])
+            pos += 4 + n
+            if pos + m.msize > len(payload):
+                raise ImageError(f"{name}: message of queue {e.desc.id} is cut short")
+            msgs.append((m.mtype, payload[pos:pos + m.msize]))
+            pos += (m.msize + 7) & ~7
+        out.append((e, msgs))
+    return out
+
+
+def _with_next_id(path: str, ident: int, make, libc):
+    """make() with the namespace's next id of this kind set to `ident`; if make() used
+    no id, a throwaway object uses it up (else someone else's would get it)."""
+    with open(path, "w") as f:
+        f.write(str(ident))
+    got = make()
+    with open(path) as f:
+        pending = int(f.read())
+    if pending != -1:
+        spare = {SEM_NEXT_ID: lambda: libc.semget(0, 1, IPC_CREAT | 0o600),
+                 MSG_NEXT_ID: lambda: libc.msgget(0, IPC_CREAT | 0o600)}[path]()
+        if spare >= 0:
+            (libc.semctl(spare, 0, IPC_RMID) if path == SEM_NEXT_ID else
+             libc.msgctl(spare, IPC_RMID, None))
+    return got
+
+
+class Segments:
+    """The SysV objects of a restore: made where missing (before any fork), segments
+    removed again where they had been removed (once attached), and everything made
+    removed again on failure."""
+
+    def __init__(self, entries: list, sems: list = (), queues: list = ()):
         self.entries = entries
+        self.sems = list(sems)
+        self.queues = list(queues)
         self.made = []
+        self.made_other = []             # (kind, id) of semaphore sets and queues made
         self.to_remove = []
 
     def prepare(self) -> None:
+        if self.sems or self.queues:
+            self._prepare_objects()
         if not self.entries:
             return
         ctypes, libc = _libc()
@@ -151,7 +322,7 @@ class Segments:
         # the next segment made in the namespace gets this id (the kernel then forgets it)
         with open(SHM_NEXT_ID, "w") as f:
             f.write(str(d.id))
-        got = libc.shmget(key, ctypes.c_size_t(e.size), IPC_CREAT | IPC_EXCL | (d.mode & 0o777))
+        got = libc.shmget(_signed(key), ctypes.c_size_t(e.size), IPC_CREAT | IPC_EXCL | (d.mode & 0o777))
         err = ctypes.get_errno()
         if got < 0:
             # not used up: use it up, or someone else's segment would get it
@@ -181,13 +352,85 @@ class Segments:
         for shmid in self.to_remove:
             libc.shmctl(shmid, IPC_RMID, None)
         self.to_remove = []
-        self.made = []
+
+    def _prepare_objects(self) -> None:
+        ctypes, libc = _libc()
+        rows = {("sem", r["semid"]): r for r in _rows("sem")}
+        rows.update({("msg", r["msqid"]): r for r in _rows("msg")})
+        for kind, items in (("sem", self.sems), ("msg", self.queues)):
+            for e, content in items:
+                d = e.desc
+                row = rows.get((kind, d.id))
+                what = "semaphore set" if kind == "sem" else "message queue"
+                if row is not None:
+                    if row["key"] & 0xFFFFFFFF != d.key:
+                        raise RestoreError(f"SysV {what} {d.id} is taken by another one "
+                                           f"(key {row['key'] & 0xFFFFFFFF:#x})")
+                    log.info("SysV %s %d still exists: used as it is", what, d.id)
+                    continue
+                if kind == "sem":
+                    self._make_sem(ctypes, libc, e, content)
+                else:
+                    self._make_queue(ctypes, libc, e, content)
+
+    def _made(self, kind: str, got: int, d, err: int) -> None:
+        what = "semaphore set" if kind == "sem" else "message queue"
+        if got < 0:
+            raise RestoreError(f"cannot create SysV {what} {d.id} (key {d.key:#x}): "
+                               f"{os.strerror(err)}")
+        self.made_other.append((kind, got))
+        if got != d.id:
+            raise RestoreError(f"SysV {what} {d.id}: the kernel gave id {got}")
+
+    def _make_sem(self, ctypes, libc, e, values: list) -> None:
+        d = e.desc
+        flags = IPC_CREAT | IPC_EXCL | (d.mode & 0o777)
+        got = _with_next_id(SEM_NEXT_ID, d.id, lambda: libc.semget(_signed(d.key), e.nsems, flags), libc)
+        self._made("sem", got, d, ctypes.get_errno())
+        vals = (ctypes.c_ushort * len(values))(*values)
+        libc.semctl(got, 0, SETALL, vals)
+        perm = bytearray(128)
+        struct.pack_into("<iIIIIH", perm, 0, 0, d.uid, d.gid, 0, 0, d.mode & 0o777)
+        libc.semctl(got, 0, IPC_SET, ctypes.create_string_buffer(bytes(perm), len(perm)))
+        log.info("SysV semaphore set %d (key %#x) made again: %s", got, d.key, values)
+
+    def _make_queue(self, ctypes, libc, e, msgs: list) -> None:
+        d = e.desc
+        flags = IPC_CREAT | IPC_EXCL | (d.mode & 0o777)
+        got = _with_next_id(MSG_NEXT_ID, d.id, lambda: libc.msgget(_signed(d.key), flags), libc)
+        self._made("msg", got, d, ctypes.get_errno())
+        st = ctypes.create_string_buffer(MSQID_DS.size)
+        libc.msgctl(got, IPC_STAT, st)
+        raw = bytearray(st.raw)
+        struct.pack_into("<II", raw, 4, d.uid, d.gid)
+        struct.pack_into("<H", raw, 20, d.mode & 0o777)
+        struct.pack_into("<Q", raw, 88, max(e.qbytes, 1))          # msg_qbytes
+        libc.msgctl(got, IPC_SET, ctypes.create_string_buffer(bytes(raw), len(raw)))
+        for mtype, text in msgs:
+            buf = ctypes.create_string_buffer(struct.pack("<q", mtype) + text, 8 + len(text))
+            if libc.msgsnd(got, buf, ctypes.c_size_t(len(text)), IPC_NOWAIT) < 0:
+                raise RestoreError(f"cannot queue a message in SysV queue {got} again: "
+                                   f"{os.strerror(ctypes.get_errno())}")
+        log.info("SysV message queue %d (key %#x) made again with %d messages", got, d.key,
+                 len(msgs))
 
     def undo(self) -> None:
-        """A failed restore: the segments it made are removed."""
-        if not self.made:
+        """A failed restore: the objects it made are removed."""
+        if not self.made and not self.made_other:
             return
         ctypes, libc = _libc()
         for shmid in self.made:
             libc.shmctl(shmid, IPC_RMID, None)
-        self.made = []
+        for kind, ident in self.made_other:
+            libc.semctl(ident, 0, IPC_RMID) if kind == "sem" else libc.msgctl(ident, IPC_RMID, None)
+        self.made, self.made_other = [], []
+
+
+def _signed(key: int) -> int:
+    """A key_t (a C int) from the image's uint32."""
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+def _rows(kind: str) -> list:
+    from criu_py import proc
+    return proc.read_sysvipc(kind)

@@ -48,3 +48,27 @@ def test_sysv_shm_segments(h):
         task.log.wait(rf"check {child} A=ok B=B written by {pid}")   # still shared
     finally:
         subprocess.run(["ipcrm", "-m", str(idb)], capture_output=True)
+
+
+@pytest.mark.parametrize("gone", [True, False], ids=["removed-meanwhile", "still-there"])
+def test_sysv_semaphores_and_queues(h, gone):
+    semkey, msgkey = random.randrange(0x10000000, 0x7FFFFFFF), random.randrange(0x10000000, 0x7FFFFFFF)
+    task = h.start("sysvobj", hex(semkey), hex(msgkey), ready=r"ready .*")
+    pid, semid, msqid = (int(x) for x in task.log.matches(r"ready (\d+) (\d+) (\d+)")[0].groups())
+    try:
+        images = h.dump(task)
+        if gone:      # as after a reboot: made again from the images, same ids and keys
+            subprocess.run(["ipcrm", "-s", str(semid), "-q", str(msqid)], check=True)
+        else:         # still there, used as it is now: one message was taken meanwhile
+            subprocess.run(["python3", "-c", "import ctypes; l = ctypes.CDLL(None); "
+                            f"b = ctypes.create_string_buffer(72); l.msgrcv({msqid}, b, 64, 1, 0o4000)"],
+                           check=True)
+        restored = h.restore(images, task=task)
+        restored.signal(signal.SIGUSR1)
+        m = task.log.wait(rf"check {pid} sem=(\S+) msg=(\S*)")
+        assert m.group(1) == "1,5,9"
+        assert m.group(2) == ("1:alpha,2:beta," if gone else "2:beta,")
+        with open("/proc/sysvipc/sem") as f:
+            assert any(line.split()[:2] == [str(semkey), str(semid)] for line in f)
+    finally:
+        subprocess.run(["ipcrm", "-s", str(semid), "-q", str(msqid)], capture_output=True)

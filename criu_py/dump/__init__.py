@@ -53,6 +53,9 @@ def dump_tasks(opts: dict) -> int:
             collect_proc_state(ctx)
         with step("plan files"):
             plan_files(ctx)
+        with step("SysV semaphores and queues"):
+            from criu_py import sysvipc
+            sysvipc.plan_objects(ctx)
         with step("vfork parents"):
             release_vfork_parents(ctx)
         with step("cgroups"):

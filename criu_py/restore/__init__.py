@@ -201,10 +201,12 @@ def make_ghosts(rs: Restore) -> None:
 
 
 def make_sysv_segments(rs: Restore, stack) -> None:
-    """SysV segments the tree attaches: the ones gone since the dump are made again."""
+    """SysV segments the tree attaches, semaphore sets and message queues it uses: the
+    ones gone since the dump are made again."""
     from criu_py import sysvipc
     ns_id = rs.tree.root.ids.ipc_ns_id if rs.tree.root.ids.HasField("ipc_ns_id") else 3
-    rs.sysv = sysvipc.Segments(sysvipc.load(rs.images, ns_id))
+    rs.sysv = sysvipc.Segments(sysvipc.load(rs.images, ns_id), sysvipc.load_sems(rs.images, ns_id),
+                               sysvipc.load_queues(rs.images, ns_id))
     stack.callback(lambda: rs.sysv.undo() if not rs.running else None)
     rs.sysv.prepare()
 
