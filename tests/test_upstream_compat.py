@@ -159,3 +159,31 @@ def test_fifo_ghost_and_locks(h, direction):
     restored.signal(signal.SIGUSR1)
     m = task.log.wait(rf"check {task.pid} .*")
     assert "fifo=queued-before-dump ghost=ghost@7 nlink=0 map=ok" in m.group(0), m.group(0)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_asyncio_epoll_loop(h, direction, tmp_path):
+    # epoll watching the self-pipe and signal delivery through it; upstream's images
+    # name epoll targets by fd number only, criu-py's also by files.img id
+    import subprocess
+    import sys
+    from conftest import Log, Task
+    from test_e2e_events import ASYNCIO_SRC
+    script = tmp_path / "aloop.py"
+    script.write_text(ASYNCIO_SRC)
+    log = Log(h.path("aloop.log"))
+    p = subprocess.Popen([sys.executable, str(script), str(log.path)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, cwd=h.dir)
+    task = Task(p.pid, str(log.path), log, p)
+    h.tasks.append(task)
+    log.wait(rf"beat {p.pid} .*", count=2, timeout=30)
+    if direction == "upstream-to-criu-py":
+        images = upstream_dump(h, task)
+        restored = h.restore(images, task=task)
+    else:
+        restored = upstream_restore(h, h.dump(task), task)
+    n = len(log.matches(rf"beat {p.pid} .*"))
+    log.wait(rf"beat {p.pid} .*", count=n + 2)
+    restored.signal(signal.SIGUSR1)
+    log.wait(rf"ping {p.pid}")
