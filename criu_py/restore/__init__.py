@@ -254,8 +254,11 @@ def prepare_shared(rs: Restore, stack) -> None:
 
 
 def parked_fd_range(rs: Restore, hard: int) -> tuple[int, int]:
-    """The widest run of fd numbers no task of the tree uses: [base, limit)."""
-    used = sorted({fi.fd for t in rs.plan.alive for fi in t.img.fdinfos} | {0, 1, 2})
+    """The widest run of fd numbers no task of the tree uses: [base, limit). The numbers
+    epoll targets were added with count as used (they are put there for epoll_ctl)."""
+    tfds = {te.tfd for fe in rs.tree.files.values() if fe.HasField("epfd") for te in fe.epfd.tfd}
+    used = sorted({fi.fd for t in rs.plan.alive for fi in t.img.fdinfos} | {0, 1, 2} |
+                  {fd for fd in tfds if fd < hard})
     best = (0, 0)
     edges = used + [hard]
     for lo, hi in zip(edges, edges[1:]):
