@@ -69,6 +69,10 @@ COMMANDS = {
             help="Let the tasks run on after the dump."),
         Opt(("--shell-job", "-j"), "shell_job", "flag",
             help="Allow a task that shares the caller's session/tty."),
+        Opt(("--file-locks", "-l"), "file_locks", "flag",
+            help="Dump file locks (flock, POSIX, OFD); without it a locked file is refused."),
+        Opt(("--ghost-limit",), "ghost_limit", metavar="SIZE",
+            help="Largest deleted file to dump as a ghost file (default 1M; K, M, G suffixes)."),
     ] + CGROUP_BOTH + CGROUP_DUMP + COMMON,
     "restore": [
         Opt(("-d", "--restore-detached"), "detach", "flag",
@@ -77,6 +81,8 @@ COMMANDS = {
             help="Write the restored root task's PID to this file."),
         Opt(("--shell-job", "-j"), "shell_job", "flag",
             help="Restore into the caller's session/tty."),
+        Opt(("--file-locks", "-l"), "file_locks", "flag",
+            help="Accepted for CRIU compatibility: dumped file locks are always restored."),
         Opt(("--no-verify",), "no_verify", "flag",
             help="Do not check the images against the checksums the dump wrote "
                  "(criu-py-checksums.img)."),

@@ -164,7 +164,8 @@ def test_dump_pid_zero_and_nonsense(h):
         assert_one_line_error(res)
 
 
-@pytest.mark.parametrize("kind, words", [("socket", ["socket"]), ("eventfd", ["eventfd"]),
+@pytest.mark.parametrize("kind, words", [("socket", ["socket"]), ("io_uring", ["io_uring"]),
+                                         ("perf_event", ["perf_event"]), ("bpf-map", ["bpf-map"]),
                                          ("grandchild", ["socket"])])
 def test_dump_refuses_unsupported_and_task_keeps_running(h, kind, words):
     task = h.start("unsupported", kind, ready=r"ready \d+ -?\d+.*")
@@ -191,7 +192,7 @@ def test_dump_refuses_unsupported_and_task_keeps_running(h, kind, words):
 
 def test_dump_refusal_leaves_no_tracer_even_after_dump_of_other_task(h):
     # a refused dump followed by a good one of another task: both tasks stay untouched
-    bad = h.start("unsupported", "eventfd", ready=r"ready \d+ \d+")
+    bad = h.start("unsupported", "io_uring", ready=r"ready \d+ \d+")
     good = h.start("counter", ready=r"\d+ 5")
     assert h.cli("dump", "-t", bad.pid, "-D", h.images_dir("bad")).returncode == 1
     h.dump(good, h.images_dir("good"), leave_running=True)

@@ -126,6 +126,7 @@ def _fill_task_core(tc, proc) -> None:
     for name, (isec, iusec, vsec, vusec) in zip(("real", "virt", "prof"), par.itimers):
         t = getattr(tc.timers, name)
         t.isec, t.iusec, t.vsec, t.vusec = isec, iusec, vsec, vusec
+    tc.timers.posix.extend(proc.posix_timers)
     for rl in proc.rlimits:
         e = tc.rlimits.rlimits.add()
         e.cur, e.max = rl.cur, rl.max

@@ -8,10 +8,11 @@
 # Restore checks each file before anything is created (check_path, one line naming the
 # file) and again on the descriptor it really opened (check_opened: same device and
 # inode as checked), so a file swapped in between is refused too:
-#   - same boot: device and inode must match (and the mode);
-#   - another boot or host, or images without criu-py-file-ids.img (upstream's): mode,
-#     size when recorded, and for files the task did not open for writing the mtime
-#     and the build-id.
+#   - always: the mode, and the size when recorded (as upstream: not for write-only
+#     O_APPEND files);
+#   - same boot: device and inode must match;
+#   - another boot or host, or images without criu-py-file-ids.img (upstream's): for
+#     files the task did not open for writing, the mtime and the build-id.
 import os
 import stat
 import struct
@@ -172,17 +173,15 @@ class FileChecks:
             raise ImageError(f"{what}: {path} has mode {st.st_mode:o}, the dump saw {r.mode:o}")
         self.opened_for_writing(fe)
         ident = self.idents.get(fe.id)
-        if ident is not None and self.same_boot:
-            if (st.st_dev, st.st_ino) != (ident.dev, ident.ino):
-                raise ImageError(f"{what}: {path} is another file than the one dumped "
-                                 f"(device/inode {st.st_dev:#x}/{st.st_ino}, the dump saw "
-                                 f"{ident.dev:#x}/{ident.ino})")
-            self.passed[fe.id] = (st.st_dev, st.st_ino)
-            return
+        same_boot = ident is not None and self.same_boot
+        if same_boot and (st.st_dev, st.st_ino) != (ident.dev, ident.ino):
+            raise ImageError(f"{what}: {path} is another file than the one dumped "
+                             f"(device/inode {st.st_dev:#x}/{st.st_ino}, the dump saw "
+                             f"{ident.dev:#x}/{ident.ino})")
         if stat.S_ISREG(st.st_mode):
             if r.HasField("size") and st.st_size != r.size:
                 raise ImageError(f"{what}: {path} has size {st.st_size}, the dump saw {r.size}")
-            if not written(r.flags):
+            if not same_boot and not written(r.flags):
                 if ident is not None and ident.HasField("mtime_ns") \
                         and st.st_mtime_ns != ident.mtime_ns:
                     raise ImageError(f"{what}: {path} was modified since the dump (mtime differs)")

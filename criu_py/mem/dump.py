@@ -111,10 +111,7 @@ def plan_vmas(pid: int, vmas: list[Vma], ctx) -> list[VmaPlan]:
         elif is_shared_anon(v) or is_memfd(v):
             ctx.plan_shmem(plan)           # sets status, flags, shmid, pgoff; may refuse
         elif v.path.startswith("/SYSV"):
-            raise Unsupported(f"pid {pid}: SysV shared memory mapping {v.path} is not supported")
-        elif v.path.endswith(" (deleted)"):
-            raise Unsupported(f"pid {pid}: mapping of a deleted file {v.path} at {v.start:#x} "
-                              f"is not supported")
+            ctx.plan_sysv_shm(plan)        # sets status, flags, shmid; may refuse
         else:
             e.pgoff = v.offset
             e.shmid = ctx.file_id_for_mapping(v)

@@ -92,7 +92,10 @@ def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: d
         if v.status & (M.VMA_AREA_VDSO | M.VMA_AREA_VVAR):
             plan.special.append((v.start, v.end))
             continue
-        if v.status & (M.VMA_AREA_SYSVIPC | M.VMA_AREA_SOCKET | M.VMA_AREA_AIORING):
+        if v.status & M.VMA_AREA_SYSVIPC:
+            plan.vmas.append(v)             # the restorer attaches segment v.shmid
+            continue
+        if v.status & (M.VMA_AREA_SOCKET | M.VMA_AREA_AIORING):
             raise ImageError(f"mm-{pid}.img: VMA {v.start:#x}-{v.end:#x} has status "
                              f"{v.status:#x}, which this restore does not support")
         key = _vma_key(v)
@@ -282,6 +285,9 @@ def pie_vmas(plan: MemoryPlan, premapped: dict | None = None) -> list:
         if v.start in premapped:
             out.append(PieVma(v.start, v.end, v.prot, flags, lib.PIE_VMA_PREMAPPED,
                               src=premapped[v.start], map_prot=M.PROT_READ | M.PROT_WRITE))
+        elif v.status & M.VMA_AREA_SYSVIPC:
+            out.append(PieVma(v.start, v.end, v.prot, M.MAP_SHARED, lib.PIE_VMA_SYSVSHM,
+                              fd=v.shmid))
         elif v.status & (M.VMA_FILE_PRIVATE | M.VMA_FILE_SHARED | M.VMA_ANON_SHARED):
             mf = plan.files[_vma_key(v)]
             if v.status & M.VMA_ANON_SHARED:

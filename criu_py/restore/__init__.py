@@ -43,6 +43,11 @@ class Restore:
         self.regions = {}             # pid -> (start, length) of its restorer region
         self.messages = []            # one-line failures the tasks reported
         self.failures = []            # failure records of the restorers
+        self.desc_locks = {}          # files.img id -> flock/OFD entries to take when opened
+        self.posix_locks = {}         # pid -> POSIX lock entries its restorer takes
+        self.caller_tty = -1          # parked: our stdin when it is a terminal (--shell-job)
+        self.ghosts = []              # paths of the deleted files recreated for the restore
+        self.sysv = None              # criu_py.sysvipc.Segments
         self._status_buf = b""
 
     def parent_of(self, t) -> int:
@@ -67,6 +72,12 @@ def restore_tasks(opts: dict) -> int:
             check_vdso(rs)
             plan_region_removal(rs)
             rs.host_creds = host_creds()
+            plan_file_locks(rs)
+        with _step("deleted files"):
+            stack.callback(remove_ghosts, rs)
+            make_ghosts(rs)
+        with _step("SysV shared memory"):
+            make_sysv_segments(rs, stack)
         with _step("cgroup yard"):               # mounted until the end
             from criu_py.cgroup.restore import open_yard
             rs.cg_yard = stack.enter_context(open_yard(opts, rs.images))
@@ -167,6 +178,48 @@ def host_creds() -> HostCreds:
     return HostCreds()
 
 
+def plan_file_locks(rs: Restore) -> None:
+    from criu_py.files.locks import by_file
+    rs.desc_locks, rs.posix_locks = by_file(rs.tree)
+
+
+def make_ghosts(rs: Restore) -> None:
+    """Deleted files come back under their old name for as long as the tasks open and
+    map them (removed again once every task has: remove_ghosts)."""
+    from criu_py.files import ghost
+    tree = rs.tree
+    names = {}
+    for fid, gid in tree.remaps.items():
+        names.setdefault(gid, tree.path(fid, "a deleted file"))
+    for gid, name in sorted(names.items()):
+        tree.ghost_paths[gid] = ghost.create(tree.images, gid, name)
+        rs.ghosts.append(tree.ghost_paths[gid])
+    for t in rs.plan.alive:
+        for mf in t.img.memory.files.values():
+            if mf.path is not None and mf.file_id in tree.remaps:
+                mf.path = tree.reg_path(mf.file_id)
+
+
+def make_sysv_segments(rs: Restore, stack) -> None:
+    """SysV segments the tree attaches, semaphore sets and message queues it uses: the
+    ones gone since the dump are made again."""
+    from criu_py import sysvipc
+    ns_id = rs.tree.root.ids.ipc_ns_id if rs.tree.root.ids.HasField("ipc_ns_id") else 3
+    rs.sysv = sysvipc.Segments(sysvipc.load(rs.images, ns_id), sysvipc.load_sems(rs.images, ns_id),
+                               sysvipc.load_queues(rs.images, ns_id))
+    stack.callback(lambda: rs.sysv.undo() if not rs.running else None)
+    rs.sysv.prepare()
+
+
+def remove_ghosts(rs: Restore) -> None:
+    for path in rs.ghosts:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    rs.ghosts = []
+
+
 # ------------------------------------------------------------------ set-up
 def prepare_shared(rs: Restore, stack) -> None:
     """The sync page, the status pipe (tasks write, we read), the fd range for the
@@ -187,6 +240,8 @@ def prepare_shared(rs: Restore, stack) -> None:
     stack.callback(_close_quietly, r)
     stack.callback(_close_quietly, rs.status_w)
     rs.images.dirfd = rs.fds.park(rs.images.dirfd)
+    if os.isatty(0):                        # the caller's terminal (--shell-job)
+        rs.caller_tty = rs.fds.dup(0)
     if rs.cg_yard.fd >= 0:                  # every task moves itself in through it
         rs.cg_yard.fd = rs.fds.park(rs.cg_yard.fd)
     if logger.file is not None:
@@ -199,8 +254,11 @@ def prepare_shared(rs: Restore, stack) -> None:
 
 
 def parked_fd_range(rs: Restore, hard: int) -> tuple[int, int]:
-    """The widest run of fd numbers no task of the tree uses: [base, limit)."""
-    used = sorted({fi.fd for t in rs.plan.alive for fi in t.img.fdinfos} | {0, 1, 2})
+    """The widest run of fd numbers no task of the tree uses: [base, limit). The numbers
+    epoll targets were added with count as used (they are put there for epoll_ctl)."""
+    tfds = {te.tfd for fe in rs.tree.files.values() if fe.HasField("epfd") for te in fe.epfd.tfd}
+    used = sorted({fi.fd for t in rs.plan.alive for fi in t.img.fdinfos} | {0, 1, 2} |
+                  {fd for fd in tfds if fd < hard})
     best = (0, 0)
     edges = used + [hard]
     for lo, hi in zip(edges, edges[1:]):
@@ -278,6 +336,10 @@ def run_stages(rs: Restore) -> None:
             raise RestoreError(failure_message(rs, stage)) from None
         log.debug("restore: stage %s done in %.2f ms", S.STAGE_NAMES[stage],
                   (time.monotonic() - t) * 1e3)
+        if stage == S.STAGE_PREPARE:
+            remove_ghosts(rs)           # every task has opened and mapped them
+        elif stage == S.STAGE_RESTORE:
+            rs.sysv.attached()          # every segment is attached where it was
     read_status(rs)
     place_threads_in_cgroups(rs)
 

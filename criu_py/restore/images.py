@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from criu_py.errors import ImageError, Unsupported
 
-FD_TYPE_REG, FD_TYPE_PIPE, FD_TYPE_MEMFD = 1, 2, 18
 TASK_ALIVE, TASK_DEAD = 1, 2
 
 
@@ -41,6 +40,13 @@ class TreeImages:
     shared: dict = field(default_factory=dict)      # shmid -> shmem_restore.SharedObject
     memfd_inodes: dict = field(default_factory=dict)
     checks: object = None          # files.identity.FileChecks: is each file the dumped one
+    fifo_data: dict = field(default_factory=dict)   # fifo inode -> (bytes, pipe size)
+    fifo_data_owner: dict = field(default_factory=dict)   # fifo inode -> the entry that refills it
+    remaps: dict = field(default_factory=dict)      # REG id of a deleted file -> ghost id
+    ghost_paths: dict = field(default_factory=dict) # ghost id -> where the restore made it
+    tty_infos: dict = field(default_factory=dict)   # tty_info id -> tty_info_entry
+    file_locks: list = field(default_factory=list)  # file_lock_entry
+    epoll_targets: dict = field(default_factory=dict)   # epoll id -> [(target id, tfd entry)]
 
     @property
     def root(self) -> TaskImages:
@@ -56,6 +62,14 @@ class TreeImages:
     def __post_init__(self):
         self.by_pid = {t.pid: t for t in self.tasks}
 
+    def reg_path(self, file_id: int) -> str:
+        """Where to open a REG entry's file: its name, or the recreated ghost's path."""
+        from criu_py.images import get_str
+        gid = self.remaps.get(file_id)
+        if gid is not None and gid in self.ghost_paths:
+            return self.ghost_paths[gid]
+        return get_str(self.files[file_id].reg.name)
+
     def reg(self, file_id: int, what: str):
         fe = self.files.get(file_id)
         if fe is None or not fe.HasField("reg"):
@@ -69,13 +83,15 @@ class TreeImages:
 
     def check_file(self, file_id: int, what: str) -> None:
         """The file REG entry file_id names must exist and be the one dumped (once per
-        entry; files/identity.py)."""
-        if file_id not in self.checks.passed:
+        entry; files/identity.py). A deleted file is made from its ghost image instead."""
+        self.reg(file_id, what)
+        if file_id not in self.checks.passed and file_id not in self.remaps:
             _check_path(self, file_id, what)
 
     def check_opened(self, file_id: int, fd: int, what: str) -> None:
         """The descriptor opened for REG entry file_id is the file check_file passed."""
-        self.checks.check_opened(self.files[file_id], fd, self.path(file_id, what), what)
+        if file_id not in self.remaps:
+            self.checks.check_opened(self.files[file_id], fd, self.path(file_id, what), what)
 
     def close(self) -> None:
         self.images.close()
@@ -99,9 +115,21 @@ def _load(images) -> TreeImages:
     if not entries:
         raise ImageError("pstree.img: no tasks")
     check_pstree(entries)
+    from criu_py.files import ghost
     files = {fe.id: fe for fe in images.read_entries("files.img")}
     tree = TreeImages(images=images, tasks=[], files=files, checks=FileChecks(images))
     tree.memfd_inodes = shmem_restore.memfd_inodes(images)
+    tree.remaps = ghost.load_remaps(images)
+    if images.exists("tty-info.img"):
+        tree.tty_infos = {e.id: e for e in images.read_entries("tty-info.img")}
+    if images.exists("fifo-data.img"):
+        for e, data in images.read_entries_with_payload("fifo-data.img"):
+            tree.fifo_data[e.pipe_id] = (data, e.size if e.HasField("size") else 0)
+    for fid in sorted(files):
+        if files[fid].HasField("fifo"):
+            tree.fifo_data_owner.setdefault(files[fid].fifo.pipe_id, fid)
+    if images.exists("filelocks.img"):
+        tree.file_locks = images.read_entries("filelocks.img")
     fdinfo_cache = {}
     for e in entries:
         tree.tasks.append(_load_task(images, tree, e, fdinfo_cache))
@@ -175,7 +203,8 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
 
 
 def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:
-    from criu_py.mem import shmem_restore
+    from criu_py.files import ops_by_type
+    kinds = ops_by_type()
     name = f"fdinfo-{files_id}.img"
     fdinfos = images.read_entries(name) if images.exists(name) else []
     seen = set()
@@ -186,16 +215,13 @@ def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:
         fe = tree.files.get(fi.id)
         if fe is None:
             raise ImageError(f"{name}: fd {fi.fd} names file id {fi.id}, missing from files.img")
-        if fe.type not in (FD_TYPE_REG, FD_TYPE_PIPE, FD_TYPE_MEMFD):
+        ops = kinds.get(fe.type)
+        if ops is None:
             from criu_py.images.pb import fdinfo_pb2
             kind = fdinfo_pb2.fd_types.Name(fe.type) if fe.type in fdinfo_pb2.fd_types.values() else fe.type
             raise Unsupported(f"{name}: fd {fi.fd} is of kind {kind}, which restore "
                               f"does not support")
-        if fe.type == FD_TYPE_REG:
-            tree.check_file(fi.id, f"fd {fi.fd}")
-        elif fe.type == FD_TYPE_MEMFD:   # memfds only open, not mapped, are shared objects too
-            shmem_restore.object_for_memfd(tree.shared, images, tree.memfd_inodes, fe,
-                                           f"fd {fi.fd}")
+        ops.check_image(tree, fe, f"fd {fi.fd}")
     return fdinfos
 
 

@@ -23,6 +23,7 @@ BUILD_FLAGS = {
     "threads": ["-pthread"],
     "creds": ["-pthread"],
     "spawner": ["-pthread"],
+    "timers": ["-pthread"],
 }
 
 
