@@ -3,11 +3,12 @@
 # cgroup.img) against the counter restored into test cgroups on memory, cpu, pids and
 # cgroup2 with limits (the restore makes the cgroups, writes the limits and moves the
 # task), rounds interleaved, medians and their ratio; the yard's own steps from the
-# restore log; and the cost of one move (one write per hierarchy), which is what a tree
-# adds per task once the tree restore exists (issue 7): the issue's 50-process case is
-# estimated from it. Test cgroups live under where this runs and are removed afterwards.
+# restore log; the cost of one move (one write per hierarchy); and the issue's tree case:
+# a 50-process tree (tests/workloads/spawner) spread over 10 memory+pids cgroups with
+# limits against the same tree left where this runs, rounds interleaved (target: within
+# 10%). Test cgroups live under where this runs and are removed afterwards.
 #
-#   .venv/bin/python bench/cgroups.py [--rounds 10]
+#   .venv/bin/python bench/cgroups.py [--rounds 10] [--tree-size 50]
 import argparse
 import contextlib
 import ctypes
@@ -88,6 +89,76 @@ def one_round(bins, work: Path, box: Sandbox, with_cgroups: bool, i: int) -> tup
     return wall, steps
 
 
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for tid in os.listdir(f"/proc/{p}/task"):
+            with contextlib.suppress(OSError):
+                kids = [int(x) for x in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
+                out += kids
+                todo += kids
+    return out
+
+
+def reap_all() -> None:
+    while True:
+        try:
+            if os.waitpid(-1, 0)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+def tree_round(bins, work: Path, box: Sandbox, n: int, with_cgroups: bool, i: int) -> float:
+    """Restore wall time of an n-process tree, spread over 10 cgroups or not."""
+    log = work / f"tree-{i}.log"
+    p = subprocess.Popen([bins["spawner"], log, str(n), "1"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (log.exists() and log.read_text().startswith("ready")):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the tree did not get ready")
+        time.sleep(0.005)
+    pids = [p.pid] + descendants(p.pid)
+    if with_cgroups:
+        for k, pid in enumerate(pids):
+            for name in ("memory", "pids"):
+                sub = f"tree/g{k % 10}"
+                d = box.make(name, sub)
+                if name == "memory":
+                    (d / "memory.limit_in_bytes").write_text(str(256 << 20))
+                else:
+                    (d / "pids.max").write_text("50")
+                box.put(name, sub, pid)
+    images = work / f"tree-images-{i}"
+    subprocess.run(cli("dump", "-t", p.pid, "-D", images), check=True)
+    p.wait()
+    reap_all()
+    if with_cgroups:
+        for name in ("memory", "pids"):
+            for k in range(10):
+                box.dir(name, f"tree/g{k}").rmdir()      # the restore makes them again
+    t0 = time.perf_counter()
+    subprocess.run(cli("restore", "-D", images, "-d"), check=True)
+    wall = time.perf_counter() - t0
+    got = 1 + len(descendants(p.pid))
+    for pid in [p.pid] + descendants(p.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    reap_all()
+    if with_cgroups:
+        for name in ("memory", "pids"):
+            for k in range(10):
+                with contextlib.suppress(OSError):
+                    box.dir(name, f"tree/g{k}").rmdir()
+    shutil.rmtree(images)
+    if got != n:
+        raise RuntimeError(f"restored {got} of {n} processes")
+    return wall
+
+
 def move_cost(images: Path, box: Sandbox, rounds: int = 300) -> tuple[float, int]:
     """Seconds per Yard.move of a sleeping process into the dumped set and back, and the
     number of hierarchies each move writes."""
@@ -131,13 +202,14 @@ def first_move_cost(box: Sandbox, rounds: int = 5) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--tree-size", type=int, default=50)
     args = ap.parse_args()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(36, 1, 0, 0, 0)                    # restored tasks come back to us
     work = Path(tempfile.mkdtemp(prefix="criu-py-bench-cg-"))
     box = Sandbox()
     try:
-        bins = build_workloads(work, ["counter"])
+        bins = build_workloads(work, ["counter", "spawner"])
         plain, cgs, steps, psteps = [], [], [], []
         for i in range(args.rounds):
             wall, st = one_round(bins, work, box, False, 2 * i)
@@ -175,9 +247,16 @@ def main():
         first = first_move_cost(box)
         print(f"first move after idle (the kernel waits for an RCU grace period on its "
               f"cgroup lock, once per burst of moves): median {first * 1e3:.1f} ms")
-        tree = 50 * per
-        print(f"issue's tree (50 processes over 10 cgroups, needs issue 7): moves add ~"
-              f"{tree * 1e3:.2f} ms to a restore; one yard costs the 'cgroup yard' step above")
+        n = args.tree_size
+        plain_t, cg_t = [], []
+        for i in range(args.rounds):
+            plain_t.append(tree_round(bins, work, box, n, False, 2 * i))
+            cg_t.append(tree_round(bins, work, box, n, True, 2 * i + 1))
+        mp, mc = statistics.median(plain_t), statistics.median(cg_t)
+        print(f"restore of a {n}-process tree, {args.rounds} interleaved rounds:")
+        print(f"  in the caller's cgroups        median {mp * 1e3:7.1f} ms")
+        print(f"  over 10 memory+pids cgroups    median {mc * 1e3:7.1f} ms")
+        print(f"  ratio                          {mc / mp:.3f}  (target <= 1.10)")
     finally:
         left = box.cleanup()
         shutil.rmtree(work, ignore_errors=True)

@@ -2,7 +2,7 @@
 # and first-in-process, imports included) and as whole `criu-py kdat` runs. Prints a table
 # and whether the targets hold: cached load >= 20x faster than probing and under 2 ms, and
 # a cached command never slower than a probing one. Uses a temporary cache path, never
-# /run/criu.kdat.   Run: .venv/bin/python bench/kdat.py [-n RUNS]
+# /run/criu-py.kdat.   Run: .venv/bin/python bench/kdat.py [-n RUNS]
 import argparse
 import os
 import statistics

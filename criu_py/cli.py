@@ -9,6 +9,7 @@ import click
 from criu_py import __version__
 from criu_py.commands import run_dump, run_pre_dump, run_restore
 from criu_py.options import COMMANDS, Opt
+from criu_py.usage import one_line_usage_errors
 
 
 def _click_type(opt: Opt):
@@ -22,7 +23,10 @@ def click_options(table: list[Opt]):
     """Decorator adding the options of `table` to a click command, in table order."""
     def decorate(fn):
         for opt in reversed(table):
-            kwargs = {"help": opt.help, "default": opt.default}
+            kwargs = {"help": opt.help}
+            if opt.default is not None:
+                # An explicit default of None would satisfy `required` in click >= 8.3.
+                kwargs["default"] = opt.default
             if opt.kind == "flag":
                 kwargs["is_flag"] = True
             else:
@@ -42,15 +46,11 @@ def click_options(table: list[Opt]):
     return decorate
 
 
-def _show_usage_error(self, file=None):
-    """Usage errors too are one line, "Error: <cause>" (click adds usage and a hint)."""
-    click.echo(f"Error: {self.format_message()}", err=True)
+one_line_usage_errors()
 
 
-click.exceptions.UsageError.show = _show_usage_error
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# no_args_is_help off: a bare `criu-py` is a usage error ("Missing command") in one line.
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=False)
 @click.version_option(version=__version__, prog_name="criu-py")
 def cli():
     """criu-py: checkpoint a running process tree to images and restore it."""

@@ -11,13 +11,18 @@ from criu_py.errors import CriuError
 def run_command(opts: dict, action, create_work_dir: bool = False):
     """Set up logging, run `action(opts)`, map domain errors to one line and an exit code.
     create_work_dir: the command writes there (dump), so a missing dir is made (0700)
-    before the log file is opened in it."""
+    before the log file is opened in it; an existing one keeps its mode."""
     from criu_py import log as logmod
     work_dir = opts.get("work_dir") or opts.get("images_dir")
     try:
+        created = False
         if create_work_dir and work_dir:
-            os.makedirs(work_dir, mode=0o700, exist_ok=True)
+            from criu_py.images import make_private_dir
+            created = make_private_dir(work_dir)
         logmod.setup(opts.get("verbosity", 2), opts.get("log_file"), work_dir)
+        if create_work_dir and work_dir and not created and opts.get("work_dir"):
+            from criu_py.images import warn_if_readable
+            warn_if_readable(work_dir, "work dir")
         rc = action(opts)
     except CriuError as exc:
         if logmod.log.file is not None:
@@ -26,6 +31,13 @@ def run_command(opts: dict, action, create_work_dir: bool = False):
         leave(exc.exit_code)
     except OSError as exc:
         print(f"Error: {exc}", file=sys.stderr)
+        leave(1)
+    except Exception as exc:  # noqa: BLE001 - a bug still gets one line, not a traceback
+        if os.environ.get("CRIU_PY_TRACEBACK") == "1":
+            raise
+        text = str(exc).replace("\n", " ")
+        print(f"Error: internal error ({type(exc).__name__}{': ' + text if text else ''})",
+              file=sys.stderr)
         leave(1)
     leave(rc or 0)
 
@@ -46,6 +58,8 @@ def leave(code: int):
 
 def dump_action(opts: dict) -> int:
     from criu_py import kerndat
+    if opts.get("pid") is None:
+        raise CriuError("missing option -t/--tree PID")
     from criu_py.dump import dump_tasks
     opts["kdat"] = kerndat.load(opts["kdat_path"])
     return dump_tasks(opts)

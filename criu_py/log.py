@@ -59,16 +59,40 @@ def setup(verbosity: int = 2, log_file: str | None = None, work_dir: str | None 
     if log_file and log_file != "-":
         path = log_file if os.path.isabs(log_file) or not work_dir else os.path.join(work_dir, log_file)
         try:
-            log.file = open(path, "w", buffering=1)     # line-buffered: whole lines, forks safe
+            # line-buffered: whole lines; names that are not UTF-8 go out as their bytes
+            log.file = open(open_log_file(path), "w", buffering=1, errors="surrogateescape")
         except OSError as exc:
             from criu_py.errors import CriuError
             raise CriuError(f"cannot open log file {path}: {exc.strerror}") from None
 
 
+def open_log_file(path: str) -> int:
+    """An fd to write the log to. A new file is made 0600 whatever the umask (logs name
+    paths, fds and addresses); an existing one (a previous log, /dev/null, a fifo) is
+    truncated if it is a regular file and keeps its mode."""
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fd = os.open(path, flags)
+        try:
+            import stat
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.ftruncate(fd, 0)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 @contextlib.contextmanager
 def step(phase: str, name: str):
     """One named step of an orchestrator: logged at -v4 when it starts, at -v3 with its
-    duration when it ends."""
+    duration when it ends. A SIGINT/SIGTERM noted since the last step aborts here."""
+    from criu_py import interrupts
+    interrupts.check(f"before the {phase} step '{name}'")
     log.debug("%s: %s", phase, name)
     t = time.monotonic()
     yield

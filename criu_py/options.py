@@ -6,8 +6,10 @@
 # prints the usual help or error: the tables are the one definition of the options.
 import os
 
-KDAT_PATH_HELP = ("kdat cache file (default: $CRIU_PY_KDAT, else /run/criu.kdat, else "
-                  "$XDG_RUNTIME_DIR/criu.kdat; 'none': no cache).")
+KDAT_PATH_HELP = ("kdat cache file (default: $CRIU_PY_KDAT, else /run/criu-py.kdat, else "
+                  "$XDG_RUNTIME_DIR/criu-py.kdat; 'none': no cache). Upstream CRIU's "
+                  "/run/criu.kdat has another format: criu-py never reads, replaces or "
+                  "removes a file it did not write.")
 
 
 class Opt:
@@ -79,6 +81,10 @@ DUMP_TREE = [
     Opt(("-t", "--tree"), "pid", "int", required=True, help="PID of the tree's root task."),
     Opt(("--shell-job", "-j"), "shell_job", "flag",
         help="Allow a task that shares the caller's session/tty."),
+    Opt(("--file-locks", "-l"), "file_locks", "flag",
+        help="Dump file locks (flock, POSIX, OFD); without it a locked file is refused."),
+    Opt(("--ghost-limit",), "ghost_limit", metavar="SIZE",
+        help="Largest deleted file to dump as a ghost file (default 1M; K, M, G suffixes)."),
 ]
 
 COMMANDS = {
@@ -97,6 +103,11 @@ COMMANDS = {
             help="Write the restored root task's PID to this file."),
         Opt(("--shell-job", "-j"), "shell_job", "flag",
             help="Restore into the caller's session/tty."),
+        Opt(("--file-locks", "-l"), "file_locks", "flag",
+            help="Accepted for CRIU compatibility: dumped file locks are always restored."),
+        Opt(("--no-verify",), "no_verify", "flag",
+            help="Do not check the images against the checksums the dump wrote "
+                 "(criu-py-checksums.img)."),
     ] + CGROUP_BOTH + COMMON,
 }
 

@@ -62,6 +62,25 @@
 #define NR_personality 135
 #define NR_prlimit64 302
 #define NR_setitimer 38
+#define NR_fcntl 72
+#define NR_shmat 30
+#define SHM_RDONLY_ 010000
+#define SHM_REMAP_ 040000
+#define SHM_EXEC_ 0100000
+#define PROT_WRITE_ 2
+#define PROT_EXEC_ 4
+#define NR_ioctl 16
+#define NR_timer_create 222
+#define NR_timer_settime 223
+#define NR_timer_delete 226
+#define NR_clock_gettime 228
+#define NR_timerfd_settime 286
+#define F_SETLK_ 6
+#define PR_TIMER_CREATE_RESTORE_IDS_ 77
+#define TFD_TIMER_ABSTIME_ 1
+#define TFD_IOC_SET_TICKS_ 0x40085400
+#define EINVAL_ 22
+#define NSEC_ 1000000000LL
 #define O_CLOEXEC_ 02000000
 #define SIGCHLD_ 17
 
@@ -236,7 +255,11 @@ PIE void pie_map_vmas(struct pie_args *a)
 			continue;
 		/* locked only once filled (pie_protect_vmas): mapped locked, it would be
 		 * populated with empty pages first */
-		if (v->kind == PIE_VMA_FILE)
+		if (v->kind == PIE_VMA_SYSVSHM)
+			r = sys3(NR_shmat, v->fd, v->start, SHM_REMAP_ |
+				 (v->map_prot & PROT_WRITE_ ? 0 : SHM_RDONLY_) |
+				 (v->map_prot & PROT_EXEC_ ? SHM_EXEC_ : 0));
+		else if (v->kind == PIE_VMA_FILE)
 			r = sys6(NR_mmap, v->start, len, v->map_prot,
 				 (v->flags & ~MAP_LOCKED_) | MAP_FIXED_, v->fd, v->pgoff);
 		else
@@ -477,6 +500,109 @@ PIE void pie_wait_while(uint32_t *word, uint32_t val, int private_)
 		sys6(NR_futex, (long)word, FUTEX_WAIT_ | (private_ ? FUTEX_PRIVATE_ : 0), val, 0, 0, 0);
 }
 
+/* POSIX record locks of the process: after the restorer closed its own fds, since
+ * closing any fd of a file drops the process's locks on it. */
+PIE void pie_take_locks(struct pie_args *a)
+{
+	struct pie_lock *l = (struct pie_lock *)a->locks;
+	struct { int16_t type, whence; int32_t pad; int64_t start, len; int32_t pid, pad2; } fl;
+	uint64_t i;
+	long r;
+
+	for (i = 0; i < a->nr_locks; i++) {
+		fl.type = l[i].type;
+		fl.whence = 0;
+		fl.pad = fl.pid = fl.pad2 = 0;
+		fl.start = l[i].start;
+		fl.len = l[i].len;
+		r = sys3(NR_fcntl, l[i].fd, F_SETLK_, (long)&fl);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_LOCKS, r, l[i].fd);
+	}
+}
+
+/* The POSIX timers, with their ids: PR_TIMER_CREATE_RESTORE_IDS makes timer_create take
+ * the id it is handed; without it (older kernels), ids come in order, so timers are
+ * created and deleted until each id comes up. Armed later (pie_arm_timers). */
+PIE void pie_create_timers(struct pie_args *a)
+{
+	struct pie_posix_timer *t = (struct pie_posix_timer *)a->posix_timers;
+	struct { uint64_t value; int32_t signo, notify; int32_t tid; int32_t pad[11]; } sev;
+	int32_t id;
+	uint64_t i;
+	long r, by_id;
+
+	if (!a->nr_posix_timers)
+		return;
+	by_id = sys6(NR_prctl, PR_TIMER_CREATE_RESTORE_IDS_, 1, 0, 0, 0, 0);
+	if (by_id < 0 && by_id != -EINVAL_)
+		pie_fail(a, PIE_STAGE_TIMERS, by_id, 0);
+	for (i = 0; i < a->nr_posix_timers; i++) {
+		int j;
+
+		sev.value = t[i].sival;
+		sev.signo = t[i].signo;
+		sev.notify = t[i].notify;
+		sev.tid = t[i].thread_id;
+		for (j = 0; j < 11; j++)
+			sev.pad[j] = 0;
+		for (;;) {
+			id = t[i].id;
+			r = sys3(NR_timer_create, t[i].clockid, (long)&sev, (long)&id);
+			if (r < 0)
+				pie_fail(a, PIE_STAGE_TIMERS, r, t[i].id);
+			if (id == t[i].id)
+				break;
+			if (by_id == 0 || id > t[i].id)
+				pie_fail(a, PIE_STAGE_TIMERS, -EINVAL_, t[i].id);
+			sys3(NR_timer_delete, id, 0, 0);
+		}
+	}
+	if (by_id == 0)
+		sys6(NR_prctl, PR_TIMER_CREATE_RESTORE_IDS_, 0, 0, 0, 0, 0);
+}
+
+/* Right before the task returns to its code: interval timers, POSIX timers and
+ * timerfds get the time that was left at the dump (an ABSTIME timerfd: now + that). */
+PIE void pie_arm_timers(struct pie_args *a)
+{
+	struct pie_posix_timer *t = (struct pie_posix_timer *)a->posix_timers;
+	struct pie_timerfd *f = (struct pie_timerfd *)a->timerfds;
+	int64_t its[4];
+	uint64_t i;
+
+	if (a->arm_itimers)
+		for (i = 0; i < 3; i++)
+			sys3(NR_setitimer, i, a->itimers + 32 * i, 0);
+	for (i = 0; i < a->nr_posix_timers; i++) {
+		its[0] = t[i].isec;
+		its[1] = t[i].insec;
+		its[2] = t[i].vsec;
+		its[3] = t[i].vnsec;
+		sys6(NR_timer_settime, t[i].id, 0, (long)its, 0, 0, 0);
+	}
+	for (i = 0; i < a->nr_timerfds; i++) {
+		its[0] = f[i].isec;
+		its[1] = f[i].insec;
+		its[2] = f[i].vsec;
+		its[3] = f[i].vnsec;
+		if ((f[i].flags & TFD_TIMER_ABSTIME_) && (its[2] || its[3])) {
+			int64_t now[2] = { 0, 0 };
+
+			sys3(NR_clock_gettime, f[i].clockid, (long)now, 0);
+			its[2] += now[0];
+			its[3] += now[1];
+			if (its[3] >= NSEC_) {
+				its[3] -= NSEC_;
+				its[2]++;
+			}
+		}
+		sys6(NR_timerfd_settime, f[i].fd, f[i].flags, (long)its, 0, 0, 0);
+		if (f[i].ticks)
+			sys3(NR_ioctl, f[i].fd, TFD_IOC_SET_TICKS_, (long)&f[i].ticks);
+	}
+}
+
 PIE void pie_vfork(struct pie_args *a);
 
 /* Everything one thread restores for itself, then the barrier, then into the task. */
@@ -511,12 +637,8 @@ PIE __attribute__((noreturn)) void pie_thread_main(struct pie_args *a, struct pi
 		sys6(NR_prctl, PR_SET_NAME_, (long)t->comm, 0, 0, 0, 0);
 	pie_queue_signals(a, t->signals, t->nr_signals, t->tid);
 	pie_restore_creds(a, &t->creds);
-	/* after the credentials, which reset both */
-	if (t->pdeath_sig) {
-		r = sys6(NR_prctl, PR_SET_PDEATHSIG_, t->pdeath_sig, 0, 0, 0, 0);
-		if (r < 0)
-			pie_fail(a, PIE_STAGE_PRCTL, r, t->tid);
-	}
+	/* after the credentials, which reset it; the pdeath signal only once the tree is
+	 * let go (below): until then the leader dies with its parent */
 	if (t == leader && a->dumpable >= 0)
 		sys6(NR_prctl, PR_SET_DUMPABLE_, a->dumpable, 0, 0, 0, 0);
 
@@ -556,6 +678,15 @@ PIE __attribute__((noreturn)) void pie_thread_main(struct pie_args *a, struct pi
 			sys6(NR_futex, (long)&s->stage, FUTEX_WAIT_, st, 0, 0, 0);
 		}
 	}
+	/* The Python phase had the leader die with its parent (nothing half-restored is
+	 * left if the restore dies); now its own pdeath signal, whatever it is. */
+	if (t->pdeath_sig || t == leader) {
+		r = sys6(NR_prctl, PR_SET_PDEATHSIG_, t->pdeath_sig, 0, 0, 0, 0);
+		if (r < 0)
+			pie_fail(a, PIE_STAGE_PRCTL, r, t->tid);
+	}
+	if (t == leader)
+		pie_arm_timers(a);
 	pie_sigreturn(t->sigframe, a->trap_before_sigreturn);
 }
 
@@ -739,11 +870,13 @@ PIE_ENTRY __attribute__((noreturn)) void pie_restorer_main(struct pie_args *a)
 	}
 	pie_queue_signals(a, a->signals, a->nr_signals, 0);
 	pie_close_fds(a);
+	pie_take_locks(a);
 
 	for (i = 1; i < a->nr_threads; i++) {
 		r = pie_clone_thread(a, &t[i], a->thread_stack);
 		if (r < 0)
 			pie_fail(a, PIE_STAGE_CLONE_THREAD, r, t[i].tid);
 	}
+	pie_create_timers(a);
 	pie_thread_main(a, t);
 }

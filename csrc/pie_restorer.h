@@ -12,6 +12,7 @@ enum {
 	PIE_VMA_FILE = 1,	/* mmap fd at pgoff (private or shared, per flags) */
 	PIE_VMA_PREMAPPED = 2,	/* already mapped and filled at src (copy-on-write shared
 				 * with the parent or the children): mremap into place */
+	PIE_VMA_SYSVSHM = 3,	/* shmat the SysV segment fd (its id) at start */
 };
 
 struct pie_vma {
@@ -23,7 +24,7 @@ struct pie_vma {
 	int32_t prot;		/* final protection */
 	int32_t map_prot;	/* protection to map with (+RW when pages are read into it) */
 	int32_t flags;		/* mmap flags (MAP_PRIVATE/MAP_SHARED/MAP_ANONYMOUS/MAP_GROWSDOWN...) */
-	int32_t fd;		/* FILE: fd parked at the top of the fd table */
+	int32_t fd;		/* FILE: fd parked at the top of the fd table; SYSVSHM: shmid */
 	int32_t kind;
 	int32_t pad;
 };
@@ -160,9 +161,42 @@ enum {
 	PIE_STAGE_SIGNALS = 17,
 	PIE_STAGE_CREDS = 18,
 	PIE_STAGE_PRCTL = 19,
+	PIE_STAGE_LOCKS = 20,
+	PIE_STAGE_TIMERS = 21,
 	PIE_STAGE_DONE = 100,
 	PIE_STATUS_MAGIC = 0x50494521,
 	PIE_SYNC_ERROR = 0xffffffff,	/* pie_sync.stage when the restore is aborted */
+};
+
+/* A POSIX timer, created by the leader with its id once the threads exist and armed
+ * right before the task returns to its code. */
+struct pie_posix_timer {
+	int32_t id;
+	int32_t clockid;
+	int32_t signo;
+	int32_t notify;		/* SIGEV_* (| SIGEV_THREAD_ID) */
+	int32_t thread_id;	/* SIGEV_THREAD_ID: the thread it signals */
+	int32_t pad;
+	uint64_t sival;
+	int64_t isec, insec, vsec, vnsec;	/* interval, time left */
+};
+
+/* A timerfd of the task's table, armed right before the task returns to its code. */
+struct pie_timerfd {
+	int32_t fd;
+	int32_t flags;		/* TFD_TIMER_ABSTIME: vsec/vnsec are added to the clock's now */
+	int32_t clockid;
+	int32_t pad;
+	uint64_t ticks;		/* expirations not read yet (TFD_IOC_SET_TICKS) */
+	int64_t isec, insec, vsec, vnsec;
+};
+
+/* A POSIX record lock (F_SETLK), taken after the restorer closed its own fds. */
+struct pie_lock {
+	int32_t fd;
+	int32_t type;		/* F_RDLCK, F_WRLCK */
+	int64_t start;
+	int64_t len;
 };
 
 struct pie_args {
@@ -233,6 +267,16 @@ struct pie_args {
 	int32_t pgid;		/* > 0: setpgid(0, pgid) */
 	int64_t personality;	/* -1: keep */
 	char dot[8];		/* ".": chroot()'s argument after fchdir(root_fd) */
+
+	/* Timers and locks of the process (the leader's args only). */
+	uint64_t posix_timers;	/* struct pie_posix_timer[nr_posix_timers], by id */
+	uint64_t nr_posix_timers;
+	uint64_t timerfds;	/* struct pie_timerfd[nr_timerfds] */
+	uint64_t nr_timerfds;
+	uint64_t locks;		/* struct pie_lock[nr_locks] */
+	uint64_t nr_locks;
+	int32_t arm_itimers;	/* set the interval timers (itimers) at the very end */
+	int32_t pad2;
 };
 
 #endif

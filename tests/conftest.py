@@ -105,7 +105,7 @@ def wait_for(cond, timeout: float = 10.0, what: str = "condition", interval: flo
 def proc_status(pid: int) -> dict | None:
     """Fields of /proc/PID/status, or None when there is no such process."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/status", errors="surrogateescape") as f:
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
@@ -432,12 +432,14 @@ class Harness:
     def path(self, name: str) -> Path:
         return self.dir / name
 
-    def images_dir(self, name: str = "images") -> Path:
-        """A fresh, empty images dir. Made 0755 like a user's mkdir would: the tool must
-        make it 0700 (CRIU expects -D to exist; the log file -o goes there too)."""
+    def images_dir(self, name: str = "images", mode: int = 0o700) -> Path:
+        """A fresh, empty images dir with `mode`. The tool leaves an existing dir's mode
+        alone (it only makes a missing -D, 0700), warns once at -v2 when others may read
+        it (so tests that count stderr lines use 0700), and writes every file in it 0600,
+        the log file -o too. tests/test_e2e_modes.py covers 0755 and 1777 dirs."""
         path = self.dir / name
-        path.mkdir(mode=0o755, exist_ok=True)
-        path.chmod(0o755)
+        path.mkdir(mode=mode, exist_ok=True)
+        path.chmod(mode)
         return path
 
     # -- the CLI
@@ -542,7 +544,36 @@ class Harness:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 pass
+        left = self.kill_leftovers()
         shutil.rmtree(self.dir, ignore_errors=True)
+        return left
+
+    def kill_leftovers(self) -> list[str]:
+        """Processes still alive whose command line names this test's dir (workloads
+        get their log path there; restored ones keep it): killed, and returned so the
+        test fails, since a test must clean up everything it started."""
+        mark = os.fsencode(str(self.dir)) + b"/"
+        left = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if mark in cmdline and proc_is_running(int(name)):
+                try:
+                    os.kill(int(name), signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                shown = cmdline.replace(b"\0", b" ")[:120]
+                left.append(f"{name} {shown!r}")
+        try:
+            reap_gone([int(x.split()[0]) for x in left], timeout=5)
+        except AssertionError:
+            pass            # not our children: gone once their parent reaps them
+        return left
 
 
 @pytest.fixture(scope="session")
@@ -561,7 +592,8 @@ def h(request, workload_bins):
     try:
         yield harness
     finally:
-        harness.cleanup()
+        left = harness.cleanup()
+    assert not left, f"the test left processes behind (now killed): {left}"
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *must_contain: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CRIT, descendants, file_mode, image_files, proc_is_running, proc_status, wait_for
+from criu_py.images import CRIU_PY_IMAGES
 
 pytestmark = pytest.mark.needs_tool
 
@@ -34,8 +35,8 @@ def entries(images: Path, name: str) -> list:
 def assert_all_decode(images: Path) -> dict:
     decoded = {}
     for f in image_files(images):
-        if RAW_IMAGE.match(f.name) or f.name.endswith(".log"):
-            continue
+        if RAW_IMAGE.match(f.name) or f.name.endswith(".log") or f.name in CRIU_PY_IMAGES:
+            continue      # criu-py's own images: upstream tools do not know them
         decoded[f.name] = crit_decode(f)
     return decoded
 
@@ -76,7 +77,7 @@ def test_counter_dump_writes_crit_readable_images(h):
     task = h.start("counter", ready=r"\d+ 5")
     images = h.dump(task)
     assert not proc_is_running(task.pid)
-    assert file_mode(images) == 0o700
+    assert file_mode(images) == 0o700          # as the test made it
     for f in image_files(images):
         if f.name != "dump.log":
             assert file_mode(f) == 0o600, f"{f.name} is {oct(file_mode(f))}"
@@ -276,7 +277,8 @@ def test_shared_anon_and_memfd_contents(h, shm_bin):
 
 
 # ---------------------------------------------------------------- refusals
-@pytest.mark.parametrize("what,kind", [("socket", "socket"), ("eventfd", "eventfd"),
+@pytest.mark.parametrize("what,kind", [("socket", "socket"), ("io_uring", "io_uring"),
+                                       ("perf_event", "perf_event"), ("bpf-map", "bpf-map"),
                                        ("grandchild", "socket")])
 def test_unsupported_is_refused_before_any_image(h, what, kind):
     task = h.start("unsupported", what)
@@ -510,8 +512,7 @@ while True:
 """
 
 
-@pytest.mark.parametrize("what", ["fifo", "deleted file", "character device",
-                                  "fanotify filesystem mark"])
+@pytest.mark.parametrize("what", ["character device", "fanotify filesystem mark"])
 def test_other_unsupported_fds_are_refused(h, tmp_path, what):
     script = tmp_path / "holder.py"
     script.write_text(HOLDER_SRC)

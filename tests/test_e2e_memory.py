@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from conftest import fd_table, layout_diff, maps_layout, proc_status, signal_state, task_identity
+from conftest import proc_is_running, fd_table, layout_diff, maps_layout, proc_status, signal_state, task_identity
 
 SEED = 0x5EED1234
 
@@ -82,8 +82,9 @@ def test_python_interpreter_state_digest_unchanged(h, python):
 
 @pytest.mark.needs_tool
 def test_memhog_detects_a_corrupted_page(h):
-    # Sensitivity of the check above: one byte changed in pages-N.img (raw data, which no
-    # tool can validate) must make the restored task report BAD, not OK.
+    # Sensitivity of the check above: one byte changed in pages-N.img is caught by the
+    # checksums before anything is created; restored anyway (--no-verify), the task
+    # itself must report BAD, not OK.
     task = h.start("memhog", 64, SEED, ready=r"ready \d+")
     images = h.dump(task)
     pages = max(images.glob("pages-*.img"), key=lambda p: p.stat().st_size)
@@ -94,7 +95,10 @@ def test_memhog_detects_a_corrupted_page(h):
         byte = f.read(1)
         f.seek(size // 2 + 123)
         f.write(bytes([byte[0] ^ 0x40]))
-    restored = h.restore(images, task=task)
+    res = h.cli("restore", "-D", images, "-d")
+    assert res.returncode == 1 and f"{pages.name}: damaged page run" in res.stderr, res.stderr
+    assert not proc_is_running(task.pid)
+    restored = h.restore(images, "--no-verify", task=task)
     assert ask(restored).startswith(f"BAD {task.pid} memory word ")
 
 

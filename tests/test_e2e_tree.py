@@ -7,7 +7,7 @@ import signal
 import subprocess
 import time
 
-from conftest import Log, Task, descendants, proc_status, wait_for
+from conftest import Log, Task, descendants, dumped_pids, proc_status, reap_gone, wait_for
 
 
 def tree_of(root: int) -> dict:
@@ -16,7 +16,7 @@ def tree_of(root: int) -> dict:
     while todo:
         pid = todo.pop()
         try:
-            with open(f"/proc/{pid}/stat") as f:
+            with open(f"/proc/{pid}/stat", errors="surrogateescape") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
@@ -255,3 +255,60 @@ def test_clone_vm_sighand_child_runs_beside_its_parent(h):
     task.log.wait(rf"installed {k}")
     caught = int(proc_status(p)["SigCgt"], 16)
     assert caught >> (signal.SIGURG - 1) & 1
+
+
+def test_leave_running_tree_runs_on_untraced_and_restores_later(h):
+    task = h.start("forest", ready=r"ready \d+")
+    before = tree_of(task.pid)
+    images = h.dump(task, leave_running=True)
+    assert tree_of(task.pid) == before
+    for pid, (_, _, _, state) in before.items():
+        if state != "Z":
+            assert proc_status(pid)["TracerPid"] == "0"
+    at_dump = last_ticks(task.log)
+    live = [p for p, v in before.items() if v[3] != "Z"]
+    wait_for(lambda: all(last_ticks(task.log).get(p, 0) > at_dump[p] + 1 for p in live),
+             what="every process to run on")
+    # now end the tree ourselves and bring the dumped one back
+    for pid in [task.pid] + descendants(task.pid):
+        os.kill(pid, signal.SIGKILL)
+    task.reap()
+    reap_gone(dumped_pids(images))
+    h.restore(images, task=task)
+    after = tree_of(task.pid)
+    before[task.pid] = (after[task.pid][0],) + before[task.pid][1:]
+    assert after == before
+
+
+def test_restore_killed_at_any_instant_leaves_no_half_restored_tree(h):
+    task = h.start("forest", ready=r"ready \d+")
+    pids = list(tree_of(task.pid))
+    images = h.dump(task)
+    outcomes = []
+    for delay in (0.0, 0.05, 0.15, 0.25, 0.35, 0.45, 0.6, 0.8, 1.5):
+        p = subprocess.Popen(h.cli_argv("restore", "-D", images, "-d"), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+
+        def settled():
+            # reap what comes back to us (we are the subreaper) meanwhile
+            for x in pids:
+                try:
+                    os.waitpid(x, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            if not any(os.path.exists(f"/proc/{x}") for x in pids):
+                return "gone"
+            now = tree_of(task.pid)
+            if now.keys() == set(pids) and [v[3] for v in now.values()].count("Z") == 1 \
+                    and "t" not in {v[3] for v in now.values()}:
+                return "whole"
+            return None
+        outcomes.append(wait_for(settled, timeout=10, what="the tree to be gone or whole"))
+        if outcomes[-1] == "whole":     # it was let go before the kill: a complete tree
+            for x in [task.pid] + descendants(task.pid):
+                os.kill(x, signal.SIGKILL)
+        reap_gone(pids)
+    assert "gone" in outcomes, outcomes

@@ -137,16 +137,13 @@ def _header_patch(data: bytes, word: int, value: int) -> bytes:
 
 
 STALE_FILES = {
-    "magic": lambda d: _header_patch(d, 0, 0x57023458),
     "format": lambda d: _header_patch(d, 1, cache.FORMAT + 1),
-    "empty": lambda d: b"",
     "short_header": lambda d: d[:10],
     "header_only": lambda d: d[:cache.HEADER.size],
     "truncated": lambda d: d[:len(d) // 2],
     "one_byte_short": lambda d: d[:-1],
     "longer": lambda d: d + b"\0",
     "flipped_byte": lambda d: d[:40] + bytes([d[40] ^ 0xFF]) + d[41:],
-    "garbage": lambda d: os.urandom(len(d)),
     "garbage_with_good_header": lambda d: (lambda p: cache.HEADER.pack(
         cache.MAGIC, cache.FORMAT, len(p), __import__("zlib").crc32(p)) + p)(os.urandom(200)),
 }
@@ -160,6 +157,46 @@ def test_damaged_file_is_stale_and_replaced(probed, kdat_path, messages, damage)
     assert f"Stale {kdat_path} file" in messages
     assert_valid(kdat_path)
     assert kerndat.load(kdat_path).source == "cache"
+
+
+# Files criu-py did not write: never removed, never replaced, the run goes on uncached.
+UPSTREAM_KDAT = struct.pack("<II", cache.UPSTREAM_MAGIC, 0x6554A1B2) + bytes(904)   # 912 bytes
+FOREIGN_FILES = {
+    "upstream_criu": UPSTREAM_KDAT,
+    "empty": b"",
+    "text": b"# notes an admin keeps here\n",
+    "garbage": b"\x01\x02\x03\x04" + os.urandom(300),
+}
+
+
+@pytest.mark.parametrize("what", sorted(FOREIGN_FILES))
+def test_foreign_file_is_never_removed_or_replaced(kdat_path, messages, what):
+    write(kdat_path, FOREIGN_FILES[what], mode=0o644)
+    before = os.stat(kdat_path)
+    for _ in range(2):
+        assert kerndat.load(kdat_path).source == "probe"
+    after = os.stat(kdat_path)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == \
+        (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert open(kdat_path, "rb").read() == FOREIGN_FILES[what]
+    assert not any(m.startswith("Stale") for m in messages), messages
+    said = [m for m in messages if "left as it is" in m]
+    assert len(said) == 1, messages                  # one warning per path, not per load
+    if what == "upstream_criu":
+        assert "upstream CRIU" in said[0]
+    assert not tmp_leftovers(kdat_path)
+    with pytest.raises(Exception, match="removes only its own"):
+        kerndat.drop(kdat_path)
+    with pytest.raises(Exception, match="replaces only its own"):
+        kerndat.save(kerndat.probe(), kdat_path)
+    assert open(kdat_path, "rb").read() == FOREIGN_FILES[what]
+
+
+def test_non_regular_file_is_left_alone(tmp_path, messages):
+    fifo = str(tmp_path / "kdat-fifo")
+    os.mkfifo(fifo)
+    assert kerndat.load(fifo).source == "probe"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 @pytest.mark.parametrize("part", ["boot_id", "kernel_release", "criu_py_version", "euid"])
@@ -300,7 +337,7 @@ def test_location_fallbacks(tmp_path):
     saved = cache.DEFAULT_PATH
     try:
         cache.DEFAULT_PATH = str(tmp_path / "no-such-run" / "criu.kdat")
-        assert resolve(None, {"XDG_RUNTIME_DIR": str(tmp_path)}).path == str(tmp_path / "criu.kdat")
+        assert resolve(None, {"XDG_RUNTIME_DIR": str(tmp_path)}).path == str(tmp_path / "criu-py.kdat")
         nowhere = resolve(None, {})
         assert nowhere.path is None and "XDG_RUNTIME_DIR is unset" in nowhere.reason
         nowhere = resolve(None, {"XDG_RUNTIME_DIR": str(tmp_path / "gone")})

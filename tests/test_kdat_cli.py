@@ -1,10 +1,12 @@
 # `criu-py kdat` and `criu-py check` through the real CLI: output, --json, --save, --drop,
-# the path option and variable, the default /run/criu.kdat (restored afterwards), and an
+# the path option and variable, the default /run/criu-py.kdat (restored afterwards; upstream
+# CRIU's /run/criu.kdat is another file, never touched), a file upstream wrote, and an
 # unprivileged user falling back to $XDG_RUNTIME_DIR or to no cache at all.
 import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -88,7 +90,7 @@ def test_save_without_location_fails_in_one_line(tmp_path):
 
 def test_stale_file_through_the_cli(tmp_path):
     path = tmp_path / "criu.kdat"
-    path.write_bytes(b"garbage, not a kdat file")
+    path.write_bytes(struct.pack("<I", cache.MAGIC) + b"ours by the magic, damaged after it")
     os.chmod(path, 0o600)
     data, res = kdat_json("--kdat-path", str(path))
     assert f"Stale {path} file" in res.stderr
@@ -107,13 +109,14 @@ def test_env_variable_and_option(tmp_path):
     assert data["cache_path"] is None and data["source"] == "probe"
 
 
-def test_default_path_is_run_criu_kdat():
-    """The one test of the real /run/criu.kdat: whatever was there is put back."""
+def test_default_path_is_run_criu_py_kdat():
+    """The one test of the real /run/criu-py.kdat: whatever was there is put back."""
     default = Path(cache.DEFAULT_PATH)
     backup = None
     if os.path.lexists(default):
-        backup = tempfile.mktemp(prefix="criu.kdat.backup.", dir=default.parent)
+        backup = tempfile.mktemp(prefix="criu-py.kdat.backup.", dir=default.parent)
         os.rename(default, backup)
+    assert default == Path("/run/criu-py.kdat")
     try:
         data, _ = kdat_json()
         assert data["cache_path"] == str(default) and data["source"] == "probe"
@@ -126,6 +129,24 @@ def test_default_path_is_run_criu_kdat():
             os.replace(backup, default)
         elif os.path.lexists(default):
             os.unlink(default)
+
+
+def test_upstream_kdat_file_is_left_alone_through_the_cli(tmp_path):
+    """A file in upstream CRIU's format where criu-py is told to cache: every command
+    runs (uncached, one -v2 warning), --save and --drop refuse in one line, the file
+    keeps its bytes."""
+    path = tmp_path / "criu.kdat"
+    upstream = struct.pack("<II", cache.UPSTREAM_MAGIC, 0x6554A1B2) + bytes(904)
+    path.write_bytes(upstream)
+    data, res = kdat_json("--kdat-path", str(path))
+    assert data["source"] == "probe"
+    assert "upstream CRIU's kdat file" in res.stderr
+    for extra in (["--save"], ["--drop"]):
+        res = criu_py("kdat", "--kdat-path", str(path), *extra, check=False)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and "only its own" in lines[0], res.stderr
+    assert path.read_bytes() == upstream
+    assert sorted(os.listdir(tmp_path)) == ["criu.kdat"]
 
 
 # ------------------------------------------------------------------ unprivileged user
@@ -169,7 +190,7 @@ def test_unprivileged_user_falls_back_to_xdg_runtime_dir(nobody_dir):
     res = as_nobody("kdat", "--json", xdg=nobody_dir)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
-    path = os.path.join(nobody_dir, "criu.kdat")
+    path = os.path.join(nobody_dir, "criu-py.kdat")
     assert data["cache_path"] == path and data["source"] == "probe"
     assert data["caller"]["euid"] == NOBODY and data["facts"]["probed_euid"] == NOBODY
     st = os.stat(path)

@@ -104,3 +104,79 @@ def test_missing_pid_is_no_such_process():
         proc.read_status(4194303)
     with pytest.raises(NoSuchProcess):
         proc.read_maps(4194303)
+
+
+# ---- fdinfo of the fd kinds, /proc/PID/timers (issue 11): texts as this kernel prints them
+FDINFO_EPOLL = """pos:\t0
+flags:\t02
+mnt_id:\t17
+ino:\t1044
+tfd:       13 events:       19 data:               5f  pos:0 ino:414 sdev:10
+tfd:        5 events: 80000019 data:             1234  pos:7 ino:1313b6 sdev:fe00000
+"""
+FDINFO_MISC = """pos:\t0
+flags:\t04002
+mnt_id:\t17
+ino:\t1044
+eventfd-count:                5
+eventfd-id: 1
+eventfd-semaphore: 1
+sigmask:\t0000000800000200
+clockid: 9
+ticks: 3
+settime flags: 03
+it_value: (40, 968549141)
+it_interval: (0, 100000000)
+lock:\t1: FLOCK  ADVISORY  WRITE 29295 fe:00:2151403 0 EOF
+lock:\t2: OFDLCK ADVISORY  READ -1 fe:00:2151443 100 199
+lock:\t3: -> POSIX  ADVISORY  WRITE 4 fe:00:2151443 10 29
+tty-index:\t4
+"""
+
+
+def test_parse_fdinfo_of_the_fd_kinds():
+    ep = proc.parse_fdinfo(FDINFO_EPOLL)
+    assert ep.flags == 2 and ep.eventfd_count is None and ep.timerfd is None
+    assert [(t.tfd, t.events, t.data, t.pos, t.ino, t.dev) for t in ep.tfds] == [
+        (13, 0x19, 0x5f, 0, 0x414, os.makedev(0, 16)),
+        (5, 0x80000019, 0x1234, 7, 0x1313b6, os.makedev(254, 0))]
+    m = proc.parse_fdinfo(FDINFO_MISC)
+    assert (m.eventfd_count, m.eventfd_semaphore, m.sigmask, m.tty_index) == (5, True, 0x800000200, 4)
+    t = m.timerfd
+    assert (t.clockid, t.ticks, t.settime_flags, t.value, t.interval) == \
+        (9, 3, 3, (40, 968549141), (0, 100000000))
+    assert [(lk.kind, lk.access, lk.pid, lk.dev, lk.ino, lk.start, lk.end, lk.blocked)
+            for lk in m.locks] == [
+        ("FLOCK", "WRITE", 29295, os.makedev(254, 0), 2151403, 0, None, False),
+        ("OFDLCK", "READ", -1, os.makedev(254, 0), 2151443, 100, 199, False),
+        ("POSIX", "WRITE", 4, os.makedev(254, 0), 2151443, 10, 29, True)]
+
+
+def test_parse_timers():
+    text = ("ID: 1\nsignal: 34/0000000000000000\nnotify: signal/tid.29296\nClockID: 0\n"
+            "ID: 0\nsignal: 12/0000000000000abc\nnotify: signal/pid.29295\nClockID: 1\n"
+            "ID: 3\nsignal: 0/0000000000000000\nnotify: none/pid.29295\nClockID: 7\n")
+    got = [(t.id, t.signo, t.sival, t.notify, t.target, t.clockid) for t in proc.parse_timers(text)]
+    assert got == [(1, 34, 0, proc.SIGEV_THREAD_ID, 29296, 0), (0, 12, 0xabc, 0, 29295, 1),
+                   (3, 0, 0, proc.SIGEV_NONE, 29295, 7)]
+
+
+def test_live_event_fds_parse():
+    r, w = os.pipe()
+    efd = os.eventfd(9, os.EFD_SEMAPHORE)
+    try:
+        info = proc.read_fdinfo(os.getpid(), efd)
+        assert (info.eventfd_count, info.eventfd_semaphore) == (9, True)
+        assert proc.read_fdinfo(os.getpid(), r).eventfd_count is None
+        assert proc.read_timers(os.getpid()) == []
+    finally:
+        for fd in (r, w, efd):
+            os.close(fd)
+
+
+def test_ghost_limit_sizes():
+    from criu_py.errors import Unsupported
+    from criu_py.files.ghost import parse_size
+    assert [parse_size(x) for x in ("4096", "512K", "1M", "2g")] == [4096, 512 << 10, 1 << 20, 2 << 30]
+    with pytest.raises(Unsupported):
+        parse_size("lots")

@@ -34,33 +34,46 @@ def test_seize_stops_without_signals_and_detach_resumes(child):
     assert child.poll() is None
 
 
+def code_bytes(pid):
+    """Every executable mapping's bytes, read through /proc/PID/mem."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        out = {}
+        for v in proc.read_maps(pid):
+            if v.perms[2] == "x" and v.path != "[vsyscall]":
+                mem.seek(v.start)
+                out[v.start] = mem.read(v.end - v.start)
+        return out
+
+
 def test_injection_restores_everything(child):
+    code = code_bytes(child.pid)
+    maps = [(v.start, v.end, v.perms, v.path) for v in proc.read_maps(child.pid)]
     with seized(child.pid) as t:
         raw = t.get_gpregs()
         mask = t.get_sigmask()
-        site = parasite.code_site(proc.read_maps(child.pid))
-        code = t.read_mem(site, 16)
-        with Injection(t, site, raw) as inj:
+        with Injection(t, raw) as inj:
+            assert inj.site.safe
             assert inj.syscall(39) == child.pid            # getpid
             assert inj.syscall(110) == os.getpid()         # getppid
-            # everything blocked but SIGKILL/SIGSTOP (never blockable) and SIGTRAP
-            # (the kernel unblocks it when int3 forces it)
-            assert t.get_sigmask() == ((1 << 64) - 1) & ~(1 << 4 | 1 << 8 | 1 << 18)
-        assert t.read_mem(site, 16) == code
+            # everything blocked but SIGKILL/SIGSTOP (never blockable)
+            assert t.get_sigmask() == ((1 << 64) - 1) & ~(1 << 8 | 1 << 18)
+            with inj.scratch_page() as page:
+                assert any(v.start == page and v.perms == "rwxp" for v in proc.read_maps(child.pid))
         assert t.get_gpregs() == raw
         assert t.get_sigmask() == mask
+    assert code_bytes(child.pid) == code                   # not one byte of code changed
+    assert [(v.start, v.end, v.perms, v.path) for v in proc.read_maps(child.pid)] == maps
     assert untraced_running(child.pid)
 
 
 def test_parasite_reads_sigactions(child):
     with seized(child.pid) as t:
         raw = t.get_gpregs()
-        site = parasite.code_site(proc.read_maps(child.pid))
-        info = parasite.collect(t, site, raw)
+        info = parasite.collect(t, raw)
         assert t.get_gpregs() == raw
     assert len(info.sigactions) == 64
     assert info.clear_tid_addr != 0 and info.brk > 0
-    assert info.injected_calls == 3
+    assert info.injected_calls == 3               # mmap, the blob, munmap
     assert (info.dumpable, info.secbits, info.pdeath_sig) == (1, 0, 0)
     assert info.child_subreaper is False and info.thp_disabled is False
     st = proc.read_status(child.pid)

@@ -16,7 +16,7 @@ from conftest import FIXTURES
 
 
 def load_without_path_checks(name, monkeypatch):
-    monkeypatch.setattr(restore_images, "_check_path", lambda path, what: None)
+    monkeypatch.setattr(restore_images, "_check_path", lambda *args: None)
     return restore_images._load(ImageDir(str(FIXTURES / name)))
 
 
@@ -72,14 +72,14 @@ def test_upstream_tree_plans_shared_pipes(monkeypatch):
 def test_upstream_inotify_images_need_their_watched_paths(monkeypatch):
     # upstream 4.2's watcher: its inotify fd is read, and its watches name paths that
     # this machine lacks: refused before the fork, naming the watch
-    with pytest.raises(CriuError, match=r"fdinfo-2.img: fd 4: inotify wd 2 watches "
+    with pytest.raises(CriuError, match=r"fd 4: inotify wd 2 watches "
                                         r"/tmp/peer/watched/file, which does not exist"):
         load_without_path_checks("watcher", monkeypatch)
 
 
 def test_upstream_inotify_images_plan(monkeypatch):
     from criu_py.files import inotify
-    monkeypatch.setattr(inotify.InotifyOps, "check_entry", lambda self, entry, what: None)
+    monkeypatch.setattr(inotify.InotifyOps, "check_image", lambda self, tree, entry, what: None)
     tree = load_without_path_checks("watcher", monkeypatch)
     [fi] = [fi for fi in tree.root.fdinfos if fi.type == inotify.FD_TYPE_INOTIFY]
     fe = tree.files[fi.id]

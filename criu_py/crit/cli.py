@@ -27,6 +27,13 @@ def _one_line_errors(fn):
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
             sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - damaged input must never give a traceback
+            if os.environ.get("CRIU_PY_TRACEBACK") == "1":
+                raise
+            why = " ".join(str(exc).split())
+            click.echo(f"Error: cannot read the input ({type(exc).__name__}"
+                       f"{': ' + why if why else ''})", err=True)
+            sys.exit(1)
     return wrapper
 
 
@@ -70,7 +77,8 @@ def _write_json(doc, out, pretty):
             f.write(text)
 
 
-@click.group(name="crit", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="crit", context_settings={"help_option_names": ["-h", "--help"]},
+             no_args_is_help=False)
 def crit():
     """CRIU image tool: decode, encode, show and explore checkpoint images.
 
@@ -179,4 +187,6 @@ def register(group):
 
 
 def main(argv: list[str] | None = None):
-    crit.main(args=sys.argv[1:] if argv is None else argv, prog_name="crit-py")
+    from criu_py.usage import last_resort, one_line_usage_errors
+    one_line_usage_errors()
+    last_resort(lambda: crit.main(args=sys.argv[1:] if argv is None else argv, prog_name="crit-py"))

@@ -154,9 +154,26 @@ def _scalar_to_json(field, value, pretty: bool, is_hex: bool):
             return _flags_str(value, fmap) if fmap is not None else f"{value:#x}"
         if dct:
             return DICT_MAPS.get(dct, {}).get(field.name, {}).get(value, value)
+    if t == FD.TYPE_STRING and isinstance(value, bytes):
+        # a proto2 string holding bytes that are not UTF-8 (a Linux path): lossless in JSON
+        # as a str with lone surrogates (json writes them "\udcXX"); encode restores them
+        return value.decode("utf-8", "surrogateescape")
     if t in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE, FD.TYPE_BOOL, FD.TYPE_STRING) or t in _INT_TYPES:
         return value
     raise ImageError(f"field {field.full_name}: unsupported type {t}")
+
+
+def _raw_string_field(field, value: str) -> bytes | None:
+    """Wire bytes of a string field whose JSON text carries non-UTF-8 bytes (surrogate
+    escapes): the protobuf setter refuses them, parsing a proto2 string accepts them.
+    None when the text is plain Unicode."""
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogateescape")
+    from criu_py.images import string_field_wire
+    return string_field_wire(field.number, raw)
 
 
 def msg_to_dict(msg, pretty: bool = False, is_hex: bool = False) -> dict:
@@ -251,6 +268,14 @@ def dict_to_msg(d, msg, where: str = ""):
                         dict_to_msg(v, target.add(), f"{here}[{i}]")
                 elif _opts(field)[1] and value and isinstance(value[0], str) and field.type in _INT_TYPES:
                     target.extend(_ip_words(value[0]))
+                elif field.type == FD.TYPE_STRING:
+                    for i, v in enumerate(value):
+                        v = _scalar_from_json(field, v, f"{here}[{i}]")
+                        raw = _raw_string_field(field, v)
+                        if raw is None:
+                            target.append(v)
+                        else:
+                            msg.MergeFromString(raw)
                 else:
                     target.extend(_scalar_from_json(field, v, f"{here}[{i}]") for i, v in enumerate(value))
             elif field.type == FD.TYPE_MESSAGE:
@@ -258,8 +283,15 @@ def dict_to_msg(d, msg, where: str = ""):
                 sub.SetInParent()
                 dict_to_msg(value, sub, here)
             else:
-                setattr(msg, key, _scalar_from_json(field, value, here))
-        except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as exc:
+                v = _scalar_from_json(field, value, here)
+                raw = _raw_string_field(field, v) if field.type == FD.TYPE_STRING else None
+                if raw is None:
+                    setattr(msg, key, v)
+                else:
+                    msg.ClearField(key)
+                    msg.MergeFromString(raw)
+        except (TypeError, ValueError, OverflowError, KeyError, AttributeError,
+                UnicodeError) as exc:
             text = str(exc)
             raise ValueError(text if text.startswith(here) else f"{here}: {text}") from None
     return msg

@@ -12,6 +12,14 @@ from criu_py.mem import (  # noqa: F401
     VMA_AREA_VSYSCALL, VMA_AREA_VVAR, VMA_FILE_PRIVATE, VMA_FILE_SHARED)
 
 
+def text(value) -> str:
+    """A name from an image as printable text: a proto2 string may hold bytes that are not
+    UTF-8 (Linux paths); they are shown backslash-escaped."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value
+
+
 class Checkpoint:
     """Lazy, cached access to the images of one checkpoint directory."""
 
@@ -74,9 +82,9 @@ class Checkpoint:
     def reg_path(self, fid):
         f = self.files().get(fid)
         if f is not None and f.HasField("reg"):
-            return f.reg.name
+            return text(f.reg.name)
         e = self._old_image("reg-files.img", fid)
-        return e.name if e is not None else f"<unknown file {fid}>"
+        return text(e.name) if e is not None else f"<unknown file {fid}>"
 
     def describe_file(self, ftype: str, fid: int) -> str:
         """Path or short description of an open file, crit style."""
@@ -105,9 +113,22 @@ class Checkpoint:
             return f"memfd inode {f.memfd.inode_id}"
         if ftype in ("EVENTFD", "EVENTPOLL", "SIGNALFD", "TIMERFD", "FANOTIFY", "BPFMAP", "PIDFD"):
             return f"anon_inode:[{ftype.lower()}] id {fid}"
-        if ftype == "TTY" and f is not None and f.HasField("tty"):
-            return f"tty index {f.tty.index}"
+        if ftype == "TTY":
+            t = f.tty if f is not None and f.HasField("tty") else self._old_image("tty.img", fid)
+            return self.describe_tty(t) if t is not None else "tty[?]"
         return f"{ftype}.{fid}"
+
+    def describe_tty(self, t) -> str:
+        """A terminal fd: its tty-info entry (type, rdev) when tty-info.img has it."""
+        info = None
+        if self.dir.exists("tty-info.img"):
+            info = next((i for i in self.dir.read_entries("tty-info.img")
+                         if i.id == t.tty_info_id), None)
+        if info is None:
+            return f"tty[info {t.tty_info_id}]"
+        kind = img.pb_module("tty_pb2").TtyType.Name(info.type) \
+            if info.type in img.pb_module("tty_pb2").TtyType.values() else str(info.type)
+        return f"tty[{kind} {os.major(info.rdev)}:{os.minor(info.rdev)}]"
 
 
 def _ftype_name(value: int) -> str:
@@ -128,7 +149,7 @@ def explore_ps(ck: Checkpoint) -> list[str]:
     lines = [f"{'PID':>7}{'PPID':>7}{'PGID':>7}{'SID':>7}   COMM"]
 
     def walk(t, depth):
-        comm = ck.core(t.pid).tc.comm
+        comm = text(ck.core(t.pid).tc.comm)
         threads = f"  ({len(t.threads)} threads)" if len(t.threads) > 1 else ""
         lines.append(f"{t.pid:7d}{t.ppid:7d}{t.pgid:7d}{t.sid:7d}   {'    ' * depth}{comm}{threads}")
         for k in kids.get(t.pid, []):

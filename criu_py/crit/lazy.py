@@ -270,8 +270,9 @@ def make_lazy(dirpath: str, outdir: str, page_size: int | None = None) -> Report
             target = os.path.realpath(os.path.join(dirpath, "parent"))
             os.symlink(os.path.relpath(target, os.path.realpath(outdir)), out.path("parent"))
             written.append("parent")
+        from criu_py.images import integrity
         for name in src.list():
-            if name in rewritten:
+            if name in rewritten or name == integrity.CHECKSUM_IMAGE:
                 continue
             s = src.path(name)
             if os.path.islink(s) or not os.path.isfile(s):
@@ -281,6 +282,10 @@ def make_lazy(dirpath: str, outdir: str, page_size: int | None = None) -> Report
             written.append(name)
             os.chmod(d, 0o600)
             report.copied_files += 1
+        if src.exists(integrity.CHECKSUM_IMAGE):
+            # the pagemaps and pages files changed: checksums of the copy, not the source's
+            written.append(integrity.CHECKSUM_IMAGE)
+            integrity.seal(out)
         return report
     except BaseException:
         for name in written:

@@ -18,6 +18,7 @@ from criu_py.log import step as log_step
 def dump_tasks(opts: dict) -> int:
     """`dump`, and with opts["pre_dump"] `pre-dump`: the same steps, a pre-dump taking
     only the memory (copied once the tree runs again) and tracking what changes next."""
+    from criu_py.images import integrity
     pid = opts["pid"]
     pre = bool(opts.get("pre_dump"))
     t0 = time.monotonic()
@@ -25,6 +26,9 @@ def dump_tasks(opts: dict) -> int:
     with contextlib.ExitStack() as stack:
         with step("check target"):
             check_target(pid)
+            if opts.get("ghost_limit") is not None:
+                from criu_py.files.ghost import parse_size
+                parse_size(opts["ghost_limit"])
         with step("open images dir"):
             images = stack.enter_context(open_images_dir(opts))
         with step("load modules"):
@@ -66,6 +70,9 @@ def dump_tasks(opts: dict) -> int:
         with step("plan files"):
             plan_files(ctx)
         if not pre:
+            with step("SysV semaphores and queues"):
+                from criu_py import sysvipc
+                sysvipc.plan_objects(ctx)
             with step("vfork parents"):
                 release_vfork_parents(ctx)
             with step("cgroups"):
@@ -97,6 +104,8 @@ def dump_tasks(opts: dict) -> int:
             with step("wait for the memory copy"):
                 wait_memory_copies(ctx)
             with step("kill or release the tree"):
+                from criu_py import interrupts
+                interrupts.hold()          # the images are complete: finish, whatever comes
                 finish_tree(ctx)
                 ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
                 gc.enable()                 # its first collection comes after the freeze
@@ -109,6 +118,7 @@ def dump_tasks(opts: dict) -> int:
             finish_tracking(ctx)
         with step("write stats"):
             write_stats(ctx)
+        integrity.seal(images)
     log.info("%s of %d (%d processes, %d threads) done in %.1f ms",
              "pre-dump" if pre else "dump", pid, len(ctx.procs),
              sum(len(p.threads) for p in ctx.procs), (time.monotonic() - t0) * 1e3)
@@ -184,8 +194,8 @@ def load_modules() -> None:
 
 def refuse_unsupported(ctx) -> None:
     """What this version cannot dump, refused while the tree is frozen and before any
-    image: other namespaces than ours, POSIX timers, seccomp, a terminal, a session or
-    process group that belongs to a live process outside the tree."""
+    image: other namespaces than ours, seccomp, a session or process group that belongs
+    to a live process outside the tree. (Fds and terminals: plan_files.)"""
     from criu_py import proc
     from criu_py.dump.context import ProcDump
     tree = ctx.tree
@@ -200,15 +210,12 @@ def refuse_unsupported(ctx) -> None:
         pd.stat = proc.read_stat(pid)
         pd.status = proc.read_status(pid)
         pd.swapped = pd.status.vm_swap > 0
-        if proc.read_timers(pid):
-            raise Unsupported(f"pid {pid} has POSIX timers: not supported")
+        pd.timers = proc.read_timers(pid)
         theirs = proc.read_ns_ids(pid)
         for name in sorted(set(ours) & set(theirs)):
             if ours[name] != theirs[name]:
                 raise Unsupported(f"pid {pid} lives in another {name} namespace: namespaces "
                                   f"are not supported")
-        if pd.stat.tty_nr and not shell_job:
-            raise Unsupported(f"pid {pid} has a controlling terminal: use --shell-job")
         if p.vfork_child:
             if ctx.opts.get("leave_running"):
                 raise Unsupported(f"pid {pid} waits in vfork() for its child {p.vfork_child}, "
@@ -302,32 +309,26 @@ def collect_registers(ctx, procs=None) -> None:
 
 
 def collect_in_task_state(ctx, procs=None) -> None:
-    from criu_py import proc
     from criu_py.dump import parasite
+    if ctx.snapshot is not None:
+        ctx.snapshot.before_injection(procs or ctx.stopped())
     for pd in procs or ctx.stopped():
-        site = parasite.code_site([p.vma for p in pd.vma_plans] or proc.read_maps(pd.pid))
-        note_code_site(ctx, pd.pid, site)
-        others = [(th.tracee, th.raw_gpregs) for th in pd.threads[1:]]
-        pd.parasite = parasite.collect(pd.tracee, site, pd.leader.raw_gpregs, others)
+        others = [th.tracee for th in pd.threads[1:]]
+        pd.parasite = parasite.collect(pd.tracee, pd.leader.raw_gpregs, others)
         for th in pd.threads:
             th.info = pd.parasite.threads[th.tid]
+        if pd.timers:
+            from criu_py.dump import timers
+            pd.posix_timers = timers.collect(pd)
         log.debug("pid %d: parasite ran with %d injected runs; brk %#x",
                   pd.pid, pd.parasite.injected_calls, pd.parasite.brk)
-
-
-def note_code_site(ctx, pid: int, site: int) -> None:
-    """Before code is written at site: a private copy of its page made by that write is
-    ours, not the task's (mem.dump.injection_would_copy); the dump leaves it out."""
-    from criu_py.mem.dump import injection_would_copy
-    if injection_would_copy(pid, site):
-        ctx.cow_by_us.setdefault(pid, set()).add(site & ~4095)
 
 
 def collect_proc_state(ctx, procs=None) -> None:
     from criu_py import proc
     from criu_py.dump import task
     from criu_py.errors import from_oserror
-    from criu_py.files.regular import path_entry_id
+    from criu_py.files.regular import mapped_file_id
     for pd in procs or ctx.stopped():
         pid = pd.pid
         for th in pd.threads:
@@ -351,9 +352,8 @@ def collect_proc_state(ctx, procs=None) -> None:
         pd.auxv = proc.read_auxv(pid)
         pd.ns_ids = task.namespace_ids(pid)
         exe = proc.read_link(pid, "exe")
-        if exe.endswith(" (deleted)"):
-            raise Unsupported(f"pid {pid}: its executable {exe} was deleted")
-        pd.exe_id = path_entry_id(pd.files, exe, os.stat(f"/proc/{pid}/exe"))
+        pd.exe_id = mapped_file_id(pd, exe, os.stat(f"/proc/{pid}/exe"), os.O_RDONLY,
+                                   f"/proc/{pid}/exe", f"pid {pid}: its executable")
 
 
 # Reading /proc/PID/smaps walks every resident page (~25 ms per GiB); for processes this
@@ -422,10 +422,13 @@ def plan_memory(ctx, procs=None) -> None:
 def plan_files(ctx) -> None:
     """For every fd table (once, even when processes share it): classify every fd
     (refusing unknown kinds), give each its files.img id (one per open file description
-    in the whole tree), read pipe contents; then every process's cwd and root."""
+    in the whole tree), read pipe and fifo contents and file locks; kinds that name
+    other fds (epoll targets, a pty slave's master) get their ids last. Then every
+    process's cwd and root, and its controlling terminal."""
     from criu_py import proc
     from criu_py.dump.context import FdPlan
     from criu_py.files import FILE_KINDS, O_CLOEXEC, FdRef, classify
+    from criu_py.files.locks import note_locks
     from criu_py.files.regular import path_entry_id
     tables = {}
     for pd in ctx.procs:
@@ -438,11 +441,13 @@ def plan_files(ctx) -> None:
             info = proc.read_fdinfo(pid, fd)
             refs.append(FdRef(pid=pid, fd=fd, link=proc.read_fd_link(pid, fd),
                               st=proc.stat_fd(pid, fd), pos=info.pos, flags=info.flags,
-                              mnt_id=info.mnt_id, fdinfo_extra=info.extra))
+                              mnt_id=info.mnt_id, info=info))
         for ref in refs:                      # all refusals first
             kind = classify(ref)
-            FILE_KINDS[kind].check(ref)
-            pd.fds.append(FdPlan(ref=ref, kind=kind, cloexec=bool(ref.flags & O_CLOEXEC)))
+            FILE_KINDS[kind].check(pd, ref)
+            plan = FdPlan(ref=ref, kind=kind, cloexec=bool(ref.flags & O_CLOEXEC))
+            pd.fds.append(plan)
+            ctx.fd_index.setdefault((ref.st.st_dev, ref.st.st_ino), []).append((pid, ref.fd, plan))
     if ctx.opts.get("pre_dump"):
         # what a kind can do early while the tree runs on (inotify/fanotify: find the
         # paths of watched files for the irmap cache)
@@ -452,11 +457,19 @@ def plan_files(ctx) -> None:
                 if pre_dump is not None:
                     pre_dump(pd, p.ref)
         return
+    for late in (False, True):
+        for pd in tables.values():
+            for p in pd.fds:
+                if FILE_KINDS[p.kind].late == late:
+                    p.file_id = FILE_KINDS[p.kind].dump_fd(pd, p.ref)
+                    log.debug("pid %d fd %d: %s %s -> file id %d", pd.pid, p.ref.fd, p.kind,
+                              p.ref.link, p.file_id)
     for pd in tables.values():
         for p in pd.fds:
-            p.file_id = FILE_KINDS[p.kind].dump_fd(pd, p.ref)
-            log.debug("pid %d fd %d: %s %s -> file id %d", pd.pid, p.ref.fd, p.kind,
-                      p.ref.link, p.file_id)
+            finish = getattr(FILE_KINDS[p.kind], "finish", None)
+            if finish is not None:
+                finish(pd, p.ref, p.file_id)
+            note_locks(pd, p)
     for pd in ctx.procs:
         for name in ("cwd", "root"):
             path = proc.read_link(pd.pid, name)
@@ -464,6 +477,20 @@ def plan_files(ctx) -> None:
                 raise Unsupported(f"pid {pd.pid}: its {name} {path} was deleted")
             fid = path_entry_id(pd.files, path, os.stat(f"/proc/{pd.pid}/{name}"))
             setattr(pd, f"{name}_id", fid)
+    check_terminals(ctx)
+
+
+def check_terminals(ctx) -> None:
+    """A controlling terminal must be a pty whose master the tree holds, or the
+    caller's (--shell-job)."""
+    from criu_py.files.tty import PTS_MAJOR, pty_masters
+    for pd in ctx.procs:
+        tty = pd.stat.tty_nr
+        if not tty or ctx.opts.get("shell_job"):
+            continue
+        if os.major(tty) == PTS_MAJOR and os.minor(tty) in pty_masters(ctx):
+            continue
+        raise Unsupported(f"pid {pd.pid} has a controlling terminal: use --shell-job")
 
 
 def release_vfork_parents(ctx) -> None:
@@ -473,10 +500,12 @@ def release_vfork_parents(ctx) -> None:
     like the others. Its SIGCHLD for that exit is not part of its state: dropped."""
     import signal
     import struct
+    from criu_py import interrupts
     for pd in ctx.procs:
         vpid = pd.proc.vfork_child
         if not vpid:
             continue
+        interrupts.hold()              # once the child is gone, the dump must go on
         ctx.tree.procs[vpid].leader.kill(wait=True)
         pd.tracee.wait_stopped(drop=(signal.SIGCHLD,))
         collect_registers(ctx, [pd])
@@ -509,8 +538,7 @@ def scan_memory(ctx) -> None:
         track.prepare(pd)
         hook = ctx.snapshot.vma_scan(pd) if ctx.snapshot is not None else None
         pd.pages = memdump.private_page_ranges(pd.pid, pd.vma_plans, scanner,
-                                               hook or track.vma_scan(pd),
-                                               ctx.cow_by_us.get(pd.pid, ()))
+                                               hook or track.vma_scan(pd))
         track.after_scan(pd)
         if ctx.opts.get("pre_dump"):
             # the copy happens once the tree runs again: an exec or exit meanwhile must
@@ -656,7 +684,7 @@ def write_task_images(ctx) -> None:
 
 
 def write_file_images(ctx) -> None:
-    from criu_py.files import FD_CLOEXEC, FILE_KINDS
+    from criu_py.files import FD_CLOEXEC, FILE_KINDS, ghost, identity, tty
     from criu_py.files.pipe import pipes_data_entries
     from criu_py.images.pb import fdinfo_pb2
     written = set()
@@ -675,9 +703,17 @@ def write_file_images(ctx) -> None:
             fdinfos.append(e)
         ctx.images.write_entries(f"fdinfo-{files_id}.img", fdinfos)
     ctx.images.write_entries("files.img", ctx.files.entries)
-    data = pipes_data_entries(ctx.pipe_data)
-    if data:
-        ctx.images.write_entries_with_payload("pipes-data.img", data)
+    identity.write_image(ctx.images, ctx.files)
+    for name, table in (("pipes-data.img", ctx.pipe_data), ("fifo-data.img", ctx.fifo_data)):
+        data = pipes_data_entries(table)
+        if data:
+            ctx.images.write_entries_with_payload(name, data)
+    ghost.write_images(ctx)
+    tty.write_info_images(ctx)
+    if ctx.file_locks:
+        ctx.images.write_entries("filelocks.img", ctx.file_locks)
+    if ctx.sysv is not None:
+        ctx.sysv.write_images(ctx)
 
 
 def write_tree_images(ctx) -> None:

@@ -43,13 +43,21 @@ class DumpContext:
         self.shmem_stats = {}
         self.times = {}                         # stats-dump times, microseconds
         self.cg_sets = {}                       # pid or tid -> cgroup set id (criu_py.cgroup.dump)
+        self.fifo_data = {}                     # fifo inode -> (bytes, pipe size)
+        self.ghosts = {}                        # (dev, ino) -> files.ghost.Ghost
+        self.remaps = {}                        # files.img id of a deleted file -> ghost id
+        self.tty_infos = {}                     # tty_info id -> tty_info_entry
+        self.pty_masters = None                 # pty indexes whose master the tree holds
+        self.fd_index = {}                      # (dev, ino) -> [(pid, fd, FdPlan)] of every fd
+        self.file_locks = []                    # file_lock_entry
+        self.lock_keys = set()                  # locks already noted (dup'ed fds show them too)
+        self.sysv = None                        # criu_py.sysvipc.dump.SysvDump
         self.mapped_file_ids = {}               # (major, minor, inode, flags) -> files.img id
         self.track = None                       # criu_py.track.Tracking
         self.smaps_cache = {}                   # pid -> (smaps read before the freeze, VmLck)
         self.page_buffer = None                 # mem.dump.PageBuffer, made before the freeze
         self.snapshot = None                    # track.snapshot.Snapshot (--leave-running)
         self.irmap_queue = []                   # pre-dump: (dev, ino, handle type, handle)
-        self.cow_by_us = {}                     # pid -> pages our code injection copied
         self._irmap = None
         self.dump_uptime = 0                    # CLOCK_BOOTTIME at the freeze, microseconds
         self.finished = False                   # every image written
@@ -136,6 +144,8 @@ class ProcDump:
         self.exe_id = self.cwd_id = self.root_id = 0
         self.vma_plans = []                     # mem.dump.VmaPlan
         self.fds = []                           # FdPlan (fd table owners only)
+        self.timers = []                        # proc.PosixTimer of /proc/PID/timers
+        self.posix_timers = []                  # posix_timer_entry
         self.pages_id = 0
         self.pages = None                       # mem.dump.PagePlan, planned while frozen
         self.mm_fd = -1                         # pre-dump: pagemap fd of the frozen mm
@@ -175,6 +185,10 @@ class ProcDump:
     def pipe_data(self) -> dict:
         return self.dump.pipe_data
 
+    @property
+    def tree(self):
+        return self.dump.tree
+
     def file_description_key(self, ref: FdRef) -> tuple:
         return self.dump.file_description_key(ref)
 
@@ -201,7 +215,7 @@ class ProcDump:
         return fid
 
     def _stat_mapped_file(self, vma, flags: int) -> int:
-        from criu_py.files.regular import path_entry_id
+        from criu_py.files.regular import mapped_file_id
         import stat
         from criu_py.errors import Unsupported, from_oserror
         path = f"/proc/{self.pid}/map_files/{vma.map_files_name}"
@@ -212,8 +226,13 @@ class ProcDump:
         if not stat.S_ISREG(st.st_mode):
             raise Unsupported(f"pid {self.pid}: mapping of {vma.path} at {vma.start:#x} "
                               f"(not a regular file) is not supported")
-        return path_entry_id(self.files, vma.path, st, flags)
+        return mapped_file_id(self, vma.path, st, flags, path,
+                              f"pid {self.pid}: mapping at {vma.start:#x}")
 
     def plan_shmem(self, plan) -> None:
         from criu_py.mem import shmem
         shmem.plan_vma(self, plan)
+
+    def plan_sysv_shm(self, plan) -> None:
+        from criu_py import sysvipc
+        sysvipc.plan_vma(self, plan)

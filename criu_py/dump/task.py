@@ -3,6 +3,7 @@
 # mm-PID (mm fields, auxv, VMAs), fs-PID per process, pstree and inventory for the tree.
 # Each build_* turns what the dump collected into messages.
 from criu_py import arch_x86
+from criu_py.images import set_str
 from criu_py.errors import check_errno
 from criu_py.proc import Stat, Status
 
@@ -65,7 +66,7 @@ def build_zombie_core(p):
     tc.personality = 0
     tc.flags = 0
     tc.blk_sigset = 0
-    tc.comm = p.comm
+    set_str(tc, "comm", p.comm)
     return core
 
 
@@ -105,7 +106,7 @@ def _fill_thread_core(th, thread) -> None:
     cr.secbits = thread.info.secbits
     cr.groups.extend(status.groups)
     cr.no_new_privs = status.no_new_privs
-    th.comm = thread.comm
+    set_str(th, "comm", thread.comm)
     if thread.rseq:
         r = th.rseq_entry
         r.rseq_abi_pointer = thread.rseq["pointer"]
@@ -121,10 +122,11 @@ def _fill_task_core(tc, proc) -> None:
     tc.personality = proc.personality
     tc.flags = st.flags
     tc.blk_sigset = proc.leader.sigmask
-    tc.comm = proc.leader.comm
+    set_str(tc, "comm", proc.leader.comm)
     for name, (isec, iusec, vsec, vusec) in zip(("real", "virt", "prof"), par.itimers):
         t = getattr(tc.timers, name)
         t.isec, t.iusec, t.vsec, t.vusec = isec, iusec, vsec, vusec
+    tc.timers.posix.extend(proc.posix_timers)
     for rl in proc.rlimits:
         e = tc.rlimits.rlimits.add()
         e.cur, e.max = rl.cur, rl.max

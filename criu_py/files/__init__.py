@@ -6,6 +6,9 @@
 # Dump side: classify() says which kind an fd is (or refuses it, naming pid, fd and
 # kind); FileTable hands out the ids of files.img entries (one per open file
 # description, shared by dup'ed fds and by every VMA of one mapped file).
+# Restore side: every files.img entry belongs to one resource (resource_key), opened
+# once by the lowest common ancestor of the tasks that use it; a kind whose entries
+# need other files open first (an epoll and its targets) names them in deps().
 import stat
 
 from criu_py.errors import Unsupported
@@ -18,12 +21,37 @@ FD_CLOEXEC = 1
 class FdRef(Record):
     """What the dump knows about one fd of the task before choosing its kind: link is the
     readlink of /proc/PID/fd/N, st the stat of the open file, flags its f_flags from
-    fdinfo (O_CLOEXEC included when set)."""
-    _fields = ("pid", "fd", "link", "st", "pos", "flags", "mnt_id", "fdinfo_extra")
+    fdinfo (O_CLOEXEC included when set), info the whole proc.FdInfo."""
+    _fields = ("pid", "fd", "link", "st", "pos", "flags", "mnt_id", "info")
+
+
+class FileOps:
+    """Defaults of a kind's ops object (see the table below)."""
+    fd_type = 0
+    # late kinds get their files.img ids after every other fd of the tree (an epoll
+    # names its targets by theirs)
+    late = False
+
+    def claims(self, ref: FdRef) -> bool:
+        return False
+
+    def check(self, ctx, ref: FdRef) -> None:
+        """Refusals that need more than the kind (called before any image is written)."""
+
+    def resource_key(self, fe) -> tuple:
+        """The restore resource a files.img entry belongs to."""
+        return ("file", fe.id)
+
+    def deps(self, tree, fe) -> list:
+        """files.img ids that must be open before this entry can be (restore)."""
+        return []
+
+    def check_image(self, tree, fe, what: str) -> None:
+        """Restore: what must hold before anything is created (paths, sizes, ...)."""
 
 
 def describe_unsupported(ref: FdRef) -> str:
-    """A short name of what an fd is, for refusals: socket, eventfd, ..."""
+    """A short name of what an fd is, for refusals: socket, io_uring, bpf-map, ..."""
     link = ref.link
     if link.startswith("socket:"):
         return "socket"
@@ -59,6 +87,7 @@ class FileTable:
 
     def __init__(self):
         self.entries = []
+        self.stats = {}             # id -> os.stat_result of a REG entry's file
         self._ids = {}
 
     def lookup(self, key):
@@ -73,19 +102,35 @@ class FileTable:
             self.entries.append(make_entry(fid))
         return fid
 
+    def entry(self, fid: int):
+        return self.entries[fid - 1]
+
 
 def fown_entry(msg) -> None:
     """An empty owner (F_SETOWN not used): all zero, as upstream writes it."""
     msg.uid = msg.euid = msg.signum = msg.pid_type = msg.pid = 0
 
 
+_BY_TYPE = {}
+
+
+def ops_by_type() -> dict:
+    """fd_type (fdinfo/file_entry type) -> ops, for the restore."""
+    if not _BY_TYPE:
+        _BY_TYPE.update((ops.fd_type, ops) for ops in FILE_KINDS.values())
+    return _BY_TYPE
+
+
 # The table. The kind modules import the names above, so they come last; they load no
 # protobuf at import time, which keeps this cheap.
-from criu_py.files import fanotify, inotify, memfd, pipe, regular  # noqa: E402
+from criu_py.files import (eventfd, eventpoll, fanotify, fifo, inotify, memfd,  # noqa: E402
+                           pipe, regular, signalfd, timerfd, tty)
 
-# kind name -> ops object: claims(ref), check(ref), dump_fd(ctx, ref) -> files.img id,
-# restore_fd(ctx, file_entry, fdinfo_entry) -> fd; fd_type is the fdinfo/file_entry type.
-# Optional: pre_dump(ctx, ref) (what pre-dump does early), check_entry(file_entry, what)
-# (restore: an ImageError before anything is made).
-FILE_KINDS = {"reg": regular.OPS, "pipe": pipe.OPS, "memfd": memfd.OPS,
-              "inotify": inotify.OPS, "fanotify": fanotify.OPS}
+# kind name -> ops object: claims(ref), check(ctx, ref), dump_fd(ctx, ref) -> files.img
+# id, restore_fd(ctx, file_entry, fdinfo_entry) -> fd; fd_type is the fdinfo/file_entry
+# type; resource_key, deps, check_image as in FileOps; optional pre_dump(ctx, ref): what
+# a pre-dump does early (inotify/fanotify: the watched inodes for the irmap cache).
+FILE_KINDS = {"reg": regular.OPS, "pipe": pipe.OPS, "memfd": memfd.OPS, "fifo": fifo.OPS,
+              "eventfd": eventfd.OPS, "signalfd": signalfd.OPS, "timerfd": timerfd.OPS,
+              "eventpoll": eventpoll.OPS, "tty": tty.OPS, "inotify": inotify.OPS,
+              "fanotify": fanotify.OPS}

@@ -7,7 +7,7 @@
 import os
 
 from criu_py.errors import Unsupported
-from criu_py.files import O_CLOEXEC, FdRef, fown_entry
+from criu_py.files import O_CLOEXEC, FdRef, FileOps, fown_entry
 from criu_py.files.inotify import mark_path, pending_events
 from criu_py.log import log
 
@@ -25,13 +25,13 @@ def _sys(nr: int, *args) -> int:
     return sys_(nr, *args)
 
 
-class FanotifyOps:
+class FanotifyOps(FileOps):
     fd_type = FD_TYPE_FANOTIFY
 
     def claims(self, ref: FdRef) -> bool:
         return ref.link == "anon_inode:[fanotify]"
 
-    def check(self, ref: FdRef) -> None:
+    def check(self, ctx, ref: FdRef) -> None:
         from criu_py import proc
         for m in proc.read_fsnotify(ref.pid, ref.fd).marks:
             if m.kind == "sb":
@@ -98,7 +98,7 @@ class FanotifyOps:
             return fe
         return ctx.files.add(("fd", ctx.file_description_key(ref)), make)
 
-    def check_entry(self, entry, what: str) -> None:
+    def check_image(self, tree, entry, what: str) -> None:
         from criu_py.errors import ImageError
         for me in entry.ffy.mark:
             path = None

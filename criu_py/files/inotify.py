@@ -7,7 +7,7 @@
 import errno
 import os
 
-from criu_py.files import O_CLOEXEC, FdRef, fown_entry
+from criu_py.files import O_CLOEXEC, FdRef, FileOps, fown_entry
 from criu_py.log import log
 
 FD_TYPE_INOTIFY = 8
@@ -58,14 +58,11 @@ def mark_path(ctx, ref: FdRef, m, what: str):
                                        v["ino"], htype, m.handle, what)
 
 
-class InotifyOps:
+class InotifyOps(FileOps):
     fd_type = FD_TYPE_INOTIFY
 
     def claims(self, ref: FdRef) -> bool:
         return ref.link == "anon_inode:inotify"
-
-    def check(self, ref: FdRef) -> None:
-        pass
 
     def pre_dump(self, ctx, ref: FdRef) -> None:
         """Pre-dump: the watched inodes, for the irmap cache (resolved once the tree runs)."""
@@ -108,7 +105,7 @@ class InotifyOps:
             return fe
         return ctx.files.add(("fd", ctx.file_description_key(ref)), make)
 
-    def check_entry(self, entry, what: str) -> None:
+    def check_image(self, tree, entry, what: str) -> None:
         """Restore, before anything is made: every watched path exists."""
         from criu_py.errors import ImageError
         for we in entry.ify.wd:

@@ -4,7 +4,7 @@
 import os
 import stat
 
-from criu_py.files import O_CLOEXEC, FdRef, fown_entry
+from criu_py.files import O_CLOEXEC, FdRef, FileOps, fown_entry
 
 FD_TYPE_MEMFD = 18
 
@@ -29,14 +29,16 @@ def memfd_file_id(ctx, obj, flags: int, pos: int, fd_key=None) -> int:
     return ctx.files.add(key, lambda fid: memfd_file_entry(fid, obj.memfd_inode_id, flags, pos))
 
 
-class MemfdOps:
+class MemfdOps(FileOps):
     fd_type = FD_TYPE_MEMFD
 
     def claims(self, ref: FdRef) -> bool:
         return ref.link.startswith("/memfd:") and stat.S_ISREG(ref.st.st_mode)
 
-    def check(self, ref: FdRef) -> None:
-        pass
+    def check_image(self, tree, fe, what: str) -> None:
+        # memfds only open, not mapped, are shared objects too
+        from criu_py.mem import shmem_restore
+        shmem_restore.object_for_memfd(tree.shared, tree.images, tree.memfd_inodes, fe, what)
 
     def dump_fd(self, ctx, ref: FdRef) -> int:
         from criu_py.mem.shmem import memfd_object

@@ -8,7 +8,7 @@ import stat
 import termios
 
 from criu_py.errors import DumpError, check_errno
-from criu_py.files import O_CLOEXEC, FdRef, fown_entry
+from criu_py.files import O_CLOEXEC, FdRef, FileOps, fown_entry
 from criu_py.log import log
 
 FD_TYPE_PIPE = 2
@@ -72,14 +72,14 @@ def peek_pipe(pidfd: int, ref: FdRef) -> tuple[bytes, int]:
         os.close(src)
 
 
-class PipeOps:
+class PipeOps(FileOps):
     fd_type = FD_TYPE_PIPE
 
     def claims(self, ref: FdRef) -> bool:
         return stat.S_ISFIFO(ref.st.st_mode) and ref.link.startswith("pipe:")
 
-    def check(self, ref: FdRef) -> None:
-        pass
+    def resource_key(self, fe) -> tuple:
+        return ("pipe", fe.pipe.pipe_id)        # both ends come from one pipe2
 
     def dump_fd(self, ctx, ref: FdRef) -> int:
         pipe_id = ref.st.st_ino

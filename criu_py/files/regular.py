@@ -1,12 +1,15 @@
 # Regular files, directories and character devices opened by path (/dev/null, a log
-# file opened O_APPEND, ...): files.img REG entries with name, flags, position, mode.
-# Also the entries for mapped files, the exe link, cwd and root, which upstream stores
-# the same way. Open files that were deleted are refused (ghost files are another issue).
+# file opened O_APPEND, ...): files.img REG entries with name, flags, position, mode
+# and, for regular files, the size (except write-only O_APPEND logs, as upstream) and
+# the ELF build-id, which restore compares with what it finds (files/identity.py: a file
+# whose size or mode changed, or another file at the same path, is refused in one line,
+# as CRIU does). A file renamed since it was opened is reopened by the path the kernel
+# reports now. Also the entries for mapped files, the exe link, cwd and root, which
+# upstream stores the same way. A deleted file is a ghost (files/ghost.py).
 import os
 import stat
 
-from criu_py.errors import Unsupported
-from criu_py.files import O_CLOEXEC, FileTable, FdRef, fown_entry
+from criu_py.files import O_CLOEXEC, FdRef, FileOps, FileTable, fown_entry
 
 FD_TYPE_REG = 1
 
@@ -14,7 +17,14 @@ FD_TYPE_REG = 1
 _PORTABLE_CHR = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty"}
 
 
+def keeps_size(flags: int) -> bool:
+    """Whether the size is recorded (and checked at restore): not for write-only
+    O_APPEND files (logs), which may grow meanwhile, as upstream."""
+    return not (flags & os.O_ACCMODE == os.O_WRONLY and flags & os.O_APPEND)
+
+
 def reg_file_entry(fid: int, path: str, flags: int, pos: int, st: os.stat_result | None):
+    from criu_py.images import set_str
     from criu_py.images.pb import fdinfo_pb2
     fe = fdinfo_pb2.file_entry()
     fe.type = FD_TYPE_REG
@@ -24,24 +34,51 @@ def reg_file_entry(fid: int, path: str, flags: int, pos: int, st: os.stat_result
     r.flags = flags & ~O_CLOEXEC
     r.pos = pos
     fown_entry(r.fown)
-    r.name = path
+    set_str(r, "name", path)
     if st is not None:
         r.mode = st.st_mode
-        if stat.S_ISREG(st.st_mode):
+        if stat.S_ISREG(st.st_mode) and keeps_size(flags):
             r.size = st.st_size
     return fe
 
 
+def add_reg_entry(table: FileTable, key, path: str, flags: int, pos: int,
+                  st: os.stat_result | None, read_from: str | None = None) -> int:
+    """The id of the REG entry for `key`, made the first time with what identifies its
+    file (files/identity.py: the build-id, and the stat for criu-py-file-ids.img);
+    read_from is a /proc path that opens the very file."""
+    def make(fid):
+        fe = reg_file_entry(fid, path, flags, pos, st)
+        if st is not None:
+            from criu_py.files import identity
+            table.stats[fid] = st
+            identity.record(fe.reg, st, read_from)
+        return fe
+    return table.add(key, make)
+
+
 def path_entry_id(table: FileTable, path: str, st: os.stat_result | None = None,
-                  flags: int = os.O_RDONLY) -> int:
+                  flags: int = os.O_RDONLY, read_from: str | None = None) -> int:
     """Id of a REG entry naming `path` (mapped files, exe, cwd, root): one per inode."""
     if st is None:
         st = os.stat(path)
     key = ("path", st.st_dev, st.st_ino, flags)
-    return table.add(key, lambda fid: reg_file_entry(fid, path, flags, 0, st))
+    return add_reg_entry(table, key, path, flags, 0, st, read_from)
 
 
-class RegularFileOps:
+def mapped_file_id(ctx, link: str, st: os.stat_result, flags: int, open_path: str,
+                   what: str) -> int:
+    """path_entry_id for a file the task maps or runs (its exe): a deleted one is a ghost."""
+    from criu_py.files import ghost
+    deleted = ghost.is_deleted(link, st)
+    fid = path_entry_id(ctx.files, ghost.live_path(link) if deleted else link, st, flags,
+                        read_from=open_path)
+    if deleted:
+        ghost.note(ctx, fid, link, st, open_path, what)
+    return fid
+
+
+class RegularFileOps(FileOps):
     fd_type = FD_TYPE_REG
 
     def claims(self, ref: FdRef) -> bool:
@@ -54,29 +91,41 @@ class RegularFileOps:
             return ref.link in _PORTABLE_CHR
         return False
 
-    def check(self, ref: FdRef) -> None:
-        """Refusals that need more than the kind (called before any image is written)."""
-        if ref.link.endswith(" (deleted)") or ref.st.st_nlink == 0 and stat.S_ISREG(ref.st.st_mode):
-            raise Unsupported(f"pid {ref.pid} fd {ref.fd}: deleted file ({ref.link}) "
-                              f"is not supported")
-
     def dump_fd(self, ctx, ref: FdRef) -> int:
         """The files.img id of this fd's open file (dup'ed fds share one)."""
+        from criu_py.files import ghost
         key = ("fd", ctx.file_description_key(ref))
-        return ctx.files.add(key, lambda fid: reg_file_entry(fid, ref.link, ref.flags,
-                                                             ref.pos, ref.st))
+        deleted = ghost.is_deleted(ref.link, ref.st) and stat.S_ISREG(ref.st.st_mode)
+        path = ghost.live_path(ref.link) if deleted else ref.link
+        fid = add_reg_entry(ctx.files, key, path, ref.flags, ref.pos, ref.st,
+                            f"/proc/{ref.pid}/fd/{ref.fd}")
+        if deleted:
+            ghost.note(ctx, fid, ref.link, ref.st, f"/proc/{ref.pid}/fd/{ref.fd}",
+                       f"pid {ref.pid} fd {ref.fd}")
+        return fid
+
+    # ---- restore
+    def check_image(self, tree, fe, what: str) -> None:
+        tree.check_file(fe.id, what)
 
     def restore_fd(self, ctx, entry, fdinfo) -> int:
         """Reopen the file by path with its flags (never creating or truncating it) and
         put the position back; returns the new fd (the caller moves it into place)."""
+        from criu_py.images import get_str
         r = entry.reg
+        name = ctx.tree.reg_path(entry.id)
         flags = (r.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | O_CLOEXEC)) | O_CLOEXEC
         try:
-            fd = os.open(r.name, flags)
+            fd = os.open(name, flags)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot open {r.name} for fd {fdinfo.fd}: {exc.strerror}") from None
-        if r.pos and not stat.S_ISCHR(os.fstat(fd).st_mode):
-            os.lseek(fd, r.pos, os.SEEK_SET)
+            raise OSError(exc.errno, f"cannot open {name} for fd {fdinfo.fd}: {exc.strerror}") from None
+        try:
+            ctx.tree.check_opened(entry.id, fd, f"fd {fdinfo.fd}")
+            if r.pos and not stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.lseek(fd, r.pos, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
 

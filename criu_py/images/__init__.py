@@ -94,10 +94,18 @@ MAGICS = {
     "apparmor": (0x59423047, "apparmor_pb2", "apparmor_entry"),
     "stats": (0x57093306, "stats_pb2", "stats_entry"),
     "irmap_cache": (0x57004059, "fh_pb2", "irmap_cache_entry"),
+    # criu-py's own: checksums of the image set (images/integrity.py); not in magic.h
+    "checksums": (0x51535843, "integrity_pb2", "integrity_file_entry"),
+    # criu-py's own: which file each REG entry named (files/identity.py); not in magic.h
+    "file_ids": (0x51534649, "file_ident_pb2", "file_ident_entry"),
 }
 # Kinds whose first entry is of another message (the head).
-HEADS = {"pagemap": ("pagemap_pb2", "pagemap_head")}
+HEADS = {"pagemap": ("pagemap_pb2", "pagemap_head"),
+         "checksums": ("integrity_pb2", "integrity_head"),
+         "file_ids": ("file_ident_pb2", "file_ident_head")}
 SERVICE_KINDS = frozenset({"stats", "irmap_cache"})
+# Images only criu-py writes and reads (upstream tools do not know their magics).
+CRIU_PY_IMAGES = frozenset({"criu-py-checksums.img", "criu-py-file-ids.img"})
 NO_COMMON_MAGIC = frozenset({"inventory"})
 # Raw payload after each entry: kind -> size of the payload that follows `msg` (as CRIU writes it).
 PAYLOAD_SIZE = {
@@ -167,6 +175,7 @@ _NAME_SHAPES = {
     "bpfmap-data.img": "bpfmap_data", "apparmor.img": "apparmor",
     "filelocks.img": "file_locks", "remap-fpath.img": "remap_fpath",
     "stats-dump": "stats", "stats-restore": "stats", "irmap-cache.img": "irmap_cache",
+    "criu-py-checksums.img": "checksums", "criu-py-file-ids.img": "file_ids",
 }
 # Names with a hexadecimal id: prefix -> kind ("ghost-file-1a2b.img").
 _HEX_NAMES = {"ghost-file-": "ghost_file", "tcp-stream-": "tcp_stream"}
@@ -338,6 +347,41 @@ def encode_file(kind: str, entries, label: str | None = None) -> bytes:
     return b"".join(parts)
 
 
+def set_str(msg, field: str, value) -> None:
+    """Set a string field to a kernel name or path (str, possibly with surrogate escapes
+    from os.fsdecode, or bytes) that need not be UTF-8: protobuf refuses such a value,
+    but a string field carries any bytes on the wire (CRIU's C writes them that way), so
+    it is merged in as raw wire bytes."""
+    raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    try:
+        setattr(msg, field, raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        number = msg.DESCRIPTOR.fields_by_name[field].number
+        msg.ClearField(field)
+        msg.MergeFromString(string_field_wire(number, raw))
+
+
+def get_str(value) -> str:
+    """A string field's value as a str: protobuf gives bytes for one that is not UTF-8;
+    decoded losslessly (os.fsdecode), so it opens the same file."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def string_field_wire(number: int, raw: bytes) -> bytes:
+    """Field `number` holding the bytes `raw` as protobuf writes a string on the wire."""
+    return _varint(number << 3 | 2) + _varint(len(raw)) + raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def pagemap_nr_pages(pe) -> int:
     """Pages of a pagemap_entry: field 5 (4.x) when set, else the 3.x field 2."""
     return pe.nr_pages if pe.HasField("nr_pages") else pe.compat_nr_pages
@@ -349,29 +393,56 @@ def set_pagemap_nr_pages(pe, n: int) -> None:
     pe.compat_nr_pages = n if n < (1 << 32) else 0
 
 
+def make_private_dir(path: str) -> bool:
+    """Create the directory `path` with mode 0700 (whatever the umask) when it is missing,
+    its parents as os.makedirs would. An existing directory is never changed. Returns
+    whether it was created. Raises OSError."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return False
+    # ours: make the mode exact (mkdir's is 0700 minus the umask)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return True
+
+
+def warn_if_readable(path: str, what: str) -> None:
+    """-v2 warning when others (group or world) may read an existing directory that is
+    about to hold process memory or logs; its mode is left as the user made it."""
+    import stat
+    from criu_py.log import log
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("%s %s is readable by others (mode %04o); its files are 0600", what, path, mode)
+
+
 class ImageDir:
-    """A checkpoint directory. Paths are resolved against a directory fd held open."""
+    """A checkpoint directory. Paths are resolved against a directory fd held open.
+    create=True makes a missing directory 0700; an existing one keeps its mode."""
 
     def __init__(self, path: str, create: bool = False):
         self.dirpath = os.fspath(path)
         if create:
             try:
-                os.mkdir(self.dirpath, 0o700)
-            except FileExistsError:
-                pass
+                created = make_private_dir(self.dirpath)
             except OSError as exc:
                 raise ImageError(f"{self.dirpath}: cannot create the images dir ({exc.strerror})") from None
+            if not created:
+                warn_if_readable(self.dirpath, "images dir")
         try:
             self.dirfd = os.open(self.dirpath, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise ImageError(f"{self.dirpath}: cannot open the images dir ({exc.strerror})") from None
-        if create:
-            try:
-                os.fchmod(self.dirfd, 0o700)
-            except OSError as exc:
-                os.close(self.dirfd)
-                raise ImageError(f"{self.dirpath}: cannot make the images dir private"
-                                 f" ({exc.strerror})") from None
 
     def close(self):
         if self.dirfd >= 0:

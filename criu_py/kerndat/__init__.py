@@ -2,7 +2,7 @@
 # ask here what the kernel can do instead of probing it each on their own:
 #
 #   from criu_py import kerndat
-#   facts = kerndat.load()            # cached in /run/criu.kdat, or probed and saved
+#   facts = kerndat.load()            # cached in /run/criu-py.kdat, or probed and saved
 #   facts.page_size, facts.soft_dirty, facts.uffd_wp_async, facts.vdso_areas, ...
 #   facts.caller.has_cap("CAP_SYS_ADMIN")   # about this run, never cached
 #
@@ -16,7 +16,7 @@ _said_no_cache = False
 def load(cache_path: str | None = None, *, key=None, environ=None):
     """The kernel facts (criu_py.kerndat.facts.KerndatFacts): from the kdat cache when it
     is valid, else probed now and saved there. `cache_path` overrides the location
-    (None: $CRIU_PY_KDAT, /run/criu.kdat, $XDG_RUNTIME_DIR/criu.kdat; "none": no cache).
+    (None: $CRIU_PY_KDAT, /run/criu-py.kdat, $XDG_RUNTIME_DIR/criu-py.kdat; "none": no cache).
     `key` (a cache.CacheKey) replaces the running system's identity, for tests. The
     caller facts (`.caller`) are read afresh every time."""
     import os
@@ -75,6 +75,10 @@ def save(facts, cache_path: str | None = None, *, key=None) -> str:
     if location.path is None:
         raise CriuError(f"cannot save the kdat cache: {location.reason}")
     key = key or cache.current_key()
+    foreign = cache.foreign_file(location.path)
+    if foreign:
+        raise CriuError(f"cannot save the kdat cache: {location.path} is {foreign}; "
+                        f"criu-py replaces only its own cache files")
     if not cache.save_cache(location.path, cache.to_bytes(facts, key)):
         raise CriuError(f"cannot save the kdat cache {location.path} (see the log, -v3)")
     return location.path

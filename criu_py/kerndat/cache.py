@@ -2,11 +2,16 @@
 # not re-probe on every start. Layout: a 16-byte header (magic, format, payload length,
 # crc32 of the payload, little-endian u32s) then one kdat_entry protobuf (proto/kdat.proto).
 # The entry records the boot id, kernel release, criu-py version and the probing euid; a
-# file that disagrees with the running system on any of them, or is short, corrupt, a
-# symlink, or unsafe (not owned by our euid - root for root - or writable by group or
-# others) is stale: it is unlinked and replaced. Saving is atomic (unique O_EXCL
-# temporary file + rename) and never leaves the temporary behind. A cached load imports neither cffi nor protobuf (the
-# small wire decoder below reads the entry); only writing imports the generated kdat_pb2.
+# file of ours that disagrees with the running system on any of them, or is short,
+# corrupt, a symlink, or unsafe (not owned by our euid - root for root - or writable by
+# group or others) is stale: it is unlinked and replaced. A file criu-py did not write (it
+# does not start with our magic: upstream CRIU's raw struct with 0x57023458, or anything
+# else a path may name) is never removed nor replaced: the run goes on uncached. The
+# default file is /run/criu-py.kdat, beside upstream's /run/criu.kdat, which has another
+# format and which upstream deletes as stale when it finds ours there. Saving is atomic
+# (unique O_EXCL temporary file + rename) and never leaves the temporary behind. A cached
+# load imports neither cffi nor protobuf (the small wire decoder below reads the entry);
+# only writing imports the generated kdat_pb2.
 import errno
 import os
 import stat
@@ -20,8 +25,9 @@ from criu_py.log import log
 MAGIC = 0x5444_4B43          # "CKDT" read as little-endian bytes
 FORMAT = 1                   # bump on any incompatible change of the payload's meaning
 HEADER = struct.Struct("<IIII")
-DEFAULT_PATH = "/run/criu.kdat"
-FILE_NAME = "criu.kdat"
+UPSTREAM_MAGIC = 0x57023458  # first word of upstream CRIU's kdat file (a raw C struct)
+DEFAULT_PATH = "/run/criu-py.kdat"
+FILE_NAME = "criu-py.kdat"
 ENV_PATH = "CRIU_PY_KDAT"    # overrides the path; "none" turns the cache off
 NO_CACHE = "none"
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -67,7 +73,8 @@ def _dir_writable(directory: str) -> bool:
 
 def resolve_location(explicit: str | None = None, environ=os.environ) -> Location:
     """Where the cache lives: the explicit path (option), else $CRIU_PY_KDAT, else
-    /run/criu.kdat when /run is writable, else $XDG_RUNTIME_DIR/criu.kdat, else nowhere."""
+    /run/criu-py.kdat when /run is writable, else $XDG_RUNTIME_DIR/criu-py.kdat, else
+    nowhere."""
     chosen = explicit if explicit is not None else environ.get(ENV_PATH) or None
     if chosen is not None:
         if chosen == NO_CACHE:
@@ -276,8 +283,51 @@ def _unsafe_owner(st: os.stat_result, euid: int) -> str:
     return ""
 
 
+def not_ours(first_bytes: bytes, st: os.stat_result) -> str:
+    """Why a file is not one criu-py wrote ('' when it is): criu-py never removes or
+    replaces such a file."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if len(first_bytes) < 4:
+        return f"a {len(first_bytes)}-byte file without criu-py's magic"
+    magic = struct.unpack_from("<I", first_bytes)[0]
+    if magic == UPSTREAM_MAGIC:
+        return "upstream CRIU's kdat file"
+    if magic != MAGIC:
+        return f"not a criu-py kdat file (magic {magic:#010x})"
+    return ""
+
+
+def foreign_file(path: str) -> str:
+    """'' when nothing is at `path` or it is a criu-py kdat file (or a symlink, which is
+    replaced, never followed); else why it must be left alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return "" if exc.errno == errno.ELOOP else exc.strerror
+    try:
+        st = os.fstat(fd)
+        head = os.read(fd, 4) if stat.S_ISREG(st.st_mode) else b""
+    finally:
+        os.close(fd)
+    return not_ours(head, st)
+
+
+_said_foreign = set()
+
+
+def _leave_foreign(path: str, why: str) -> None:
+    """Say once per path (at -v2) that the cache is not used there, and why."""
+    if path not in _said_foreign:
+        _said_foreign.add(path)
+        log.warning("kdat: %s is %s: left as it is, probing without a cache", path, why)
+
+
 def read_cache(path: str, key: CacheKey) -> KerndatFacts | None:
-    """The cached facts, or None when there is no file or it was stale (then it is gone)."""
+    """The cached facts, or None when there is no usable file: none, one of ours that was
+    stale (then it is gone), or one criu-py did not write (left untouched)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -289,14 +339,18 @@ def read_cache(path: str, key: CacheKey) -> KerndatFacts | None:
         return None
     try:
         st = os.fstat(fd)
-        unsafe = _unsafe_owner(st, key.euid)
-        if not unsafe and st.st_size > MAX_SIZE:
-            unsafe = f"{st.st_size} bytes, more than a kdat file ever holds"
-        if unsafe:
-            return _stale(path, unsafe)
-        data = os.read(fd, st.st_size + 1)
+        data = os.read(fd, min(st.st_size, MAX_SIZE) + 1) if stat.S_ISREG(st.st_mode) else b""
     finally:
         os.close(fd)
+    foreign = not_ours(data[:4], st)
+    if foreign:
+        _leave_foreign(path, foreign)
+        return None
+    unsafe = _unsafe_owner(st, key.euid)
+    if not unsafe and st.st_size > MAX_SIZE:
+        unsafe = f"{st.st_size} bytes, more than a kdat file ever holds"
+    if unsafe:
+        return _stale(path, unsafe)
     try:
         return from_bytes(data, key)
     except Stale as exc:
@@ -319,7 +373,12 @@ def save_cache(path: str, data: bytes) -> bool:
     """Write `data` to `path` atomically: a temporary file unique to this saver (pid +
     random) created O_EXCL|O_NOFOLLOW, written whole, renamed over `path` (rename replaces a
     symlink itself, never its target). The temporary never outlives a failure. Returns
-    whether the file was written; losing a race is not an error."""
+    whether the file was written; losing a race is not an error. A file criu-py did not
+    write at `path` is never replaced."""
+    foreign = foreign_file(path)
+    if foreign:
+        _leave_foreign(path, foreign)
+        return False
     _remove_orphans(path)
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
     try:
@@ -372,7 +431,11 @@ def _remove_orphans(path: str) -> None:
 
 def drop_cache(path: str) -> bool:
     """Remove the cache file (a symlink there is removed, its target untouched).
-    Returns whether there was one."""
+    Returns whether there was one. A file criu-py did not write is refused (CriuError)."""
+    foreign = foreign_file(path)
+    if foreign:
+        from criu_py.errors import CriuError
+        raise CriuError(f"{path} is {foreign}; criu-py removes only its own cache files")
     try:
         os.unlink(path)
         return True

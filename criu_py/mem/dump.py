@@ -113,10 +113,7 @@ def plan_vmas(pid: int, vmas: list[Vma], ctx) -> list[VmaPlan]:
         elif is_shared_anon(v) or is_memfd(v):
             ctx.plan_shmem(plan)           # sets status, flags, shmid, pgoff; may refuse
         elif v.path.startswith("/SYSV"):
-            raise Unsupported(f"pid {pid}: SysV shared memory mapping {v.path} is not supported")
-        elif v.path.endswith(" (deleted)"):
-            raise Unsupported(f"pid {pid}: mapping of a deleted file {v.path} at {v.start:#x} "
-                              f"is not supported")
+            ctx.plan_sysv_shm(plan)        # sets status, flags, shmid; may refuse
         else:
             e.pgoff = v.offset
             e.shmid = ctx.file_id_for_mapping(v)
@@ -254,35 +251,12 @@ class PagePlan:
         return [(s, e) for s, e, p, _ in self.flat() if not p]
 
 
-def injection_would_copy(pid: int, addr: int) -> bool:
-    """Whether writing our code at addr (a private file mapping) makes the first private
-    copy of that page: its page is still the file's (page cache), or not mapped yet. Such
-    a copy holds the file's bytes again once the code is taken out, so it is not dumped
-    (restoring it as data would make a private writable copy the task never had)."""
-    from criu_py import proc
-    pme = proc.read_pagemap(pid, addr)[0]
-    return bool(pme & PM_FILE) or not pme & (PM_PRESENT | PM_SWAPPED)
-
-
-def _without_pages(found: list, skip) -> list:
-    out = []
-    for s, e, parent in found:
-        for page in sorted(a for a in skip if s <= a < e):
-            if page > s:
-                out.append((s, page, parent))
-            s = page + M.PAGE_SIZE
-        if s < e:
-            out.append((s, e, parent))
-    return out
-
-
-def private_page_ranges(pid: int, plans: list[VmaPlan], scan=None, vma_scan=None,
-                        skip=frozenset()) -> PagePlan:
+def private_page_ranges(pid: int, plans: list[VmaPlan], scan=None, vma_scan=None) -> PagePlan:
     """The pages to dump, per VMA in address order. scan(fd, start, end) finds the
     ranges of one VMA (default: scan_pages, i.e. PAGEMAP_SCAN); vma_scan(fd, plan), when
     given, may answer for a VMA instead with (uint64_t[] triples, count) (memory
     tracking: pages unchanged since the parent images are in_parent), or None to leave
-    it to scan. skip: addresses of pages left out (copies made by our own injection)."""
+    it to scan."""
     scan = scan or scan_pages
     t0 = time.monotonic()
     path = f"/proc/{pid}/pagemap"
@@ -303,12 +277,6 @@ def private_page_ranges(pid: int, plans: list[VmaPlan], scan=None, vma_scan=None
             found = vma_scan(fd, p) if vma_scan is not None else None
             if found is None:
                 found = [(s, e, False) for s, e in scan(fd, p.vma.start, p.vma.end)]
-            if any(p.vma.start <= a < p.vma.end for a in skip):
-                if not isinstance(found, list):
-                    from criu_py.native import ffi
-                    v = ffi.unpack(found[0], 3 * found[1])
-                    found = [(v[i], v[i + 1], v[i + 2] == 1) for i in range(0, len(v), 3)]
-                found = _without_pages(found, skip)
             if isinstance(found, list):
                 out.add_list(p, found)
             else:

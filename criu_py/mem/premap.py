@@ -78,7 +78,7 @@ def _map_fresh(run, v, dst: int) -> None:
     flags = M.MAP_PRIVATE | MAP_FIXED | (v.flags & M.MAP_NORESERVE)
     prot = M.PROT_READ | M.PROT_WRITE
     if v.status & M.VMA_FILE_PRIVATE:
-        path = run.rs.tree.reg(v.shmid, f"VMA {v.start:#x}").name
+        path = run.rs.tree.path(v.shmid, f"VMA {v.start:#x}")
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             r = _sys(NR_MMAP, dst, length, prot, flags, fd, v.pgoff)

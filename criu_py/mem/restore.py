@@ -68,17 +68,43 @@ class MemoryPlan:
 
 
 def _vma_key(v) -> tuple:
-    flags = v.fdflags if v.HasField("fdflags") else 0
-    if v.status & M.VMA_FILE_SHARED and v.prot & M.PROT_WRITE or v.status & M.VMA_ANON_SHARED:
-        flags = 2   # O_RDWR
-    return ("anon" if v.status & M.VMA_ANON_SHARED else "file", v.shmid, flags)
+    """(kind, object id, open flags) of a VMA's file. A private mapping never writes its
+    file: opened read-only whatever the image says. A shared one is opened for writing
+    only when the dump recorded its file open that way (fdflags; images without it get
+    upstream's guess from the protection), see _check_file_vma."""
+    if v.status & M.VMA_ANON_SHARED:
+        return ("anon", v.shmid, os.O_RDWR)
+    flags = os.O_RDONLY
+    if v.status & M.VMA_FILE_SHARED:
+        if v.HasField("fdflags"):
+            writable = v.fdflags & os.O_ACCMODE == os.O_RDWR
+        else:
+            writable = bool(v.prot & M.PROT_WRITE)
+        flags = os.O_RDWR if writable else os.O_RDONLY
+    return ("file", v.shmid, flags)
+
+
+def _check_file_vma(v, key: tuple, fe, checks, pid: int, what: str) -> None:
+    """A file mapped shared and writable must have been open for writing at dump, by
+    every record the images have of it: a damaged flag never makes the restore write
+    pages into (or open for writing) a file the task only read."""
+    if not v.status & M.VMA_FILE_SHARED:
+        return
+    if v.prot & M.PROT_WRITE and key[2] != os.O_RDWR:
+        raise ImageError(f"mm-{pid}.img: {what} maps {fe.reg.name} shared and writable, "
+                         f"but the dump had it open read-only")
+    if key[2] == os.O_RDWR and checks is not None and checks.idents \
+            and not checks.opened_for_writing(fe):
+        raise ImageError(f"mm-{pid}.img: {what} maps {fe.reg.name} for writing, but "
+                         f"files.img has it open read-only")
 
 
 def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: dict,
-                chain: list | None = None) -> MemoryPlan:
+                checks=None, chain: list | None = None) -> MemoryPlan:
     """Check mm's VMAs and pagemap against each other and the pages file size. Shared
     memory objects are registered in `shared` (shmid -> object), one for the whole tree.
-    chain: [images, parent, ...] (mem.chain.open_chain) for incremental dumps."""
+    checks: the tree's files.identity.FileChecks; chain: [images, parent, ...]
+    (mem.chain.open_chain) for incremental dumps."""
     from criu_py.mem import shmem_restore
     plan = MemoryPlan(vmas=[], shared=shared, memfd_inodes=memfd_inodes)
     prev_end = 0
@@ -93,7 +119,10 @@ def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: d
         if v.status & (M.VMA_AREA_VDSO | M.VMA_AREA_VVAR):
             plan.special.append((v.start, v.end))
             continue
-        if v.status & (M.VMA_AREA_SYSVIPC | M.VMA_AREA_SOCKET | M.VMA_AREA_AIORING):
+        if v.status & M.VMA_AREA_SYSVIPC:
+            plan.vmas.append(v)             # the restorer attaches segment v.shmid
+            continue
+        if v.status & (M.VMA_AREA_SOCKET | M.VMA_AREA_AIORING):
             raise ImageError(f"mm-{pid}.img: VMA {v.start:#x}-{v.end:#x} has status "
                              f"{v.status:#x}, which this restore does not support")
         key = _vma_key(v)
@@ -111,7 +140,9 @@ def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: d
                 obj = shmem_restore.object_for_memfd(plan.shared, images, plan.memfd_inodes, fe, what)
                 plan.files.setdefault(key, MappedFile(v.shmid, None, key[2], shmid=obj.shmid))
             else:
-                plan.files.setdefault(key, MappedFile(v.shmid, fe.reg.name, key[2]))
+                from criu_py.images import get_str
+                _check_file_vma(v, key, fe, checks, pid, what)
+                plan.files.setdefault(key, MappedFile(v.shmid, get_str(fe.reg.name), key[2]))
         plan.vmas.append(v)
     if plan.special:
         plan.vdso_vvar = min(s for s, _ in plan.special)
@@ -131,8 +162,10 @@ def plan_pages(images, pid: int, plan: MemoryPlan, chain: list | None = None) ->
         raise ImageError(f"{name}: no pagemap head")
     own = PageSource(images, f"pages-{entries[0].pages_id}.img")
     plan.sources = [own]
-    spans = []          # contiguous runs of restored VMAs (upstream's entries may span two)
-    for v in plan.vmas:
+    spans = []          # contiguous runs of private VMAs (upstream's entries may span two);
+    for v in plan.vmas:  # pages of shared ones live in their object, never in pages-N.img
+        if v.status & (M.VMA_FILE_SHARED | M.VMA_ANON_SHARED):
+            continue
         if spans and spans[-1][1] == v.start:
             spans[-1] = (spans[-1][0], v.end)
         else:
@@ -163,7 +196,8 @@ def plan_pages(images, pid: int, plan: MemoryPlan, chain: list | None = None) ->
             total += end - start
             continue
         if not any(s <= start and end <= e for s, e in spans):
-            raise ImageError(f"{name}: pages {start:#x}-{end:#x} lie outside the restored VMAs")
+            raise ImageError(f"{name}: pages {start:#x}-{end:#x} lie outside the private "
+                             f"VMAs (pages are restored into private memory only)")
         if iovs and iovs[-1][0] is not None and iovs[-1][0] + iovs[-1][1] == start:
             iovs[-1] = (iovs[-1][0], iovs[-1][1] + end - start)
         else:
@@ -322,6 +356,9 @@ def pie_vmas(plan: MemoryPlan, premapped: dict | None = None) -> list:
         if v.start in premapped:
             out.append(PieVma(v.start, v.end, v.prot, flags, lib.PIE_VMA_PREMAPPED,
                               src=premapped[v.start], map_prot=M.PROT_READ | M.PROT_WRITE))
+        elif v.status & M.VMA_AREA_SYSVIPC:
+            out.append(PieVma(v.start, v.end, v.prot, M.MAP_SHARED, lib.PIE_VMA_SYSVSHM,
+                              fd=v.shmid))
         elif v.status & (M.VMA_FILE_PRIVATE | M.VMA_FILE_SHARED | M.VMA_ANON_SHARED):
             mf = plan.files[_vma_key(v)]
             if v.status & M.VMA_ANON_SHARED:

@@ -162,7 +162,8 @@ def _memfd_inode_entry(obj: SharedObject, fd: int):
     import fcntl
     from criu_py.images.pb import memfd_pb2
     e = memfd_pb2.memfd_inode_entry()
-    e.name = obj.memfd_name
+    from criu_py.images import set_str
+    set_str(e, "name", obj.memfd_name)
     e.uid, e.gid = obj.st.st_uid, obj.st.st_gid
     e.size = obj.size
     e.shmid = obj.shmid

@@ -40,7 +40,8 @@ def object_for_memfd(objects: dict, images, inodes: dict, file_entry, what: str)
     if obj is None:
         obj = objects[inode.shmid] = SharedObject(inode.shmid)
         read_pages(images, obj)
-    obj.memfd_name = inode.name
+    from criu_py.images import get_str
+    obj.memfd_name = get_str(inode.name)
     obj.seals = inode.seals
     obj.size = max(obj.size, inode.size)
     return obj

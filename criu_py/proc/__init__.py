@@ -33,7 +33,12 @@ class Record:
 def _read(pid: int, name: str, binary: bool = False):
     path = f"/proc/{pid}/{name}"
     try:
-        with open(path, "rb" if binary else "r") as f:
+        if binary:
+            with open(path, "rb") as f:
+                return f.read()
+        # Names and paths the kernel gives are bytes, not always UTF-8: decoded
+        # losslessly (surrogate escapes, as os.fsdecode does)
+        with open(path, "r", encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
     except OSError as exc:
         raise from_oserror(exc, f"reading {path}", pid) from None
@@ -45,7 +50,9 @@ def pid_exists(pid: int) -> bool:
 
 # ---------------------------------------------------------------- /proc/PID/stat
 class Stat(Record):
-    _fields = ("pid", "comm", "state", "ppid", "pgid", "sid", "tty_nr", "flags", "num_threads",
+    # tty_nr: the controlling terminal's device number (0: none); tpgid: its foreground
+    # process group (-1: none).
+    _fields = ("pid", "comm", "state", "ppid", "pgid", "sid", "tty_nr", "tpgid", "flags", "num_threads",
                "start_code", "end_code", "start_stack", "start_data", "end_data", "start_brk",
                "arg_start", "arg_end", "env_start", "env_end", "exit_signal", "exit_code",
                "start_time")
@@ -59,7 +66,7 @@ def read_stat(pid: int) -> Stat:
     f = text[rpar + 2:].split()
     n = lambda i: int(f[i - 3])  # noqa: E731  (proc(5) field number -> value)
     return Stat(pid=int(text[:lpar]), comm=comm, state=f[0], ppid=n(4), pgid=n(5), sid=n(6),
-                tty_nr=n(7), flags=n(9), num_threads=n(20), start_time=n(22),
+                tty_nr=n(7), tpgid=n(8), flags=n(9), num_threads=n(20), start_time=n(22),
                 start_code=n(26), end_code=n(27),
                 start_stack=n(28), exit_signal=n(38), start_data=n(45), end_data=n(46),
                 start_brk=n(47), arg_start=n(48), arg_end=n(49), env_start=n(50), env_end=n(51),
@@ -184,17 +191,99 @@ def list_fds(pid: int) -> list[int]:
 
 class FdInfo(Record):
     # flags: the file's f_flags (O_* bits, octal in the file); extra: every other
-    # "key: value" line, raw.
-    _fields = ("pos", "flags", "mnt_id", "ino", "extra")
+    # single "key: value" line, raw. Kind-specific lines, parsed: eventfd_count /
+    # eventfd_semaphore (eventfd), sigmask (signalfd), timerfd (TimerfdInfo), tfds
+    # (EpollTarget per "tfd:" line of an epoll), locks (FdLock per "lock:" line: the
+    # locks taken through this open file), tty_index (a pty master's "tty-index").
+    _fields = ("pos", "flags", "mnt_id", "ino", "extra", "eventfd_count", "eventfd_semaphore",
+               "sigmask", "timerfd", "tfds", "locks", "tty_index")
+    eventfd_count = eventfd_semaphore = sigmask = timerfd = tty_index = None
+    tfds = locks = ()
+
+
+class EpollTarget(Record):
+    # One file an epoll watches: the fd number it was added with (tfd), the event mask
+    # and data it was added with, and the file's position, inode and device (st_dev form).
+    _fields = ("tfd", "events", "data", "pos", "ino", "dev")
+
+
+class FdLock(Record):
+    # One "lock:" line: kind FLOCK, POSIX, OFDLCK, LEASE, ...; access READ/WRITE/...;
+    # pid (-1 for OFD locks); start and end (None: to the end of the file); ino and
+    # dev (st_dev form) of the locked file; blocked: a request still waiting ("->").
+    _fields = ("kind", "mode", "access", "pid", "dev", "ino", "start", "end", "blocked")
+
+
+class TimerfdInfo(Record):
+    # clockid, ticks (expirations not read yet), settime_flags (TFD_TIMER_ABSTIME,
+    # TFD_TIMER_CANCEL_ON_SET), value (time left: (s, ns)), interval ((s, ns)).
+    _fields = ("clockid", "ticks", "settime_flags", "value", "interval")
+
+
+def _kdev_to_st_dev(kdev: int) -> int:
+    """The kernel's internal dev_t (major << 20 | minor, as fdinfo and /proc/locks print
+    it) in stat()'s form."""
+    return os.makedev(kdev >> 20, kdev & 0xFFFFF)
+
+
+def _parse_lock_line(text: str) -> FdLock:
+    # "1: FLOCK  ADVISORY  WRITE 29295 fe:00:2151403 0 EOF", or "1: -> POSIX ..." waiting
+    words = text.split()[1:]
+    blocked = bool(words) and words[0] == "->"
+    if blocked:
+        words = words[1:]
+    kind, mode, access, pid, where, start, end = words[:7]
+    major, minor, ino = where.split(":")
+    return FdLock(kind=kind, mode=mode, access=access, pid=int(pid),
+                  dev=os.makedev(int(major, 16), int(minor, 16)), ino=int(ino),
+                  start=int(start), end=None if end == "EOF" else int(end), blocked=blocked)
+
+
+def _parse_tfd_line(text: str) -> EpollTarget:
+    # "tfd:        3 events: 80000019 data:             1234  pos:0 ino:414 sdev:10"
+    f = text.replace(":", " ").split()
+    kv = dict(zip(f[0::2], f[1::2]))
+    return EpollTarget(tfd=int(kv["tfd"]), events=int(kv["events"], 16), data=int(kv["data"], 16),
+                       pos=int(kv.get("pos", "0")), ino=int(kv.get("ino", "0"), 16),
+                       dev=_kdev_to_st_dev(int(kv.get("sdev", "0"), 16)))
+
+
+def _pair(text: str) -> tuple[int, int]:
+    a, b = text.strip().strip("()").split(",")
+    return int(a), int(b)
+
+
+def parse_fdinfo(text: str) -> FdInfo:
+    """/proc/PID/fdinfo/FD as FdInfo (a function of its own for the tests)."""
+    kv, tfds, locks = {}, [], []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "tfd":
+            tfds.append(_parse_tfd_line(line))
+        elif key == "lock":
+            locks.append(_parse_lock_line(value))
+        else:
+            kv.setdefault(key, value.strip())
+    info = FdInfo(pos=int(kv.pop("pos", "0")), flags=int(kv.pop("flags", "0"), 8),
+                  mnt_id=int(kv.pop("mnt_id", "0")), ino=int(kv.pop("ino", "0")), extra=kv,
+                  tfds=tfds, locks=locks)
+    if "eventfd-count" in kv:
+        info.eventfd_count = int(kv["eventfd-count"], 16)
+        info.eventfd_semaphore = kv.get("eventfd-semaphore", "0") == "1"
+    if "sigmask" in kv:
+        info.sigmask = int(kv["sigmask"], 16)
+    if "clockid" in kv and "it_value" in kv:
+        info.timerfd = TimerfdInfo(clockid=int(kv["clockid"]), ticks=int(kv.get("ticks", "0")),
+                                   settime_flags=int(kv.get("settime flags", "0"), 8),
+                                   value=_pair(kv["it_value"]), interval=_pair(kv["it_interval"]))
+    if "tty-index" in kv:
+        info.tty_index = int(kv["tty-index"])
+    return info
 
 
 def read_fdinfo(pid: int, fd: int) -> FdInfo:
-    kv = {}
-    for line in _read(pid, f"fdinfo/{fd}").splitlines():
-        key, _, value = line.partition(":")
-        kv.setdefault(key.strip(), value.strip())
-    return FdInfo(pos=int(kv.pop("pos", "0")), flags=int(kv.pop("flags", "0"), 8),
-                  mnt_id=int(kv.pop("mnt_id", "0")), ino=int(kv.pop("ino", "0")), extra=kv)
+    return parse_fdinfo(_read(pid, f"fdinfo/{fd}"))
 
 
 def read_fd_link(pid: int, fd: int) -> str:
@@ -251,9 +340,65 @@ def read_children(pid: int) -> list[int]:
     return kids
 
 
-def read_timers(pid: int) -> list[str]:
-    """POSIX timers (/proc/PID/timers): one 'ID: n' block per timer; only counted here."""
-    return [line for line in _read(pid, "timers").splitlines() if line.startswith("ID:")]
+class PosixTimer(Record):
+    # One timer_create() timer: its id, clock, signal and sigev_value (sival), how it
+    # notifies (notify: SIGEV_SIGNAL 0, SIGEV_NONE 1, | SIGEV_THREAD_ID 4) and the
+    # thread or process it signals (target).
+    _fields = ("id", "clockid", "signo", "sival", "notify", "target")
+
+
+SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD, SIGEV_THREAD_ID = 0, 1, 2, 4
+_NOTIFY = {"signal": SIGEV_SIGNAL, "none": SIGEV_NONE, "thread": SIGEV_THREAD}
+
+
+def parse_timers(text: str) -> list[PosixTimer]:
+    """/proc/PID/timers: "ID: n", "signal: signo/sival", "notify: how/pid.N" or
+    "how/tid.N", "ClockID: n" per timer."""
+    out = []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "ID":
+            out.append(PosixTimer(id=int(value), clockid=0, signo=0, sival=0, notify=0, target=0))
+        elif not out:
+            continue
+        elif key == "signal":
+            signo, _, sival = value.partition("/")
+            out[-1].signo, out[-1].sival = int(signo), int(sival or "0", 16)
+        elif key == "notify":
+            how, _, who = value.partition("/")
+            kind, _, target = who.partition(".")
+            out[-1].notify = _NOTIFY.get(how, SIGEV_SIGNAL) | (SIGEV_THREAD_ID if kind == "tid" else 0)
+            out[-1].target = int(target or "0")
+        elif key == "ClockID":
+            out[-1].clockid = int(value)
+    return out
+
+
+def read_timers(pid: int) -> list[PosixTimer]:
+    """The process's POSIX timers (/proc/PID/timers)."""
+    return parse_timers(_read(pid, "timers"))
+
+
+def read_sysvipc(kind: str) -> list[dict]:
+    """/proc/sysvipc/shm, sem or msg of our IPC namespace: one dict per object, keyed by
+    the header's column names (key, shmid/semid/msqid, perms, size, cpid, nattch, ...),
+    values as ints (perms octal, the rest decimal)."""
+    try:
+        with open(f"/proc/sysvipc/{kind}") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise from_oserror(exc, f"reading /proc/sysvipc/{kind}") from None
+    if not lines:
+        return []
+    names = lines[0].split()
+    out = []
+    for line in lines[1:]:
+        words = line.split()
+        if len(words) < len(names):
+            continue
+        out.append({n: int(w, 8) if n == "perms" else int(w) for n, w in zip(names, words)})
+    return out
 
 
 def read_loginuid(pid: int) -> int:

@@ -1,7 +1,9 @@
 # Stopping a task without signals (PTRACE_SEIZE + PTRACE_INTERRUPT), reading its
-# register sets, and running a few syscalls inside it (injection). Everything the dump
-# changes in the task is undone structurally: `seized()` always detaches (or leaves the
-# task killed), `Injection` always puts back the code bytes, registers and signal mask.
+# register sets, and running a few syscalls and code blobs inside it (injection, which
+# never changes the task's code and survives the tracer's death at any instant: see
+# Injection below). Everything the dump changes in the task is undone structurally:
+# `seized()` always detaches (or leaves the task killed), `Injection` always puts back
+# the registers and signal mask.
 import contextlib
 import errno
 import os
@@ -12,6 +14,7 @@ from criu_py.errors import CriuError, DumpError, NoSuchProcess, check_errno, fro
 from criu_py.log import log
 
 PTRACE_CONT = 7
+PTRACE_GETSIGINFO = 0x4202
 PTRACE_DETACH = 17
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
@@ -28,7 +31,6 @@ NT_PRSTATUS = 1
 NT_X86_XSTATE = 0x202
 WALL = 0x40000000
 
-SYSCALL_INT3 = b"\x0f\x05\xcc"            # syscall; int3
 NR_MMAP, NR_MUNMAP = 9, 11
 
 
@@ -50,17 +52,21 @@ class Tracee:
     def seize(self) -> None:
         self.seize_nowait()
         self._wait_event_stop()
+        killpoint()
 
     def seize_nowait(self) -> None:
         """PTRACE_SEIZE + PTRACE_INTERRUPT without waiting for the stop (wait_stopped()),
         so that many threads can be asked to stop at once. A thread that is exiting
         refuses the seize: that is NoSuchProcess too."""
         ffi, lib = _lib()
-        ret = lib.cp_ptrace(PTRACE_SEIZE, self.pid, 0, 0)
+        # TRACESYSGOOD: syscall stops report SIGTRAP|0x80, which a tracee left in one by a
+        # dead tracer can never take for a signal to deliver.
+        ret = lib.cp_ptrace(PTRACE_SEIZE, self.pid, 0, PTRACE_O_TRACESYSGOOD)
         if ret == -errno.EPERM and self._exiting():
             raise NoSuchProcess(f"task {self.pid} is exiting")
         check_errno(ret, "PTRACE_SEIZE", self.pid)
         self.attached = True
+        killpoint()
         check_errno(lib.cp_ptrace(PTRACE_INTERRUPT, self.pid, 0, 0), "PTRACE_INTERRUPT", self.pid)
 
     def wait_stopped(self, drop: tuple = ()) -> None:
@@ -70,7 +76,7 @@ class Tracee:
 
     def _exiting(self) -> bool:
         try:
-            with open(f"/proc/{self.pid}/stat") as f:
+            with open(f"/proc/{self.pid}/stat", errors="surrogateescape") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             return True
@@ -168,6 +174,14 @@ class Tracee:
         check_errno(lib.cp_ptrace(PTRACE_SETSIGMASK, self.pid, 8, int(ffi.cast("uintptr_t", buf))),
                     "PTRACE_SETSIGMASK", self.pid)
 
+    def get_siginfo(self) -> bytes:
+        """The siginfo of the signal-delivery stop the thread is in."""
+        ffi, lib = _lib()
+        buf = ffi.new("char[]", SIGINFO_SIZE)
+        check_errno(lib.cp_ptrace(PTRACE_GETSIGINFO, self.pid, 0, int(ffi.cast("uintptr_t", buf))),
+                    "PTRACE_GETSIGINFO", self.pid)
+        return ffi.buffer(buf)[:]
+
     def pending_signals(self, shared: bool) -> list[bytes]:
         """The queued siginfos (128 bytes each): the thread's own, or the process-wide ones."""
         ffi, lib = _lib()
@@ -231,90 +245,406 @@ class Tracee:
         if n != len(data):
             raise DumpError(f"short write to task {self.pid} memory at {addr:#x}")
 
-    # ------------------------------------------------------------ running code
-    def run_until_trap(self) -> None:
-        """Resume and wait for the int3 that ends injected code."""
+
+# ------------------------------------------------------------------ injection
+# Code runs in a stopped task without a byte of its code changed, and so that a tracer
+# killed at any instant never hurts it. Before anything else, a signal frame of the
+# thread's own state (registers with an interrupted syscall set to be re-issued, signal
+# mask, xsave state) goes below its stack's red zone, with the address of an
+# rt_sigreturn gadget of its own (glibc's __restore_rt: `mov $15, %rax; syscall`) in the
+# frame's return-address slot. From then on, every state the thread is left in leads
+# back through that frame when resumed without a tracer:
+#   - a syscall is issued at a `syscall` of the vdso that is followed only by register
+#     clears and `ret` (the "landing"), with rsp at the frame: after the call, `ret`
+#     jumps to the gadget, which returns through the frame;
+#   - a blob runs in the scratch page with rsp just above the frame and ends with its
+#     own `mov $15, %eax; syscall`;
+#   - while the tracer holds it, the thread only ever sits in syscall stops of those
+#     (PTRACE_O_TRACESYSGOOD: a stale stop code is no signal) or in its first event stop;
+#   - a blob may instead run free (PTRACE_CONT, no stop per syscall) when the process has
+#     a signal that it neither handles nor has pending and whose default is to be
+#     ignored (SIGURG, SIGWINCH, SIGCHLD): the thread's mask then blocks all but that one,
+#     and the blob's end (SIGNAL_END) sends it to itself just before its rt_sigreturn.
+#     The tracer sees the signal-delivery stop, drops the signal and steps to the
+#     rt_sigreturn; without a tracer the signal is delivered and ignored.
+# Nothing else is written, so the worst case a killed dumper leaves is the scratch page
+# (one anonymous mapping) and a frame's worth of bytes below the stack pointer, which the
+# task treats as free; an interrupted syscall is re-issued (a relative timeout restarts
+# in full). When the dumper lives on, the thread gets its exact registers and mask back
+# and a fresh PTRACE_EVENT_STOP, as if nothing had run.
+PTRACE_SYSCALL = 24
+PTRACE_O_TRACESYSGOOD = 1
+SYSCALL_STOP = signal.SIGTRAP | 0x80
+NR_RT_SIGRETURN, NR_GETPID, NR_TGKILL = 15, 39, 234
+ENOSYS = 38
+RED_ZONE = 128
+SS_NO_CHANGE = 4             # an invalid ss_flags: rt_sigreturn leaves sigaltstack alone
+RESTORER_GADGETS = (bytes.fromhex("48c7c00f0000000f05"),   # mov $15, %rax; syscall
+                    bytes.fromhex("b80f0000000f05"))         # mov $15, %eax; syscall
+BLOB_END = bytes.fromhex("b80f0000000f05")   # how every blob ends (rt_sigreturn)
+# tgkill(r14, r15, ebp): a free-running blob's last call before BLOB_END (see above)
+SIGNAL_END = bytes.fromhex("b8ea0000004c89f74c89fe89ea0f05")
+# Signals ignored by default whose sending has no other effect (not SIGCONT), best first.
+END_SIGNALS = (signal.SIGURG, signal.SIGWINCH, signal.SIGCHLD)
+ALL_SIGNALS = 0xFFFFFFFFFFFFFFFF
+SI_TKILL = -6
+FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+                           signal.SIGTRAP})
+MAX_BLOB_STOPS = 20000
+
+
+def _killpoint_env() -> int:
+    try:
+        return int(os.environ.get("CRIU_PY_TEST_KILL_AT", "0"))
+    except ValueError:
+        return 0
+
+
+_KILL_AT = _killpoint_env()
+_killpoints_seen = 0
+
+
+def killpoint() -> None:
+    """Test hook: with CRIU_PY_TEST_KILL_AT=N the dumper SIGKILLs itself at the N-th
+    point between two ptrace operations of the injection (tests/test_injection_kill.py)."""
+    global _killpoints_seen
+    if _KILL_AT:
+        _killpoints_seen += 1
+        if _killpoints_seen == _KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _is_clear_then_ret(code: bytes) -> bool:
+    """Whether `code` starts with only `xor r32, r32` (REX forms too) and then `ret`."""
+    i = 0
+    while i < len(code):
+        b = code[i]
+        if b == 0xC3:
+            return True
+        rex = 0x40 <= b <= 0x4F
+        op = code[i + 1] if rex and i + 1 < len(code) else b
+        j = i + 1 if rex else i
+        if op not in (0x31, 0x33) or j + 1 >= len(code):
+            return False
+        modrm = code[j + 1]
+        if modrm < 0xC0 or (modrm >> 3 & 7) != (modrm & 7):
+            return False
+        i = j + 2
+    return False
+
+
+_LANDING = None
+
+
+def landing_offset() -> int | None:
+    """Offset in the vdso image (the same in every process) of a `syscall` followed only
+    by register clears and `ret`; None when this kernel's vdso has none."""
+    global _LANDING
+    if _LANDING is None:
+        import ctypes
+        _LANDING = -1
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if line.rstrip().endswith("[vdso]"):
+                    s, e = (int(x, 16) for x in line.split()[0].split("-"))
+                    image = ctypes.string_at(s, e - s)
+                    at = image.find(b"\x0f\x05")
+                    while at >= 0:
+                        if _is_clear_then_ret(image[at + 2:at + 34]):
+                            _LANDING = at
+                            break
+                        at = image.find(b"\x0f\x05", at + 1)
+                    break
+    return None if _LANDING < 0 else _LANDING
+
+
+class InjectionSite:
+    """Where a process's injected code returns through: the landing `syscall` of its
+    vdso, the rt_sigreturn gadget in its own code, and its writable mappings (for frames)."""
+
+    def __init__(self, tracee: "Tracee"):
+        from criu_py import proc
+        self.pid = tracee.pid
+        vmas = proc.read_maps(tracee.pid)
+        self.writable = [(v.start, v.end) for v in vmas if v.perms[1] == "w" and not v.shared]
+        vdso = [v for v in vmas if v.path == "[vdso]"]
+        off = landing_offset()
+        self.landing = 0
+        if vdso and off is not None:
+            want = self._own_vdso_bytes(off)
+            if tracee.read_mem(vdso[0].start + off, len(want)) == want:
+                self.landing = vdso[0].start + off
+        self.restorer = self._find_restorer(tracee, vmas)
+        self.safe = bool(self.landing and self.restorer)
+        if not self.safe:
+            log.warning("pid %d: no %s: a dumper killed while the scratch page is made or "
+                        "removed can leave the task in the vdso", self.pid,
+                        "vdso landing" if not self.landing else "rt_sigreturn gadget")
+            if not self.landing:
+                self.landing = self._plain_vdso_syscall(tracee, vdso)
+
+    @staticmethod
+    def _own_vdso_bytes(off: int) -> bytes:
+        import ctypes
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if line.rstrip().endswith("[vdso]"):
+                    start = int(line.split("-")[0], 16)
+                    return ctypes.string_at(start + off, 34)
+        return b""
+
+    @staticmethod
+    def _plain_vdso_syscall(tracee, vdso) -> int:
+        if not vdso:
+            raise DumpError(f"pid {tracee.pid} has no vdso: nowhere to issue syscalls from")
+        code = tracee.read_mem(vdso[0].start, vdso[0].end - vdso[0].start)
+        at = code.find(b"\x0f\x05")
+        if at < 0:
+            raise DumpError(f"pid {tracee.pid}: no syscall instruction in its vdso")
+        return vdso[0].start + at
+
+    @staticmethod
+    def _find_restorer(tracee, vmas) -> int:
+        """An rt_sigreturn gadget in the task's own executable file mappings (libc first)."""
+        code = [v for v in vmas if v.perms[2] == "x" and v.path.startswith("/")]
+        code.sort(key=lambda v: "libc" not in v.path)
+        for v in code:
+            try:
+                data = tracee.read_mem(v.start, v.end - v.start)
+            except CriuError:
+                continue
+            for gadget in RESTORER_GADGETS:
+                at = data.find(gadget)
+                if at >= 0:
+                    return v.start + at
+        return 0
+
+
+class InjectedThread:
+    """One stopped thread of the target while injected code may run in it (see above).
+    park() writes its frame; syscall() and run_blob() run code; unpark() gives it back its
+    registers and mask and a fresh event stop."""
+
+    def __init__(self, site: InjectionSite, tracee: "Tracee", saved_gpregs: bytes | None = None):
+        from criu_py import arch_x86
+        self.site = site
+        self.t = tracee
+        self.saved_regs = saved_gpregs if saved_gpregs is not None else tracee.get_gpregs()
+        self.gp = arch_x86.gpregs_from_bytes(self.saved_regs)
+        self.saved_mask = 0
+        self.frame = 0
+        self.parked = False
+        self.blocked = False
+        self.mask = None               # the mask set while injected (None: its own)
+        self.at_entry = False          # in a syscall-entry stop (its syscall still to run)
+        self.resend = []               # signals that stopped it while injected
+
+    # ---------------------------------------------------------------- frame
+    def park(self) -> None:
+        from criu_py.restore.sigframe import (TaskRegisters, build_sigframe, frame_layout,
+                                              fpstate_for_sigreturn)
+        self.saved_mask = self.t.get_sigmask()
+        xstate = self.t.get_xstate()
+        regs = TaskRegisters(gp=self.gp, xsave=xstate, sigmask=self.saved_mask,
+                             altstack=(0, SS_NO_CHANGE, 0))
+        total, _ = frame_layout(len(fpstate_for_sigreturn(xstate)))
+        sp = self.gp["sp"]
+        base = (sp - RED_ZONE - total) & ~63
+        if not any(lo <= base and sp - RED_ZONE <= hi for lo, hi in self.site.writable):
+            raise DumpError(f"task {self.t.pid}: no room below its stack pointer {sp:#x} for "
+                            f"the {total}-byte frame injection needs")
+        frame = bytearray(build_sigframe(base, regs))
+        frame[0:8] = struct.pack("<Q", self.site.restorer)     # where `ret` of the landing goes
+        self.t.write_mem(base, bytes(frame))
+        self.frame = base
+        self.parked = True
+        killpoint()
+
+    def _set(self, mask: int = ALL_SIGNALS, **values) -> None:
+        from criu_py import arch_x86
+        regs = dict(self.gp)
+        regs.update(values)
+        self.t.set_gpregs(arch_x86.gpregs_to_bytes(regs))
+        killpoint()
+        if self.mask != mask:
+            # only now: before, a resumed thread would run on with everything blocked
+            self.t.set_sigmask(mask)
+            self.blocked = True
+            self.mask = mask
+            killpoint()
+
+    def _step(self) -> None:
+        """PTRACE_SYSCALL to the next syscall stop; a fault inside injected code is an
+        error, any other signal is held back and sent again after unpark()."""
         ffi, lib = _lib()
-        check_errno(lib.cp_ptrace(PTRACE_CONT, self.pid, 0, 0), "PTRACE_CONT", self.pid)
-        status = self._wait()
-        if os.WSTOPSIG(status) != signal.SIGTRAP or status >> 16:
-            raise DumpError(f"injected code in task {self.pid} stopped with signal "
-                            f"{os.WSTOPSIG(status)} instead of its trap")
+        while True:
+            check_errno(lib.cp_ptrace(PTRACE_SYSCALL, self.t.pid, 0, 0), "PTRACE_SYSCALL", self.t.pid)
+            status = self.t._wait()
+            killpoint()
+            sig = os.WSTOPSIG(status)
+            if sig == SYSCALL_STOP:
+                self.at_entry = not self.at_entry
+                return
+            if status >> 16:
+                continue                      # an event stop (PTRACE_INTERRUPT): go on
+            if sig in FAULT_SIGNALS:
+                raise DumpError(f"injected code in task {self.t.pid} stopped with signal {sig}")
+            self.resend.append(sig)
+
+    def _run_to_own_signal(self, sig: int) -> None:
+        """PTRACE_CONT until the thread's stop for the `sig` it sent itself (dropped; the
+        thread stays in that stop). Other signals are held back as in _step."""
+        ffi, lib = _lib()
+        while True:
+            check_errno(lib.cp_ptrace(PTRACE_CONT, self.t.pid, 0, 0), "PTRACE_CONT", self.t.pid)
+            killpoint()                       # the blob runs free meanwhile
+            status = self.t._wait()
+            killpoint()
+            got = os.WSTOPSIG(status)
+            if status >> 16 or got == SYSCALL_STOP:
+                continue
+            if got in FAULT_SIGNALS:
+                raise DumpError(f"injected code in task {self.t.pid} stopped with signal {got}")
+            if got == sig:
+                code, pid = struct.unpack_from("<i4xi", self.t.get_siginfo(), 8)
+                if code == SI_TKILL and pid == self.site.pid:
+                    return
+            self.resend.append(got)
+
+    def _regs_now(self) -> dict:
+        from criu_py import arch_x86
+        return arch_x86.gpregs_from_bytes(self.t.get_gpregs())
+
+    # ---------------------------------------------------------------- running code
+    def syscall(self, nr: int, *args: int) -> int:
+        names = ("di", "si", "dx", "r10", "r8", "r9")
+        values = {names[i]: a & 0xFFFFFFFFFFFFFFFF for i, a in enumerate(args)}
+        if self.at_entry:
+            # the pending syscall is replaced; it returns to the landing
+            self._set(ip=self.site.landing + 2, sp=self.frame, orig_ax=nr,
+                      ax=(-ENOSYS) & 0xFFFFFFFFFFFFFFFF, **values)
+            self._step()
+        else:
+            self._set(ip=self.site.landing, ax=nr, sp=self.frame,
+                      orig_ax=0xFFFFFFFFFFFFFFFF, **values)
+            self._step()                      # entry
+            self._step()                      # exit
+        if self.at_entry:
+            raise DumpError(f"injected syscall {nr} in task {self.t.pid}: lost track of its stops")
+        ret = self._regs_now()["ax"]
+        return ret - (1 << 64) if ret >= 1 << 63 else ret
+
+    def run_blob(self, addr: int, size: int, end_signal: int = 0, **regs) -> None:
+        """Run the code at addr (inside [addr, addr + size)) until it issues rt_sigreturn
+        (BLOB_END), which it must reach with rsp as it got it; rsp points just above this
+        thread's frame, so a blob left alone returns the thread to its own state. With
+        end_signal the code ends with SIGNAL_END + BLOB_END and runs free until then."""
+        if end_signal:
+            self._set(**regs, ip=addr, sp=self.frame + 8, orig_ax=0xFFFFFFFFFFFFFFFF,
+                      bp=end_signal, r14=self.site.pid, r15=self.t.pid,
+                      mask=ALL_SIGNALS & ~(1 << (end_signal - 1)))
+            self._run_to_own_signal(end_signal)
+        else:
+            self._set(**regs, ip=addr, sp=self.frame + 8, orig_ax=0xFFFFFFFFFFFFFFFF)
+        for _ in range(MAX_BLOB_STOPS):
+            self._step()
+            if self.at_entry:
+                now = self._regs_now()
+                if now["orig_ax"] == NR_RT_SIGRETURN and addr <= now["ip"] < addr + size:
+                    return
+        raise DumpError(f"injected code in task {self.t.pid} did not finish")
+
+    # ---------------------------------------------------------------- giving it back
+    def unpark(self) -> None:
+        ffi, lib = _lib()
+        if self.at_entry:
+            # finish the pending stop with a harmless call that returns to the landing
+            self._set(ip=self.site.landing + 2, sp=self.frame, orig_ax=NR_GETPID)
+            self._step()
+        if self.blocked:
+            self.t.set_sigmask(self.saved_mask)
+            killpoint()
+        self.t.set_gpregs(self.saved_regs)
+        killpoint()
+        if self.blocked:
+            # from a syscall stop back to the kind of stop the dump started from
+            check_errno(lib.cp_ptrace(PTRACE_INTERRUPT, self.t.pid, 0, 0), "PTRACE_INTERRUPT", self.t.pid)
+            killpoint()
+            check_errno(lib.cp_ptrace(PTRACE_CONT, self.t.pid, 0, 0), "PTRACE_CONT", self.t.pid)
+            self.t._wait_event_stop()
+            killpoint()
+            if self.t.get_gpregs() != self.saved_regs:
+                log.warning("pid %d: registers differ after the injection", self.t.pid)
+        self.parked = self.blocked = False
+        for sig in self.resend:
+            lib.criu_py_raw_syscall6(NR_TGKILL, self.site.pid, self.t.pid, sig, 0, 0, 0)
+        self.resend = []
 
 
 class Injection:
-    """Run syscalls (or a small code blob) inside a seized task. Entering saves the
-    registers, signal mask and the code bytes at `site`, blocks all signals; leaving puts
-    all of it back, on success and on failure alike."""
+    """Run syscalls and code blobs inside a seized process (see above). Entering parks its
+    main thread; run_blob(thread=...) parks any other stopped thread of the process on
+    first use; leaving gives every parked thread back its exact registers and mask, on
+    success and on failure alike."""
 
-    def __init__(self, tracee: Tracee, site: int, saved_gpregs: bytes):
+    def __init__(self, tracee: Tracee, saved_gpregs: bytes | None = None):
         self.t = tracee
-        self.site = site
         self.saved_regs = saved_gpregs
-        self.saved_code = b""
-        self.saved_mask = 0
+        self.site = None
+        self.threads: dict[int, InjectedThread] = {}
         self.calls = 0
 
     def __enter__(self):
-        self.saved_mask = self.t.get_sigmask()
-        self.saved_code = self.t.read_mem(self.site, len(SYSCALL_INT3))
-        self.t.set_sigmask(0xFFFFFFFFFFFFFFFF)
-        self.t.write_mem(self.site, SYSCALL_INT3)
+        self.site = InjectionSite(self.t)
+        main = InjectedThread(self.site, self.t, self.saved_regs)
+        self.threads[self.t.pid] = main
+        main.park()
         return self
 
     def __exit__(self, *exc):
-        if self.t.dead:
-            return False
-        try:
-            self.t.write_mem(self.site, self.saved_code)
-            self.t.set_gpregs(self.saved_regs)
-            self.t.set_sigmask(self.saved_mask)
-        except CriuError as err:
-            log.error("restoring task %d after injection failed: %s", self.t.pid, err)
-            if exc[0] is None:
-                raise
+        for th in reversed(list(self.threads.values())):
+            if th.t.dead or not th.parked:
+                continue
+            try:
+                th.unpark()
+            except CriuError as err:
+                log.error("giving task %d back its state after injection failed: %s", th.t.pid, err)
+                if exc[0] is None:
+                    raise
         return False
 
-    def _regs_for(self, ip: int, base: bytes | None = None, **values) -> bytes:
-        from criu_py import arch_x86
-        regs = arch_x86.gpregs_from_bytes(base or self.saved_regs)
-        regs.update(values)
-        regs["ip"] = ip
-        regs["orig_ax"] = 0xFFFFFFFFFFFFFFFF   # not in a syscall: nothing to restart
-        return arch_x86.gpregs_to_bytes(regs)
+    def _thread(self, tracee: Tracee | None) -> InjectedThread:
+        tracee = tracee or self.t
+        th = self.threads.get(tracee.pid)
+        if th is None:
+            th = self.threads[tracee.pid] = InjectedThread(self.site, tracee)
+            th.park()
+        return th
 
     def syscall(self, nr: int, *args: int) -> int:
-        names = ("di", "si", "dx", "r10", "r8", "r9")
-        values = {"ax": nr, **{names[i]: a & 0xFFFFFFFFFFFFFFFF for i, a in enumerate(args)}}
-        self.t.set_gpregs(self._regs_for(self.site, **values))
-        self.t.run_until_trap()
         self.calls += 1
-        from criu_py import arch_x86
-        ret = arch_x86.gpregs_from_bytes(self.t.get_gpregs())["ax"]
-        return ret - (1 << 64) if ret >= 1 << 63 else ret
+        return self.threads[self.t.pid].syscall(nr, *args)
 
-    def run_blob(self, addr: int, **regs) -> None:
-        """Run code already written at addr; it must end with int3."""
-        self.t.set_gpregs(self._regs_for(addr, **regs))
-        self.t.run_until_trap()
+    def run_blob(self, addr: int, size: int = 4096, thread: Tracee | None = None,
+                 end_signal: int = 0, **regs) -> None:
+        """Run code already written at addr in the main thread or in `thread` (a seized,
+        stopped thread of the same process); the code must end with BLOB_END, and with
+        SIGNAL_END + BLOB_END when end_signal (from end_signal()) is given."""
         self.calls += 1
+        self._thread(thread).run_blob(addr, size, end_signal=end_signal, **regs)
 
-    def run_blob_in(self, thread: Tracee, thread_regs: bytes, addr: int, **regs) -> None:
-        """Run code already written at addr (ending with int3) in another stopped thread
-        of the same process, then put that thread's registers and signal mask back."""
-        if thread is self.t:
-            self.run_blob(addr, **regs)
-            return
-        mask = thread.get_sigmask()
-        thread.set_sigmask(0xFFFFFFFFFFFFFFFF)
-        try:
-            thread.set_gpregs(self._regs_for(addr, base=thread_regs, **regs))
-            thread.run_until_trap()
-            self.calls += 1
-        finally:
-            if not thread.dead:
-                thread.set_gpregs(thread_regs)
-                thread.set_sigmask(mask)
+    def end_signal(self, threads=()) -> int:
+        """A signal a blob may end with (see SIGNAL_END): one of END_SIGNALS that the
+        process does not catch and that no thread of `threads` has pending; 0 if none."""
+        from criu_py import proc
+        st = proc.read_status(self.t.pid)
+        busy = st.sig_cgt | st.shd_pnd
+        for t in threads or (self.t,):
+            busy |= proc.read_status(self.t.pid, t.pid).sig_pnd
+        for sig in END_SIGNALS:
+            if not busy & (1 << (sig - 1)):
+                return int(sig)
+        return 0
 
     @contextlib.contextmanager
     def scratch_page(self, size: int = 4096):

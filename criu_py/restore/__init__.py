@@ -36,17 +36,29 @@ class Restore:
         self.resource_fds = {}        # filled by each task for itself after the fork
         self.trap = {}                # pid -> its restorer region is removed with ptrace
         self.host_creds = None
+        self.command_pid = os.getpid()
         self.cg_yard = None           # criu_py.cgroup.restore.Yard
         self.root_pid = 0
         self.running = False          # the tree was let go: do not kill it
         self.regions = {}             # pid -> (start, length) of its restorer region
         self.messages = []            # one-line failures the tasks reported
         self.failures = []            # failure records of the restorers
+        self.desc_locks = {}          # files.img id -> flock/OFD entries to take when opened
+        self.posix_locks = {}         # pid -> POSIX lock entries its restorer takes
+        self.caller_tty = -1          # parked: our stdin when it is a terminal (--shell-job)
+        self.ghosts = []              # paths of the deleted files recreated for the restore
+        self.sysv = None              # criu_py.sysvipc.Segments
         self._status_buf = b""
+
+    def parent_of(self, t) -> int:
+        """The pid that forks task t: its parent's, or ours for the root."""
+        return t.parent.pid if t.parent is not None else self.command_pid
 
 
 def restore_tasks(opts: dict) -> int:
+    from criu_py.images import integrity
     from criu_py.restore import images as restore_images
+    integrity.verify(opts.get("images_dir") or ".", opts)
     rs = Restore(opts)
     with _step("read and check images"):
         rs.tree = restore_images.load(opts.get("images_dir") or ".")
@@ -60,6 +72,12 @@ def restore_tasks(opts: dict) -> int:
             check_vdso(rs)
             plan_region_removal(rs)
             rs.host_creds = host_creds()
+            plan_file_locks(rs)
+        with _step("deleted files"):
+            stack.callback(remove_ghosts, rs)
+            make_ghosts(rs)
+        with _step("SysV shared memory"):
+            make_sysv_segments(rs, stack)
         with _step("cgroup yard"):               # mounted until the end
             from criu_py.cgroup.restore import open_yard
             rs.cg_yard = stack.enter_context(open_yard(opts, rs.images))
@@ -67,6 +85,8 @@ def restore_tasks(opts: dict) -> int:
             write_pidfile(opts["pidfile"], rs, stack)
         with _step("sync page, status pipe, fd space"):
             prepare_shared(rs, stack)
+        with _step("load modules"):
+            load_modules()
         with _step("fork the root"):
             fork_root(rs, stack)
         with _step("stages"):
@@ -77,6 +97,8 @@ def restore_tasks(opts: dict) -> int:
              len(rs.plan.alive))
     if opts.get("detach"):
         return 0
+    from criu_py import interrupts
+    interrupts.raise_at_once(f"the tree of {rs.root_pid} is restored and keeps running")
     return wait_for_task(rs.root_pid)
 
 
@@ -156,6 +178,48 @@ def host_creds() -> HostCreds:
     return HostCreds()
 
 
+def plan_file_locks(rs: Restore) -> None:
+    from criu_py.files.locks import by_file
+    rs.desc_locks, rs.posix_locks = by_file(rs.tree)
+
+
+def make_ghosts(rs: Restore) -> None:
+    """Deleted files come back under their old name for as long as the tasks open and
+    map them (removed again once every task has: remove_ghosts)."""
+    from criu_py.files import ghost
+    tree = rs.tree
+    names = {}
+    for fid, gid in tree.remaps.items():
+        names.setdefault(gid, tree.path(fid, "a deleted file"))
+    for gid, name in sorted(names.items()):
+        tree.ghost_paths[gid] = ghost.create(tree.images, gid, name)
+        rs.ghosts.append(tree.ghost_paths[gid])
+    for t in rs.plan.alive:
+        for mf in t.img.memory.files.values():
+            if mf.path is not None and mf.file_id in tree.remaps:
+                mf.path = tree.reg_path(mf.file_id)
+
+
+def make_sysv_segments(rs: Restore, stack) -> None:
+    """SysV segments the tree attaches, semaphore sets and message queues it uses: the
+    ones gone since the dump are made again."""
+    from criu_py import sysvipc
+    ns_id = rs.tree.root.ids.ipc_ns_id if rs.tree.root.ids.HasField("ipc_ns_id") else 3
+    rs.sysv = sysvipc.Segments(sysvipc.load(rs.images, ns_id), sysvipc.load_sems(rs.images, ns_id),
+                               sysvipc.load_queues(rs.images, ns_id))
+    stack.callback(lambda: rs.sysv.undo() if not rs.running else None)
+    rs.sysv.prepare()
+
+
+def remove_ghosts(rs: Restore) -> None:
+    for path in rs.ghosts:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    rs.ghosts = []
+
+
 # ------------------------------------------------------------------ set-up
 def prepare_shared(rs: Restore, stack) -> None:
     """The sync page, the status pipe (tasks write, we read), the fd range for the
@@ -178,6 +242,8 @@ def prepare_shared(rs: Restore, stack) -> None:
     rs.images.dirfd = rs.fds.park(rs.images.dirfd)
     for parent in rs.tree.chain[1:]:        # incremental dumps: the parents' pages files
         parent.dirfd = rs.fds.park(parent.dirfd)
+    if os.isatty(0):                        # the caller's terminal (--shell-job)
+        rs.caller_tty = rs.fds.dup(0)
     if rs.cg_yard.fd >= 0:                  # every task moves itself in through it
         rs.cg_yard.fd = rs.fds.park(rs.cg_yard.fd)
     if logger.file is not None:
@@ -190,8 +256,11 @@ def prepare_shared(rs: Restore, stack) -> None:
 
 
 def parked_fd_range(rs: Restore, hard: int) -> tuple[int, int]:
-    """The widest run of fd numbers no task of the tree uses: [base, limit)."""
-    used = sorted({fi.fd for t in rs.plan.alive for fi in t.img.fdinfos} | {0, 1, 2})
+    """The widest run of fd numbers no task of the tree uses: [base, limit). The numbers
+    epoll targets were added with count as used (they are put there for epoll_ctl)."""
+    tfds = {te.tfd for fe in rs.tree.files.values() if fe.HasField("epfd") for te in fe.epfd.tfd}
+    used = sorted({fi.fd for t in rs.plan.alive for fi in t.img.fdinfos} | {0, 1, 2} |
+                  {fd for fd in tfds if fd < hard})
     best = (0, 0)
     edges = used + [hard]
     for lo, hi in zip(edges, edges[1:]):
@@ -201,6 +270,27 @@ def parked_fd_range(rs: Restore, hard: int) -> tuple[int, int]:
         raise RestoreError("no free fd numbers left for the restore's own files "
                            f"(the tasks use {len(used)} of {hard})")
     return best
+
+
+def load_modules() -> None:
+    """Import (and compute once) what every task needs after the fork: each of up to
+    hundreds of tasks would otherwise import and compute it for itself. Then freeze
+    the garbage collector's view of what exists: a collection in a task would write to
+    every page of the heap it inherited (copy-on-write faults in every task)."""
+    import gc
+    import criu_py.files  # noqa: F401  (every kind module)
+    import criu_py.mem.premap  # noqa: F401
+    import criu_py.mem.restore  # noqa: F401
+    import criu_py.mem.shmem_restore  # noqa: F401
+    import criu_py.restore.fork  # noqa: F401
+    import criu_py.restore.pie  # noqa: F401
+    import criu_py.cgroup.restore  # noqa: F401
+    from criu_py.native import lib
+    from criu_py.restore.sigframe import local_xstate
+    local_xstate()
+    lib.criu_py_glibc_rseq_addr()
+    gc.collect()
+    gc.freeze()
 
 
 def fork_root(rs: Restore, stack) -> None:
@@ -248,6 +338,10 @@ def run_stages(rs: Restore) -> None:
             raise RestoreError(failure_message(rs, stage)) from None
         log.debug("restore: stage %s done in %.2f ms", S.STAGE_NAMES[stage],
                   (time.monotonic() - t) * 1e3)
+        if stage == S.STAGE_PREPARE:
+            remove_ghosts(rs)           # every task has opened and mapped them
+        elif stage == S.STAGE_RESTORE:
+            rs.sysv.attached()          # every segment is attached where it was
     read_status(rs)
     place_threads_in_cgroups(rs)
 
@@ -289,8 +383,11 @@ def read_status(rs: Restore) -> tuple[list, list]:
 
 
 def check_progress(rs: Restore, stage: int) -> None:
-    """Between waits: a task that reported a failure or died aborts the restore."""
+    """Between waits: a task that reported a failure or died, or a signal to us (SIGINT,
+    SIGTERM), aborts the restore."""
+    from criu_py import interrupts
     from criu_py.restore import sync as S
+    interrupts.check(f"while {S.STAGE_NAMES[stage]}")
     read_status(rs)
     if rs.messages or rs.failures or rs.sync.error():
         rs.sync.abort()
@@ -322,7 +419,7 @@ def failure_message(rs: Restore, stage: int) -> str:
 
 def _proc_state(pid: int) -> str | None:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", errors="surrogateescape") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
@@ -330,11 +427,14 @@ def _proc_state(pid: int) -> str | None:
 
 # ------------------------------------------------------------------ the end
 def release_tree(rs: Restore) -> None:
-    """Every thread is set up: seize them (where the region goes with ptrace), let the
-    tree go, unmap the regions and sync page, detach."""
+    """Every thread is set up: seize them (with PTRACE_O_EXITKILL: if we die now, they
+    die with us), let the tree go, unmap the regions and sync page and bring every thread
+    to the entry of its rt_sigreturn; then, all at once as far as we can, drop EXITKILL
+    (from there each completes its return whatever happens to us), finish, detach."""
+    from criu_py import interrupts
     from criu_py.restore import sync as S
     from criu_py.restore.sync import SYNC_SIZE
-    from criu_py.restore.tracer import release_process, seize, wait_trap
+    from criu_py.restore.tracer import commit, finish_release, prepare_release, seize, wait_trap
     traced = [t for t in rs.plan.alive if rs.trap.get(t.pid)]
     for t in traced:
         if t.pid not in rs.regions:
@@ -346,9 +446,13 @@ def release_tree(rs: Restore) -> None:
         for tid in t.img.tids:
             wait_trap(tid)
         start, length = rs.regions[t.pid]
-        release_process(t.img.tids, t.syscall_addr,
+        prepare_release(t.img.tids, t.syscall_addr,
                         [(start, length), (rs.sync.addr, SYNC_SIZE)])
+    interrupts.hold()                  # committed: the tree runs, whatever comes
+    everyone = [tid for t in traced for tid in t.img.tids]
+    commit(everyone)
     rs.running = True
+    finish_release(everyone)
 
 
 def kill_unless_running(rs: Restore) -> None:

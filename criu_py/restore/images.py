@@ -2,12 +2,10 @@
 # restore either has a complete, consistent picture of the tree (every process, thread,
 # fd table, mapping and shared object) or stops with one line naming the file and the
 # problem.
-import os
 from dataclasses import dataclass, field
 
 from criu_py.errors import ImageError, Unsupported
 
-FD_TYPE_REG, FD_TYPE_PIPE, FD_TYPE_MEMFD = 1, 2, 18
 TASK_ALIVE, TASK_DEAD = 1, 2
 
 
@@ -42,6 +40,14 @@ class TreeImages:
     shared: dict = field(default_factory=dict)      # shmid -> shmem_restore.SharedObject
     memfd_inodes: dict = field(default_factory=dict)
     chain: list = field(default_factory=list)       # [images, parent, ...] (mem.chain)
+    checks: object = None          # files.identity.FileChecks: is each file the dumped one
+    fifo_data: dict = field(default_factory=dict)   # fifo inode -> (bytes, pipe size)
+    fifo_data_owner: dict = field(default_factory=dict)   # fifo inode -> the entry that refills it
+    remaps: dict = field(default_factory=dict)      # REG id of a deleted file -> ghost id
+    ghost_paths: dict = field(default_factory=dict) # ghost id -> where the restore made it
+    tty_infos: dict = field(default_factory=dict)   # tty_info id -> tty_info_entry
+    file_locks: list = field(default_factory=list)  # file_lock_entry
+    epoll_targets: dict = field(default_factory=dict)   # epoll id -> [(target id, tfd entry)]
 
     @property
     def root(self) -> TaskImages:
@@ -57,11 +63,36 @@ class TreeImages:
     def __post_init__(self):
         self.by_pid = {t.pid: t for t in self.tasks}
 
+    def reg_path(self, file_id: int) -> str:
+        """Where to open a REG entry's file: its name, or the recreated ghost's path."""
+        from criu_py.images import get_str
+        gid = self.remaps.get(file_id)
+        if gid is not None and gid in self.ghost_paths:
+            return self.ghost_paths[gid]
+        return get_str(self.files[file_id].reg.name)
+
     def reg(self, file_id: int, what: str):
         fe = self.files.get(file_id)
         if fe is None or not fe.HasField("reg"):
             raise ImageError(f"files.img: no regular file with id {file_id} (needed for {what})")
         return fe.reg
+
+    def path(self, file_id: int, what: str) -> str:
+        """The path of a REG entry, as a str that opens it (os.fsdecode of its bytes)."""
+        from criu_py.images import get_str
+        return get_str(self.reg(file_id, what).name)
+
+    def check_file(self, file_id: int, what: str) -> None:
+        """The file REG entry file_id names must exist and be the one dumped (once per
+        entry; files/identity.py). A deleted file is made from its ghost image instead."""
+        self.reg(file_id, what)
+        if file_id not in self.checks.passed and file_id not in self.remaps:
+            _check_path(self, file_id, what)
+
+    def check_opened(self, file_id: int, fd: int, what: str) -> None:
+        """The descriptor opened for REG entry file_id is the file check_file passed."""
+        if file_id not in self.remaps:
+            self.checks.check_opened(self.files[file_id], fd, self.path(file_id, what), what)
 
     def close(self) -> None:
         from criu_py.mem.chain import close_chain
@@ -80,6 +111,7 @@ def load(images_dir: str) -> TreeImages:
 
 
 def _load(images) -> TreeImages:
+    from criu_py.files.identity import FileChecks
     from criu_py.mem import shmem_restore
     from criu_py.mem.chain import open_chain
     images.read_one("inventory.img")
@@ -87,10 +119,22 @@ def _load(images) -> TreeImages:
     if not entries:
         raise ImageError("pstree.img: no tasks")
     check_pstree(entries)
+    from criu_py.files import ghost
     files = {fe.id: fe for fe in images.read_entries("files.img")}
-    tree = TreeImages(images=images, tasks=[], files=files)
+    tree = TreeImages(images=images, tasks=[], files=files, checks=FileChecks(images))
     tree.chain = open_chain(images)
     tree.memfd_inodes = shmem_restore.memfd_inodes(images)
+    tree.remaps = ghost.load_remaps(images)
+    if images.exists("tty-info.img"):
+        tree.tty_infos = {e.id: e for e in images.read_entries("tty-info.img")}
+    if images.exists("fifo-data.img"):
+        for e, data in images.read_entries_with_payload("fifo-data.img"):
+            tree.fifo_data[e.pipe_id] = (data, e.size if e.HasField("size") else 0)
+    for fid in sorted(files):
+        if files[fid].HasField("fifo"):
+            tree.fifo_data_owner.setdefault(files[fid].fifo.pipe_id, fid)
+    if images.exists("filelocks.img"):
+        tree.file_locks = images.read_entries("filelocks.img")
     fdinfo_cache = {}
     for e in entries:
         tree.tasks.append(_load_task(images, tree, e, fdinfo_cache))
@@ -152,19 +196,20 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
         fdinfo_cache[ids.files_id] = _load_fdinfo(images, tree, ids.files_id)
     t = TaskImages(pid=pid, pstree=e, core=core, threads=threads, ids=ids, mm=mm, fs=fs,
                    fdinfos=fdinfo_cache[ids.files_id])
-    _check_path(tree.reg(fs.cwd_id, "cwd").name, f"pid {pid}: cwd")
-    _check_path(tree.reg(fs.root_id, "root").name, f"pid {pid}: root")
-    _check_path(tree.reg(mm.exe_file_id, "the exe link").name, f"pid {pid}: the executable")
+    tree.check_file(fs.cwd_id, f"pid {pid}: cwd")
+    tree.check_file(fs.root_id, f"pid {pid}: root")
+    tree.check_file(mm.exe_file_id, f"pid {pid}: the executable")
     t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes,
-                           tree.chain)
+                           tree.checks, chain=tree.chain)
     for mf in t.memory.files.values():
         if mf.path is not None:
-            _check_path(mf.path, f"pid {pid}: a mapping")
+            tree.check_file(mf.file_id, f"pid {pid}: a mapping")
     return t
 
 
 def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:
-    from criu_py.mem import shmem_restore
+    from criu_py.files import ops_by_type
+    kinds = ops_by_type()
     name = f"fdinfo-{files_id}.img"
     fdinfos = images.read_entries(name) if images.exists(name) else []
     seen = set()
@@ -175,28 +220,15 @@ def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:
         fe = tree.files.get(fi.id)
         if fe is None:
             raise ImageError(f"{name}: fd {fi.fd} names file id {fi.id}, missing from files.img")
-        ops = _kinds_by_type().get(fe.type)
+        ops = kinds.get(fe.type)
         if ops is None:
             from criu_py.images.pb import fdinfo_pb2
             kind = fdinfo_pb2.fd_types.Name(fe.type) if fe.type in fdinfo_pb2.fd_types.values() else fe.type
             raise Unsupported(f"{name}: fd {fi.fd} is of kind {kind}, which restore "
                               f"does not support")
-        if hasattr(ops, "check_entry"):
-            ops.check_entry(fe, f"{name}: fd {fi.fd}")
-        if fe.type == FD_TYPE_REG:
-            _check_path(fe.reg.name, f"fd {fi.fd}")
-        elif fe.type == FD_TYPE_MEMFD:   # memfds only open, not mapped, are shared objects too
-            shmem_restore.object_for_memfd(tree.shared, images, tree.memfd_inodes, fe,
-                                           f"fd {fi.fd}")
+        ops.check_image(tree, fe, f"fd {fi.fd}")
     return fdinfos
 
 
-def _kinds_by_type() -> dict:
-    """fd type -> the FILE_KINDS ops that restore it."""
-    from criu_py.files import FILE_KINDS
-    return {ops.fd_type: ops for ops in FILE_KINDS.values()}
-
-
-def _check_path(path: str, what: str) -> None:
-    if not os.path.exists(path):
-        raise ImageError(f"{what}: {path} does not exist on this system")
+def _check_path(tree: TreeImages, file_id: int, what: str) -> None:
+    tree.checks.check_path(tree.files[file_id], tree.path(file_id, what), what)

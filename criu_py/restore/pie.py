@@ -112,6 +112,12 @@ class PiePlan:
     personality: int = -1
     rlimits: list = field(default_factory=list)    # (cur, max) in RLIMIT_* order
     itimers: list | None = None                    # 3 x (interval s, us, value s, us)
+    arm_itimers: bool = False            # the leader sets itimers right before returning
+    # (id, clockid, signo, notify, thread id, sival, (isec, insec, vsec, vnsec)), by id
+    posix_timers: list = field(default_factory=list)
+    # (fd, settime flags, clockid, ticks, (isec, insec, vsec, vnsec))
+    timerfds: list = field(default_factory=list)
+    locks: list = field(default_factory=list)       # POSIX locks: (fd, type, start, len)
 
     def __post_init__(self):
         if not self.page_sources and self.iovs:
@@ -151,6 +157,7 @@ def _data_size(plan: PiePlan) -> int:
         n += SIGINFO_SIZE * len(t.signals) + 16
         n += 4 * len(t.creds.groups if t.creds else ()) + 16
     n += 16 * len(plan.fd_moves) + 16 * len(plan.rlimits) + 96 + 64
+    n += 64 * len(plan.posix_timers) + 64 * len(plan.timerfds) + 32 * len(plan.locks) + 64
     return n
 
 
@@ -361,6 +368,15 @@ def _fill_args(ffi, w: "_Writer", plan: PiePlan, base: int, size: int, tops: lis
     if plan.itimers is not None:
         a.itimers = w.put(b"".join(struct.pack("<qqqq", *t) for t in plan.itimers), 8)
         a.has_itimers = 1
+        a.arm_itimers = int(plan.arm_itimers)
+    timers = b"".join(struct.pack("<iiiiiiQqqqq", tid, clk, sig, how, thr, 0, sival, *times)
+                      for tid, clk, sig, how, thr, sival, times in plan.posix_timers)
+    a.posix_timers, a.nr_posix_timers = w.put(timers or bytes(8), 8), len(plan.posix_timers)
+    tfds = b"".join(struct.pack("<iiiiQqqqq", fd, flags, clk, 0, ticks, *times)
+                    for fd, flags, clk, ticks, times in plan.timerfds)
+    a.timerfds, a.nr_timerfds = w.put(tfds or bytes(8), 8), len(plan.timerfds)
+    locks = b"".join(struct.pack("<iiqq", *lk) for lk in plan.locks)
+    a.locks, a.nr_locks = w.put(locks or bytes(8), 8), len(plan.locks)
     a.cwd_fd, a.root_fd, a.umask = plan.cwd_fd, plan.root_fd, plan.umask
     a.clone_flags = plan.clone_flags
     a.setsid, a.pgid, a.personality = int(plan.setsid), plan.pgid, plan.personality

@@ -23,6 +23,7 @@ NR_PERSONALITY = 135
 NR_MREMAP = 25
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 SIGKILL, SIGSTOP = 9, 19
 MAP_FIXED_NOREPLACE = 0x100000
 
@@ -86,6 +87,8 @@ class TaskRun:
         failures)."""
         t, sy = self.t, self.rs.sync
         self.stage = "start"
+        import gc
+        gc.disable()            # short-lived: no collection touching the inherited heap
         try:
             self.fds.after_fork()
             self.own_service_fds()
@@ -96,18 +99,29 @@ class TaskRun:
             self.stage = "process group"
             if os.getpgid(0) != t.pgid:
                 os.setpgid(0, t.pgid)
+            if t.parent is not None and t.parent.kind == HELPER:
+                _prctl(PR_SET_PDEATHSIG, 0)     # its helper parent exits next, on purpose
             sy.stage_done(S.STAGE_PGID)
             self.stage = "helpers and zombies"
             self.cleanup_stage()            # helpers and zombies end here
             sy.stage_done(S.STAGE_CLEANUP)
             self.stage = "restorer files"
+            if t.parent is not None and t.parent.kind == HELPER:
+                # its helper is gone: it dies with the parent it has now (a subreaper)
+                _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != t.parent.parent.pid:
+                    os._exit(1)         # that one died already
             with self.timed("prepare"):
                 self.open_restorer_fds()
             sy.stage_done(S.STAGE_PREPARE)
             self.stage = "fd table"
             with self.timed("files"):
+                if t.parent is None:
+                    self.shell_job_foreground()
                 if t.files_owner:
                     self.install_fds()
+                if t.ctty is not None and t.kind == ALIVE:
+                    self.set_foreground_group()
             sy.stage_done(S.STAGE_FILES)
             self.stage = "task state"
             self.restore_stage()            # enters the restorer
@@ -159,6 +173,11 @@ class TaskRun:
     # ------------------------------------------------------------ stage FORK
     def fork_stage(self) -> None:
         t = self.t
+        # Until the tree is let go, a task dies with its parent (and the root with the
+        # restore command): nothing half-restored is left if the restore is killed.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.rs.parent_of(t):
+            os._exit(1)                 # the parent is gone already
         self.stage = "cgroups"
         self.rs.cg_yard.move(0, cg_set_of(t), cg_set_of(t.parent) if t.parent else None)
         self.stage = "session"
@@ -181,6 +200,9 @@ class TaskRun:
             os.setsid()
         elif t.pgid == t.pid and os.getpgid(0) != t.pid:
             os.setpgid(0, 0)
+        if t.ctty is not None and t.sid == t.pid:
+            self.stage = "controlling terminal"
+            self.take_ctty()
         self.stage = "children"
         for c in children:
             if c not in early:
@@ -197,11 +219,12 @@ class TaskRun:
 
     def open_resources(self) -> None:
         """Open (make) what this task's subtree shares, before forking it."""
-        from criu_py.files import FILE_KINDS
+        from criu_py.files import ops_by_type
+        from criu_py.files.locks import take_file_locks
         from criu_py.mem import shmem_restore
         tree = self.rs.tree
         ctx = FileContext(self)
-        by_type = {ops.fd_type: ops for ops in FILE_KINDS.values()}
+        kinds = ops_by_type()
         for key in self.t.opens:
             res = self.rs.plan.resources[key]
             if res.kind == "shmem":
@@ -213,12 +236,55 @@ class TaskRun:
             fds = {}
             for fid in res.ids:
                 fe = tree.files[fid]
-                ops = by_type.get(fe.type)
+                ops = kinds.get(fe.type)
                 if ops is None:
                     raise RestoreError(f"file id {fid}: no restore for file type {fe.type}")
-                fds[fid] = self.fds.park(ops.restore_fd(ctx, fe, _FdName(fid)))
+                fd = ops.restore_fd(ctx, fe, _FdName(fid))
+                if fid in self.rs.desc_locks:
+                    take_file_locks(fd, self.rs.desc_locks[fid], _file_name(fe))
+                fds[fid] = self.fds.park(fd)
             ctx.close_raw()
             self.resources[key] = fds
+
+    def take_ctty(self) -> None:
+        """A session leader's controlling pty, right after setsid() (the session's
+        members forked from now on share it)."""
+        index, pgrp, _ = self.t.ctty
+        fds = self.resources.get(("tty", index), {})
+        tree = self.rs.tree
+        slaves = [fd for fid, fd in fds.items() if not tree.files[fid].tty.tty_info_id % 2]
+        from criu_py.files import tty
+        if slaves:
+            tty.take_controlling_tty(slaves[0])
+        else:
+            fd = os.open(f"/dev/pts/{index}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                tty.take_controlling_tty(fd)
+            finally:
+                os.close(fd)
+
+    def shell_job_foreground(self) -> None:
+        """--shell-job, as CRIU: a root that leads its own group and had the caller's
+        terminal becomes the foreground job of the restoring command's terminal."""
+        t, rs = self.t, self.rs
+        if rs.caller_tty < 0 or t.pgid != t.pid or t.sid == t.pid or \
+                not any(i.id % 2 == 0 and i.id + 1 not in rs.tree.tty_infos
+                        for i in rs.tree.tty_infos.values()):
+            return
+        from criu_py.files import tty
+        tty.set_foreground(rs.caller_tty, t.pgid)
+
+    def set_foreground_group(self) -> None:
+        """Once the groups exist: the controlling pty's foreground group."""
+        index, pgrp, _ = self.t.ctty
+        if not pgrp:
+            return
+        from criu_py.files import tty
+        fd = os.open(f"/dev/pts/{index}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            tty.set_foreground(fd, pgrp)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------ stage CLEANUP
     def cleanup_stage(self) -> None:
@@ -254,15 +320,25 @@ class TaskRun:
                 fd = os.open(mf.path, mf.flags | os.O_CLOEXEC)
             except OSError as exc:
                 raise RestoreError(f"cannot open mapped file {mf.path}: {exc.strerror}") from None
-            self.restorer_fds[key] = self.fds.park(fd)
-        exe = self.rs.tree.reg(img.mm.exe_file_id, "the exe link").name
-        st, own = os.stat(exe), os.stat("/proc/self/exe")
+            fd = self.fds.park(fd)
+            self.restorer_fds[key] = fd
+            self.rs.tree.check_opened(mf.file_id, fd, f"pid {self.t.pid}: a mapping")
+        self.rs.tree.reg(img.mm.exe_file_id, "the exe link")
+        exe = self.rs.tree.reg_path(img.mm.exe_file_id)
+        exe_fd = os.open(exe, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.rs.tree.check_opened(img.mm.exe_file_id, exe_fd, f"pid {self.t.pid}: the executable")
+            st, own = os.fstat(exe_fd), os.stat("/proc/self/exe")
+        except BaseException:
+            os.close(exe_fd)
+            raise
         if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
             # Same file as our own executable (a Python task restored by criu-py): the link
             # is right already, and the kernel refuses to "replace" it while it is mapped.
+            os.close(exe_fd)
             self.exe_fd = -1
         else:
-            self.exe_fd = self.fds.park(os.open(exe, os.O_RDONLY | os.O_CLOEXEC))
+            self.exe_fd = self.fds.park(exe_fd)
         for src in mem.sources:        # its own pages file, and its parents' (chains)
             src.fd = self.fds.park(src.images.open_raw(src.name))
         if self.t.mm_child is not None:
@@ -276,15 +352,13 @@ class TaskRun:
         tree = self.rs.tree
         self.vfork_moves = []
         for fi in (v.img.fdinfos if v.files_owner else ()):
-            fe = tree.files[fi.id]
-            key = ("pipe", fe.pipe.pipe_id) if fe.HasField("pipe") else ("file", fi.id)
-            src = self.fds.dup(self.resource_fd(key)[fi.id])
+            src = self.fds.dup(self.resource_fd(resource_key(tree, fi.id))[fi.id])
             self.vfork_moves.append((src, fi.fd, bool(fi.flags & FD_CLOEXEC)))
         self.vfork_dirs = (-1, -1)
         if v.fs_owner:
             flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-            cwd = self.fds.park(os.open(tree.reg(v.img.fs.cwd_id, "cwd").name, flags))
-            root = self.fds.park(os.open(tree.reg(v.img.fs.root_id, "root").name, flags))
+            cwd = self.fds.park(os.open(tree.path(v.img.fs.cwd_id, "cwd"), flags))
+            root = self.fds.park(os.open(tree.path(v.img.fs.root_id, "root"), flags))
             self.vfork_dirs = (cwd, root)
 
     def resource_fd(self, key) -> int:
@@ -303,9 +377,7 @@ class TaskRun:
         tree = self.rs.tree
         task_fds = set()
         for fi in img.fdinfos:
-            fe = tree.files[fi.id]
-            key = ("pipe", fe.pipe.pipe_id) if fe.HasField("pipe") else ("file", fi.id)
-            src = self.resource_fd(key)[fi.id]
+            src = self.resource_fd(resource_key(tree, fi.id))[fi.id]
             os.dup2(src, fi.fd, inheritable=not fi.flags & FD_CLOEXEC)
             task_fds.add(fi.fd)
         keep = task_fds | self.fds.own - self.resource_set()
@@ -335,7 +407,6 @@ class TaskRun:
         if t.fs_owner:
             set_fs(self.rs.tree, img)
         set_personality(img)
-        set_timers(img)
         set_rlimits(img)
         from criu_py.restore.sigframe import request_xfeatures
         request_xfeatures(thread_registers(img.core).xsave)
@@ -374,7 +445,26 @@ class TaskRun:
             signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [],
             dumpable=img.mm.dumpable if img.mm.HasField("dumpable") else -1,
             tgid=t.pid, premap=getattr(t, "premap_area", (0, 0)),
-            sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO)
+            sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO,
+            itimers=itimers(core), arm_itimers=True, posix_timers=posix_timers(core),
+            timerfds=self.timerfds_to_arm(), locks=self.posix_locks())
+
+    def timerfds_to_arm(self) -> list:
+        """The timerfds this task's restorer arms (the first task holding each)."""
+        from criu_py.files.timerfd import arming
+        out, done = [], set()
+        armers = self.rs.plan.armers
+        for fi in (self.t.img.fdinfos if self.t.files_owner else ()):
+            if armers.get(fi.id) != self.t.pid or fi.id in done:
+                continue
+            done.add(fi.id)
+            e = self.rs.tree.files[fi.id].tfd
+            flags, value, interval, ticks = arming(e)
+            out.append((fi.fd, flags, e.clockid, ticks, interval + value))
+        return out
+
+    def posix_locks(self) -> list:
+        return [(e.fd, e.type, e.start, e.len) for e in self.rs.posix_locks.get(self.t.pid, ())]
 
 
     def mm_child_plan(self, v):
@@ -418,14 +508,17 @@ class _FdName:
 
 class FileContext:
     """What the file kinds' restore halves (FILE_KINDS[...].restore_fd) may ask for:
-    pipe data, the images, shared memory objects (parked fds), and the raw ends of
-    the pipes made so far."""
+    the images, shared memory objects and other files already open (parked fds), the
+    state of a group of descriptions made together (a pipe's ends, a pty's), and a
+    way to put a file at a given fd number for a moment (epoll_ctl)."""
 
     def __init__(self, run: TaskRun):
         self.run = run
+        self.tree = run.rs.tree
         self.pipe_data = run.rs.tree.pipe_data
         self.images = run.rs.images
         self._pipes: dict = {}
+        self._groups: dict = {}
         self.raw_fds: list = []
         self.handed: set = set()      # raw pipe ends already used as a description
 
@@ -434,6 +527,49 @@ class FileContext:
 
     def memfd_shmid(self, inode_id: int) -> int:
         return self.run.rs.tree.memfd_inodes[inode_id].shmid
+
+    def fd_of(self, fid: int) -> int:
+        """The parked fd of files.img entry `fid` (opened by this task or an ancestor)."""
+        fds = self.run.resource_fd(resource_key(self.tree, fid))
+        if fid not in fds:
+            raise RestoreError(f"file id {fid} was not opened for this task")
+        return fds[fid]
+
+    def armed_by_restorer(self, fid: int) -> bool:
+        return fid in self.run.rs.plan.armers
+
+    def caller_tty(self) -> int:
+        fd = self.run.rs.caller_tty
+        if fd < 0:
+            raise RestoreError("the dump holds its caller's terminal (--shell-job), but this "
+                               "restore has no terminal on its stdin")
+        return fd
+
+    @contextlib.contextmanager
+    def fd_at(self, number: int, src: int):
+        """src also at fd `number` for the block (what was there before is put back)."""
+        saved = -1
+        try:
+            saved = fcntl.fcntl(number, fcntl.F_DUPFD_CLOEXEC, self.run.fds.base)
+        except OSError:
+            pass
+        os.dup2(src, number, inheritable=False)
+        try:
+            yield number
+        finally:
+            if saved >= 0:
+                os.dup2(saved, number, inheritable=False)
+                os.close(saved)
+            else:
+                os.close(number)
+
+    def group(self, key, make) -> dict:
+        """Descriptions made together, once (make() -> {files.img id: fd})."""
+        if key not in self._groups:
+            fds = make()
+            self._groups[key] = fds
+            self.raw_fds.extend(fds.values())
+        return self._groups[key]
 
     def pipe_ends(self, pipe_id: int, make) -> tuple[int, int]:
         if pipe_id not in self._pipes:
@@ -446,6 +582,20 @@ class FileContext:
         for fd in self.raw_fds:
             os.close(fd)
         self.raw_fds = []
+        self._groups = {}
+
+
+def resource_key(tree, fid: int) -> tuple:
+    from criu_py.files import ops_by_type
+    fe = tree.files[fid]
+    return ops_by_type()[fe.type].resource_key(fe)
+
+
+def _file_name(fe) -> str:
+    for name in ("reg", "fifo", "tty"):
+        if fe.HasField(name):
+            return getattr(fe, name).name if name == "reg" else f"file id {fe.id}"
+    return f"file id {fe.id}"
 
 
 def cg_set_of(t) -> int:
@@ -520,25 +670,45 @@ def set_personality(img) -> None:
 
 def set_fs(tree, img) -> None:
     """cwd, then root (paths are as the dump saw them, from outside any chroot)."""
-    os.chdir(tree.reg(img.fs.cwd_id, "cwd").name)
-    root = tree.reg(img.fs.root_id, "root").name
+    fd = os.open(tree.path(img.fs.cwd_id, "cwd"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        tree.check_opened(img.fs.cwd_id, fd, "cwd")
+        os.fchdir(fd)
+    finally:
+        os.close(fd)
+    root = tree.path(img.fs.root_id, "root")
     if root != "/":
         os.chroot(root)
     if img.fs.HasField("umask"):
         os.umask(img.fs.umask)
 
 
-def set_timers(img) -> None:
-    """The interval timers (the kernel keeps them across the restorer; an armed
-    ITIMER_REAL fires after the task is back: its SIGALRM waits, blocked)."""
-    tc = img.core.tc
-    if tc.HasField("timers"):
-        for which, name in ((signal.ITIMER_REAL, "real"), (signal.ITIMER_VIRTUAL, "virt"),
-                            (signal.ITIMER_PROF, "prof")):
-            tm = getattr(tc.timers, name)
-            value = tm.vsec + tm.vusec / 1e6
-            if value:
-                signal.setitimer(which, value, tm.isec + tm.iusec / 1e6)
+def itimers(core) -> list | None:
+    """The interval timers (real, virt, prof) as the restorer sets them, right before
+    the task returns: (interval s, us, time left s, us); a timer whose time left read 0
+    while it has an interval gets the interval (as CRIU does), so it stays armed."""
+    tc = core.tc
+    if not tc.HasField("timers"):
+        return None
+    out = []
+    for t in (tc.timers.real, tc.timers.virt, tc.timers.prof):
+        value = (t.vsec, t.vusec) if (t.vsec, t.vusec) != (0, 0) else (t.isec, t.iusec)
+        out.append((t.isec, t.iusec) + value)
+    return out
+
+
+def posix_timers(core) -> list:
+    """PiePlan.posix_timers from tc.timers.posix, by id (same rule for 0 time left)."""
+    tc = core.tc
+    if not tc.HasField("timers"):
+        return []
+    out = []
+    for p in sorted(tc.timers.posix, key=lambda p: p.it_id):
+        value = (p.vsec, p.vnsec) if (p.vsec, p.vnsec) != (0, 0) else (p.isec, p.insec)
+        thread = p.notify_thread_id if p.HasField("notify_thread_id") else 0
+        out.append((p.it_id, p.clock_id, p.si_signo, p.it_sigev_notify, thread, p.sival_ptr,
+                    (p.isec, p.insec) + value))
+    return out
 
 
 def raise_fd_limit() -> tuple[int, int]:

@@ -15,7 +15,10 @@ from criu_py.errors import RestoreError
 
 PTRACE_SYSCALL = 24
 PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_O_TRACESYSGOOD = 1
 PTRACE_SEIZE = 0x4206
+PTRACE_O_EXITKILL = 0x100000
 NT_PRSTATUS = 1
 WALL = 0x40000000
 NR_MUNMAP, NR_RT_SIGRETURN = 11, 15
@@ -34,8 +37,10 @@ def vdso_syscall_offset() -> int | None:
 
 
 def seize(pid: int) -> None:
+    """Trace the new task until it is handed over. EXITKILL: if the restore dies before
+    that (killed, even with SIGKILL), the kernel kills the half-made task with it."""
     from criu_py.native import lib
-    r = lib.cp_ptrace(PTRACE_SEIZE, pid, 0, 0)
+    r = lib.cp_ptrace(PTRACE_SEIZE, pid, 0, PTRACE_O_EXITKILL)
     if r < 0:
         raise RestoreError(f"cannot trace the new task {pid}: {os.strerror(-r)}")
 
@@ -99,9 +104,11 @@ def run_syscall(tid: int, syscall_addr: int, nr: int, *args: int) -> int:
     return ret - (1 << 64) if ret >> 63 else ret
 
 
-def release_process(tids: list[int], syscall_addr: int, unmaps: list[tuple[int, int]]) -> None:
+def prepare_release(tids: list[int], syscall_addr: int, unmaps: list[tuple[int, int]]) -> None:
     """Every thread of one process stopped at its trap (rsp = its sigframe + 8): unmap
-    `unmaps` from the first, then all of them rt_sigreturn at syscall_addr."""
+    `unmaps` from the first, then bring every thread to the entry of rt_sigreturn at
+    syscall_addr. From that stop a thread completes its return into the task whatever
+    happens to us (a trap stop would deliver SIGTRAP to a thread whose tracer died)."""
     sps = {tid: _regs(tid)["sp"] for tid in tids}
     for start, length in unmaps:
         ret = run_syscall(tids[0], syscall_addr, NR_MUNMAP, start, length)
@@ -112,12 +119,25 @@ def release_process(tids: list[int], syscall_addr: int, unmaps: list[tuple[int, 
         regs = _regs(tid)
         regs.update(ip=syscall_addr, ax=NR_RT_SIGRETURN, sp=sps[tid], orig_ax=2**64 - 1)
         _set_regs(tid, regs)
-    # Through rt_sigreturn (its entry and exit stops) before letting go: once the restore
-    # command returns, every thread has its registers and signal mask back.
-    for what in ("entering rt_sigreturn", "leaving rt_sigreturn"):
-        for tid in tids:
-            _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")
-        for tid in tids:
-            _wait_stop(tid, what)
+    for tid in tids:
+        _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")     # the trap's SIGTRAP is dropped
+    for tid in tids:
+        _wait_stop(tid, "entering rt_sigreturn")
+
+
+def commit(tids: list[int]) -> None:
+    """Drop PTRACE_O_EXITKILL: from here on, our death no longer takes the tasks."""
+    from criu_py.native import lib
+    for tid in tids:
+        lib.cp_ptrace(PTRACE_SETOPTIONS, tid, 0, PTRACE_O_TRACESYSGOOD)
+
+
+def finish_release(tids: list[int]) -> None:
+    """Through rt_sigreturn before letting go: once the restore command returns, every
+    thread has its registers and signal mask back."""
+    for tid in tids:
+        _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")
+    for tid in tids:
+        _wait_stop(tid, "leaving rt_sigreturn")
     for tid in tids:
         _ptrace(PTRACE_DETACH, tid, "PTRACE_DETACH")

@@ -39,6 +39,8 @@ class RTask:
     exit_code: int = 0                   # zombies
     in_parent_mm: bool = False           # runs in its parent's memory: made by the parent's restorer
     mm_child: "RTask | None" = None      # such a child of this task
+    ctty: tuple | None = None            # (pty index, foreground group, caller's terminal)
+                                         # of the session it leads
 
     @property
     def files_owner(self) -> bool:
@@ -77,6 +79,7 @@ class TreePlan:
     root: RTask
     tasks: dict                      # pid -> RTask (helpers included)
     resources: dict = field(default_factory=dict)   # key -> Resource
+    armers: dict = field(default_factory=dict)      # timerfd files.img id -> pid whose restorer arms it
 
     @property
     def all(self) -> list:
@@ -95,8 +98,8 @@ class TreePlan:
 @dataclass
 class Resource:
     """Something several tasks must get the very same instance of. kind: "file" (one
-    files.img id), "pipe" (every files.img id of one pipe_id), "shmem" (a shared memory
-    object); ids: the files.img ids (file, pipe) or the shmid (shmem)."""
+    files.img id), "pipe" (every files.img id of one pipe_id), "tty" (every end of one
+    pty), "shmem" (a shared memory object); ids: the files.img ids or the shmid (shmem)."""
     key: tuple
     kind: str
     ids: list
@@ -129,8 +132,20 @@ def plan_tree(tree, root_sid: int, root_pgid: int) -> TreePlan:
     _plan_groups(plan, root_pgid)
     _plan_sharing(plan)
     _plan_resources(plan, tree)
+    _plan_armers(plan, tree)
     _plan_cow(plan)
     return plan
+
+
+def _plan_armers(plan: TreePlan, tree) -> None:
+    """Each timerfd is armed by the restorer of the first task (pstree order) whose fd
+    table holds it, as late as possible; one held by no table is armed when opened."""
+    for t in plan.alive:
+        if not t.files_owner or t.in_parent_mm:
+            continue
+        for fi in t.img.fdinfos:
+            if tree.files[fi.id].HasField("tfd"):
+                plan.armers.setdefault(fi.id, t.pid)
 
 
 # ---------------------------------------------------------------- sessions, groups
@@ -259,7 +274,13 @@ def _lca(tasks) -> RTask:
 
 
 def _plan_resources(plan: TreePlan, tree) -> None:
-    """Who opens what: per resource, the lowest common ancestor of its users."""
+    """Who opens what: per resource, the lowest common ancestor of its users. A resource
+    another one needs open first (an epoll's targets) counts that one's users as its own,
+    so it is opened by the same task or an ancestor; each task opens the ones it needs
+    first first. The leader of a session with a controlling pty uses that pty (it takes
+    it right after setsid(), before forking the session)."""
+    from criu_py.files import ops_by_type
+    kinds = ops_by_type()
     res = plan.resources
 
     def use(key, kind, ident, user):
@@ -269,28 +290,75 @@ def _plan_resources(plan: TreePlan, tree) -> None:
         if ident not in r.ids:
             r.ids.append(ident)
         r.users.add(user)
+        return r
+
+    def key_of(fid):
+        return kinds[tree.files[fid].type].resource_key(tree.files[fid])
 
     for t in plan.alive:
         if t.files_owner:
             for fi in t.img.fdinfos:
                 fe = tree.files[fi.id]
-                if fe.HasField("pipe"):
-                    use(("pipe", fe.pipe.pipe_id), "pipe", fi.id, t)
-                else:
-                    use(("file", fi.id), "file", fi.id, t)
+                key = key_of(fi.id)
+                use(key, key[0], fi.id, t)
                 if fe.HasField("memfd"):
                     shmid = t.img.memory.memfd_inodes[fe.memfd.inode_id].shmid
                     use(("shmem", shmid), "shmem", shmid, t)
         for mf in t.img.memory.files.values():
             if mf.shmid is not None:
                 use(("shmem", mf.shmid), "shmem", mf.shmid, t)
+    # files a resource needs first: resources of their own, used by its users too
+    deps = {}
+    todo = list(res.values())
+    while todo:
+        r = todo.pop()
+        if r.kind == "shmem":
+            continue
+        for fid in list(r.ids):
+            for dep in kinds[tree.files[fid].type].deps(tree, tree.files[fid]):
+                key = key_of(dep)
+                d = res.get(key)
+                new = d is None or dep not in d.ids or not r.users <= d.users
+                for u in r.users:
+                    d = use(key, key[0], dep, u)
+                deps.setdefault(r.key, set()).add(key)
+                if new:
+                    todo.append(d)
+    for key, ctty in _controlling_ttys(plan, tree).items():
+        if key in res:
+            res[key].users.add(ctty)
     for r in res.values():
         r.opener = _lca(r.users)
         if r.opener.in_parent_mm:    # no Python runs in it: its parent opens for it
             r.opener = r.opener.parent
-    # Shared objects first: the files opened from them need their fd.
-    for r in sorted(res.values(), key=lambda r: (r.kind != "shmem", r.key)):
+
+    depth = {}
+
+    def level(key, seen=()):
+        if key not in depth:
+            if key in seen:
+                raise ImageError(f"files.img: files that need each other open first ({key})")
+            depth[key] = 1 + max((level(k, seen + (key,)) for k in deps.get(key, ())), default=0)
+        return depth[key]
+    # Shared objects first (the files opened from them need their fd), then by need.
+    for r in sorted(res.values(), key=lambda r: (r.kind != "shmem", level(r.key), r.key)):
         r.opener.opens.append(r.key)
+
+
+def _controlling_ttys(plan: TreePlan, tree) -> dict:
+    """The pty resource each session leader takes as its controlling terminal (tty-info
+    sid), noted on the task (t.ctty = (pty index, foreground group))."""
+    out = {}
+    for info in tree.tty_infos.values():
+        if info.id % 2 or not info.sid:
+            continue
+        t = plan.tasks.get(info.sid)
+        if t is None or t.kind == ZOMBIE:
+            continue
+        master = tree.tty_infos.get(info.id + 1)
+        t.ctty = (info.pty.index, info.pgrp, master is None)
+        out[("tty", info.pty.index)] = t
+    return out
 
 
 # ---------------------------------------------------------------- copy-on-write

@@ -243,13 +243,9 @@ class Tracking:
 
     def new_mm(self, pd):
         """New tracking state: a WP_ASYNC userfaultfd made inside the frozen task."""
-        from criu_py import proc
         from criu_py.dump import parasite
         from criu_py.track import uffd as U
-        site = parasite.code_site([p.vma for p in pd.vma_plans] or proc.read_maps(pd.pid))
-        from criu_py.dump import note_code_site
-        note_code_site(self.ctx, pd.pid, site)
-        fd = parasite.make_userfaultfd(pd.tracee, site, pd.leader.raw_gpregs, pd.pidfd,
+        fd = parasite.make_userfaultfd(pd.tracee, pd.leader.raw_gpregs, pd.pidfd,
                                        user_mode_only_ok=True)
         if fd < 0:
             log.warning("pid %d: no userfaultfd (%s): its memory is not tracked", pd.pid,

@@ -28,6 +28,7 @@ from criu_py.proc import Record
 SNAPSHOT_MIN_KB = 16 << 10          # processes smaller than this are copied while frozen
 CHUNK = 2 << 20
 POOL_MAX = 1 << 30                  # buffers between the copy and the disk
+INJECTION_ROOM = 32 << 10           # below a stack pointer: where injection puts its frame
 CATCH_UP_PASSES = 3                 # protecting again what was written meanwhile, before
 CATCH_UP_DONE = 16 << 20            # the freeze, until this little is left
 
@@ -155,7 +156,6 @@ class Snapshot:
     def _make_uffds(self, pids: list) -> None:
         """A synchronous userfaultfd per process, made inside it: the tree is stopped
         just for that."""
-        from criu_py import proc
         from criu_py.dump import parasite
         from criu_py.dump.tree import KCMP_VM, Tree, kcmp
         from criu_py.track import uffd as U
@@ -169,10 +169,7 @@ class Snapshot:
                 pidfd = os.pidfd_open(pid)
                 try:
                     leader = p.leader
-                    site = parasite.code_site(proc.read_maps(pid))
-                    from criu_py.dump import note_code_site
-                    note_code_site(self.ctx, pid, site)
-                    fd = parasite.make_userfaultfd(leader, site, leader.get_gpregs(), pidfd)
+                    fd = parasite.make_userfaultfd(leader, leader.get_gpregs(), pidfd)
                 finally:
                     os.close(pidfd)
                 if fd < 0:
@@ -191,6 +188,24 @@ class Snapshot:
                  self.stop_us / 1e3, len(self.targets))
 
     # ------------------------------------------------------------ frozen
+    def before_injection(self, procs) -> None:
+        """Frozen, before code is injected: injection writes a frame below each thread's
+        stack pointer through /proc/PID/mem, which a write-protected page refuses (EIO:
+        such an access cannot wait for our fault thread). The pages there are unprotected
+        now; the scan protects them again (it protects whatever is unprotected)."""
+        from criu_py.native import lib
+        for pd in procs:
+            t = self.targets.get(pd.pid)
+            if t is None:
+                continue
+            for th in pd.threads:
+                sp = th.gpregs["sp"]
+                lo, hi = (sp - INJECTION_ROOM) & ~4095, (sp + 4095) & ~4095
+                for vs, ve in t.registered:
+                    a, b = max(lo, vs), min(hi, ve)
+                    if a < b:
+                        lib.cp_uffd_wp(t.uffd, a, b - a, 0)
+
     def vma_scan(self, pd):
         """The per-VMA scan for mem.dump.private_page_ranges: for registered VMAs, the
         present pages, those written since protected again (now, frozen)."""

@@ -24,6 +24,7 @@ BUILD_FLAGS = {
     "creds": ["-pthread"],
     "spawner": ["-pthread"],
     "rewriter": ["-pthread"],
+    "timers": ["-pthread"],
 }
 
 

@@ -1,0 +1,7 @@
+/* Checksums of image files and of page runs inside them (criu_py/images/integrity.py). */
+#ifndef CRIU_PY_DIGEST_H
+#define CRIU_PY_DIGEST_H
+#include <stdint.h>
+long cp_digest_file(int fd, uint64_t size, const uint64_t *runs, long nruns,
+		    uint64_t *run_digests, uint64_t *file_digest, int nthreads);
+#endif
