@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import (assert_one_line_error, assert_running_untraced, dumped_pids, fd_table,
-                      proc_status, reap_gone, tracking_holders)
+                      proc_is_running, proc_status, reap_gone, tracking_holders)
 
 pytestmark = pytest.mark.needs_tool
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -238,6 +238,23 @@ def test_shared_memory_is_dumped_whole_in_an_incremental_dump(h):
     n = len(task.log.matches(r"(OK|BAD) .*"))
     restored.signal(signal.SIGUSR1)
     assert task.log.wait(r"(OK|BAD) .*", count=n + 1).group(0) == f"OK {task.pid}"
+
+
+def test_a_damaged_parent_fails_the_restore_before_anything_starts(h):
+    # pre-dumps are sealed like dumps; restore checks every dir of the chain first
+    task = h.start("dirtier", 16, 0, ready=r"ready \d+")
+    pre = pre_dump(h, task, h.images_dir("pre"))
+    mark(task)
+    top = h.dump(task, h.images_dir("dump"), "--track-mem", "--prev-images-dir", "../pre")
+    pages = pre / "pages-1.img"
+    with open(pages, "r+b") as f:
+        f.seek(5 * PAGE)
+        byte = f.read(1)
+        f.seek(5 * PAGE)
+        f.write(bytes([byte[0] ^ 0xff]))
+    res = h.cli("restore", "-D", top, "-d")
+    assert_one_line_error(res, "/pre/pages-1.img", "damaged page run")
+    assert not proc_is_running(task.pid), "a failed restore left the task behind"
 
 
 def test_bad_prev_images_dir_is_one_line_and_leaves_the_task_alone(h):

@@ -93,28 +93,46 @@ def seal(images) -> None:
 
 
 def verify(images_dir: str, opts: dict) -> None:
-    """First step of a restore: every image file as the dump wrote it, or ImageError
-    naming the first damaged, missing or added one."""
-    from criu_py.images import ImageDir, kind_of
+    """First step of a restore: every image file as the dump wrote it, in the images dir
+    and in each dir of its chain of parents (mem/chain.py: pre-dumps are sealed too), or
+    ImageError naming the first damaged, missing or added one."""
+    from criu_py.images import ImageDir
+    from criu_py.mem.chain import close_chain, open_chain
     if opts.get("no_verify"):
         log.info("restore: --no-verify: the images are not checked against %s", CHECKSUM_IMAGE)
         return
     with log_step("restore", "verify checksums"), ImageDir(images_dir) as images:
-        if not images.exists(CHECKSUM_IMAGE):
-            log.info("restore: no %s (images not written by criu-py): restoring without "
-                     "verification", CHECKSUM_IMAGE)
-            return
-        entries = images.read_entries(CHECKSUM_IMAGE)
-        if not entries or entries[0].algorithm != ALGORITHM or entries[0].block_size != BLOCK:
-            what = entries[0].algorithm if entries else "no head"
-            raise ImageError(f"{CHECKSUM_IMAGE}: unknown checksum algorithm ({what})")
-        listed = {e.name: e for e in entries[1:]}
-        for name in images.list():
-            if kind_of(name) is not None and name != CHECKSUM_IMAGE and name not in listed:
-                raise ImageError(f"{name}: not in {CHECKSUM_IMAGE} (added after the dump)")
-        for name in sorted(listed, key=lambda n: (n.startswith("pages-"), n)):
+        chain = open_chain(images)
+        try:
+            for i, level in enumerate(chain):
+                _verify_dir(level, f" in {level.dirpath}" if i else "")
+        finally:
+            close_chain(chain)
+
+
+def _verify_dir(images, where: str) -> None:
+    """One dir; `where` names a parent dir in the messages ("" for the images dir)."""
+    from criu_py.images import kind_of
+    if not images.exists(CHECKSUM_IMAGE):
+        log.info("restore: no %s%s (images not written by criu-py): restoring without "
+                 "verification", CHECKSUM_IMAGE, where)
+        return
+    entries = images.read_entries(CHECKSUM_IMAGE)
+    if not entries or entries[0].algorithm != ALGORITHM or entries[0].block_size != BLOCK:
+        what = entries[0].algorithm if entries else "no head"
+        raise ImageError(f"{CHECKSUM_IMAGE}{where}: unknown checksum algorithm ({what})")
+    listed = {e.name: e for e in entries[1:]}
+    for name in images.list():
+        if kind_of(name) is not None and name != CHECKSUM_IMAGE and name not in listed:
+            raise ImageError(f"{name}{where}: not in {CHECKSUM_IMAGE} (added after the dump)")
+    for name in sorted(listed, key=lambda n: (n.startswith("pages-"), n)):
+        try:
             _check(images, listed[name])
-        log.info("restore: %d image files match %s", len(listed), CHECKSUM_IMAGE)
+        except ImageError as exc:
+            if not where:
+                raise
+            raise ImageError(f"{images.dirpath}/{exc}") from None
+    log.info("restore: %d image files%s match %s", len(listed), where, CHECKSUM_IMAGE)
 
 
 def _check(images, e) -> None:
