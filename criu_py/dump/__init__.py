@@ -188,8 +188,20 @@ def load_modules() -> None:
     import criu_py.mem.chain  # noqa: F401
     import criu_py.track  # noqa: F401
     import criu_py.track.uffd  # noqa: F401
+    import criu_py.cgroup.props  # noqa: F401
+    import criu_py.files.ghost  # noqa: F401
+    import criu_py.files.identity  # noqa: F401
+    import criu_py.files.locks  # noqa: F401
+    import criu_py.irmap.handles  # noqa: F401
+    import criu_py.restore.sigframe  # noqa: F401   (injection frames; dataclasses: ~13 ms)
+    import criu_py.sysvipc  # noqa: F401
+    import mmap  # noqa: F401   (page buffers)
     from criu_py.images.pb import (core_pb2, fdinfo_pb2, fs_pb2, inventory_pb2,  # noqa: F401
-                                   mm_pb2, pagemap_pb2, pstree_pb2, stats_pb2)
+                                   mm_pb2, pagemap_pb2, pstree_pb2, stats_pb2,
+                                   file_ident_pb2, ghost_file_pb2, pipe_data_pb2,
+                                   remap_file_path_pb2, time_pb2)
+    from criu_py.ptrace import landing_offset
+    landing_offset()                   # reads our own vdso once (cached)
 
 
 def refuse_unsupported(ctx) -> None:
