@@ -53,10 +53,14 @@ class DumpContext:
         self.lock_keys = set()                  # locks already noted (dup'ed fds show them too)
         self.sysv = None                        # criu_py.sysvipc.dump.SysvDump
         self.mapped_file_ids = {}               # (major, minor, inode, flags) -> files.img id
+        self.sockets = None                     # files.sockets.SocketDump, at the first socket
+        self.run_id = None                      # CRIU's run id (inventory.dump_criu_run_id)
         self._next_pages_id = 1
         self._fd_reps = {}                      # (dev, ino) -> [(pid, fd), ...] seen
 
     def close(self) -> None:
+        if self.sockets is not None:
+            self.sockets.close()            # connections out of repair, lock lifted, unless committed
         for p in self.procs:
             p.close()
 

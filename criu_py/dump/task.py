@@ -182,7 +182,15 @@ def build_inventory(ctx):
     inv.root_cg_set = ROOT_CG_SET     # criu-py's own cgroup set
     inv.ns_per_id = True
     inv.lsmtype = inventory_pb2.NO_LSM
-    inv.network_lock_method = 0
+    from criu_py.files.sockets.netlock import DEFAULT, METHODS, SKIP
+    # the method that locked connections; none locked: "skip", so no restore (criu-py's
+    # or CRIU's) goes looking for a lock that was never taken
+    locked = ctx.sockets is not None and ctx.sockets.lock is not None and ctx.sockets.lock.locked
+    inv.network_lock_method = METHODS[ctx.opts.get("network_lock") or DEFAULT] if locked else SKIP
+    if ctx.run_id:
+        inv.dump_criu_run_id = ctx.run_id
+    if ctx.opts.get("tcp_close"):
+        inv.tcp_close = True
     try:
         with open("/proc/uptime") as f:
             inv.dump_uptime = int(float(f.read().split()[0]) * 1e6)
