@@ -23,6 +23,21 @@ def _nft_tables() -> str:
     return lock_state()
 
 
+def assert_debian_crit_reads(images) -> None:
+    """Every CRIU image of the dump (criu-py's own two excepted) decodes with Debian's crit."""
+    import json
+    import subprocess
+    if not os.access("/usr/bin/crit", os.X_OK):
+        return
+    for p in sorted(images.iterdir()):
+        if not p.name.endswith(".img") or p.name.startswith(("criu-py-", "pages-")):
+            continue
+        res = subprocess.run(["/usr/bin/crit", "decode", "-i", str(p)], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, f"crit cannot decode {p.name}: {res.stderr[-300:]}"
+        assert json.loads(res.stdout)["entries"] is not None
+
+
 def queued(log, pid: int) -> dict:
     return {m.group(1): int(m.group(2)) for m in log.matches(rf"queued {pid} (\w+) (\d+)")}
 
@@ -63,6 +78,9 @@ def test_unix_socket_shapes(h):
     task = h.start("unixsk", sockdir, h.path("go"))
     assert not (sockdir / "gone.sock").exists()
     images = h.dump(task)
+    if not h.no_cr:
+        assert (images / "sk-queues.img").exists()
+        assert_debian_crit_reads(images)
     h.restore(images, task=task)
     check_unix_shapes(h, task)
 
@@ -192,7 +210,8 @@ def test_tcp_udp_ipv4_ipv6_and_established_connection(h):
     task = h.start("inetsk", h.path("go"))
     images = h.dump(task, None, "--tcp-established")
     if not h.no_cr:
-        assert any(p.name.startswith("tcp-stream-") for p in images.iterdir())
+        assert len([p for p in images.iterdir() if p.name.startswith("tcp-stream-")]) == 2
+        assert_debian_crit_reads(images)
     h.restore(images, "--tcp-established", task=task)
     assert "CRIU-" not in _nft_tables(), "the network lock was left behind"
     check_inet(h, task)

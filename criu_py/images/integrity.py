@@ -8,7 +8,11 @@
 # against damage, not against someone who can rewrite the checksum image as well.
 #
 #   seal(images)                  # dump: last step, images is the open ImageDir
-#   verify(images_dir, opts)      # restore: first step
+#   verify(images_dir, opts)      # restore: first step (everything, then returns)
+#   with verifying(images_dir, opts) as pages:   # restore: the image files now, the
+#       ...                                      # pages files meanwhile in a thread;
+#       pages.wait()                             # before anything is created
+import contextlib
 import os
 
 from criu_py.errors import ImageError
@@ -27,8 +31,10 @@ def _threads() -> int:
         return 1
 
 
-def digest(dirfd: int, name: str, runs=()) -> tuple[int, int, list[int]]:
-    """(size, digest of the file, [digest of each (offset, length) run]) of one file."""
+def digest(dirfd: int, name: str, runs=(), known=None, threads=None) -> tuple[int, int, list[int]]:
+    """(size, digest of the file, [digest of each (offset, length) run]) of one file;
+    known: (size, CRC of each block) its writer computed, used when the file still has
+    that size (else the file is read)."""
     from criu_py.native import ffi, lib
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dirfd)
@@ -41,7 +47,12 @@ def digest(dirfd: int, name: str, runs=()) -> tuple[int, int, list[int]]:
         flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
         out_runs = ffi.new("uint64_t[]", max(len(runs), 1))
         out_file = ffi.new("uint64_t *")
-        r = lib.cp_digest_file(fd, size, flat, len(runs), out_runs, out_file, _threads())
+        if known is not None and known[0] == size:
+            r = lib.cp_digest_crcs(known[1], size, flat, len(runs), out_runs, out_file)
+            log.debug("%s: digest from the block CRCs computed while it was written", name)
+        else:
+            r = lib.cp_digest_file(fd, size, flat, len(runs), out_runs, out_file,
+                                   threads or _threads())
     finally:
         os.close(fd)
     if r < 0:
@@ -83,7 +94,8 @@ def seal(images) -> None:
             if kind_of(name) is None or name == CHECKSUM_IMAGE:
                 continue
             file_runs = runs.get(name, [])
-            size, whole, parts = digest(images.dirfd, name, [(o, n) for o, n, _, _ in file_runs])
+            size, whole, parts = digest(images.dirfd, name, [(o, n) for o, n, _, _ in file_runs],
+                                        getattr(images, "block_crcs", {}).get(name))
             e = pb.integrity_file_entry(name=name, size=size, digest=whole)
             for (o, n, pagemap, vaddr), d in zip(file_runs, parts):
                 e.runs.add(offset=o, length=n, digest=d, pagemap=pagemap, vaddr=vaddr)
@@ -95,29 +107,83 @@ def seal(images) -> None:
 def verify(images_dir: str, opts: dict) -> None:
     """First step of a restore: every image file as the dump wrote it, or ImageError
     naming the first damaged, missing or added one."""
+    with verifying(images_dir, opts) as pages:
+        pages.wait()
+
+
+class PagesCheck:
+    """The check of the pages files, running in a thread (the digest is C code, which
+    releases the GIL) while the restore reads the other images (checked already) and
+    plans; wait() returns once they are checked, or raises the ImageError."""
+
+    def __init__(self, images=None, entries=()):
+        self.images, self.entries = images, list(entries)
+        self.error = None
+        self.thread = None
+        if self.entries:
+            import threading
+            self.thread = threading.Thread(target=self._run, name="pages-check", daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        try:
+            for e in self.entries:
+                _check(self.images, e, threads=1)
+        except BaseException as exc:          # noqa: BLE001 - handed to wait()
+            self.error = exc
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        if self.entries:
+            log.info("restore: %d pages files match %s", len(self.entries), CHECKSUM_IMAGE)
+
+
+@contextlib.contextmanager
+def verifying(images_dir: str, opts: dict):
+    """Check every image file but the pages files now (ImageError naming the first
+    damaged, missing or added one), the pages files in a thread; yields the PagesCheck.
+    The thread is always joined on the way out."""
     from criu_py.images import ImageDir, kind_of
     if opts.get("no_verify"):
         log.info("restore: --no-verify: the images are not checked against %s", CHECKSUM_IMAGE)
+        yield PagesCheck()
         return
-    with log_step("restore", "verify checksums"), ImageDir(images_dir) as images:
-        if not images.exists(CHECKSUM_IMAGE):
-            log.info("restore: no %s (images not written by criu-py): restoring without "
-                     "verification", CHECKSUM_IMAGE)
-            return
-        entries = images.read_entries(CHECKSUM_IMAGE)
-        if not entries or entries[0].algorithm != ALGORITHM or entries[0].block_size != BLOCK:
-            what = entries[0].algorithm if entries else "no head"
-            raise ImageError(f"{CHECKSUM_IMAGE}: unknown checksum algorithm ({what})")
-        listed = {e.name: e for e in entries[1:]}
-        for name in images.list():
-            if kind_of(name) is not None and name != CHECKSUM_IMAGE and name not in listed:
-                raise ImageError(f"{name}: not in {CHECKSUM_IMAGE} (added after the dump)")
-        for name in sorted(listed, key=lambda n: (n.startswith("pages-"), n)):
-            _check(images, listed[name])
-        log.info("restore: %d image files match %s", len(listed), CHECKSUM_IMAGE)
+    with ImageDir(images_dir) as images:
+        with log_step("restore", "verify checksums"):
+            if not images.exists(CHECKSUM_IMAGE):
+                log.info("restore: no %s (images not written by criu-py): restoring without "
+                         "verification", CHECKSUM_IMAGE)
+                entries = None
+            else:
+                entries = images.read_entries(CHECKSUM_IMAGE)
+                if not entries or entries[0].algorithm != ALGORITHM or entries[0].block_size != BLOCK:
+                    what = entries[0].algorithm if entries else "no head"
+                    raise ImageError(f"{CHECKSUM_IMAGE}: unknown checksum algorithm ({what})")
+                listed = {e.name: e for e in entries[1:]}
+                for name in images.list():
+                    if kind_of(name) is not None and name != CHECKSUM_IMAGE and name not in listed:
+                        raise ImageError(f"{name}: not in {CHECKSUM_IMAGE} (added after the dump)")
+                pages = [listed[n] for n in sorted(listed) if n.startswith("pages-")]
+                for name in sorted(listed):
+                    if not name.startswith("pages-"):
+                        _check(images, listed[name])
+                log.info("restore: %d image files match %s (pages files: %d, checked "
+                         "meanwhile)", len(listed) - len(pages), CHECKSUM_IMAGE, len(pages))
+        check = PagesCheck(images, pages if entries else ())
+        try:
+            yield check
+        finally:
+            check.join()
 
 
-def _check(images, e) -> None:
+def _check(images, e, threads=None) -> None:
     name = e.name
     if os.path.basename(name) != name or name in (".", ".."):
         raise ImageError(f"{CHECKSUM_IMAGE}: bad file name {name!r}")
@@ -131,7 +197,7 @@ def _check(images, e) -> None:
     if any(o % BLOCK or n % BLOCK or o + n > size for o, n in runs) or \
             any(a[0] + a[1] > b[0] for a, b in zip(runs, runs[1:])):
         raise ImageError(f"{CHECKSUM_IMAGE}: bad page runs for {name}")
-    _, whole, parts = digest(images.dirfd, name, runs)
+    _, whole, parts = digest(images.dirfd, name, runs, threads=threads)
     for r, d in zip(e.runs, parts):
         if d != r.digest:
             where = f" ({r.pagemap} at {r.vaddr:#x})" if r.pagemap else ""

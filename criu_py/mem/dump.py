@@ -6,6 +6,7 @@
 # Contents are copied with process_vm_readv in 1 MiB chunks (reading and writing
 # overlapped for large dumps; /proc/PID/mem for PROT_NONE areas). Shared anonymous and
 # memfd mappings are dumped by their own module (mem.shmem).
+import bisect
 import os
 import time
 
@@ -281,68 +282,18 @@ def copy_pages(pid: int, ranges: list, out_fd: int, unreadable: list = ()) -> in
     return total
 
 
-def _chunks(ranges: list, size: int):
-    for start, end in ranges:
-        addr = start
-        while addr < end:
-            n = min(size, end - addr)
-            yield addr, n
-            addr += n
-
-
-def copy_pages_overlapped(pid: int, ranges: list, out_fd: int, nbufs: int = 4) -> int:
-    """Like copy_pages for readable memory, with reading and writing overlapped: a reader
-    thread fills a small ring of 1 MiB buffers with process_vm_readv while this thread
-    writes them out (both calls release the GIL). Worth it for large dumps only."""
-    import queue
-    import threading
+def copy_pages_overlapped(pid: int, ranges: list, out_fd: int, crcs=None) -> int:
+    """Like copy_pages for readable memory, with reading and writing overlapped in C
+    (cp_vm_copy_ranges2: process_vm_readv in this thread, write(2) in another, two 1 MiB
+    buffers). With crcs (a uint32_t array, one per 4 KiB of output) the reading thread
+    also computes the CRC of every block (images/integrity.py's digest, without reading
+    the file back). Worth it for large dumps only."""
     from criu_py.native import ffi, lib
-    bufs = [ffi.new("char[]", COPY_CHUNK) for _ in range(nbufs)]
-    free, full = queue.Queue(), queue.Queue()
-    for b in bufs:
-        free.put(b)
-    failure = []
-    stop = threading.Event()
-
-    def reader():
-        try:
-            for addr, n in _chunks(ranges, COPY_CHUNK):
-                buf = free.get()
-                if stop.is_set():
-                    break
-                got = lib.cp_vm_read(pid, buf, addr, n)
-                if got != n:
-                    failure.append((addr, got))
-                    break
-                full.put((buf, n))
-        finally:
-            full.put(None)
-
-    t = threading.Thread(target=reader, name="page-reader", daemon=True)
-    t.start()
-    total = 0
-    try:
-        while True:
-            item = full.get()
-            if item is None:
-                break
-            buf, n = item
-            view = ffi.buffer(buf, n)
-            done = 0
-            while done < n:
-                done += os.write(out_fd, view[done:] if done else view)
-            total += n
-            free.put(buf)
-    finally:
-        stop.set()
-        free.put(bufs[0])          # unblock a reader waiting for a buffer
-        t.join()
-    if failure:
-        addr, got = failure[0]
-        if got < 0:
-            check_errno(got, f"process_vm_readv at {addr:#x}", pid)
-        raise DumpError(f"short read of pid {pid} memory at {addr:#x} ({got} bytes)")
-    return total
+    bufs = ffi.new("char[]", 2 * COPY_CHUNK)
+    arr = ffi.new("uint64_t[]", [x for r in ranges for x in r] or [0])
+    n = lib.cp_vm_copy_ranges2(pid, out_fd, arr, len(ranges), bufs, COPY_CHUNK,
+                               crcs if crcs is not None else ffi.NULL)
+    return check_errno(n, "copying memory with process_vm_readv", pid)
 
 
 OVERLAP_MIN_BYTES = 16 << 20
@@ -373,14 +324,25 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
     t0 = time.monotonic()
     ranges, owners, st.pages_scanned = private_page_ranges(pid, plans, page_scanner(kdat))
     flags = [PE_PRESENT | PE_LAZY if lazy_allowed(p) else PE_PRESENT for p in owners]
+    # PROT_NONE VMAs with pages to dump (guard areas hold none: they do not keep a big
+    # dump off the overlapped copy)
+    starts = [s for s, _ in ranges]             # sorted: ranges come in address order
+
+    def has_pages(v) -> bool:
+        i = bisect.bisect_left(starts, v.start)
+        return i < len(starts) and starts[i] < v.end
     unreadable = [(p.vma.start, p.vma.end) for p in plans
-                  if p.dump_private_pages and not p.vma.prot_readable]
+                  if p.dump_private_pages and not p.vma.prot_readable and has_pages(p.vma)]
     t1 = time.monotonic()
     fd = images.open_raw(f"pages-{pages_id}.img", write=True)
     try:
         nbytes = sum(e - s for s, e in ranges)
         if nbytes >= OVERLAP_MIN_BYTES and not unreadable:
-            written = copy_pages_overlapped(pid, ranges, fd)
+            from criu_py.native import ffi
+            crcs = ffi.new("uint32_t[]", nbytes // M.PAGE_SIZE)
+            written = copy_pages_overlapped(pid, ranges, fd, crcs=crcs)
+            if written == nbytes and hasattr(images, "block_crcs"):
+                images.block_crcs[f"pages-{pages_id}.img"] = (nbytes, crcs)
         else:
             written = copy_pages(pid, ranges, fd, unreadable)
     finally:

@@ -58,12 +58,13 @@ class Restore:
 def restore_tasks(opts: dict) -> int:
     from criu_py.images import integrity
     from criu_py.restore import images as restore_images
-    integrity.verify(opts.get("images_dir") or ".", opts)
     rs = Restore(opts)
-    with _step("read and check images"):
-        rs.tree = restore_images.load(opts.get("images_dir") or ".")
-        rs.images = rs.tree.images
     with contextlib.ExitStack() as stack:
+        # the pages files are checked in a thread meanwhile (the rest is checked now)
+        pages_check = stack.enter_context(integrity.verifying(opts.get("images_dir") or ".", opts))
+        with _step("read and check images"):
+            rs.tree = restore_images.load(opts.get("images_dir") or ".")
+            rs.images = rs.tree.images
         stack.callback(rs.tree.close)
         with _step("plan the tree"):
             plan_tree(rs)
@@ -75,6 +76,8 @@ def restore_tasks(opts: dict) -> int:
             plan_file_locks(rs)
         with _step("sockets"):
             check_sockets(rs)
+        with _step("pages files checked"):           # before anything is created
+            pages_check.wait()
         with _step("deleted files"):
             stack.callback(remove_ghosts, rs)
             make_ghosts(rs)

@@ -6,15 +6,22 @@
 # options CRIU saves (sk_opts_entry) both ways, shutdown state, and the dump-wide
 # socket state (SocketDump: the sock_diag tables, queued unix data, TCP streams, the
 # network lock and the connections in repair mode, undone if the dump fails).
+from __future__ import annotations
+
 import os
-import socket
 import struct
 
 from criu_py.errors import Unsupported
 from criu_py.files import FdRef
 from criu_py.log import log
 
-SOL_SOCKET = socket.SOL_SOCKET
+# The socket module costs milliseconds to import: these modules load with every dump and
+# restore, so the constants they need at import time are spelled out (x86_64 Linux), and
+# `socket` is imported by the functions that handle a socket.
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, AF_PACKET = 1, 2, 10, 16, 17
+SOCK_STREAM, SOCK_DGRAM, SOCK_RAW, SOCK_RDM, SOCK_SEQPACKET = 1, 2, 3, 4, 5
+IPPROTO_TCP, IPPROTO_UDP = 6, 17
+SOL_SOCKET = 1
 SO_PEEK_OFF, SO_BUF_LOCK, SO_RCVBUFFORCE, SO_SNDBUFFORCE = 42, 72, 33, 32
 SO_GET_FILTER = SO_ATTACH_FILTER = 26
 SO_PASSSEC, SO_NO_CHECK = 34, 11
@@ -24,11 +31,10 @@ TCP_ESTABLISHED, TCP_SYN_SENT, TCP_CLOSE, TCP_LISTEN = 1, 2, 7, 10
 STATE_NAMES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
                6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
                11: "CLOSING"}
-TYPE_NAMES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram",
-              socket.SOCK_SEQPACKET: "seqpacket", socket.SOCK_RAW: "raw",
-              socket.SOCK_RDM: "rdm"}
-FAMILY_NAMES = {socket.AF_UNIX: "unix", socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6",
-                socket.AF_NETLINK: "netlink", socket.AF_PACKET: "packet"}
+TYPE_NAMES = {SOCK_STREAM: "stream", SOCK_DGRAM: "datagram", SOCK_SEQPACKET: "seqpacket",
+              SOCK_RAW: "raw", SOCK_RDM: "rdm"}
+FAMILY_NAMES = {AF_UNIX: "unix", AF_INET: "IPv4", AF_INET6: "IPv6", AF_NETLINK: "netlink",
+                AF_PACKET: "packet"}
 
 
 class SockKind:
@@ -44,9 +50,10 @@ def is_socket(ref: FdRef) -> bool:
     return stat.S_ISSOCK(ref.st.st_mode)
 
 
-def duplicate(ref: FdRef, pidfd: int = -1) -> socket.socket:
+def duplicate(ref: FdRef, pidfd: int = -1):
     """A socket object on a duplicate of the task's fd (pidfd_getfd): the very same
     socket, for getsockopt, ioctls and peeking."""
+    import socket
     from criu_py.errors import check_errno
     from criu_py.native import lib
     own = pidfd < 0
@@ -67,6 +74,7 @@ def duplicate(ref: FdRef, pidfd: int = -1) -> socket.socket:
 
 def kind_of(ref: FdRef) -> SockKind:
     """Family, type and protocol of a socket fd (cached on the FdRef)."""
+    import socket
     kind = getattr(ref, "sock_kind", None)
     if kind is None:
         s = duplicate(ref)
@@ -86,14 +94,15 @@ def describe(kind: SockKind) -> str:
 
 
 # ---------------------------------------------------------------- options
-def _int(s: socket.socket, level: int, name: int) -> int:
+def _int(s, level: int, name: int) -> int:
     return s.getsockopt(level, name)
 
 
-def dump_opts(s: socket.socket, family: int, e) -> None:
+def dump_opts(s, family: int, e) -> None:
     """sk_opts_entry as CRIU fills it: buffers, timeouts, reuse, priority, low-water mark,
     mark, passcred/passsec (unix), dontroute, no_check, broadcast, keepalive, oobinline,
     linger, bound device, the socket filter (classic BPF)."""
+    import socket
     e.so_sndbuf = _int(s, SOL_SOCKET, socket.SO_SNDBUF)
     e.so_rcvbuf = _int(s, SOL_SOCKET, socket.SO_RCVBUF)
     try:
@@ -125,27 +134,32 @@ def dump_opts(s: socket.socket, family: int, e) -> None:
     dev = s.getsockopt(SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0")
     if dev:
         e.so_bound_dev = os.fsdecode(dev)
-    n = _filter_len(s)
-    if n:
-        raw = s.getsockopt(SOL_SOCKET, SO_GET_FILTER, n * 8)
-        for i in range(n):
+    raw = _get_filter(s)
+    if raw:
+        for i in range(len(raw) // 8):
             code, jt, jf, k = struct.unpack_from("<HBBI", raw, i * 8)
             e.so_filter.append(code << 48 | jt << 40 | jf << 32 | k)
 
 
-def _filter_len(s: socket.socket) -> int:
-    """Instructions of the attached classic BPF filter (getsockopt with a zero length
-    gives the count)."""
+def _get_filter(s) -> bytes:
+    """The attached classic BPF filter (struct sock_filter, 8 bytes per instruction).
+    SO_GET_FILTER counts its length in instructions, not bytes: a zero length asks for
+    the count (the socket module's getsockopt would cut the answer to that many bytes)."""
     from criu_py.native import ffi, lib
     n = ffi.new("uint32_t *", 0)
-    ret = lib.criu_py_raw_syscall6(55, s.fileno(), SOL_SOCKET, SO_GET_FILTER, 0,
-                                   int(ffi.cast("uintptr_t", n)), 0)     # getsockopt
-    return n[0] if ret == 0 else 0
+    addr = lambda p: int(ffi.cast("uintptr_t", p))     # noqa: E731
+    if lib.criu_py_raw_syscall6(55, s.fileno(), SOL_SOCKET, SO_GET_FILTER, 0, addr(n), 0) or not n[0]:
+        return b""
+    buf = ffi.new("char[]", n[0] * 8)
+    if lib.criu_py_raw_syscall6(55, s.fileno(), SOL_SOCKET, SO_GET_FILTER, addr(buf), addr(n), 0) < 0:
+        return b""
+    return ffi.buffer(buf, n[0] * 8)[:]
 
 
-def restore_opts(s: socket.socket, e) -> None:
+def restore_opts(s, e) -> None:
     """The options of sk_opts_entry (SO_REUSEADDR/SO_REUSEPORT excepted: the family
     modules set those once the socket is bound)."""
+    import socket
     _setbufs(s, e.so_sndbuf // 2, e.so_rcvbuf // 2)
     if e.HasField("so_buf_lock") and e.so_buf_lock:
         s.setsockopt(SOL_SOCKET, SO_BUF_LOCK, e.so_buf_lock)
@@ -177,16 +191,17 @@ def restore_opts(s: socket.socket, e) -> None:
         _attach_filter(s, prog, len(e.so_filter))
 
 
-def _attach_filter(s: socket.socket, prog: bytes, n: int) -> None:
+def _attach_filter(s, prog: bytes, n: int) -> None:
     from criu_py.native import ffi
     buf = ffi.from_buffer(prog)
     fprog = struct.pack("<H6xQ", n, int(ffi.cast("uintptr_t", buf)))     # struct sock_fprog
     s.setsockopt(SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-def _setbufs(s: socket.socket, sndbuf: int, rcvbuf: int) -> None:
+def _setbufs(s, sndbuf: int, rcvbuf: int) -> None:
     """SO_SNDBUFFORCE/SO_RCVBUFFORCE (root, CAP_NET_ADMIN: above the sysctl limits), the
     plain options otherwise; the kernel doubles the values, as it did when they were set."""
+    import socket
     for force, plain, value in ((SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf),
                                 (SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf)):
         try:
@@ -195,14 +210,15 @@ def _setbufs(s: socket.socket, sndbuf: int, rcvbuf: int) -> None:
             s.setsockopt(SOL_SOCKET, plain, value)
 
 
-def prepare_for_queue(s: socket.socket) -> None:
+def prepare_for_queue(s) -> None:
     """Big buffers and no blocking while queued data is put back (restore_opts sets the
     dumped sizes after)."""
     _setbufs(s, 0x3FFFFFFF, 0x3FFFFFFF)
     s.setblocking(False)
 
 
-def set_reuse(s: socket.socket, reuseaddr: bool, reuseport: bool) -> None:
+def set_reuse(s, reuseaddr: bool, reuseport: bool) -> None:
+    import socket
     s.setsockopt(SOL_SOCKET, socket.SO_REUSEADDR, int(reuseaddr))
     s.setsockopt(SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
 
@@ -216,8 +232,9 @@ def set_file_flags(fd: int, flags: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fl)
 
 
-def shutdown(s: socket.socket, how: int, what: str) -> None:
+def shutdown(s, how: int, what: str) -> None:
     """Apply a dumped sk_shutdown (1 read, 2 write, 3 both)."""
+    import socket
     if not how:
         return
     try:
@@ -287,6 +304,7 @@ class SocketDump:
     def rollback(self) -> None:
         """The tree runs on (or the dump failed): connections out of repair mode, each
         with its SO_REUSEADDR back, then the lock lifted."""
+        import socket
         from criu_py.files.sockets import tcp
         for s, reuseaddr in self.repaired:
             try:

@@ -13,14 +13,17 @@
 # listen with the dumped backlog or connect (UDP), then the dumped options, reuse flags,
 # shutdown and file flags. Established TCP connections: tcp.py, or closed
 # (shutdown both ways) with --tcp-close.
+from __future__ import annotations
+
 import os
-import socket
 import struct
 
 from criu_py.errors import ImageError, RestoreError, Unsupported
 from criu_py.files import O_CLOEXEC, FdRef, FileOps, fown_entry
-from criu_py.files.sockets import (STATE_NAMES, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN,
-                                   dump_state, duplicate, is_socket, kind_of, refuse)
+from criu_py.files.sockets import (AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
+                                   SOCK_DGRAM, SOCK_STREAM, STATE_NAMES, TCP_CLOSE,
+                                   TCP_ESTABLISHED, TCP_LISTEN, dump_state, duplicate,
+                                   is_socket, kind_of, refuse)
 from criu_py.log import log
 
 FD_TYPE_INETSK = 4
@@ -28,19 +31,22 @@ IP_FREEBIND, IP_PKTINFO, IP_TOS, IP_TTL = 15, 8, 1, 2
 IPV6_RECVPKTINFO, IPV6_FREEBIND = 49, 78
 UDP_CORK = 1
 TCP_CORK = 3
-PROTOS = (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+PROTOS = (IPPROTO_TCP, IPPROTO_UDP)
 
 
 def _words(raw: bytes, family: int) -> list[int]:
+    import socket
     n = 1 if family == socket.AF_INET else 4
     return list(struct.unpack(f"<{n}I", raw[:4 * n].ljust(4 * n, b"\0")))
 
 
 def _raw(words, family: int) -> bytes:
+    import socket
     return struct.pack(f"<{len(words)}I", *words)[:4 if family == socket.AF_INET else 16]
 
 
 def sockaddr(family: int, words, port: int, ifname: str | None = None) -> tuple:
+    import socket
     host = socket.inet_ntop(family, _raw(words, family))
     if family == socket.AF_INET:
         return (host, port)
@@ -50,13 +56,15 @@ def sockaddr(family: int, words, port: int, ifname: str | None = None) -> tuple:
 
 def _from_name(addr, family: int) -> tuple[bytes, int]:
     """(raw address, port) of a getsockname/getpeername result."""
+    import socket
     return socket.inet_pton(family, addr[0]).ljust(16, b"\0"), addr[1]
 
 
 class _Sk:
     """What the dump knows of one inet socket: diag's view, or getsockname's."""
 
-    def __init__(self, s: socket.socket, kind, d):
+    def __init__(self, s, kind, d):
+        import socket
         self.family, self.type, self.proto = kind.family, kind.type, kind.proto
         if d is not None:
             self.state, self.src, self.sport, self.dst, self.dport = d.state, d.src, d.sport, d.dst, d.dport
@@ -79,7 +87,8 @@ class _Sk:
             self.state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
 
 
-def _dump_ip_opts(s: socket.socket, family: int, o) -> None:
+def _dump_ip_opts(s, family: int, o) -> None:
+    import socket
     if family == socket.AF_INET6:
         if s.getsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND):
             o.freebind = True
@@ -98,7 +107,8 @@ def _dump_ip_opts(s: socket.socket, family: int, o) -> None:
         o.ttl = ttl
 
 
-def _dump_tcp_opts(s: socket.socket, t) -> None:
+def _dump_tcp_opts(s, t) -> None:
+    import socket
     for field, opt in (("nodelay", socket.TCP_NODELAY), ("cork", TCP_CORK),
                        ("keepcnt", socket.TCP_KEEPCNT), ("keepidle", socket.TCP_KEEPIDLE),
                        ("keepintvl", socket.TCP_KEEPINTVL)):
@@ -136,6 +146,7 @@ def connection(e):
 
 def is_connection(e) -> bool:
     """A TCP socket with a peer: an established (or closing) connection."""
+    import socket
     return e.proto == socket.IPPROTO_TCP and e.dst_port != 0 and e.state != TCP_LISTEN
 
 
@@ -146,10 +157,11 @@ class InetOps(FileOps):
         if not is_socket(ref):
             return False
         k = kind_of(ref)
-        return k.family in (socket.AF_INET, socket.AF_INET6) and k.proto in PROTOS and \
-            k.type in (socket.SOCK_STREAM, socket.SOCK_DGRAM)
+        return k.family in (AF_INET, AF_INET6) and k.proto in PROTOS and \
+            k.type in (SOCK_STREAM, SOCK_DGRAM)
 
     def dump_fd(self, ctx, ref: FdRef) -> int:
+        import socket
         desc = ctx.file_description_key(ref)
         fid = ctx.files.lookup(("fd", desc))
         if fid is not None:
@@ -186,6 +198,7 @@ class InetOps(FileOps):
 
     @staticmethod
     def _describe(sk: _Sk) -> str:
+        import socket
         from criu_py.files.sockets.netlock import Connection
         c = Connection(sk.family, sk.src, sk.sport, sk.dst, sk.dport)
         proto = "TCP" if sk.proto == socket.IPPROTO_TCP else "UDP"
@@ -196,7 +209,8 @@ class InetOps(FileOps):
             return f"{v} {proto} socket on {str(c).split(' -> ')[0]} ({STATE_NAMES.get(sk.state, sk.state)})"
         return f"unbound {v} {proto} socket"
 
-    def _check(self, ctx, ref: FdRef, s: socket.socket, sk: _Sk, what: str) -> None:
+    def _check(self, ctx, ref: FdRef, s, sk: _Sk, what: str) -> None:
+        import socket
         opts = ctx.opts
         if sk.proto == socket.IPPROTO_UDP:
             if s.getsockopt(socket.IPPROTO_UDP, UDP_CORK):
@@ -224,7 +238,7 @@ class InetOps(FileOps):
                               f"{STATE_NAMES.get(sk.state, sk.state)} is not supported "
                               f"(use --tcp-close)")
 
-    def _dump_connection(self, ctx, ref: FdRef, s: socket.socket, e, what: str) -> bool:
+    def _dump_connection(self, ctx, ref: FdRef, s, e, what: str) -> bool:
         """Lock, repair mode, tcp-stream image; the socket stays open (and in repair
         mode) until the dump ends."""
         from criu_py.files.sockets import tcp
@@ -250,6 +264,7 @@ class InetOps(FileOps):
 
     # ---- restore
     def check_image(self, tree, fe, what: str) -> None:
+        import socket
         e = fe.isk
         n = 1 if e.family == socket.AF_INET else 4
         if e.family not in (socket.AF_INET, socket.AF_INET6) or len(e.src_addr) < n or \
@@ -260,6 +275,7 @@ class InetOps(FileOps):
                               f"{e.proto} is not supported")
 
     def restore_fd(self, ctx, entry, fdinfo) -> int:
+        import socket
         from criu_py.files.sockets import (prepare_for_queue, restore_opts, set_file_flags,
                                            set_reuse, shutdown)
         e = entry.isk
@@ -305,7 +321,8 @@ class InetOps(FileOps):
             raise
 
     @staticmethod
-    def _bind(s: socket.socket, e, ifname, what: str) -> None:
+    def _bind(s, e, ifname, what: str) -> None:
+        import socket
         freebind = e.family == socket.AF_INET6
         if freebind:       # an IPv6 address may still be "tentative": bind anyway
             s.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
@@ -319,16 +336,18 @@ class InetOps(FileOps):
             s.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 0)
 
 
-def _close_connection(s: socket.socket) -> None:
+def _close_connection(s) -> None:
     """--tcp-close: a connection comes back closed both ways (reads see the end,
     writes fail), as CRIU makes it."""
+    import socket
     try:
         s.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
 
 
-def _restore_ip_opts(s: socket.socket, e) -> None:
+def _restore_ip_opts(s, e) -> None:
+    import socket
     if not e.HasField("ip_opts"):
         return
     o = e.ip_opts
@@ -348,7 +367,8 @@ def _restore_ip_opts(s: socket.socket, e) -> None:
         s.setsockopt(socket.IPPROTO_IP, IP_TTL, o.ttl)
 
 
-def _restore_tcp_opts(s: socket.socket, t) -> None:
+def _restore_tcp_opts(s, t) -> None:
+    import socket
     for field, opt in (("nodelay", socket.TCP_NODELAY), ("cork", TCP_CORK),
                        ("keepcnt", socket.TCP_KEEPCNT), ("keepidle", socket.TCP_KEEPIDLE),
                        ("keepintvl", socket.TCP_KEEPINTVL)):

@@ -2,7 +2,8 @@
 # MPTCP, vsock, ...): refused in one line naming the pid, the fd, the family and type,
 # before any image is written. It claims every socket the family modules leave, so it
 # comes last in FILE_KINDS.
-import socket
+
+from __future__ import annotations
 
 from criu_py.files import FdRef, FileOps
 from criu_py.files.sockets import describe, is_socket, kind_of, refuse
@@ -18,6 +19,7 @@ class OtherSocketOps(FileOps):
         return is_socket(ref)
 
     def check(self, ctx, ref: FdRef) -> None:
+        import socket
         k = kind_of(ref)
         what = describe(k)
         if k.family == socket.AF_NETLINK:

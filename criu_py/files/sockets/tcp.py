@@ -28,11 +28,11 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 WINDOW = struct.Struct("<5I")        # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
 
 
-def repair_on(s: socket.socket) -> None:
+def repair_on(s) -> None:
     s.setsockopt(SOL_TCP, TCP_REPAIR, 1)
 
 
-def repair_off(s: socket.socket) -> None:
+def repair_off(s) -> None:
     s.setsockopt(SOL_TCP, TCP_REPAIR, 0)
 
 
@@ -44,11 +44,11 @@ def repair_off_fd(fd: int) -> None:
         s.detach()
 
 
-def _ioctl_int(s: socket.socket, req: int) -> int:
+def _ioctl_int(s, req: int) -> int:
     return struct.unpack("<i", fcntl.ioctl(s.fileno(), req, b"\0" * 4))[0]
 
 
-def _queue(s: socket.socket, queue: int, length: int) -> tuple[int, bytes]:
+def _queue(s, queue: int, length: int) -> tuple[int, bytes]:
     """(sequence number, bytes) of one queue of a socket in repair mode."""
     s.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
     seq = struct.unpack("<I", s.getsockopt(SOL_TCP, TCP_QUEUE_SEQ, 4))[0]
@@ -60,7 +60,7 @@ def _queue(s: socket.socket, queue: int, length: int) -> tuple[int, bytes]:
     return seq, data
 
 
-def dump_stream(s: socket.socket):
+def dump_stream(s):
     """tcp_stream_entry and the bytes of both queues of a socket in repair mode."""
     from criu_py.images.pb import tcp_stream_pb2
     info = s.getsockopt(SOL_TCP, socket.TCP_INFO, 8)
@@ -85,7 +85,7 @@ def dump_stream(s: socket.socket):
     return state, e, rq + sq
 
 
-def _send_queue(s: socket.socket, data: bytes, what: str) -> None:
+def _send_queue(s, data: bytes, what: str) -> None:
     """Put bytes in the selected queue; the kernel allocates one linear buffer per call
     in repair mode, so big chunks may fail with ENOMEM: halve and go on (as libsoccr)."""
     view = memoryview(data)
@@ -101,7 +101,7 @@ def _send_queue(s: socket.socket, data: bytes, what: str) -> None:
         view = view[n:]
 
 
-def restore_stream(s: socket.socket, e, data: bytes, src: tuple, dst: tuple, what: str,
+def restore_stream(s, e, data: bytes, src: tuple, dst: tuple, what: str,
                    stay_in_repair: bool) -> None:
     """Make socket s (fresh, not bound) the dumped connection; left in repair mode when
     its task takes it out later (once the network lock is lifted)."""

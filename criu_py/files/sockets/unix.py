@@ -22,16 +22,18 @@
 # which is then closed. Options and shutdown state last. A bound path is unlinked first
 # when a socket file is there (what the dumped socket left); a deleted one is bound and
 # unlinked again, peers reaching it through /proc/self/fd/N of an O_PATH fd.
+from __future__ import annotations
+
 import contextlib
 import errno
 import fcntl
 import os
-import socket
 import stat
 
 from criu_py.errors import ImageError, RestoreError, Unsupported
 from criu_py.files import O_CLOEXEC, FdRef, FileOps, fown_entry
-from criu_py.files.sockets import (SHUT_BOTH, SIOCUNIXFILE, SO_PEEK_OFF, TCP_CLOSE,
+from criu_py.files.sockets import (AF_UNIX, SHUT_BOTH, SIOCUNIXFILE, SO_PEEK_OFF,
+                                   SOCK_DGRAM, SOCK_SEQPACKET, SOCK_STREAM, TCP_CLOSE,
                                    TCP_ESTABLISHED, TCP_LISTEN, dump_state, duplicate,
                                    is_socket, kind_of, refuse)
 from criu_py.log import log
@@ -40,9 +42,8 @@ FD_TYPE_UNIXSK = 5
 USK_EXTERN = 1
 SCM_RIGHTS = 1
 MSG_CMSG_CLOEXEC = 0x40000000
-TYPES = (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET)
-TYPE_WORDS = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram",
-              socket.SOCK_SEQPACKET: "seqpacket"}
+TYPES = (SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET)
+TYPE_WORDS = {SOCK_STREAM: "stream", SOCK_DGRAM: "datagram", SOCK_SEQPACKET: "seqpacket"}
 
 
 def path_of(name: bytes) -> bytes:
@@ -83,7 +84,7 @@ def unix_entry(fid: int, d, ref: FdRef | None, ns_id: int):
     return fe
 
 
-def _bound_file(s: socket.socket, name: bytes) -> tuple:
+def _bound_file(s, name: bytes) -> tuple:
     """(stat, deleted, directory of a relative name) of the file a socket is bound to."""
     fd = fcntl.ioctl(s.fileno(), SIOCUNIXFILE)
     try:
@@ -107,9 +108,10 @@ class UnixOps(FileOps):
     fd_type = FD_TYPE_UNIXSK
 
     def claims(self, ref: FdRef) -> bool:
-        return is_socket(ref) and kind_of(ref).family == socket.AF_UNIX
+        return is_socket(ref) and kind_of(ref).family == AF_UNIX
 
     def dump_fd(self, ctx, ref: FdRef) -> int:
+        import socket
         desc = ctx.file_description_key(ref)
         fid = ctx.files.lookup(("fd", desc))
         if fid is not None:
@@ -157,6 +159,7 @@ class UnixOps(FileOps):
     def _check_peer(self, ctx, ref: FdRef, d, what: str) -> int:
         """The peer inode to record, after CRIU's rules for peers outside the tree and
         connections still waiting in a listener."""
+        import socket
         sd = dump_state(ctx)
         if d.state == TCP_LISTEN:
             if 0 in d.icons:
@@ -249,10 +252,11 @@ OPS = UnixOps()
 
 
 # ---------------------------------------------------------------- dump: queued data
-def peek_queue(s: socket.socket, fid: int, type_: int, ref: FdRef, what: str) -> list:
+def peek_queue(s, fid: int, type_: int, ref: FdRef, what: str) -> list:
     """(sk_packet_entry, bytes) for each datagram/record (stream: chunk) queued in the
     socket, read with MSG_PEEK from peek offset 0; the socket's own peek offset is put
     back. File descriptors in flight are refused."""
+    import socket
     from criu_py.images.pb import sk_packet_pb2
     out = []
     orig = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
@@ -355,7 +359,7 @@ def _name_dir(u) -> str | None:
     return get_str(u.name_dir)
 
 
-def _bind(s: socket.socket, fe) -> None:
+def _bind(s, fe) -> None:
     """Bind to the dumped name: a stale socket file left at the path goes first; a
     deleted one is bound, kept reachable by an O_PATH fd, and unlinked again."""
     u = fe.usk
@@ -387,7 +391,7 @@ def _set_perms(name: bytes, u) -> None:
         os.chmod(name, stat.S_IMODE(p.mode))
 
 
-def _bind_deleted(s: socket.socket, fe, name: bytes) -> None:
+def _bind_deleted(s, fe, name: bytes) -> None:
     u = fe.usk
     made = []
     d = os.path.dirname(name)
@@ -418,7 +422,7 @@ def _bind_deleted(s: socket.socket, fe, name: bytes) -> None:
                 os.rmdir(x)
 
 
-def _connect(s: socket.socket, peer, opts: dict) -> None:
+def _connect(s, peer, opts: dict) -> None:
     """Connect to the peer's name (a deleted one through its O_PATH fd)."""
     p = peer.usk
     if p.uflags & USK_EXTERN and not opts.get("ext_unix_sk"):
@@ -439,8 +443,9 @@ def _connect(s: socket.socket, peer, opts: dict) -> None:
         raise RestoreError(f"unix socket: connect to {show_name(name)}: {exc.strerror}") from None
 
 
-def _disconnect(s: socket.socket) -> None:
+def _disconnect(s) -> None:
     """connect(AF_UNSPEC): a datagram socket forgets its peer."""
+    import socket
     from criu_py.native import ffi, lib
     addr = ffi.new("unsigned short *", socket.AF_UNSPEC)
     ret = lib.criu_py_raw_syscall6(42, s.fileno(), int(ffi.cast("uintptr_t", addr)), 2, 0, 0, 0)
@@ -448,7 +453,7 @@ def _disconnect(s: socket.socket) -> None:
         raise OSError(-ret, os.strerror(-ret))
 
 
-def _send_all(sender: socket.socket, chunks: list, what: str) -> None:
+def _send_all(sender, chunks: list, what: str) -> None:
     for data in chunks:
         try:
             n = sender.send(data)
@@ -459,7 +464,7 @@ def _send_all(sender: socket.socket, chunks: list, what: str) -> None:
             raise RestoreError(f"{what}: queued {n} of {len(data)} bytes")
 
 
-def _finish(s: socket.socket, fe) -> int:
+def _finish(s, fe) -> int:
     from criu_py.files.sockets import restore_opts, set_file_flags, shutdown
     u = fe.usk
     restore_opts(s, u.opts)
@@ -473,6 +478,7 @@ def _finish(s: socket.socket, fe) -> int:
 def open_pair(ctx, a, b) -> dict:
     """Both ends of a connection: socketpair(), names for datagram pairs, each end's
     queued data sent by the other, then options and shutdown state."""
+    import socket
     from criu_py.files.sockets import prepare_for_queue
     ua = a.usk
     qs = images_of(ctx.tree).queues
@@ -495,6 +501,7 @@ def open_pair(ctx, a, b) -> dict:
 
 def open_standalone(ctx, fe) -> int:
     """A socket that is not one end of a pair of the tree."""
+    import socket
     from criu_py.files.sockets import prepare_for_queue
     u = fe.usk
     tree = ctx.tree
