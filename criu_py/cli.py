@@ -7,7 +7,7 @@
 import click
 
 from criu_py import __version__
-from criu_py.commands import run_dump, run_restore
+from criu_py.commands import run_dump, run_pre_dump, run_restore
 from criu_py.options import COMMANDS, Opt
 from criu_py.usage import one_line_usage_errors
 
@@ -61,6 +61,14 @@ def cli():
 def dump(**opts):
     """Checkpoint the process tree rooted at PID into the images dir."""
     run_dump(opts)
+
+
+@cli.command(name="pre-dump")
+@click_options(COMMANDS["pre-dump"])
+def pre_dump(**opts):
+    """Copy the memory of the tree rooted at PID while it runs on, and track what it
+    changes: a later dump with --track-mem --prev-images-dir writes only that."""
+    run_pre_dump(opts)
 
 
 @cli.command()

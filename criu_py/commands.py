@@ -65,6 +65,16 @@ def dump_action(opts: dict) -> int:
     return dump_tasks(opts)
 
 
+def pre_dump_action(opts: dict) -> int:
+    from criu_py import kerndat
+    from criu_py.dump import dump_tasks
+    opts["kdat"] = kerndat.load(opts["kdat_path"])
+    opts["pre_dump"] = True
+    opts["track_mem"] = True          # as upstream: a pre-dump always tracks
+    opts["leave_running"] = True
+    return dump_tasks(opts)
+
+
 def restore_action(opts: dict) -> int:
     from criu_py import kerndat
     from criu_py.restore import restore_tasks
@@ -76,8 +86,12 @@ def run_dump(opts: dict):
     run_command(opts, dump_action, create_work_dir=True)
 
 
+def run_pre_dump(opts: dict):
+    run_command(opts, pre_dump_action, create_work_dir=True)
+
+
 def run_restore(opts: dict):
     run_command(opts, restore_action)
 
 
-RUNNERS = {"dump": run_dump, "restore": run_restore}
+RUNNERS = {"dump": run_dump, "pre-dump": run_pre_dump, "restore": run_restore}

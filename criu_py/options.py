@@ -92,18 +92,40 @@ COMMON = [
     Opt(("--kdat-path",), "kdat_path", metavar="PATH", help=KDAT_PATH_HELP),
 ]
 
+INCREMENTAL = [
+    Opt(("--track-mem",), "track_mem", "flag",
+        help="Track memory changes (soft-dirty, or userfaultfd write-protect where the kernel "
+             "lacks it), so a later dump with --prev-images-dir writes only what changed."),
+    Opt(("--prev-images-dir",), "prev_images_dir", metavar="DIR",
+        help="Images of the previous (pre-)dump, relative to -D: pages unchanged since then "
+             "stay there (a 'parent' link is made in -D)."),
+]
+IRMAP = [
+    Opt(("--irmap-scan-path",), "irmap_scan_path", multiple=True, metavar="DIR",
+        help="Where to look first for the files inotify/fanotify watches name (repeatable)."),
+    Opt(("--force-irmap",), "force_irmap", "flag",
+        help="Find the paths of watched files by scanning even when their file handles "
+             "would open."),
+]
+DUMP_TREE = [
+    Opt(("-t", "--tree"), "pid", "int", required=True, help="PID of the tree's root task."),
+    Opt(("--shell-job", "-j"), "shell_job", "flag",
+        help="Allow a task that shares the caller's session/tty."),
+    Opt(("--file-locks", "-l"), "file_locks", "flag",
+        help="Dump file locks (flock, POSIX, OFD); without it a locked file is refused."),
+    Opt(("--ghost-limit",), "ghost_limit", metavar="SIZE",
+        help="Largest deleted file to dump as a ghost file (default 1M; K, M, G suffixes)."),
+]
+
 COMMANDS = {
-    "dump": [
-        Opt(("-t", "--tree"), "pid", "int", required=True, help="PID of the tree's root task."),
+    "dump": DUMP_TREE + [
         Opt(("-R", "--leave-running"), "leave_running", "flag",
             help="Let the tasks run on after the dump."),
-        Opt(("--shell-job", "-j"), "shell_job", "flag",
-            help="Allow a task that shares the caller's session/tty."),
-        Opt(("--file-locks", "-l"), "file_locks", "flag",
-            help="Dump file locks (flock, POSIX, OFD); without it a locked file is refused."),
-        Opt(("--ghost-limit",), "ghost_limit", metavar="SIZE",
-            help="Largest deleted file to dump as a ghost file (default 1M; K, M, G suffixes)."),
-    ] + SOCKETS_DUMP + CGROUP_BOTH + CGROUP_DUMP + COMMON,
+    ] + SOCKETS_DUMP + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + COMMON,
+    "pre-dump": DUMP_TREE + [
+        Opt(("-R", "--leave-running"), "leave_running", "flag",
+            help="Accepted for CRIU's sake: the tasks always run on after a pre-dump."),
+    ] + INCREMENTAL + IRMAP + COMMON,
     "restore": [
         Opt(("-d", "--restore-detached"), "detach", "flag",
             help="Return once the tasks run instead of waiting for the root task."),

@@ -270,21 +270,14 @@ PIE void pie_map_vmas(struct pie_args *a)
 	}
 }
 
-/* preadv the pages file straight into place, up to IOV_BATCH iovecs per call; an
+/* preadv one pages file straight into place, up to IOV_BATCH iovecs per call; an
  * iovec with base 0 skips that many bytes of the file (pages restored another way).
  * A short read advances the iovecs (the array lives in the region, consumed in place). */
-PIE void pie_read_pages(struct pie_args *a)
+PIE void pie_read_source(struct pie_args *a, struct pie_page_src *src)
 {
-	struct pie_iovec *iov = (struct pie_iovec *)a->iovs;
-	uint64_t left = a->nr_iovs;
-	uint64_t off = a->pages_off;
-	uint64_t i;
-
-	/* Fault the destination in with one call per run: far cheaper than a page fault
-	 * per 4 KiB inside the copy (the pages must be allocated either way). */
-	for (i = 0; i < left; i++)
-		if (iov[i].base)
-			sys3(NR_madvise, iov[i].base, iov[i].len, MADV_POPULATE_WRITE_);
+	struct pie_iovec *iov = (struct pie_iovec *)src->iovs;
+	uint64_t left = src->nr_iovs;
+	uint64_t off = src->off;
 
 	while (left) {
 		uint64_t n = 0;
@@ -298,7 +291,7 @@ PIE void pie_read_pages(struct pie_args *a)
 		}
 		while (n < left && n < IOV_BATCH && iov[n].base)
 			n++;
-		r = sys6(NR_preadv, a->pages_fd, (long)iov, n, off, 0, 0);
+		r = sys6(NR_preadv, src->fd, (long)iov, n, off, 0, 0);
 		if (r == -EINTR_ || r == -EAGAIN_)
 			continue;
 		if (r <= 0)
@@ -314,6 +307,25 @@ PIE void pie_read_pages(struct pie_args *a)
 			iov->len -= r;
 		}
 	}
+}
+
+/* The pages of every source: the dump's own pages file, then its parents'. */
+PIE void pie_read_pages(struct pie_args *a)
+{
+	struct pie_page_src *src = (struct pie_page_src *)a->page_srcs;
+	uint64_t i, j;
+
+	/* Fault the destination in with one call per run: far cheaper than a page fault
+	 * per 4 KiB inside the copy (the pages must be allocated either way). */
+	for (i = 0; i < a->nr_page_srcs; i++) {
+		struct pie_iovec *iov = (struct pie_iovec *)src[i].iovs;
+
+		for (j = 0; j < src[i].nr_iovs; j++)
+			if (iov[j].base)
+				sys3(NR_madvise, iov[j].base, iov[j].len, MADV_POPULATE_WRITE_);
+	}
+	for (i = 0; i < a->nr_page_srcs; i++)
+		pie_read_source(a, &src[i]);
 }
 
 /* Word copies of the sigframes onto the threads' stacks (no memcpy outside the section). */

@@ -35,6 +35,15 @@ struct pie_iovec {
 	uint64_t len;
 };
 
+/* One pages file and its runs: the dump's own, or a parent's (incremental dumps). */
+struct pie_page_src {
+	int32_t fd;
+	int32_t pad;
+	uint64_t off;		/* file offset of the first run */
+	uint64_t iovs;		/* struct pie_iovec[nr_iovs]: this file's order */
+	uint64_t nr_iovs;
+};
+
 /* Kernel struct prctl_mm_map, field for field. */
 struct pie_mm_map {
 	uint64_t start_code;
@@ -200,11 +209,10 @@ struct pie_args {
 	uint64_t vmas;		/* struct pie_vma[nr_vmas] */
 	uint64_t nr_vmas;
 
-	uint64_t iovs;		/* struct pie_iovec[nr_iovs]: pages file order */
-	uint64_t nr_iovs;
-	uint64_t pages_off;	/* file offset of the first page in pages_fd */
-	int32_t pages_fd;
+	uint64_t page_srcs;	/* struct pie_page_src[nr_page_srcs] */
+	uint64_t nr_page_srcs;
 	int32_t status_fd;
+	int32_t pad_status;
 
 	uint64_t vdso_vvar;	/* 0: none; else dumped start of [vvar] for ARCH_MAP_VDSO_64 */
 

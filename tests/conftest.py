@@ -215,6 +215,30 @@ def reap_gone(pids: list[int], timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+def tracking_holders(under: Path) -> list[int]:
+    """Live criu-py-track processes (memory tracking holders, criu_py/track/holder.py)
+    keeping the state of an images dir below `under`."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        cmd = proc_cmdline(int(name))
+        if "criu_py.track.holder" in cmd and str(under) in cmd and proc_is_running(int(name)):
+            out.append(int(name))
+    return out
+
+
+def stop_tracking_holders(under: Path) -> None:
+    """End the holders a test started (they would end with their tasks anyway)."""
+    pids = tracking_holders(under)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    reap_gone(pids, timeout=5)
+
+
 def layout_diff(before: list, after: list) -> str:
     return (f"lost: {[m for m in before if m not in after]}; "
             f"new: {[m for m in after if m not in before]}")
@@ -512,6 +536,7 @@ class Harness:
                 reap_gone(tree, timeout=5)
             except AssertionError:
                 pass
+        stop_tracking_holders(self.dir)
         for p in self.popens:
             if p.poll() is None:
                 p.kill()

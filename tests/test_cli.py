@@ -106,12 +106,26 @@ def test_usage_error_is_one_line():
     assert len(lines) == 1 and lines[0].startswith("Error:"), res.stderr
 
 
+def test_plain_parser_reads_the_incremental_options(tmp_path):
+    cmd, o = parse_plain(["pre-dump", "-t", "5", "-D", "d", "--track-mem", "--prev-images-dir",
+                          "../p", "--irmap-scan-path", "/a", "--irmap-scan-path", "/b",
+                          "--force-irmap", "-R"])
+    assert cmd == "pre-dump"
+    assert (o["pid"], o["track_mem"], o["prev_images_dir"], o["irmap_scan_path"],
+            o["force_irmap"], o["leave_running"]) == (5, True, "../p", ("/a", "/b"), True, True)
+    # a plain pre-dump, too, runs without click
+    res = run_main(["pre-dump", "-t", "4194304", "-D", str(tmp_path / "img"), "-v0"],
+                   "'click' not in mods")
+    assert res.returncode == 1 and "modules ok" in res.stdout, res.stderr
+    assert res.stderr.strip().splitlines() == ["Error: no such process 4194304"]
 # Every prefix of these command lines (each cut after a word) is run: whatever is missing,
 # the answer is a normal result or one "Error:" line, never a traceback. The PID cannot
 # exist and the dirs are empty, so nothing is dumped or restored.
 FULL_COMMAND_LINES = [
     "dump -t 4194303 -D {d} -W {d} -o x.log -v4 --leave-running --shell-job --kdat-path none",
     "dump --tree=4194303 --images-dir={d} -v2 -R -j",
+    "pre-dump -t 4194303 -D {d} --track-mem --prev-images-dir ../p --irmap-scan-path {d} --force-irmap -v0",
+    "dump -t 4194303 -D {d} --track-mem --prev-images-dir {d} --leave-running",
     "restore -D {d} -d --pidfile {d}/pid -o r.log -v0 -j -W {d} --kdat-path none",
     "restore --images-dir {d} --restore-detached --no-verify",
     "kdat --json --kdat-path none -v0 -o -",

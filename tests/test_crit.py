@@ -317,10 +317,15 @@ def check_make_lazy(src_dir, out_dir, stack_addrs_of=None):
 
         sfd = src.open_raw(f"pages-{sid}.img")
         ofd = out.open_raw(f"pages-{oid}.img")
-        kept = lazy = present_before = 0
+        kept = lazy = present_before = from_parent = 0
         try:
             for addr, (flags, soff) in before.items():
                 oflags, ooff = after[addr]
+                if flags & img.PE_PARENT and eligible(addr):
+                    # in the parent images and lazy-eligible: served lazily (from DIR's chain)
+                    assert (oflags, ooff) == ((flags & ~img.PE_PARENT) | img.PE_LAZY, None)
+                    from_parent += 1
+                    continue
                 if not flags & img.PE_PRESENT:
                     assert (oflags, ooff) == (flags, None)
                     continue
@@ -339,7 +344,7 @@ def check_make_lazy(src_dir, out_dir, stack_addrs_of=None):
             os.close(ofd)
         assert kept + lazy == present_before
         kept_all += kept
-        lazy_all += lazy
+        lazy_all += lazy + from_parent
     # Every other file is copied unchanged; a checksum image is made anew for the copy.
     if src.exists("criu-py-checksums.img"):
         rewritten.add("criu-py-checksums.img")
@@ -487,11 +492,12 @@ def test_make_lazy_synthesized(tmp_path, monkeypatch, buffer_pages):
     out = tmp_path / "out"
     make_lazy_ok(src, out)
     kept, lazy = check_make_lazy(src, out)
-    # anon 4+1+8 + 8 adjacent + heap 3 are lazy; everything else is kept.
-    assert lazy == 4 + 1 + 8 + 8 + 3
+    # anon 4+1+8 + 8 adjacent + heap 3 (+ its 2 pages in the parent images) are lazy;
+    # everything else is kept.
+    assert lazy == 4 + 1 + 8 + 8 + 3 + 2
     assert kept == 4 + 4 + 2 + 3 + 8 + 6 + 2
     _, after = page_table(img.ImageDir(out), 100)
-    assert after[B + 0x600000 + 5 * PAGE][0] == img.PE_PARENT          # not ours to move
+    assert after[B + 0x600000 + 5 * PAGE][0] == img.PE_LAZY            # a lazy server's
     assert after[B + 0x700000][0] == P and after[B + 0x800000 + 2 * PAGE][0] == P   # stacks
     if os.access(CRIT, os.X_OK):
         doc = json.loads(debian("decode", "-i", out / "pagemap-100.img", "--pretty"))

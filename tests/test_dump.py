@@ -497,9 +497,14 @@ elif what == "deleted file":
     os.unlink(os.path.join(d, "gone"))
 elif what == "character device":
     fd = os.open("/dev/kmsg", os.O_RDONLY)
-elif what == "inotify":
+elif what == "fanotify filesystem mark":
     import ctypes
-    fd = ctypes.CDLL(None).inotify_init()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
+                                   ctypes.c_char_p]
+    fd = libc.fanotify_init(0, 0)
+    # FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FAN_MODIFY
+    assert libc.fanotify_mark(fd, 0x1 | 0x100, 0x2, -100, b"/tmp") == 0
 with open(log, "w") as f:
     f.write(f"ready {os.getpid()} {fd}\n")
 while True:
@@ -507,7 +512,7 @@ while True:
 """
 
 
-@pytest.mark.parametrize("what", ["character device", "inotify"])
+@pytest.mark.parametrize("what", ["character device", "fanotify filesystem mark"])
 def test_other_unsupported_fds_are_refused(h, tmp_path, what):
     script = tmp_path / "holder.py"
     script.write_text(HOLDER_SRC)

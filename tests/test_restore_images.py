@@ -69,6 +69,19 @@ def test_upstream_tree_plans_shared_pipes(monkeypatch):
     assert not any(c.clone_flags for c in plan.root.children)
 
 
-def test_unsupported_fd_kind_is_refused_before_the_fork(monkeypatch):
-    with pytest.raises(CriuError, match=r"fdinfo-2.img: fd 4 is of kind INOTIFY, which restore does not support"):
+def test_upstream_inotify_images_need_their_watched_paths(monkeypatch):
+    # upstream 4.2's watcher: its inotify fd is read, and its watches name paths that
+    # this machine lacks: refused before the fork, naming the watch
+    with pytest.raises(CriuError, match=r"fd 4: inotify wd 2 watches "
+                                        r"/tmp/peer/watched/file, which does not exist"):
         load_without_path_checks("watcher", monkeypatch)
+
+
+def test_upstream_inotify_images_plan(monkeypatch):
+    from criu_py.files import inotify
+    monkeypatch.setattr(inotify.InotifyOps, "check_image", lambda self, tree, entry, what: None)
+    tree = load_without_path_checks("watcher", monkeypatch)
+    [fi] = [fi for fi in tree.root.fdinfos if fi.type == inotify.FD_TYPE_INOTIFY]
+    fe = tree.files[fi.id]
+    assert sorted(w.wd for w in fe.ify.wd) == [1, 2]
+    assert {w.f_handle.path for w in fe.ify.wd} == {"/tmp/peer/watched", "/tmp/peer/watched/file"}

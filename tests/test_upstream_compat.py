@@ -120,6 +120,38 @@ def test_forest(h, direction):
              timeout=10, what="every process to tick twice more")
 
 
+def test_upstream_restores_an_incremental_chain(h):
+    # criu-py's pre-dump and incremental dump (PE_PARENT entries, the parent link):
+    # upstream follows the chain and the task finds every page as it wrote it
+    task = h.start("dirtier", 32, 20, ready=r"ready \d+")
+    pre = h.images_dir("pre")
+    res = h.cli("pre-dump", "-t", task.pid, "-D", pre, "-o", "pre.log")
+    assert res.returncode == 0, res.stderr
+    before = len(task.log.matches(r"marked \d+"))
+    task.signal(signal.SIGUSR2)
+    marked = int(task.log.wait(r"marked (\d+)", count=before + 1).group(1))
+    images = h.dump(task, h.images_dir("dump"), "--track-mem", "--prev-images-dir", "../pre")
+    restored = upstream_restore(h, images, task)
+    restored.signal(signal.SIGUSR1)
+    line = task.log.wait(rf"(OK|BAD) {task.pid} .*", timeout=30).group(0)
+    assert line.startswith(f"OK {task.pid} ") and line.endswith(f"p7={marked}"), line
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_inotify_watcher(h, direction):
+    d = h.path("watched")
+    d.mkdir()
+    task = h.start("notifier", d, "-", ready=r"ready \d+")
+    import re
+    m = re.fullmatch(r"wds a=(\d+) b=(\d+) c=(\d+) dir=(\d+) extra=", task.log.lines()[0])
+    wa, wdir = int(m.group(1)), int(m.group(4))
+    restored = cross(h, task, direction)
+    with open(d / "a", "a") as f:
+        f.write("x")
+    (d / "new").touch()
+    task.log.wait(rf"inotify wd={wa} mask=0x8 name=")
+    task.log.wait(rf"inotify wd={wdir} mask=0x100 name=new")
+    assert restored.running()
 # ---- fd kinds, timers, terminals (issue 11)
 def fd_kinds_cross(h, name, direction, *args, extra=()):
     task = h.start(name, *args, ready=r"ready .*")

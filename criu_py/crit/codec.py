@@ -163,16 +163,6 @@ def _scalar_to_json(field, value, pretty: bool, is_hex: bool):
     raise ImageError(f"field {field.full_name}: unsupported type {t}")
 
 
-def _varint_bytes(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _raw_string_field(field, value: str) -> bytes | None:
     """Wire bytes of a string field whose JSON text carries non-UTF-8 bytes (surrogate
     escapes): the protobuf setter refuses them, parsing a proto2 string accepts them.
@@ -182,7 +172,8 @@ def _raw_string_field(field, value: str) -> bytes | None:
         return None
     except UnicodeEncodeError:
         raw = value.encode("utf-8", "surrogateescape")
-    return _varint_bytes(field.number << 3 | 2) + _varint_bytes(len(raw)) + raw
+    from criu_py.images import string_field_wire
+    return string_field_wire(field.number, raw)
 
 
 def msg_to_dict(msg, pretty: bool = False, is_hex: bool = False) -> dict:

@@ -26,6 +26,18 @@ class Checkpoint:
     def __init__(self, path):
         self.dir = img.ImageDir(path)
         self._files = None
+        self._chain = None
+
+    def chain(self, pid):
+        """The pagemaps of pid along the chain of parent images (mem/chain.py)."""
+        from criu_py.mem.chain import Chain, open_chain
+        if self._chain is None:
+            self._chain = open_chain(self.dir)
+        return Chain(self._chain, f"pagemap-{pid}.img", PAGE_SIZE)
+
+    def dir_name(self, depth: int) -> str:
+        """How a dir of the chain is shown: its name as the links give it."""
+        return os.path.basename(os.path.normpath(self._chain[depth].dirpath))
 
     def tasks(self):
         return self.dir.read_entries("pstree.img")
@@ -202,14 +214,17 @@ def _flags_text(vma) -> str:
     return ",".join(parts)
 
 
-def pages_per_vma(vmas, entries, page_size=PAGE_SIZE):
-    """For each VMA, (present pages, lazy pages, parent pages) from the pagemap: one merge pass
-    over both sorted lists."""
-    counts = [[0, 0, 0] for _ in vmas]
+def pages_per_vma(vmas, entries, page_size=PAGE_SIZE, chain=None):
+    """For each VMA, (present pages, lazy pages, parent pages, {depth: pages}) from the
+    pagemap: one merge pass over both sorted lists; with `chain` (mem.chain.Chain),
+    pages in parent images are followed to the dir (depth) holding their data."""
+    counts = [[0, 0, 0, {}] for _ in vmas]
     vi = 0
     for pe in entries:
         start = pe.vaddr
         end = start + img.pagemap_nr_pages(pe) * page_size
+        in_parent = pe.flags & img.PE_PARENT or pe.in_parent
+        pieces = chain.resolve(start, end) if in_parent and chain is not None else []
         while vi < len(vmas) and vmas[vi].end <= start:
             vi += 1
         j = vi
@@ -220,10 +235,18 @@ def pages_per_vma(vmas, entries, page_size=PAGE_SIZE):
                     counts[j][0] += n
                 if pe.flags & img.PE_LAZY and not pe.flags & img.PE_PRESENT:
                     counts[j][1] += n
-                if pe.flags & img.PE_PARENT or pe.in_parent:
+                if in_parent:
                     counts[j][2] += n
+                for lo, hi, depth, _ in pieces:
+                    k = (min(hi, vmas[j].end) - max(lo, vmas[j].start)) // page_size
+                    if k > 0:
+                        counts[j][3][depth] = counts[j][3].get(depth, 0) + k
             j += 1
     return counts
+
+
+def _where_in_chain(ck: Checkpoint, depths: dict) -> str:
+    return ", ".join(f"{n} in {ck.dir_name(d)}" for d, n in sorted(depths.items()))
 
 
 def explore_mems(ck: Checkpoint) -> list[str]:
@@ -232,14 +255,15 @@ def explore_mems(ck: Checkpoint) -> list[str]:
         mm = ck.mm(t.pid)
         vmas = sorted(mm.vmas, key=lambda v: v.start)
         _, entries = ck.pagemap(t.pid)
-        counts = pages_per_vma(vmas, sorted(entries, key=lambda e: e.vaddr))
+        counts = pages_per_vma(vmas, sorted(entries, key=lambda e: e.vaddr), chain=ck.chain(t.pid))
         lines.append(f"{t.pid}")
         lines.append(f"\t{'exe':<33} {ck.reg_path(mm.exe_file_id)}")
         lines.append(f"\t{'start-end':<33} {'prot':<4} {'flags':<24} {'dumped/pages':>14}  backing")
-        for vma, (present, lazy, parent) in zip(vmas, counts):
+        for vma, (present, lazy, parent, depths) in zip(vmas, counts):
             prot = "".join(c if vma.prot & bit else "-" for c, bit in (("r", 1), ("w", 2), ("x", 4)))
             total = (vma.end - vma.start) // PAGE_SIZE
-            extra = "".join([f" lazy {lazy}" if lazy else "", f" parent {parent}" if parent else ""])
+            where = f" ({_where_in_chain(ck, depths)})" if depths else ""
+            extra = "".join([f" lazy {lazy}" if lazy else "", f" parent {parent}{where}" if parent else ""])
             mark = "" if vma.status & VMA_AREA_REGULAR else " *"
             stack = vma.start <= mm.mm_start_stack < vma.end
             lines.append(f"\t{vma.start:016x}-{vma.end:016x} {prot:<4} {_flags_text(vma):<24}"
@@ -260,8 +284,17 @@ def explore_rss(ck: Checkpoint) -> list[str]:
         parent = sum(img.pagemap_nr_pages(e) for e in entries
                      if (e.flags & img.PE_PARENT or e.in_parent) and not e.flags & img.PE_PRESENT)
         total = sum(img.pagemap_nr_pages(e) for e in entries)
+        depths = {}
+        if parent:
+            chain = ck.chain(t.pid)
+            for e in entries:
+                if e.flags & img.PE_PARENT or e.in_parent:
+                    end = e.vaddr + img.pagemap_nr_pages(e) * PAGE_SIZE
+                    for lo, hi, depth, _ in chain.resolve(e.vaddr, end):
+                        depths[depth] = depths.get(depth, 0) + (hi - lo) // PAGE_SIZE
+        where = f" ({_where_in_chain(ck, depths)})" if depths else ""
         lines.append(f"{t.pid}: {total} resident pages ({total * PAGE_SIZE // 1024} KiB):"
-                     f" {present} in pages-{head.pages_id}.img, {lazy} lazy, {parent} in parent")
+                     f" {present} in pages-{head.pages_id}.img, {lazy} lazy, {parent} in parent{where}")
         vi = 0
         for pe in entries:
             n = img.pagemap_nr_pages(pe)

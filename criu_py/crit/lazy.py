@@ -61,6 +61,7 @@ class Plan:
     kept_pages: int = 0
     lazy_pages: int = 0
     present_before: int = 0
+    parent_pages: int = 0           # left in the parent images (incremental dumps)
 
 
 def plan_pagemap(entries, ranges, page_size: int) -> Plan:
@@ -83,6 +84,8 @@ def plan_pagemap(entries, ranges, page_size: int) -> Plan:
         m.CopyFrom(pe)
         m.vaddr = vaddr
         m.flags = flags
+        if not flags & img.PE_PARENT:
+            m.ClearField("in_parent")
         if pe.HasField("nr_pages"):
             m.nr_pages = n
             m.compat_nr_pages = n if (pe.compat_nr_pages and n < (1 << 32)) else 0
@@ -93,6 +96,18 @@ def plan_pagemap(entries, ranges, page_size: int) -> Plan:
     for pe in entries:
         n = img.pagemap_nr_pages(pe)
         start, end = pe.vaddr, pe.vaddr + n * page_size
+        if pe.flags & img.PE_PARENT or pe.in_parent:
+            # In the parent images: what a lazy restore may serve (from DIR, which
+            # follows its chain) becomes lazy; the rest stays in the parents.
+            for lo, hi, inside in _split(start, end, ranges, starts):
+                k = (hi - lo) // page_size
+                if inside:
+                    piece(pe, lo, k, (pe.flags & ~img.PE_PARENT) | img.PE_LAZY)
+                    plan.lazy_pages += k
+                else:
+                    piece(pe, lo, k, pe.flags | img.PE_PARENT)
+                    plan.parent_pages += k
+            continue
         if not pe.flags & img.PE_PRESENT:
             plan.entries.append(pe)      # not in this pages file: nothing to take out
             continue
@@ -124,6 +139,23 @@ def plan_pagemap(entries, ranges, page_size: int) -> Plan:
             pos = max(b, a)
         src += end - start
     return plan
+
+
+def _split(start: int, end: int, ranges, starts):
+    """[start, end) cut by the sorted lazy ranges: (lo, hi, inside a range)."""
+    i = max(0, bisect.bisect_right(starts, start) - 1)
+    pos = start
+    while pos < end:
+        while i < len(ranges) and ranges[i][1] <= pos:
+            i += 1
+        if i >= len(ranges) or ranges[i][0] >= end:
+            yield pos, end, False
+            return
+        a, b = max(ranges[i][0], pos), min(ranges[i][1], end)
+        if a > pos:
+            yield pos, a, False
+        yield a, b, True
+        pos = b
 
 
 def copy_runs(src_fd: int, dst_fd: int, runs, buf: memoryview) -> int:
@@ -204,6 +236,9 @@ def make_lazy(dirpath: str, outdir: str, page_size: int | None = None) -> Report
         if size != plan.present_before * page_size:
             raise ImageError(f"{pages}: holds {size} bytes, pagemap-{t.pid}.img says"
                              f" {plan.present_before} pages of {page_size}")
+        if plan.parent_pages and not os.path.isdir(os.path.join(dirpath, "parent")):
+            raise ImageError(f"pagemap-{t.pid}.img: pages live in parent images, but "
+                             f"{dirpath} has no parent link")
         plans.append((t.pid, head, pages, plan))
     if len({p[2] for p in plans}) != len(plans):
         raise ImageError(f"{dirpath}: two processes name the same pages file")
@@ -230,12 +265,17 @@ def make_lazy(dirpath: str, outdir: str, page_size: int | None = None) -> Report
                 os.close(sfd)
             rewritten.update((name, pages))
             report.processes.append((pid, plan.kept_pages, plan.lazy_pages))
+        if any(plan.parent_pages for _, _, _, plan in plans):
+            # the pages left in the parents: OUTDIR links to DIR's parent
+            target = os.path.realpath(os.path.join(dirpath, "parent"))
+            os.symlink(os.path.relpath(target, os.path.realpath(outdir)), out.path("parent"))
+            written.append("parent")
         from criu_py.images import integrity
         for name in src.list():
             if name in rewritten or name == integrity.CHECKSUM_IMAGE:
                 continue
             s = src.path(name)
-            if not os.path.isfile(s):
+            if os.path.islink(s) or not os.path.isfile(s):
                 continue
             d = out.path(name)
             shutil.copyfile(s, d)

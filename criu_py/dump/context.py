@@ -55,6 +55,14 @@ class DumpContext:
         self.mapped_file_ids = {}               # (major, minor, inode, flags) -> files.img id
         self.sockets = None                     # files.sockets.SocketDump, at the first socket
         self.run_id = None                      # CRIU's run id (inventory.dump_criu_run_id)
+        self.track = None                       # criu_py.track.Tracking
+        self.smaps_cache = {}                   # pid -> (smaps read before the freeze, VmLck)
+        self.page_buffer = None                 # mem.dump.PageBuffer, made before the freeze
+        self.snapshot = None                    # track.snapshot.Snapshot (--leave-running)
+        self.irmap_queue = []                   # pre-dump: (dev, ino, handle type, handle)
+        self._irmap = None
+        self.dump_uptime = 0                    # CLOCK_BOOTTIME at the freeze, microseconds
+        self.finished = False                   # every image written
         self._next_pages_id = 1
         self._fd_reps = {}                      # (dev, ino) -> [(pid, fd), ...] seen
 
@@ -63,6 +71,20 @@ class DumpContext:
             self.sockets.close()            # connections out of repair, lock lifted, unless committed
         for p in self.procs:
             p.close()
+        if self.page_buffer is not None:
+            self.page_buffer.close()
+            self.page_buffer = None
+
+    @property
+    def irmap(self):
+        """The inode -> path map of this dump (criu_py/irmap), its cache loaded from the
+        images dir or else the parent images."""
+        if self._irmap is None:
+            from criu_py.irmap import Irmap
+            parent = self.track.parent if self.track is not None else None
+            self._irmap = Irmap(self.opts.get("irmap_scan_path") or (),
+                                [self.images, parent])
+        return self._irmap
 
     def stopped(self) -> list:
         """The processes whose leader is stopped (all but parents waiting in vfork())."""
@@ -97,6 +119,7 @@ class DumpContext:
                 continue
             total.pages_scanned += s.pages_scanned
             total.pages_written += s.pages_written
+            total.pages_parent += s.pages_parent
             total.memdump_us += s.memdump_us
             total.memwrite_us += s.memwrite_us
         return total
@@ -128,6 +151,9 @@ class ProcDump:
         self.timers = []                        # proc.PosixTimer of /proc/PID/timers
         self.posix_timers = []                  # posix_timer_entry
         self.pages_id = 0
+        self.pages = None                       # mem.dump.PagePlan, planned while frozen
+        self.mm_fd = -1                         # pre-dump: pagemap fd of the frozen mm
+        self.swapped = False                    # VmSwap > 0: some pages are in swap
         self.page_stats = None
 
     # ---- what the leader thread is
@@ -170,10 +196,16 @@ class ProcDump:
     def file_description_key(self, ref: FdRef) -> tuple:
         return self.dump.file_description_key(ref)
 
+    @property
+    def irmap(self):
+        return self.dump.irmap
+
     def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        for name in ("pidfd", "mm_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
     # --- services for mem.dump.plan_vmas
     def file_id_for_mapping(self, vma) -> int:

@@ -122,3 +122,32 @@ def collect(tracee: Tracee, saved_regs: bytes, threads=()) -> ParasiteInfo:
                         dumpable=dumpable, secbits=max(secbits, 0), pdeath_sig=pdeath_sig,
                         child_subreaper=bool(subreaper), thp_disabled=thp_disabled > 0,
                         injected_calls=calls, threads=per_thread)
+
+
+# ---------------------------------------------------------------- userfaultfd
+NR_CLOSE, NR_USERFAULTFD = 3, 323
+UFFD_USER_MODE_ONLY = 1
+O_NONBLOCK, O_CLOEXEC = 0o4000, 0o2000000
+
+
+def make_userfaultfd(tracee: Tracee, saved_regs: bytes, pidfd: int,
+                     user_mode_only_ok: bool = False) -> int:
+    """A userfaultfd of the stopped task's mm, as an fd of ours: userfaultfd() runs
+    inside the task, the fd is taken with pidfd_getfd and closed there again, so the
+    task is left without an extra fd. user_mode_only_ok: when the task may not make a
+    full one (no CAP_SYS_PTRACE, vm.unprivileged_userfaultfd 0), settle for
+    UFFD_USER_MODE_ONLY (enough for write tracking, whose faults never wait).
+    Returns our fd, or -errno."""
+    from criu_py.native import lib
+    flags = O_CLOEXEC | O_NONBLOCK
+    with Injection(tracee, saved_regs) as inj:
+        remote = inj.syscall(NR_USERFAULTFD, flags)
+        if remote == -1 and user_mode_only_ok:          # -EPERM
+            remote = inj.syscall(NR_USERFAULTFD, flags | UFFD_USER_MODE_ONLY)
+        if remote < 0:
+            return remote
+        try:
+            local = lib.cp_pidfd_getfd(pidfd, remote)
+        finally:
+            inj.syscall(NR_CLOSE, remote)
+    return local

@@ -172,12 +172,15 @@ def build_ids(proc):
     return ids
 
 
+PRE_DUMP_READ = 2          # upstream's pre_dump_mode: memory read, not spliced
+
+
 def build_inventory(ctx):
     from criu_py.images.pb import inventory_pb2
     inv = inventory_pb2.inventory_entry()
     inv.img_version = 2
     inv.fdinfo_per_id = True
-    fill_ids(inv.root_ids, ctx.procs[0].ns_ids)
+    fill_ids(inv.root_ids, ctx.procs[0].ns_ids or namespace_ids(ctx.pid))
     from criu_py.cgroup import ROOT_CG_SET
     inv.root_cg_set = ROOT_CG_SET     # criu-py's own cgroup set
     inv.ns_per_id = True
@@ -191,11 +194,11 @@ def build_inventory(ctx):
         inv.dump_criu_run_id = ctx.run_id
     if ctx.opts.get("tcp_close"):
         inv.tcp_close = True
-    try:
-        with open("/proc/uptime") as f:
-            inv.dump_uptime = int(float(f.read().split()[0]) * 1e6)
-    except OSError:
-        pass
+    # the freeze's time since boot (microseconds): a task started later under a pid of
+    # the tree is not the one these images hold (upstream's pid-reuse check)
+    inv.dump_uptime = ctx.dump_uptime
+    if ctx.opts.get("pre_dump"):
+        inv.pre_dump_mode = PRE_DUMP_READ
     return inv
 
 
@@ -258,10 +261,12 @@ def build_stats(ctx):
     d.memdump_time = ctx.page_stats.memdump_us if ctx.page_stats else 0
     d.memwrite_time = ctx.page_stats.memwrite_us if ctx.page_stats else 0
     d.pages_scanned = ctx.page_stats.pages_scanned if ctx.page_stats else 0
-    d.pages_skipped_parent = 0
+    d.pages_skipped_parent = ctx.page_stats.pages_parent if ctx.page_stats else 0
     d.pages_written = ctx.page_stats.pages_written if ctx.page_stats else 0
     d.pages_lazy = 0
     d.shpages_scanned = ctx.shmem_stats.get("scanned", 0)
     d.shpages_skipped_parent = 0
     d.shpages_written = ctx.shmem_stats.get("written", 0)
+    if ctx._irmap is not None:
+        d.irmap_resolve = int(ctx._irmap.seconds * 1e6)
     return s

@@ -124,14 +124,16 @@ def ops_by_type() -> dict:
 
 # The table. The kind modules import the names above, so they come last; they load no
 # protobuf at import time, which keeps this cheap.
-from criu_py.files import (eventfd, eventpoll, fifo, memfd, pipe, regular,  # noqa: E402
-                           signalfd, timerfd, tty)
+from criu_py.files import (eventfd, eventpoll, fanotify, fifo, inotify, memfd,  # noqa: E402
+                           pipe, regular, signalfd, timerfd, tty)
 from criu_py.files.sockets import inet, other, unix  # noqa: E402
 
 # kind name -> ops object: claims(ref), check(ctx, ref), dump_fd(ctx, ref) -> files.img
 # id, restore_fd(ctx, file_entry, fdinfo_entry) -> fd; fd_type is the fdinfo/file_entry
-# type; resource_key, deps, check_image as in FileOps.
+# type; resource_key, deps, check_image as in FileOps; optional pre_dump(ctx, ref): what
+# a pre-dump does early (inotify/fanotify: the watched inodes for the irmap cache).
 FILE_KINDS = {"reg": regular.OPS, "pipe": pipe.OPS, "memfd": memfd.OPS, "fifo": fifo.OPS,
               "eventfd": eventfd.OPS, "signalfd": signalfd.OPS, "timerfd": timerfd.OPS,
-              "eventpoll": eventpoll.OPS, "tty": tty.OPS, "unixsk": unix.OPS, "inetsk": inet.OPS,
+              "eventpoll": eventpoll.OPS, "tty": tty.OPS, "inotify": inotify.OPS,
+              "fanotify": fanotify.OPS, "unixsk": unix.OPS, "inetsk": inet.OPS,
               "socket": other.OPS}          # other sockets: refused; last, it claims them all

@@ -358,13 +358,18 @@ def set_str(msg, field: str, value) -> None:
     except UnicodeDecodeError:
         number = msg.DESCRIPTOR.fields_by_name[field].number
         msg.ClearField(field)
-        msg.MergeFromString(_varint(number << 3 | 2) + _varint(len(raw)) + raw)
+        msg.MergeFromString(string_field_wire(number, raw))
 
 
 def get_str(value) -> str:
     """A string field's value as a str: protobuf gives bytes for one that is not UTF-8;
     decoded losslessly (os.fsdecode), so it opens the same file."""
     return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def string_field_wire(number: int, raw: bytes) -> bytes:
+    """Field `number` holding the bytes `raw` as protobuf writes a string on the wire."""
+    return _varint(number << 3 | 2) + _varint(len(raw)) + raw
 
 
 def _varint(n: int) -> bytes:

@@ -105,8 +105,9 @@ def seal(images) -> None:
 
 
 def verify(images_dir: str, opts: dict) -> None:
-    """First step of a restore: every image file as the dump wrote it, or ImageError
-    naming the first damaged, missing or added one."""
+    """First step of a restore: every image file as the dump wrote it, in the images dir
+    and in each dir of its chain of parents (mem/chain.py: pre-dumps are sealed too), or
+    ImageError naming the first damaged, missing or added one."""
     with verifying(images_dir, opts) as pages:
         pages.wait()
 
@@ -114,21 +115,22 @@ def verify(images_dir: str, opts: dict) -> None:
 class PagesCheck:
     """The check of the pages files, running in a thread (the digest is C code, which
     releases the GIL) while the restore reads the other images (checked already) and
-    plans; wait() returns once they are checked, or raises the ImageError."""
+    plans; wait() returns once they are checked, or raises the ImageError.
+    todo: [(ImageDir, integrity_file_entry, where)]."""
 
-    def __init__(self, images=None, entries=()):
-        self.images, self.entries = images, list(entries)
+    def __init__(self, todo=()):
+        self.todo = list(todo)
         self.error = None
         self.thread = None
-        if self.entries:
+        if self.todo:
             import threading
             self.thread = threading.Thread(target=self._run, name="pages-check", daemon=True)
             self.thread.start()
 
     def _run(self):
         try:
-            for e in self.entries:
-                _check(self.images, e, threads=1)
+            for images, e, where in self.todo:
+                _check_in(images, e, where, threads=1)
         except BaseException as exc:          # noqa: BLE001 - handed to wait()
             self.error = exc
 
@@ -141,46 +143,70 @@ class PagesCheck:
         self.join()
         if self.error is not None:
             raise self.error
-        if self.entries:
-            log.info("restore: %d pages files match %s", len(self.entries), CHECKSUM_IMAGE)
+        if self.todo:
+            log.info("restore: %d pages files match %s", len(self.todo), CHECKSUM_IMAGE)
 
 
 @contextlib.contextmanager
 def verifying(images_dir: str, opts: dict):
-    """Check every image file but the pages files now (ImageError naming the first
-    damaged, missing or added one), the pages files in a thread; yields the PagesCheck.
-    The thread is always joined on the way out."""
-    from criu_py.images import ImageDir, kind_of
+    """Check every image file but the pages files now, in the images dir and its chain
+    of parents (ImageError naming the first damaged, missing or added one), and the pages
+    files in a thread meanwhile; yields the PagesCheck, whose thread is always joined on
+    the way out."""
+    from criu_py.images import ImageDir
+    from criu_py.mem.chain import close_chain, open_chain
     if opts.get("no_verify"):
         log.info("restore: --no-verify: the images are not checked against %s", CHECKSUM_IMAGE)
         yield PagesCheck()
         return
     with ImageDir(images_dir) as images:
-        with log_step("restore", "verify checksums"):
-            if not images.exists(CHECKSUM_IMAGE):
-                log.info("restore: no %s (images not written by criu-py): restoring without "
-                         "verification", CHECKSUM_IMAGE)
-                entries = None
-            else:
-                entries = images.read_entries(CHECKSUM_IMAGE)
-                if not entries or entries[0].algorithm != ALGORITHM or entries[0].block_size != BLOCK:
-                    what = entries[0].algorithm if entries else "no head"
-                    raise ImageError(f"{CHECKSUM_IMAGE}: unknown checksum algorithm ({what})")
-                listed = {e.name: e for e in entries[1:]}
-                for name in images.list():
-                    if kind_of(name) is not None and name != CHECKSUM_IMAGE and name not in listed:
-                        raise ImageError(f"{name}: not in {CHECKSUM_IMAGE} (added after the dump)")
-                pages = [listed[n] for n in sorted(listed) if n.startswith("pages-")]
-                for name in sorted(listed):
-                    if not name.startswith("pages-"):
-                        _check(images, listed[name])
-                log.info("restore: %d image files match %s (pages files: %d, checked "
-                         "meanwhile)", len(listed) - len(pages), CHECKSUM_IMAGE, len(pages))
-        check = PagesCheck(images, pages if entries else ())
+        chain = open_chain(images)
         try:
-            yield check
+            with log_step("restore", "verify checksums"):
+                todo = []
+                for i, level in enumerate(chain):
+                    todo += _verify_dir(level, f" in {level.dirpath}" if i else "")
+            check = PagesCheck(todo)
+            try:
+                yield check
+            finally:
+                check.join()
         finally:
-            check.join()
+            close_chain(chain)
+
+
+def _verify_dir(images, where: str) -> list:
+    """One dir but its pages files, which are returned as [(images, entry, where)] to be
+    checked; `where` names a parent dir in the messages ("" for the images dir)."""
+    from criu_py.images import kind_of
+    if not images.exists(CHECKSUM_IMAGE):
+        log.info("restore: no %s%s (images not written by criu-py): restoring without "
+                 "verification", CHECKSUM_IMAGE, where)
+        return []
+    entries = images.read_entries(CHECKSUM_IMAGE)
+    if not entries or entries[0].algorithm != ALGORITHM or entries[0].block_size != BLOCK:
+        what = entries[0].algorithm if entries else "no head"
+        raise ImageError(f"{CHECKSUM_IMAGE}{where}: unknown checksum algorithm ({what})")
+    listed = {e.name: e for e in entries[1:]}
+    for name in images.list():
+        if kind_of(name) is not None and name != CHECKSUM_IMAGE and name not in listed:
+            raise ImageError(f"{name}{where}: not in {CHECKSUM_IMAGE} (added after the dump)")
+    pages = [(images, listed[n], where) for n in sorted(listed) if n.startswith("pages-")]
+    for name in sorted(listed):
+        if not name.startswith("pages-"):
+            _check_in(images, listed[name], where)
+    log.info("restore: %d image files%s match %s (%d pages files checked meanwhile)",
+             len(listed) - len(pages), where, CHECKSUM_IMAGE, len(pages))
+    return pages
+
+
+def _check_in(images, e, where: str, threads=None) -> None:
+    try:
+        _check(images, e, threads)
+    except ImageError as exc:
+        if not where:
+            raise
+        raise ImageError(f"{images.dirpath}/{exc}") from None
 
 
 def _check(images, e, threads=None) -> None:

@@ -39,6 +39,8 @@ FEATURES = (
     Feature("zero_pfn", True, WARN, lambda f: f.zero_pfn != 0,
             "the zero page's PFN is unknown: pages only read are dumped as data"),
     Feature("soft_dirty", True, WARN, lambda f: f.soft_dirty, _soft_dirty_missing),
+    Feature("mem_dirty_track", True, WARN, lambda f: bool(f.mem_tracking),
+            "no way to track written pages: pre-dump and incremental dumps are unavailable"),
     Feature("pidfd_getfd", True, WARN, lambda f: f.pidfd_getfd,
             "no pidfd_getfd: pipe contents and other fd state of a target cannot be read"),
     Feature("kcmp", True, WARN, lambda f: f.kcmp,
@@ -83,8 +85,15 @@ def _cgroup_layout(f: KerndatFacts) -> str:
     return f"v1 {v1}; v2 {v2}"
 
 
+def _tracking_method(f: KerndatFacts) -> str:
+    if f.mem_tracking == "uffd-wp":
+        return ("uffd-wp (userfaultfd write-protect in WP_ASYNC mode, PAGEMAP_SCAN; the uffd "
+                "is kept by a criu-py-track process between pre-dump and dump)")
+    return f.mem_tracking
+
+
 # What `check --feature NAME` adds after "NAME is supported".
-DETAILS = {"cgroups": _cgroup_layout}
+DETAILS = {"cgroups": _cgroup_layout, "mem_dirty_track": _tracking_method}
 
 Verdict = namedtuple("Verdict", "feature ok text")
 

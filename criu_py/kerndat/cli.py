@@ -150,6 +150,8 @@ def check_action(opts) -> int:
         elif not v.ok:
             click.echo(f"{v.feature.severity}: {v.feature.name}: {v.text}")
     status = check.exit_status(verdicts)
+    if not names and facts.mem_tracking:
+        click.echo(f"Memory tracking (pre-dump, --track-mem): {facts.mem_tracking}")
     if status == 0 and not names:
         click.echo("Looks good.")
     elif status == 2 and not names:

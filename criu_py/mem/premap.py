@@ -41,7 +41,7 @@ def premap_vmas(run) -> None:
         raise RestoreError(f"cannot reserve the premap area at {area:#x}: {os.strerror(-r) if r < 0 else r}")
     t.premap_area = (area, area + size)
     t.premap_addrs = {}
-    pages_fd = run.rs.images.open_raw(img.memory.pages_name)
+    fds = {}                        # source index -> pages fd
     shared = written = 0
     try:
         dst = area
@@ -54,18 +54,20 @@ def premap_vmas(run) -> None:
                 if r != dst:
                     raise RestoreError(f"cannot move the inherited VMA {v.start:#x} into "
                                        f"place: {os.strerror(-r) if r < 0 else r}")
-                n_written, n_same = _fill_inherited(pages_fd, img.memory, v, dst)
+                n_written, n_same = _fill_inherited(fds, img.memory, v, dst)
                 written += n_written
                 shared += n_same
             else:
                 _map_fresh(run, v, dst)
-                for addr, n, off in page_runs_in(img.memory, v.start, v.end):
-                    _fill(pages_fd, off, dst + addr - v.start, n, compare=False)
+                for addr, n, src, off in page_runs_in(img.memory, v.start, v.end):
+                    _fill(_source_fd(fds, img.memory, src), off, dst + addr - v.start, n,
+                          compare=False)
                     written += n // M.PAGE_SIZE
             t.premap_addrs[v.start] = dst
             dst += length
     finally:
-        os.close(pages_fd)
+        for fd in fds.values():
+            os.close(fd)
     from criu_py.log import log
     log.debug("pid %d: %d VMAs premapped at %#x (%d KiB): %d pages written, %d kept shared",
               t.pid, len(vmas), area, size >> 10, written, shared)
@@ -96,17 +98,26 @@ def _fill(fd: int, off: int, dst: int, length: int, compare: bool) -> int:
     return r
 
 
-def _fill_inherited(fd: int, memory, v, dst: int) -> tuple[int, int]:
+def _source_fd(fds: dict, memory, index: int) -> int:
+    """The pages file of memory.sources[index], opened once."""
+    fd = fds.get(index)
+    if fd is None:
+        src = memory.sources[index]
+        fd = fds[index] = src.images.open_raw(src.name)
+    return fd
+
+
+def _fill_inherited(fds: dict, memory, v, dst: int) -> tuple[int, int]:
     """The dumped pages over the inherited ones: only those that differ are written;
     pages the child did not have (not in its pagemap) are dropped back to zero (or to
     the file's page)."""
     from criu_py.mem.restore import page_runs_in
     written = same = 0
     pos = v.start
-    for addr, n, off in page_runs_in(memory, v.start, v.end):
+    for addr, n, src, off in page_runs_in(memory, v.start, v.end):
         if addr > pos:
             _sys(NR_MADVISE, dst + pos - v.start, addr - pos, MADV_DONTNEED)
-        w = _fill(fd, off, dst + addr - v.start, n, compare=True)
+        w = _fill(_source_fd(fds, memory, src), off, dst + addr - v.start, n, compare=True)
         written += w
         same += n // M.PAGE_SIZE - w
         pos = addr + n

@@ -28,17 +28,43 @@ class MappedFile:
 
 
 @dataclass
+class PageSource:
+    """One pages file the restore reads from: the dump's own, or one of its parents'
+    (incremental dumps, mem/chain.py). iovs: (address, length) in file order, address
+    None for bytes to skip."""
+    images: object                  # criu_py.images.ImageDir
+    name: str                       # pages-N.img
+    iovs: list = field(default_factory=list)
+    fd: int = -1                    # opened (and parked) by the task that reads it
+
+
+@dataclass
 class MemoryPlan:
     vmas: list                      # vma_entry of VMAs the restorer maps (no vdso/vvar/vsyscall)
     files: dict = field(default_factory=dict)     # (file_id, open flags) -> MappedFile
-    iovs: list = field(default_factory=list)      # (address, length), pages-file order;
-                                                  # address None: bytes to skip (vdso pages)
-    pages_name: str = ""
-    pages_bytes: int = 0
+    sources: list = field(default_factory=list)   # PageSource: the dump's own pages file
+                                                  # first, then parents' (chains)
+    pages_bytes: int = 0            # bytes of the dump's own pages file
     vdso_vvar: int = 0              # dumped start of the vvar area (ARCH_MAP_VDSO_64 address)
     special: list = field(default_factory=list)   # (start, end) of dumped vdso/vvar VMAs
     shared: dict = field(default_factory=dict)    # shmid -> shmem_restore.SharedObject
     memfd_inodes: dict = field(default_factory=dict)
+
+    @property
+    def pages_name(self) -> str:
+        return self.sources[0].name
+
+    @property
+    def iovs(self) -> list:
+        """The runs of the dump's own pages file (its parents' are in sources[1:])."""
+        return self.sources[0].iovs
+
+    def filled(self):
+        """(address, length) of every run of pages the restore writes, from any source."""
+        for src in self.sources:
+            for addr, n in src.iovs:
+                if addr is not None:
+                    yield addr, n
 
 
 def _vma_key(v) -> tuple:
@@ -74,10 +100,11 @@ def _check_file_vma(v, key: tuple, fe, checks, pid: int, what: str) -> None:
 
 
 def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: dict,
-                checks=None) -> MemoryPlan:
+                checks=None, chain: list | None = None) -> MemoryPlan:
     """Check mm's VMAs and pagemap against each other and the pages file size. Shared
     memory objects are registered in `shared` (shmid -> object), one for the whole tree.
-    checks: the tree's files.identity.FileChecks."""
+    checks: the tree's files.identity.FileChecks; chain: [images, parent, ...]
+    (mem.chain.open_chain) for incremental dumps."""
     from criu_py.mem import shmem_restore
     plan = MemoryPlan(vmas=[], shared=shared, memfd_inodes=memfd_inodes)
     prev_end = 0
@@ -119,19 +146,22 @@ def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: d
         plan.vmas.append(v)
     if plan.special:
         plan.vdso_vvar = min(s for s, _ in plan.special)
-    plan_pages(images, pid, plan)
+    plan_pages(images, pid, plan, chain or [images])
     return plan
 
 
-def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
+def plan_pages(images, pid: int, plan: MemoryPlan, chain: list | None = None) -> None:
     """The runs of pages-N.img in file order: (address, length) of each run, address
-    None for bytes read only to be dropped (upstream's dumped vdso pages)."""
+    None for bytes read only to be dropped (upstream's dumped vdso pages); and for pages
+    marked PE_PARENT, the runs of the parents' pages files that hold them."""
     from criu_py.images import PE_LAZY, PE_PARENT, PE_PRESENT, pagemap_nr_pages
+    from criu_py.mem.chain import Chain
     name = f"pagemap-{pid}.img"
     entries = images.read_entries(name)
     if not entries:
         raise ImageError(f"{name}: no pagemap head")
-    plan.pages_name = f"pages-{entries[0].pages_id}.img"
+    own = PageSource(images, f"pages-{entries[0].pages_id}.img")
+    plan.sources = [own]
     spans = []          # contiguous runs of private VMAs (upstream's entries may span two);
     for v in plan.vmas:  # pages of shared ones live in their object, never in pages-N.img
         if v.status & (M.VMA_FILE_SHARED | M.VMA_ANON_SHARED):
@@ -142,19 +172,24 @@ def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
             spans.append((v.start, v.end))
     iovs = []
     total = 0
+    in_parent = []      # (start, end) of PE_PARENT entries
     for pe in entries[1:]:
         n = pagemap_nr_pages(pe)
         flags = pe.flags if pe.HasField("flags") else PE_PRESENT
-        if pe.HasField("in_parent") and pe.in_parent or flags & PE_PARENT:
-            raise ImageError(f"{name}: pages at {pe.vaddr:#x} live in a parent image "
-                             f"(incremental dumps are not supported)")
-        if not flags & PE_PRESENT:
-            if flags & PE_LAZY:
-                raise ImageError(f"{name}: lazy pages at {pe.vaddr:#x} without data")
-            continue
         start, end = pe.vaddr, pe.vaddr + n * M.PAGE_SIZE
         if not n or start % M.PAGE_SIZE:
             raise ImageError(f"{name}: bad entry at {start:#x} ({n} pages)")
+        if pe.HasField("in_parent") and pe.in_parent or flags & PE_PARENT:
+            if flags & PE_PRESENT:
+                raise ImageError(f"{name}: pages at {start:#x} are both here and in the parent")
+            if not any(s <= start and end <= e for s, e in spans + plan.special):
+                raise ImageError(f"{name}: pages {start:#x}-{end:#x} lie outside the restored VMAs")
+            in_parent.append((start, end))
+            continue
+        if not flags & PE_PRESENT:
+            if flags & PE_LAZY:
+                raise ImageError(f"{name}: lazy pages at {start:#x} without data")
+            continue
         if any(s <= start and end <= e for s, e in plan.special):
             # upstream dumps the vdso's pages; the live vdso replaces them: skipped
             iovs.append((None, end - start))
@@ -168,28 +203,64 @@ def plan_pages(images, pid: int, plan: MemoryPlan) -> None:
         else:
             iovs.append((start, end - start))
         total += end - start
-    check_pages_size(images, plan.pages_name, name, total)
-    plan.iovs = iovs
+    check_pages_size(images, own.name, name, total)
+    own.iovs = iovs
     plan.pages_bytes = total
+    if in_parent:
+        chain = chain or [images]
+        if len(chain) < 2:
+            raise ImageError(f"{name}: pages at {in_parent[0][0]:#x} live in a parent image, "
+                             f"but {images.dirpath} has no parent link")
+        plan.sources += parent_sources(Chain(chain, name, M.PAGE_SIZE), in_parent, plan.special)
 
 
-def page_runs_in(plan: MemoryPlan, start: int, end: int) -> list[tuple[int, int, int]]:
-    """(address, length, offset in the pages file) of the dumped pages in [start, end)."""
+def parent_sources(chain, ranges: list, special: list) -> list:
+    """PageSources of the parents' pages files holding `ranges` (vdso pages, which the
+    live vdso replaces, are not read)."""
+    pieces = {}                     # depth -> [(offset, address, length)]
+    for start, end in ranges:
+        for lo, hi, depth, off in chain.resolve(start, end):
+            if any(s <= lo and hi <= e for s, e in special):
+                continue
+            pieces.setdefault(depth, []).append((off, lo, hi - lo))
     out = []
-    off = 0
-    for addr, n in plan.iovs:
-        if addr is not None and addr < end and start < addr + n:
-            lo, hi = max(addr, start), min(addr + n, end)
-            out.append((lo, hi - lo, off + lo - addr))
-        off += n
+    for depth in sorted(pieces):
+        lv = chain.level(depth)
+        src = PageSource(lv.images, lv.pages_name)
+        pos = 0
+        for off, addr, n in sorted(pieces[depth]):
+            if off > pos:
+                src.iovs.append((None, off - pos))
+            last = src.iovs[-1] if src.iovs else None
+            if last and last[0] is not None and last[0] + last[1] == addr:
+                src.iovs[-1] = (last[0], last[1] + n)
+            else:
+                src.iovs.append((addr, n))
+            pos = off + n
+        out.append(src)
     return out
 
 
-def iovs_without(plan: MemoryPlan, ranges: list[tuple[int, int]]) -> list:
-    """plan.iovs with the pages inside `ranges` ((start, end), already restored another
-    way) turned into skips."""
+def page_runs_in(plan: MemoryPlan, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """(address, length, source index, offset in that pages file) of the dumped pages in
+    [start, end), in address order."""
+    out = []
+    for i, src in enumerate(plan.sources):
+        off = 0
+        for addr, n in src.iovs:
+            if addr is not None and addr < end and start < addr + n:
+                lo, hi = max(addr, start), min(addr + n, end)
+                out.append((lo, hi - lo, i, off + lo - addr))
+            off += n
+    out.sort()
+    return out
+
+
+def iovs_without(iovs: list, ranges: list[tuple[int, int]]) -> list:
+    """`iovs` ((address, length), pages-file order) with the pages inside `ranges`
+    ((start, end), already restored another way) turned into skips."""
     if not ranges:
-        return list(plan.iovs)
+        return list(iovs)
     out = []
 
     def add(addr, n):
@@ -197,7 +268,7 @@ def iovs_without(plan: MemoryPlan, ranges: list[tuple[int, int]]) -> list:
             out[-1] = (None, out[-1][1] + n)
         else:
             out.append((addr, n))
-    for addr, n in plan.iovs:
+    for addr, n in iovs:
         if addr is None:
             add(None, n)
             continue
@@ -303,7 +374,7 @@ def pie_vmas(plan: MemoryPlan, premapped: dict | None = None) -> list:
     # VMAs pages are read into are mapped writable first; the others (PROT_NONE
     # reservations, shared mappings) at once with their final protection, which also
     # keeps big PROT_NONE areas out of the commit charge.
-    filled = sorted((a, a + n) for a, n in plan.iovs if a is not None)
+    filled = sorted((a, a + n) for a, n in plan.filled())
     i = 0
     for pv in out:
         if pv.kind == lib.PIE_VMA_PREMAPPED:

@@ -57,7 +57,7 @@ def object_for_anon(objects: dict, images, shmid: int, size: int) -> SharedObjec
 
 
 def read_pages(images, obj: SharedObject) -> None:
-    from criu_py.images import PE_PRESENT, pagemap_nr_pages
+    from criu_py.images import PE_PARENT, PE_PRESENT, pagemap_nr_pages
     name = f"pagemap-shmem-{obj.shmid}.img"
     entries = images.read_entries(name)
     if not entries:
@@ -66,6 +66,9 @@ def read_pages(images, obj: SharedObject) -> None:
     total = 0
     for pe in entries[1:]:
         flags = pe.flags if pe.HasField("flags") else PE_PRESENT
+        if flags & PE_PARENT or pe.HasField("in_parent") and pe.in_parent:
+            raise ImageError(f"{name}: shared memory pages at offset {pe.vaddr:#x} live in a "
+                             f"parent image (incremental shared memory is not supported)")
         if not flags & PE_PRESENT:
             continue
         n = pagemap_nr_pages(pe) * M.PAGE_SIZE

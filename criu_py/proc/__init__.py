@@ -54,7 +54,8 @@ class Stat(Record):
     # process group (-1: none).
     _fields = ("pid", "comm", "state", "ppid", "pgid", "sid", "tty_nr", "tpgid", "flags", "num_threads",
                "start_code", "end_code", "start_stack", "start_data", "end_data", "start_brk",
-               "arg_start", "arg_end", "env_start", "env_end", "exit_signal", "exit_code")
+               "arg_start", "arg_end", "env_start", "env_end", "exit_signal", "exit_code",
+               "start_time")
 
 
 def read_stat(pid: int) -> Stat:
@@ -65,7 +66,8 @@ def read_stat(pid: int) -> Stat:
     f = text[rpar + 2:].split()
     n = lambda i: int(f[i - 3])  # noqa: E731  (proc(5) field number -> value)
     return Stat(pid=int(text[:lpar]), comm=comm, state=f[0], ppid=n(4), pgid=n(5), sid=n(6),
-                tty_nr=n(7), tpgid=n(8), flags=n(9), num_threads=n(20), start_code=n(26), end_code=n(27),
+                tty_nr=n(7), tpgid=n(8), flags=n(9), num_threads=n(20), start_time=n(22),
+                start_code=n(26), end_code=n(27),
                 start_stack=n(28), exit_signal=n(38), start_data=n(45), end_data=n(46),
                 start_brk=n(47), arg_start=n(48), arg_end=n(49), env_start=n(50), env_end=n(51),
                 exit_code=n(52) if len(f) >= 50 else 0)
@@ -77,8 +79,10 @@ class Status(Record):
     # namespace, outermost first; groups: supplementary groups.
     _fields = ("name", "umask", "state", "tgid", "ppid", "tracer_pid", "uids", "gids", "threads",
                "sig_blk", "sig_ign", "sig_cgt", "sig_pnd", "shd_pnd", "cap_inh", "cap_prm",
-               "cap_eff", "cap_bnd", "cap_amb", "no_new_privs", "seccomp", "ns_pids", "groups")
+               "cap_eff", "cap_bnd", "cap_amb", "no_new_privs", "seccomp", "ns_pids", "groups",
+               "vm_rss", "vm_swap", "vm_lck")
     groups = ()
+    vm_rss = vm_swap = vm_lck = 0       # kB
 
 
 def read_status(pid: int, tid: int | None = None) -> Status:
@@ -101,7 +105,13 @@ def read_status(pid: int, tid: int | None = None) -> Status:
         cap_bnd=hexa("CapBnd"), cap_amb=hexa("CapAmb"),
         no_new_privs=int(kv.get("NoNewPrivs", "0")), seccomp=int(kv.get("Seccomp", "0")),
         ns_pids=tuple(int(x) for x in kv.get("NSpid", kv["Tgid"]).split()),
-        groups=tuple(int(x) for x in kv.get("Groups", "").split()))
+        groups=tuple(int(x) for x in kv.get("Groups", "").split()),
+        vm_rss=_kb(kv.get("VmRSS")), vm_swap=_kb(kv.get("VmSwap")), vm_lck=_kb(kv.get("VmLck")))
+
+
+def _kb(value: str | None) -> int:
+    """'1234 kB' -> 1234 (0 when absent: kernel threads, zombies)."""
+    return int(value.split()[0]) if value else 0
 
 
 # ---------------------------------------------------------------- /proc/PID/maps + smaps
@@ -484,3 +494,103 @@ def parse_cgroup(text: str) -> list[CgroupLine]:
         hier, controllers, path = line.split(":", 2)
         out.append(CgroupLine(int(hier), controllers, path))
     return out
+
+
+# ---------------------------------------------------------------- fsnotify marks (fdinfo)
+class NotifyMark(Record):
+    """One watch or mark line of an inotify or fanotify fd's fdinfo. kind: "inotify"
+    (a watch), "inode", "mount" or "sb" (fanotify marks); values: the line's hex
+    fields by name (wd, ino, sdev, mask, ignored_mask, mflags, mnt_id, fhandle-bytes,
+    fhandle-type); handle: the f_handle bytes (inode marks)."""
+    _fields = ("kind", "values", "handle")
+    handle = b""
+
+
+class NotifyInfo(Record):
+    """What fdinfo says of an inotify/fanotify fd: fanotify's group flags and event
+    flags (flags, event_flags), and its marks in fdinfo order."""
+    _fields = ("flags", "event_flags", "marks")
+    flags = event_flags = 0
+
+
+def parse_fsnotify(text: str) -> NotifyInfo:
+    """The inotify/fanotify lines of an fdinfo text (kernel format, see
+    fs/notify/fdinfo.c): "inotify wd:1 ino:20c009 sdev:fe00000 mask:a ..." or
+    "fanotify flags:3 event-flags:8000" then "fanotify ino:...|mnt_id:...|sdev:..."."""
+    info = NotifyInfo(marks=[])
+    for line in text.splitlines():
+        head, _, rest = line.partition(" ")
+        if head not in ("inotify", "fanotify"):
+            continue
+        values, handle = {}, b""
+        for word in rest.split():
+            key, _, value = word.partition(":")
+            if key == "f_handle":
+                handle = bytes.fromhex(value)
+            else:
+                values[key] = int(value, 16)
+        if head == "inotify":
+            info.marks.append(NotifyMark("inotify", values, handle))
+        elif "flags" in values and "event-flags" in values:
+            info.flags, info.event_flags = values["flags"], values["event-flags"]
+        elif "ino" in values:
+            info.marks.append(NotifyMark("inode", values, handle))
+        elif "mnt_id" in values:
+            info.marks.append(NotifyMark("mount", values))
+        else:
+            info.marks.append(NotifyMark("sb", values))
+    return info
+
+
+def read_fsnotify(pid: int, fd: int) -> NotifyInfo:
+    return parse_fsnotify(_read(pid, f"fdinfo/{fd}"))
+
+
+# ---------------------------------------------------------------- /proc/PID/mountinfo
+class MountInfo(Record):
+    _fields = ("mnt_id", "parent_id", "major", "minor", "root", "mount_point", "fstype",
+               "source")
+
+
+def _unescape(path: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    if "\\" not in path:
+        return path
+    import re
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+
+
+def parse_mountinfo(text: str) -> list[MountInfo]:
+    out = []
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        f = left.split()
+        if len(f) < 5 or not right:
+            continue
+        major, minor = f[2].split(":")
+        r = right.split()
+        out.append(MountInfo(int(f[0]), int(f[1]), int(major), int(minor), _unescape(f[3]),
+                             _unescape(f[4]), r[0], r[1] if len(r) > 1 else ""))
+    return out
+
+
+def read_mountinfo(pid: int | str = "self") -> list[MountInfo]:
+    return parse_mountinfo(_read(pid, "mountinfo"))
+
+
+# ---------------------------------------------------------------- /proc/PID/pagemap
+def read_pagemap(pid: int, addr: int, pages: int = 1) -> list[int]:
+    """The raw 64-bit pagemap entries of `pages` pages from addr."""
+    import struct
+    path = f"/proc/{pid}/pagemap"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(exc, f"opening {path}", pid) from None
+    try:
+        data = os.pread(fd, 8 * pages, addr // 4096 * 8)
+    except OSError as exc:
+        raise from_oserror(exc, f"reading {path}", pid) from None
+    finally:
+        os.close(fd)
+    return list(struct.unpack(f"<{len(data) // 8}Q", data))

@@ -296,6 +296,8 @@ def prepare_shared(rs: Restore, stack) -> None:
     stack.callback(_close_quietly, r)
     stack.callback(_close_quietly, rs.status_w)
     rs.images.dirfd = rs.fds.park(rs.images.dirfd)
+    for parent in rs.tree.chain[1:]:        # incremental dumps: the parents' pages files
+        parent.dirfd = rs.fds.park(parent.dirfd)
     if os.isatty(0):                        # the caller's terminal (--shell-job)
         rs.caller_tty = rs.fds.dup(0)
     if rs.cg_yard.fd >= 0:                  # every task moves itself in through it

@@ -39,6 +39,7 @@ class TreeImages:
     pipe_data: dict = field(default_factory=dict)   # pipe_id -> (bytes, pipe size)
     shared: dict = field(default_factory=dict)      # shmid -> shmem_restore.SharedObject
     memfd_inodes: dict = field(default_factory=dict)
+    chain: list = field(default_factory=list)       # [images, parent, ...] (mem.chain)
     checks: object = None          # files.identity.FileChecks: is each file the dumped one
     fifo_data: dict = field(default_factory=dict)   # fifo inode -> (bytes, pipe size)
     fifo_data_owner: dict = field(default_factory=dict)   # fifo inode -> the entry that refills it
@@ -97,6 +98,8 @@ class TreeImages:
             self.checks.check_opened(self.files[file_id], fd, self.path(file_id, what), what)
 
     def close(self) -> None:
+        from criu_py.mem.chain import close_chain
+        close_chain(self.chain)
         self.images.close()
 
 
@@ -113,6 +116,7 @@ def load(images_dir: str) -> TreeImages:
 def _load(images) -> TreeImages:
     from criu_py.files.identity import FileChecks
     from criu_py.mem import shmem_restore
+    from criu_py.mem.chain import open_chain
     inventory = images.read_one("inventory.img")
     entries = images.read_entries("pstree.img")
     if not entries:
@@ -122,6 +126,7 @@ def _load(images) -> TreeImages:
     files = {fe.id: fe for fe in images.read_entries("files.img")}
     tree = TreeImages(images=images, tasks=[], files=files, checks=FileChecks(images),
                       inventory=inventory)
+    tree.chain = open_chain(images)
     tree.memfd_inodes = shmem_restore.memfd_inodes(images)
     tree.remaps = ghost.load_remaps(images)
     if images.exists("tty-info.img"):
@@ -199,7 +204,7 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
     tree.check_file(fs.root_id, f"pid {pid}: root")
     tree.check_file(mm.exe_file_id, f"pid {pid}: the executable")
     t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes,
-                           tree.checks)
+                           tree.checks, chain=tree.chain)
     for mf in t.memory.files.values():
         if mf.path is not None:
             tree.check_file(mf.file_id, f"pid {pid}: a mapping")

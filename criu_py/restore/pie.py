@@ -76,12 +76,14 @@ class PieThread:
 class PiePlan:
     """Everything the restorer does, in Python terms; prepare() lays it out in the region."""
     vmas: list[PieVma]
-    iovs: list[tuple[int | None, int]]   # (address, length) in pages-file order; None: skip
-    pages_fd: int
+    # (pages fd, [(address, length) in that file's order; address None: skip]): the
+    # dump's own pages file and its parents' (incremental dumps)
+    page_sources: list[tuple[int, list]] = field(default_factory=list)
+    iovs: list[tuple[int | None, int]] = field(default_factory=list)   # one-file short form
+    pages_fd: int = -1                                                  # of page_sources
     regs: TaskRegisters | None = None    # single-threaded short form of threads[0].regs
     threads: list[PieThread] = field(default_factory=list)
     status_fd: int = -1
-    pages_off: int = 0
     vdso_vvar: int = 0
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # signo -> (handler, flags, restorer, mask)
     new_rseq: tuple[int, int, int] | None = None   # single-threaded short form
@@ -118,6 +120,8 @@ class PiePlan:
     locks: list = field(default_factory=list)       # POSIX locks: (fd, type, start, len)
 
     def __post_init__(self):
+        if not self.page_sources and self.iovs:
+            self.page_sources = [(self.pages_fd, self.iovs)]
         if not self.threads and self.regs is not None:
             self.threads = [PieThread(tid=self.tgid, regs=self.regs,
                                       frame_on_stack=self.frame_on_stack,
@@ -142,7 +146,7 @@ def _data_size(plan: PiePlan) -> int:
     from criu_py.native import ffi
     n = ffi.sizeof("struct pie_args") + 64
     n += len(plan.vmas) * ffi.sizeof("struct pie_vma")
-    n += len(plan.iovs) * 16 + 16
+    n += sum(len(iovs) * 16 + 48 for _, iovs in plan.page_sources) + 16
     n += 64 * ffi.sizeof("struct pie_sigaction")
     n += 8 * len((plan.mm_map or {}).get("auxv", [])) + 8
     n += 4 * (len(plan.close_fds) + 1)
@@ -276,10 +280,14 @@ def _fill_args(ffi, w: "_Writer", plan: PiePlan, base: int, size: int, tops: lis
         p.pad = 0
     a.vmas, a.nr_vmas = vmas_addr, len(plan.vmas)
 
-    iov_bytes = b"".join(struct.pack("<QQ", b or 0, n) for b, n in plan.iovs)
-    a.iovs = w.put(iov_bytes or bytes(16), 16)
-    a.nr_iovs = len(plan.iovs)
-    a.pages_fd, a.pages_off, a.status_fd = plan.pages_fd, plan.pages_off, plan.status_fd
+    srcs = b""
+    for fd, iovs in plan.page_sources:
+        iov_bytes = b"".join(struct.pack("<QQ", b or 0, n) for b, n in iovs)
+        addr = w.put(iov_bytes or bytes(16), 16)
+        srcs += struct.pack("<iiQQQ", fd, 0, 0, addr, len(iovs))
+    a.page_srcs = w.put(srcs or bytes(32), 16)
+    a.nr_page_srcs = len(plan.page_sources)
+    a.status_fd = plan.status_fd
     a.vdso_vvar = plan.vdso_vvar
 
     acts = bytearray(64 * 32)

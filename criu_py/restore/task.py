@@ -78,7 +78,6 @@ class TaskRun:
         self.dirfd = -1
         self.resources: dict = rs.resource_fds     # key -> parked fd, or {file id: fd} for pipes
         self.restorer_fds: dict = {}
-        self.pages_fd = -1
         self.exe_fd = -1
         self.stage = "start"            # what a failure message names
 
@@ -342,7 +341,8 @@ class TaskRun:
             self.exe_fd = -1
         else:
             self.exe_fd = self.fds.park(exe_fd)
-        self.pages_fd = self.fds.park(self.rs.images.open_raw(mem.pages_name))
+        for src in mem.sources:        # its own pages file, and its parents' (chains)
+            src.fd = self.fds.park(src.images.open_raw(src.name))
         if self.t.mm_child is not None:
             self.prepare_mm_child(self.t.mm_child)
 
@@ -440,6 +440,7 @@ class TaskRun:
         for key, mf in mem.files.items():
             mf.fd = self.restorer_fds[key]
         premapped = getattr(t, "premap_addrs", {})
+        done = [(v.start, v.end) for v in t.premap]
         trap = rs.trap.get(t.pid, False)
         threads = [thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads]
         keep = {self.status_fd}
@@ -450,8 +451,8 @@ class TaskRun:
         close = sorted(self.fds.own - keep)
         return PiePlan(vfork=vfork,
             vmas=pie_vmas(mem, premapped),
-            iovs=iovs_without(mem, [(v.start, v.end) for v in t.premap]),
-            pages_fd=self.pages_fd, threads=threads, status_fd=self.status_fd,
+            page_sources=[(src.fd, iovs_without(src.iovs, done)) for src in mem.sources],
+            threads=threads, status_fd=self.status_fd,
             vdso_vvar=mem.vdso_vvar, sigactions=sigactions(core),
             mm_map=mm_map(img.mm), exe_fd=self.exe_fd, close_fds=close,
             trap_before_sigreturn=trap,
@@ -500,7 +501,7 @@ class TaskRun:
                        for t in (tc.timers.real, tc.timers.virt, tc.timers.prof)]
         rs = self.rs
         return PiePlan(
-            vmas=[], iovs=[], pages_fd=-1, status_fd=self.status_fd, tgid=v.pid,
+            vmas=[], status_fd=self.status_fd, tgid=v.pid,
             threads=[thread_plan(v.pid, core, False, rs.host_creds)], clone_flags=v.clone_flags,
             sigactions={} if v.clone_flags & CLONE_SIGHAND else sigactions(core), close_fds=close,
             signals=[s.siginfo for s in tc.signals_s.signals] if tc.HasField("signals_s") else [],

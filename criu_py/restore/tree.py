@@ -376,7 +376,7 @@ def _private(v) -> bool:
 
 
 def _has_pages(memory, start: int, end: int) -> bool:
-    return any(a is not None and a < end and start < a + n for a, n in memory.iovs)
+    return any(a < end and start < a + n for a, n in memory.filled())
 
 
 def _plan_cow(plan: TreePlan) -> None:

@@ -23,6 +23,7 @@ BUILD_FLAGS = {
     "threads": ["-pthread"],
     "creds": ["-pthread"],
     "spawner": ["-pthread"],
+    "rewriter": ["-pthread"],
     "timers": ["-pthread"],
 }
 
