@@ -51,6 +51,36 @@ CGROUP_DUMP = [
 ]
 
 
+NETWORK_LOCK_METHODS = ("nftables", "iptables", "skip", "none")
+SOCKETS_DUMP = [
+    Opt(("--tcp-established",), "tcp_established", "flag",
+        help="Dump established TCP connections (TCP_REPAIR); without it they are refused."),
+    Opt(("--tcp-close",), "tcp_close", "flag",
+        help="Do not dump the state of established TCP connections: they come back closed "
+             "(restore needs --tcp-close too)."),
+    Opt(("--skip-in-flight",), "skip_in_flight", "flag",
+        help="Let connections a TCP listener has not accepted yet be lost (reset) instead of "
+             "refusing the dump."),
+    Opt(("--ext-unix-sk", "-x"), "ext_unix_sk", "flag",
+        help="Allow unix datagram sockets connected to a named socket outside the tree."),
+    Opt(("--network-lock",), "network_lock", "choice", None, choices=NETWORK_LOCK_METHODS,
+        metavar="METHOD",
+        help="How established TCP connections are kept quiet between dump and restore: "
+             "nftables (default), iptables or skip."),
+]
+SOCKETS_RESTORE = [
+    Opt(("--tcp-established",), "tcp_established", "flag",
+        help="Restore established TCP connections (needed when the images hold any)."),
+    Opt(("--tcp-close",), "tcp_close", "flag",
+        help="Restore established TCP connections closed."),
+    Opt(("--ext-unix-sk", "-x"), "ext_unix_sk", "flag",
+        help="Allow unix sockets to connect again to sockets outside the tree."),
+    Opt(("--network-lock",), "network_lock", "choice", None, choices=NETWORK_LOCK_METHODS,
+        metavar="METHOD",
+        help="Accepted for CRIU's sake: the restore lifts the lock the dump took, by the "
+             "dump's method."),
+]
+
 COMMON = [
     Opt(("-D", "--images-dir"), "images_dir", "dir", ".", help="Directory of the image files."),
     Opt(("-W", "--work-dir"), "work_dir", "dir",
@@ -91,7 +121,7 @@ COMMANDS = {
     "dump": DUMP_TREE + [
         Opt(("-R", "--leave-running"), "leave_running", "flag",
             help="Let the tasks run on after the dump."),
-    ] + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + COMMON,
+    ] + SOCKETS_DUMP + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + COMMON,
     "pre-dump": DUMP_TREE + [
         Opt(("-R", "--leave-running"), "leave_running", "flag",
             help="Accepted for CRIU's sake: the tasks always run on after a pre-dump."),
@@ -108,7 +138,7 @@ COMMANDS = {
         Opt(("--no-verify",), "no_verify", "flag",
             help="Do not check the images against the checksums the dump wrote "
                  "(criu-py-checksums.img)."),
-    ] + CGROUP_BOTH + COMMON,
+    ] + SOCKETS_RESTORE + CGROUP_BOTH + COMMON,
 }
 
 

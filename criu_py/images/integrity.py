@@ -8,7 +8,11 @@
 # against damage, not against someone who can rewrite the checksum image as well.
 #
 #   seal(images)                  # dump: last step, images is the open ImageDir
-#   verify(images_dir, opts)      # restore: first step
+#   verify(images_dir, opts)      # restore: first step (everything, then returns)
+#   with verifying(images_dir, opts) as pages:   # restore: the image files now, the
+#       ...                                      # pages files meanwhile in a thread;
+#       pages.wait()                             # before anything is created
+import contextlib
 import os
 
 from criu_py.errors import ImageError
@@ -27,8 +31,10 @@ def _threads() -> int:
         return 1
 
 
-def digest(dirfd: int, name: str, runs=()) -> tuple[int, int, list[int]]:
-    """(size, digest of the file, [digest of each (offset, length) run]) of one file."""
+def digest(dirfd: int, name: str, runs=(), known=None, threads=None) -> tuple[int, int, list[int]]:
+    """(size, digest of the file, [digest of each (offset, length) run]) of one file;
+    known: (size, CRC of each block) its writer computed, used when the file still has
+    that size (else the file is read)."""
     from criu_py.native import ffi, lib
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dirfd)
@@ -41,7 +47,12 @@ def digest(dirfd: int, name: str, runs=()) -> tuple[int, int, list[int]]:
         flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
         out_runs = ffi.new("uint64_t[]", max(len(runs), 1))
         out_file = ffi.new("uint64_t *")
-        r = lib.cp_digest_file(fd, size, flat, len(runs), out_runs, out_file, _threads())
+        if known is not None and known[0] == size:
+            r = lib.cp_digest_crcs(known[1], size, flat, len(runs), out_runs, out_file)
+            log.debug("%s: digest from the block CRCs computed while it was written", name)
+        else:
+            r = lib.cp_digest_file(fd, size, flat, len(runs), out_runs, out_file,
+                                   threads or _threads())
     finally:
         os.close(fd)
     if r < 0:
@@ -83,7 +94,8 @@ def seal(images) -> None:
             if kind_of(name) is None or name == CHECKSUM_IMAGE:
                 continue
             file_runs = runs.get(name, [])
-            size, whole, parts = digest(images.dirfd, name, [(o, n) for o, n, _, _ in file_runs])
+            size, whole, parts = digest(images.dirfd, name, [(o, n) for o, n, _, _ in file_runs],
+                                        getattr(images, "block_crcs", {}).get(name))
             e = pb.integrity_file_entry(name=name, size=size, digest=whole)
             for (o, n, pagemap, vaddr), d in zip(file_runs, parts):
                 e.runs.add(offset=o, length=n, digest=d, pagemap=pagemap, vaddr=vaddr)
@@ -96,27 +108,81 @@ def verify(images_dir: str, opts: dict) -> None:
     """First step of a restore: every image file as the dump wrote it, in the images dir
     and in each dir of its chain of parents (mem/chain.py: pre-dumps are sealed too), or
     ImageError naming the first damaged, missing or added one."""
+    with verifying(images_dir, opts) as pages:
+        pages.wait()
+
+
+class PagesCheck:
+    """The check of the pages files, running in a thread (the digest is C code, which
+    releases the GIL) while the restore reads the other images (checked already) and
+    plans; wait() returns once they are checked, or raises the ImageError.
+    todo: [(ImageDir, integrity_file_entry, where)]."""
+
+    def __init__(self, todo=()):
+        self.todo = list(todo)
+        self.error = None
+        self.thread = None
+        if self.todo:
+            import threading
+            self.thread = threading.Thread(target=self._run, name="pages-check", daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        try:
+            for images, e, where in self.todo:
+                _check_in(images, e, where, threads=1)
+        except BaseException as exc:          # noqa: BLE001 - handed to wait()
+            self.error = exc
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        if self.todo:
+            log.info("restore: %d pages files match %s", len(self.todo), CHECKSUM_IMAGE)
+
+
+@contextlib.contextmanager
+def verifying(images_dir: str, opts: dict):
+    """Check every image file but the pages files now, in the images dir and its chain
+    of parents (ImageError naming the first damaged, missing or added one), and the pages
+    files in a thread meanwhile; yields the PagesCheck, whose thread is always joined on
+    the way out."""
     from criu_py.images import ImageDir
     from criu_py.mem.chain import close_chain, open_chain
     if opts.get("no_verify"):
         log.info("restore: --no-verify: the images are not checked against %s", CHECKSUM_IMAGE)
+        yield PagesCheck()
         return
-    with log_step("restore", "verify checksums"), ImageDir(images_dir) as images:
+    with ImageDir(images_dir) as images:
         chain = open_chain(images)
         try:
-            for i, level in enumerate(chain):
-                _verify_dir(level, f" in {level.dirpath}" if i else "")
+            with log_step("restore", "verify checksums"):
+                todo = []
+                for i, level in enumerate(chain):
+                    todo += _verify_dir(level, f" in {level.dirpath}" if i else "")
+            check = PagesCheck(todo)
+            try:
+                yield check
+            finally:
+                check.join()
         finally:
             close_chain(chain)
 
 
-def _verify_dir(images, where: str) -> None:
-    """One dir; `where` names a parent dir in the messages ("" for the images dir)."""
+def _verify_dir(images, where: str) -> list:
+    """One dir but its pages files, which are returned as [(images, entry, where)] to be
+    checked; `where` names a parent dir in the messages ("" for the images dir)."""
     from criu_py.images import kind_of
     if not images.exists(CHECKSUM_IMAGE):
         log.info("restore: no %s%s (images not written by criu-py): restoring without "
                  "verification", CHECKSUM_IMAGE, where)
-        return
+        return []
     entries = images.read_entries(CHECKSUM_IMAGE)
     if not entries or entries[0].algorithm != ALGORITHM or entries[0].block_size != BLOCK:
         what = entries[0].algorithm if entries else "no head"
@@ -125,17 +191,25 @@ def _verify_dir(images, where: str) -> None:
     for name in images.list():
         if kind_of(name) is not None and name != CHECKSUM_IMAGE and name not in listed:
             raise ImageError(f"{name}{where}: not in {CHECKSUM_IMAGE} (added after the dump)")
-    for name in sorted(listed, key=lambda n: (n.startswith("pages-"), n)):
-        try:
-            _check(images, listed[name])
-        except ImageError as exc:
-            if not where:
-                raise
-            raise ImageError(f"{images.dirpath}/{exc}") from None
-    log.info("restore: %d image files%s match %s", len(listed), where, CHECKSUM_IMAGE)
+    pages = [(images, listed[n], where) for n in sorted(listed) if n.startswith("pages-")]
+    for name in sorted(listed):
+        if not name.startswith("pages-"):
+            _check_in(images, listed[name], where)
+    log.info("restore: %d image files%s match %s (%d pages files checked meanwhile)",
+             len(listed) - len(pages), where, CHECKSUM_IMAGE, len(pages))
+    return pages
 
 
-def _check(images, e) -> None:
+def _check_in(images, e, where: str, threads=None) -> None:
+    try:
+        _check(images, e, threads)
+    except ImageError as exc:
+        if not where:
+            raise
+        raise ImageError(f"{images.dirpath}/{exc}") from None
+
+
+def _check(images, e, threads=None) -> None:
     name = e.name
     if os.path.basename(name) != name or name in (".", ".."):
         raise ImageError(f"{CHECKSUM_IMAGE}: bad file name {name!r}")
@@ -149,7 +223,7 @@ def _check(images, e) -> None:
     if any(o % BLOCK or n % BLOCK or o + n > size for o, n in runs) or \
             any(a[0] + a[1] > b[0] for a, b in zip(runs, runs[1:])):
         raise ImageError(f"{CHECKSUM_IMAGE}: bad page runs for {name}")
-    _, whole, parts = digest(images.dirfd, name, runs)
+    _, whole, parts = digest(images.dirfd, name, runs, threads=threads)
     for r, d in zip(e.runs, parts):
         if d != r.digest:
             where = f" ({r.pagemap} at {r.vaddr:#x})" if r.pagemap else ""
