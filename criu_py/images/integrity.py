@@ -169,6 +169,13 @@ def verifying(images_dir: str, opts: dict):
             check = PagesCheck(todo)
             try:
                 yield check
+            except Exception:
+                # a damaged pages file is the cause of whatever the planning tripped on
+                # (a pages file shorter than its pagemap, ...): name the damage
+                check.join()
+                if check.error is not None:
+                    raise check.error from None
+                raise
             finally:
                 check.join()
         finally:
