@@ -11,7 +11,7 @@
 #   verify(images_dir, opts)      # restore: first step (everything, then returns)
 #   with verifying(images_dir, opts) as pages:   # restore: the image files now, the
 #       ...                                      # pages files meanwhile in a thread;
-#       pages.wait()                             # before anything is created
+#       pages.wait()                             # before the tree runs
 import contextlib
 import os
 
@@ -145,6 +145,7 @@ class PagesCheck:
             raise self.error
         if self.todo:
             log.info("restore: %d pages files match %s", len(self.todo), CHECKSUM_IMAGE)
+            self.todo = []
 
 
 @contextlib.contextmanager

@@ -48,6 +48,7 @@ class Restore:
         self.caller_tty = -1          # parked: our stdin when it is a terminal (--shell-job)
         self.ghosts = []              # paths of the deleted files recreated for the restore
         self.sysv = None              # criu_py.sysvipc.Segments
+        self.pages_check = None       # integrity.PagesCheck: the pages files, in a thread
         self._status_buf = b""
 
     def parent_of(self, t) -> int:
@@ -60,8 +61,10 @@ def restore_tasks(opts: dict) -> int:
     from criu_py.restore import images as restore_images
     rs = Restore(opts)
     with contextlib.ExitStack() as stack:
-        # the pages files are checked in a thread meanwhile (the rest is checked now)
-        pages_check = stack.enter_context(integrity.verifying(opts.get("images_dir") or ".", opts))
+        # the pages files are checked in a thread while the tree is built (the rest is
+        # checked now); nothing runs and no connection is let go before they pass
+        rs.pages_check = stack.enter_context(
+            integrity.verifying(opts.get("images_dir") or ".", opts))
         with _step("read and check images"):
             rs.tree = restore_images.load(opts.get("images_dir") or ".")
             rs.images = rs.tree.images
@@ -76,8 +79,6 @@ def restore_tasks(opts: dict) -> int:
             plan_file_locks(rs)
         with _step("sockets"):
             check_sockets(rs)
-        with _step("pages files checked"):           # before anything is created
-            pages_check.wait()
         with _step("deleted files"):
             stack.callback(remove_ghosts, rs)
             make_ghosts(rs)
@@ -96,6 +97,8 @@ def restore_tasks(opts: dict) -> int:
             fork_root(rs, stack)
         with _step("stages"):
             run_stages(rs)
+        with _step("pages files checked"):
+            rs.pages_check.wait()
         with _step("release the tree"):
             release_tree(rs)
     log.info("restore: the tree of %d runs (%d processes)", rs.root_pid,
@@ -230,6 +233,7 @@ def unlock_network(rs: Restore) -> None:
              if fe.HasField("isk") and inet.is_connection(fe.isk) and fe.isk.ino in inet.streams_of(tree)]
     if not conns:
         return
+    rs.pages_check.wait()               # damaged images must not cost the connections
     inv = tree.inventory
     method = inv.network_lock_method if inv.HasField("network_lock_method") else netlock.IPTABLES
     run_id = inv.dump_criu_run_id if inv.HasField("dump_criu_run_id") else None
