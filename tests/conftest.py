@@ -502,6 +502,10 @@ class Harness:
                                      f"{self._log_tail(images, log_file)}")
         assert pidfile.read_text().strip() == str(task.pid), "pidfile does not hold the original PID"
         assert restored.running(), f"restored task {task.pid} is not running: {restored.status()}"
+        if log_file and verbosity >= 4:     # every task would import it for itself
+            late = [x for x in (images / log_file).read_text(errors="replace").splitlines()
+                    if "imported after the fork" in x]
+            assert not late, late[0]
         return restored
 
     def checkpoint_restore(self, task: Task, images: Path | None = None, pause: float = 0.0) -> Task:

@@ -31,6 +31,9 @@ class FileOps:
     # late kinds get their files.img ids after every other fd of the tree (an epoll
     # names its targets by theirs)
     late = False
+    # modules the restore half imports when it runs in the tasks: the restore loads them
+    # once before the first fork when the images hold this kind (else every task would)
+    restore_imports = ()
 
     def claims(self, ref: FdRef) -> bool:
         return False

@@ -45,6 +45,7 @@ def _target_id(ctx, ref: FdRef, t, toff: int) -> int:
 
 class EventpollOps(FileOps):
     fd_type = FD_TYPE_EVENTPOLL
+    restore_imports = ("criu_py.files.kcall",)
     late = True
 
     def claims(self, ref: FdRef) -> bool:

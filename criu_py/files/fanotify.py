@@ -27,6 +27,7 @@ def _sys(nr: int, *args) -> int:
 
 class FanotifyOps(FileOps):
     fd_type = FD_TYPE_FANOTIFY
+    restore_imports = ("criu_py.irmap.handles",)
 
     def claims(self, ref: FdRef) -> bool:
         return ref.link == "anon_inode:[fanotify]"

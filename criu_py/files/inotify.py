@@ -60,6 +60,7 @@ def mark_path(ctx, ref: FdRef, m, what: str):
 
 class InotifyOps(FileOps):
     fd_type = FD_TYPE_INOTIFY
+    restore_imports = ("criu_py.irmap.handles",)
 
     def claims(self, ref: FdRef) -> bool:
         return ref.link == "anon_inode:inotify"

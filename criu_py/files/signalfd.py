@@ -23,6 +23,7 @@ def signalfd_entry(fid: int, ref: FdRef):
 
 class SignalfdOps(FileOps):
     fd_type = FD_TYPE_SIGNALFD
+    restore_imports = ("criu_py.files.kcall",)
 
     def claims(self, ref: FdRef) -> bool:
         return ref.link == "anon_inode:[signalfd]" and ref.info.sigmask is not None

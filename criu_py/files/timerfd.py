@@ -62,6 +62,7 @@ def arm(fd: int, e) -> None:
 
 class TimerfdOps(FileOps):
     fd_type = FD_TYPE_TIMERFD
+    restore_imports = ("criu_py.files.kcall",)
 
     def claims(self, ref: FdRef) -> bool:
         return ref.link == "anon_inode:[timerfd]" and ref.info.timerfd is not None

@@ -92,7 +92,7 @@ def restore_tasks(opts: dict) -> int:
         with _step("sync page, status pipe, fd space"):
             prepare_shared(rs, stack)
         with _step("load modules"):
-            load_modules()
+            load_modules(rs)
         with _step("fork the root"):
             fork_root(rs, stack)
         with _step("stages"):
@@ -332,22 +332,30 @@ def parked_fd_range(rs: Restore, hard: int) -> tuple[int, int]:
     return best
 
 
-def load_modules() -> None:
+def load_modules(rs: Restore) -> None:
     """Import (and compute once) what every task needs after the fork: each of up to
-    hundreds of tasks would otherwise import and compute it for itself. Then freeze
-    the garbage collector's view of what exists: a collection in a task would write to
-    every page of the heap it inherited (copy-on-write faults in every task)."""
+    hundreds of tasks would otherwise import and compute it for itself (a task that
+    does says so at -v4: "imported after the fork"). Then freeze the garbage
+    collector's view of what exists: a collection in a task would write to every page
+    of the heap it inherited (copy-on-write faults in every task)."""
     import gc
-    import criu_py.files  # noqa: F401  (every kind module)
+    from criu_py.files import FILE_KINDS
+    present = {fe.type for fe in rs.tree.files.values()}
+    for ops in FILE_KINDS.values():
+        if ops.fd_type in present:
+            for name in ops.restore_imports:
+                __import__(name)
     import criu_py.mem.premap  # noqa: F401
     import criu_py.mem.restore  # noqa: F401
     import criu_py.mem.shmem_restore  # noqa: F401
     import criu_py.restore.fork  # noqa: F401
     import criu_py.restore.pie  # noqa: F401
     import criu_py.cgroup.restore  # noqa: F401
+    from criu_py.arch_x86 import xsave_layout
     from criu_py.native import lib
     from criu_py.restore.sigframe import local_xstate
     local_xstate()
+    xsave_layout()
     lib.criu_py_glibc_rseq_addr()
     gc.collect()
     gc.freeze()

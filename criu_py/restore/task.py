@@ -12,6 +12,7 @@ import os
 import resource
 import signal
 import struct
+import sys
 import time
 
 from criu_py import mem as M
@@ -80,6 +81,7 @@ class TaskRun:
         self.restorer_fds: dict = {}
         self.exe_fd = -1
         self.stage = "start"            # what a failure message names
+        self.modules_at_fork = len(sys.modules)     # restore_stage says what it imported
 
     # ------------------------------------------------------------ the whole life
     def run(self) -> None:
@@ -416,6 +418,9 @@ class TaskRun:
         plan = self.build_plan()
         log.debug("pid %d: entering the restorer (%d VMAs, %d threads) after %.2f ms", t.pid,
                   len(plan.vmas), len(plan.threads), (time.monotonic() - t0) * 1e3)
+        if len(sys.modules) != self.modules_at_fork:    # each task paid for it
+            log.debug("pid %d: imported after the fork (load them in load_modules): %s",
+                      t.pid, " ".join(list(sys.modules)[self.modules_at_fork:]))
         if log.file is not None:
             log.file.flush()
         enter_restorer(self, plan)
@@ -424,10 +429,10 @@ class TaskRun:
         """The network lock is lifted by now (between stages FILES and RESTORE): the TCP
         connections this task holds first (pstree order) leave repair mode, while the
         task is still privileged, as CRIU's restorer does before the credentials."""
-        from criu_py.files.sockets import tcp
         repairers = self.rs.plan.repairers
         if not repairers or not self.t.files_owner or self.rs.opts.get("tcp_close"):
             return
+        from criu_py.files.sockets import tcp     # loaded by the restore when it has sockets
         for fd in sorted({fi.fd for fi in self.t.img.fdinfos if repairers.get(fi.id) == self.t.pid}):
             tcp.repair_off_fd(fd)
 

@@ -152,6 +152,7 @@ def is_connection(e) -> bool:
 
 class InetOps(FileOps):
     fd_type = FD_TYPE_INETSK
+    restore_imports = ("socket", "criu_py.files.sockets.tcp")
 
     def claims(self, ref: FdRef) -> bool:
         if not is_socket(ref):

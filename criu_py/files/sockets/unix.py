@@ -106,6 +106,7 @@ def _bound_file(s, name: bytes) -> tuple:
 
 class UnixOps(FileOps):
     fd_type = FD_TYPE_UNIXSK
+    restore_imports = ("socket",)
 
     def claims(self, ref: FdRef) -> bool:
         return is_socket(ref) and kind_of(ref).family == AF_UNIX
