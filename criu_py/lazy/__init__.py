@@ -15,6 +15,10 @@
 # pages and register the lazy ranges: every fault from then on - even one the kernel takes
 # on the task's behalf - reaches a daemon that already holds the uffd.
 #
+# Pages can be pushed into a task only once its restorer has registered the ranges: the
+# restore command says so ("running") once it has let the tree go; a fault or an event
+# read from a task's uffd says it too.
+#
 # The restore command first asks the daemon whether it serves these images ("hello"),
 # and tells it when the restore failed ("abort"), so that it does not wait for tasks
 # that will never come.
@@ -137,5 +141,22 @@ def hand_over(work_dir: str, pid: int, uffd: int, ranges: list) -> None:
         _ask(sock, {"op": "task", "pid": pid, "ranges": [[s, e] for s, e in ranges]}, [uffd])
     except (OSError, ValueError) as exc:
         raise RestoreError(f"handing the userfaultfd to the lazy-pages daemon failed: {exc}") from None
+    finally:
+        sock.close()
+
+
+def tasks_run(work_dir: str, pids: list) -> None:
+    """After the restore let the tree go: their ranges are registered, the daemon may
+    push pages now. Best effort: a daemon that is gone has its guard kill the tasks."""
+    if not pids:
+        return
+    try:
+        sock = _connect(work_dir)
+    except CriuError:
+        return
+    try:
+        _ask(sock, {"op": "running", "pids": list(pids)})
+    except (CriuError, OSError, ValueError):
+        pass
     finally:
         sock.close()

@@ -53,6 +53,9 @@ class Task:
         self.segs = segs             # sorted [start, end, source, offset]: still to bring
         self.parent = parent
         self.cursor = 0              # background fill goes on from here
+        # its ranges are registered (the restore said the tree runs, or a message came
+        # from its uffd): only then can pages be pushed without a fault asking
+        self.registered = parent is not None
         self.pidfd = -1
         self.total = sum(e - s for s, e, _, _ in segs)
         self.faulted = self.pushed = self.faults = 0
@@ -206,7 +209,7 @@ class Daemon:
         return 0
 
     def step(self) -> None:
-        background = any(t.segs for t in self.tasks.values())
+        background = any(t.segs and t.registered for t in self.tasks.values())
         timeout = -1
         if background:
             timeout = 0
@@ -280,6 +283,12 @@ class Daemon:
         if op == "hello":
             return {"dir": dir_ident(self.images_dir), "path": os.path.abspath(self.images_dir)}
         if op == "abort":
+            return {"ok": True}
+        if op == "running":
+            pids = {int(p) for p in msg["pids"]}
+            for t in self.tasks.values():
+                if t.pid in pids:
+                    t.registered = True
             return {"ok": True}
         if op != "task" or len(fds) != 1:
             raise LazyError(f"unknown request {op!r}")
@@ -357,6 +366,7 @@ class Daemon:
                 raise LazyError(f"{t.name()}: reading its userfaultfd: {os.strerror(-n)}")
             if n == 0:
                 break
+            t.registered = True
             retry = []
             for i in range(n):
                 m = self.msgs[i]
@@ -441,7 +451,7 @@ class Daemon:
 
     # ------------------------------------------------------------ moving pages
     def background_step(self) -> None:
-        tasks = [t for t in self.tasks.values() if t.segs]
+        tasks = [t for t in self.tasks.values() if t.segs and t.registered]
         if not tasks:
             return
         t = tasks[self.rr % len(tasks)]

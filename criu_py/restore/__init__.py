@@ -106,6 +106,9 @@ def restore_tasks(opts: dict) -> int:
             run_stages(rs)
         with _step("release the tree"):
             release_tree(rs)
+        if lazy:
+            with _step("lazy-pages: the tasks run"):
+                tell_lazy_daemon(rs)
     log.info("restore: the tree of %d runs (%d processes)", rs.root_pid,
              len(rs.plan.alive))
     if opts.get("detach"):
@@ -134,6 +137,14 @@ def abort_lazy_daemon(rs: Restore, exc) -> None:
         return
     from criu_py.lazy import abort
     abort(rs.lazy_dir, str(exc) or type(exc).__name__)
+
+
+def tell_lazy_daemon(rs: Restore) -> None:
+    """The tasks run with their lazy ranges registered: the daemon may push pages
+    into them now (before, a copy would find no registered range)."""
+    from criu_py.lazy import tasks_run
+    pids = [t.pid for t in rs.tree.tasks if t.memory is not None and t.memory.lazy]
+    tasks_run(rs.lazy_dir, pids)
 
 
 def check_pages_read(rs: Restore, deferred) -> None:
