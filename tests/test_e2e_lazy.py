@@ -141,3 +141,86 @@ def test_cpython_restored_lazily(h):
     assert daemon.wait(60) == 0, daemon.stderr.read()
     assert re.search(r"lazy-pages: pid \d+ done: \d+ KiB on faults \([1-9]\d* faults\)",
                      (lazy / "lazy.log").read_text())
+
+
+# ------------------------------------------------------------------ page server
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_with_status(h, *args):
+    """criu-py ARGS --status-fd W in the background; returns once it wrote its byte."""
+    r, w = os.pipe()
+    p = subprocess.Popen(h.cli_argv(*args, "--status-fd", w), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=h.dir,
+                         start_new_session=True, pass_fds=[w])
+    h.popens.append(p)
+    os.close(w)
+    try:
+        got = os.read(r, 1)
+    finally:
+        os.close(r)
+    assert got == b"\0", f"{args[0]} did not get ready: {p.stderr.read() if p.poll() is not None else ''}"
+    return p
+
+
+def copy_images(src, dst):
+    import shutil
+    for path in src.iterdir():
+        if path.suffix == ".img" or path.name == "stats-dump":
+            shutil.copy2(path, dst / path.name)
+
+
+def test_page_server_dump_then_restore(h):
+    task = h.start("memhog", 64, SEED, ready=r"ready \d+")
+    src, dst = h.images_dir("src"), h.images_dir("dst")
+    port = free_port()
+    server = start_with_status(h, "page-server", "-D", dst, "--address", "127.0.0.1",
+                               "--port", port, "-o", "ps.log", "-v4")
+    h.dump(task, src, "--page-server", "--address", "127.0.0.1", "--port", port)
+    assert server.wait(30) == 0, server.stderr.read()
+    assert not list(src.glob("pages-*.img")) and list(dst.glob("pages-*.img"))
+    assert oct((dst / "pages-1.img").stat().st_mode & 0o777) == "0o600"
+    copy_images(src, dst)
+    restored = h.restore(dst, task=task)
+    assert ask(restored) == f"OK {task.pid}"
+    # a damaged page in the server's dir is found by the restore
+    restored.kill()
+    with open(dst / "pages-1.img", "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"\xff" * 8)
+    res = h.cli("restore", "-D", dst, "-d")
+    assert_one_line_error(res, "pages-1.img")
+
+
+def test_page_server_unreachable(h):
+    task = h.start("memhog", 16, SEED, ready=r"ready \d+")
+    res = h.cli("dump", "-t", task.pid, "-D", h.images_dir(), "--page-server",
+                "--address", "127.0.0.1", "--port", free_port())
+    assert_one_line_error(res, "page server")
+    assert ask(task) == f"OK {task.pid}"      # untouched, still running
+
+
+def test_live_migration_through_the_page_server(h):
+    """The README's recipe: dump --lazy-pages on the source keeps the lazy pages and
+    serves them; the images (without those pages) go to another dir; there lazy-pages
+    --page-server fetches them on demand while restore --lazy-pages runs the task."""
+    task = h.start("lazyevents", 64, SEED, ready=r"ready \d+")
+    src, dst = h.images_dir("src"), h.images_dir("dst")
+    port = free_port()
+    dump = start_with_status(h, "dump", "-t", task.pid, "-D", src, "--lazy-pages",
+                             "--address", "127.0.0.1", "--port", port, "-o", "dump.log", "-v4")
+    task.reap(timeout=10)
+    kept = sum(p.stat().st_size for p in src.glob("pages-*.img"))
+    assert kept < (4 << 20), f"{kept} bytes of pages in the images: the lazy ones stayed out"
+    copy_images(src, dst)
+    daemon = start_daemon(h, dst, "--page-server", "--address", "127.0.0.1", "--port", port,
+                          env={"CRIU_PY_TEST_LAZY_DELAY": "1"})
+    restored = h.restore(dst, "--lazy-pages", task=task)
+    assert ask(restored) == f"OK {task.pid}"
+    assert daemon.wait(60) == 0, daemon.stderr.read()
+    assert dump.wait(30) == 0, dump.stderr.read()
+    assert "lazy pages served" in (src / "dump.log").read_text()
