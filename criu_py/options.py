@@ -51,6 +51,36 @@ CGROUP_DUMP = [
 ]
 
 
+NETWORK_LOCK_METHODS = ("nftables", "iptables", "skip", "none")
+SOCKETS_DUMP = [
+    Opt(("--tcp-established",), "tcp_established", "flag",
+        help="Dump established TCP connections (TCP_REPAIR); without it they are refused."),
+    Opt(("--tcp-close",), "tcp_close", "flag",
+        help="Do not dump the state of established TCP connections: they come back closed "
+             "(restore needs --tcp-close too)."),
+    Opt(("--skip-in-flight",), "skip_in_flight", "flag",
+        help="Let connections a TCP listener has not accepted yet be lost (reset) instead of "
+             "refusing the dump."),
+    Opt(("--ext-unix-sk", "-x"), "ext_unix_sk", "flag",
+        help="Allow unix datagram sockets connected to a named socket outside the tree."),
+    Opt(("--network-lock",), "network_lock", "choice", None, choices=NETWORK_LOCK_METHODS,
+        metavar="METHOD",
+        help="How established TCP connections are kept quiet between dump and restore: "
+             "nftables (default), iptables or skip."),
+]
+SOCKETS_RESTORE = [
+    Opt(("--tcp-established",), "tcp_established", "flag",
+        help="Restore established TCP connections (needed when the images hold any)."),
+    Opt(("--tcp-close",), "tcp_close", "flag",
+        help="Restore established TCP connections closed."),
+    Opt(("--ext-unix-sk", "-x"), "ext_unix_sk", "flag",
+        help="Allow unix sockets to connect again to sockets outside the tree."),
+    Opt(("--network-lock",), "network_lock", "choice", None, choices=NETWORK_LOCK_METHODS,
+        metavar="METHOD",
+        help="Accepted for CRIU's sake: the restore lifts the lock the dump took, by the "
+             "dump's method."),
+]
+
 COMMON = [
     Opt(("-D", "--images-dir"), "images_dir", "dir", ".", help="Directory of the image files."),
     Opt(("-W", "--work-dir"), "work_dir", "dir",
@@ -105,9 +135,10 @@ COMMANDS = {
             help="Send the memory pages to the page server at --address/--port instead "
                  "of writing them into -D."),
         Opt(("--lazy-pages",), "lazy_pages", "flag",
-            help="Leave the lazy pages in the (stopped) source and serve them to a "
-                 "`lazy-pages --page-server` on --address/--port until all are taken."),
-    ] + PAGE_SERVER_ADDR + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + COMMON,
+            help="Leave the lazy pages out of the images; the dump keeps them and serves "
+                 "them to a `lazy-pages --page-server` on --address/--port until all are "
+                 "taken, then exits."),
+    ] + PAGE_SERVER_ADDR + SOCKETS_DUMP + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + COMMON,
     "pre-dump": DUMP_TREE + [
         Opt(("-R", "--leave-running"), "leave_running", "flag",
             help="Accepted for CRIU's sake: the tasks always run on after a pre-dump."),
@@ -127,7 +158,7 @@ COMMANDS = {
         Opt(("--lazy-pages",), "lazy_pages", "flag",
             help="Let the tasks run at once; their lazy memory comes from the "
                  "`criu-py lazy-pages` daemon of the work dir as they touch it."),
-    ] + CGROUP_BOTH + COMMON,
+    ] + SOCKETS_RESTORE + CGROUP_BOTH + COMMON,
     "lazy-pages": [
         Opt(("--page-server",), "page_server", "flag",
             help="Fetch the lazy pages from the page server of `dump --lazy-pages` at "

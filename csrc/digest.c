@@ -227,3 +227,46 @@ long cp_digest_mem(const void *p, uint64_t len, uint64_t *digest)
 	return 0;
 }
 
+/* The CRC of each 4 KiB block of data[0, len) (the last may be short) into crcs[]: the
+ * dump computes them while it writes pages, so the pages file need not be read again. */
+void cp_crc_blocks(const void *data, uint64_t len, uint32_t *crcs)
+{
+	const uint8_t *p = data;
+	uint64_t nblocks = (len + BLOCK - 1) / BLOCK, blk = 0;
+
+	if (have_sse42 < 0)
+		crc_init();
+	while (blk < nblocks) {
+		if (have_sse42 && (blk + 3) * BLOCK <= len) {
+			crc_hw3(p + blk * BLOCK, crcs + blk);
+			blk += 3;
+		} else {
+			crcs[blk] = block_crc(p, len, blk);
+			blk++;
+		}
+	}
+}
+
+/* cp_digest_file's digests of a file of `size` bytes from the CRCs of its blocks. */
+long cp_digest_crcs(const uint32_t *crcs, uint64_t size, const uint64_t *runs, long nruns,
+		    uint64_t *run_digests, uint64_t *file_digest)
+{
+	uint64_t nblocks = (size + BLOCK - 1) / BLOCK, sum = 0;
+	long r = 0;
+
+	for (long i = 0; i < nruns; i++) {
+		if (runs[2 * i] % BLOCK || runs[2 * i + 1] % BLOCK || runs[2 * i] + runs[2 * i + 1] > size ||
+		    (i && runs[2 * i] < runs[2 * i - 2] + runs[2 * i - 1]))
+			return -EINVAL;
+		run_digests[i] = mix(runs[2 * i + 1] ^ 0x7061676573ull);
+	}
+	for (uint64_t blk = 0; blk < nblocks; blk++) {
+		sum += mix((uint64_t)crcs[blk] | blk << 32);
+		while (r < nruns && (runs[2 * r] + runs[2 * r + 1]) / BLOCK <= blk)
+			r++;
+		if (r < nruns && runs[2 * r] / BLOCK <= blk)
+			run_digests[r] += mix((uint64_t)crcs[blk] | (blk - runs[2 * r] / BLOCK) << 32);
+	}
+	*file_digest = mix(size ^ 0x6372697570792d31ull) + sum;
+	return 0;
+}

@@ -3,6 +3,8 @@
  * Each returns -errno on failure so Python maps it with errors.check_errno(). */
 #include "sys.h"
 #include "ptrace.h"
+#include "digest.h"
+#include <pthread.h>
 #include <string.h>
 #include <fcntl.h>
 #include <sys/ioctl.h>
@@ -125,4 +127,93 @@ long cp_pidfd_getfd(int pidfd, int targetfd)
 long cp_tee(int fd_in, int fd_out, unsigned long len, unsigned int flags)
 {
 	CP_RET(syscall(SYS_tee, fd_in, fd_out, len, flags));
+}
+
+/* Copy ranges like cp_vm_copy_ranges, with the reading (process_vm_readv, and the CRC of
+ * every 4 KiB block into crcs[] unless it is NULL: images/integrity.py's digest without
+ * reading the file back) in this thread and the writing in another, through two
+ * buffers of bufsize bytes (bufs: 2 * bufsize). Returns bytes written, or -errno. */
+struct copy_ring {
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	char *buf[2];
+	unsigned long len[2];	/* filled length; 0: empty */
+	int done, err, fd;
+};
+
+static void *copy_writer(void *arg)
+{
+	struct copy_ring *r = arg;
+
+	for (int i = 0;; i ^= 1) {
+		unsigned long n;
+
+		pthread_mutex_lock(&r->lock);
+		while (!r->len[i] && !r->done && !r->err)
+			pthread_cond_wait(&r->cond, &r->lock);
+		n = r->len[i];
+		pthread_mutex_unlock(&r->lock);
+		if (!n)
+			return NULL;		/* finished (or the reader failed) */
+		long w = write_all(r->fd, r->buf[i], n);
+		pthread_mutex_lock(&r->lock);
+		if (w < 0 && !r->err)
+			r->err = (int)w;
+		r->len[i] = 0;
+		pthread_cond_broadcast(&r->cond);
+		pthread_mutex_unlock(&r->lock);
+		if (w < 0)
+			return NULL;
+	}
+}
+
+long cp_vm_copy_ranges2(int pid, int fd, const uint64_t *ranges, long nranges, void *bufs,
+			unsigned long bufsize, uint32_t *crcs)
+{
+	struct copy_ring r = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+			       { bufs, (char *)bufs + bufsize }, { 0, 0 }, 0, 0, fd };
+	pthread_t writer;
+	long total = 0, err = 0;
+	int i = 0;
+
+	if (pthread_create(&writer, NULL, copy_writer, &r) != 0)
+		return -EAGAIN;
+	for (long k = 0; k < nranges && !err; k++) {
+		uint64_t addr = ranges[2 * k], end = ranges[2 * k + 1];
+
+		while (addr < end && !err) {
+			unsigned long n = end - addr < bufsize ? end - addr : bufsize;
+
+			pthread_mutex_lock(&r.lock);
+			while (r.len[i] && !r.err)
+				pthread_cond_wait(&r.cond, &r.lock);
+			err = r.err;
+			pthread_mutex_unlock(&r.lock);
+			if (err)
+				break;
+			struct iovec l = { r.buf[i], n }, rem = { (void *)addr, n };
+			long got = syscall(SYS_process_vm_readv, pid, &l, 1UL, &rem, 1UL, 0UL);
+			if (got < 0 || (unsigned long)got != n) {
+				err = got < 0 ? -errno : -EFAULT;
+				break;
+			}
+			if (crcs)
+				cp_crc_blocks(r.buf[i], n, crcs + total / 4096);
+			pthread_mutex_lock(&r.lock);
+			r.len[i] = n;
+			pthread_cond_broadcast(&r.cond);
+			pthread_mutex_unlock(&r.lock);
+			addr += n;
+			total += n;
+			i ^= 1;
+		}
+	}
+	pthread_mutex_lock(&r.lock);
+	r.done = 1;
+	if (err && !r.err)
+		r.err = (int)err;
+	pthread_cond_broadcast(&r.cond);
+	pthread_mutex_unlock(&r.lock);
+	pthread_join(writer, NULL);
+	return r.err ? r.err : total;
 }

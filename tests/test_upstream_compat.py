@@ -10,8 +10,10 @@ import subprocess
 import pytest
 
 from conftest import REPO, Task, dumped_pids, reap_gone, wait_for
+from servers import no_lock_left
 from test_e2e_tree import last_ticks, tree_of
 
+assert no_lock_left            # an autouse fixture: the socket tests clean up their locks
 UPSTREAM = REPO.parent / "shared" / "reference" / "criu-4.2" / "criu"
 
 
@@ -158,7 +160,7 @@ def fd_kinds_cross(h, name, direction, *args, extra=()):
         upstream(h, "dump", "-t", task.pid, "-D", images, "-o", "dump.log", "-v4", *extra)
         task.reap(timeout=10)
         reap_gone(dumped_pids(images))
-        return task, h.restore(images, task=task)
+        return task, h.restore(images, *extra, task=task)
     images = h.dump(task, None, *extra)
     from conftest import Task
     restored = Task(task.pid, task.marker, task.log)
@@ -221,3 +223,93 @@ def test_asyncio_epoll_loop(h, direction, tmp_path):
     log.wait(rf"beat {p.pid} .*", count=n + 2)
     restored.signal(signal.SIGUSR1)
     log.wait(rf"ping {p.pid}")
+
+
+# ---- sockets (issue 12)
+TCP = ("--tcp-established", "--network-lock", "nftables")
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_unix_pair_with_queued_data(h, direction):
+    from test_e2e_sockets import check_pair
+    task, _ = fd_kinds_cross(h, "sockpair", direction, h.path("pair.sock"), h.path("go"))
+    check_pair(h, task)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_unix_socket_shapes(h, direction):
+    from test_e2e_sockets import check_unix_shapes
+    h.path("socks").mkdir()
+    task, _ = fd_kinds_cross(h, "unixsk", direction, h.path("socks"), h.path("go"))
+    check_unix_shapes(h, task)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_inet_sockets_and_established_tcp(h, direction):
+    from servers import need_nftables
+    from test_e2e_sockets import check_inet
+    need_nftables()
+    task, _ = fd_kinds_cross(h, "inetsk", direction, h.path("go"), extra=TCP)
+    check_inet(h, task)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_redis_with_connected_client(h, direction):
+    from servers import Redis, free_port, need_nftables, start_redis
+    need_nftables()
+    port = free_port()
+    task = start_redis(h, port)
+    r = Redis(port)
+    try:
+        for i in range(50):
+            r("SET", f"k{i}", f"v{i}")
+        assert r("INCR", "n") == 1
+        cid = r("CLIENT", "ID")
+        if direction == "upstream-to-criu-py":
+            images = h.images_dir("upstream")
+            upstream(h, "dump", "-t", task.pid, "-D", images, "-o", "dump.log", "-v4", *TCP)
+            task.reap(timeout=10)
+            reap_gone(dumped_pids(images))
+            h.restore(images, *TCP, task=task)
+        else:
+            images = h.dump(task, None, *TCP)
+            restored = Task(task.pid, task.marker, None)
+            h.tasks.append(restored)
+            upstream(h, "restore", "-D", images, "-d", "-o", "restore.log", "-v4", *TCP)
+        assert (r("GET", "k42"), r("INCR", "n"), r("CLIENT", "ID")) == (b"v42", 2, cid)
+    finally:
+        r.close()
+    assert "CRIU-" not in subprocess.run(["nft", "list", "tables"], capture_output=True,
+                                         text=True).stdout
+
+
+def test_nginx_criu_py_to_upstream(h):
+    """Upstream 4.2 cannot dump nginx's unprivileged workers here (it fails reading
+    their rlimits without CAP_SYS_RESOURCE), so only this direction: upstream restores
+    criu-py's dump and every worker serves."""
+    from servers import children, need_debian, track, wait_port
+    from test_e2e_servers import NGINX_CONF, _read_int, _workers_serving
+    nginx = need_debian("nginx", "nginx")
+    from servers import free_port
+    port = free_port()
+    os.chmod(h.dir, 0o755)
+    www = h.path("www")
+    www.mkdir(mode=0o755)
+    page = b"upstream restores nginx\n"
+    (www / "index.html").write_bytes(page)
+    conf = h.path("nginx.conf")
+    conf.write_text(NGINX_CONF.format(dir=h.dir, port=port))
+    subprocess.run([nginx, "-c", str(conf), "-p", str(h.dir)], check=True, timeout=60,
+                   stdin=subprocess.DEVNULL, capture_output=True)
+    master_pid = wait_for(lambda: _read_int(h.path("nginx.pid")), what="nginx's pid file")
+    master = track(h, master_pid, str(conf))
+    workers = wait_for(lambda: (lambda w: w if len(w) == 2 else None)(children(master_pid)),
+                       what="nginx's two workers")
+    for w in workers:
+        track(h, w, "nginx: worker process")
+    wait_port(port)
+    images = h.dump(master)
+    restored = Task(master.pid, master.marker, None)
+    h.tasks.append(restored)
+    upstream(h, "restore", "-D", images, "-d", "-o", "restore.log", "-v4")
+    assert _workers_serving(port, page) == set(workers)

@@ -4,7 +4,6 @@
 # to cgroup.img as CRIU does. The hierarchies are read through mounts of our own that
 # appear in no mount table (see cgroup.open_hierarchy), or through --cgroup-yard.
 import errno
-import fnmatch
 import os
 import stat
 
@@ -226,6 +225,7 @@ def _global(v2: bool) -> list[str]:
 
 
 def _expand(wanted: list[str], names: set) -> list[str]:
+    import fnmatch
     out, seen = [], set()
     for pattern in wanted:
         if any(ch in pattern for ch in "*?["):

@@ -37,6 +37,8 @@ def dump_tasks(opts: dict) -> int:
         from criu_py.dump.tree import Tree
         ctx = DumpContext(pid, opts, images)
         stack.callback(ctx.close)
+        from criu_py.files.sockets.netlock import new_run_id
+        ctx.run_id = new_run_id()
         with step("previous images"):
             open_previous(ctx, stack)
         if opts.get("page_server") or opts.get("lazy_pages"):
@@ -781,6 +783,8 @@ def write_file_images(ctx) -> None:
             ctx.images.write_entries_with_payload(name, data)
     ghost.write_images(ctx)
     tty.write_info_images(ctx)
+    if ctx.sockets is not None:
+        ctx.sockets.write_images()
     if ctx.file_locks:
         ctx.images.write_entries("filelocks.img", ctx.file_locks)
     if ctx.sysv is not None:
@@ -794,11 +798,18 @@ def write_tree_images(ctx) -> None:
 
 
 def finish_tree(ctx) -> None:
+    """Kill the tree (its TCP connections in repair mode close without a packet; the
+    network lock stays for the restore to lift), or let it run on (connections out of
+    repair mode and the lock lifted first)."""
     if ctx.opts.get("leave_running"):
+        if ctx.sockets is not None:
+            ctx.sockets.rollback()
         ctx.tree.release()
         log.info("the tree of %d left running", ctx.pid)
     else:
         ctx.tree.kill_all()
+        if ctx.sockets is not None:
+            ctx.sockets.commit()
         log.info("the tree of %d killed after the dump", ctx.pid)
 
 

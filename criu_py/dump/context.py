@@ -53,6 +53,8 @@ class DumpContext:
         self.lock_keys = set()                  # locks already noted (dup'ed fds show them too)
         self.sysv = None                        # criu_py.sysvipc.dump.SysvDump
         self.mapped_file_ids = {}               # (major, minor, inode, flags) -> files.img id
+        self.sockets = None                     # files.sockets.SocketDump, at the first socket
+        self.run_id = None                      # CRIU's run id (inventory.dump_criu_run_id)
         self.track = None                       # criu_py.track.Tracking
         self.smaps_cache = {}                   # pid -> (smaps read before the freeze, VmLck)
         self.page_buffer = None                 # mem.dump.PageBuffer, made before the freeze
@@ -68,6 +70,8 @@ class DumpContext:
         self._fd_reps = {}                      # (dev, ino) -> [(pid, fd), ...] seen
 
     def close(self) -> None:
+        if self.sockets is not None:
+            self.sockets.close()            # connections out of repair, lock lifted, unless committed
         for p in self.procs:
             p.close()
         if self.page_buffer is not None:

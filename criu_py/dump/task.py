@@ -185,7 +185,15 @@ def build_inventory(ctx):
     inv.root_cg_set = ROOT_CG_SET     # criu-py's own cgroup set
     inv.ns_per_id = True
     inv.lsmtype = inventory_pb2.NO_LSM
-    inv.network_lock_method = 0
+    from criu_py.files.sockets.netlock import DEFAULT, METHODS, SKIP
+    # the method that locked connections; none locked: "skip", so no restore (criu-py's
+    # or CRIU's) goes looking for a lock that was never taken
+    locked = ctx.sockets is not None and ctx.sockets.lock is not None and ctx.sockets.lock.locked
+    inv.network_lock_method = METHODS[ctx.opts.get("network_lock") or DEFAULT] if locked else SKIP
+    if ctx.run_id:
+        inv.dump_criu_run_id = ctx.run_id
+    if ctx.opts.get("tcp_close"):
+        inv.tcp_close = True
     # the freeze's time since boot (microseconds): a task started later under a pid of
     # the tree is not the one these images hold (upstream's pid-reuse check)
     inv.dump_uptime = ctx.dump_uptime

@@ -38,8 +38,9 @@ class FileOps:
     def check(self, ctx, ref: FdRef) -> None:
         """Refusals that need more than the kind (called before any image is written)."""
 
-    def resource_key(self, fe) -> tuple:
-        """The restore resource a files.img entry belongs to."""
+    def resource_key(self, fe, tree=None) -> tuple:
+        """The restore resource a files.img entry belongs to (tree: the TreeImages, for
+        kinds whose entries group by what other entries say, such as socket pairs)."""
         return ("file", fe.id)
 
     def deps(self, tree, fe) -> list:
@@ -125,6 +126,7 @@ def ops_by_type() -> dict:
 # protobuf at import time, which keeps this cheap.
 from criu_py.files import (eventfd, eventpoll, fanotify, fifo, inotify, memfd,  # noqa: E402
                            pipe, regular, signalfd, timerfd, tty)
+from criu_py.files.sockets import inet, other, unix  # noqa: E402
 
 # kind name -> ops object: claims(ref), check(ctx, ref), dump_fd(ctx, ref) -> files.img
 # id, restore_fd(ctx, file_entry, fdinfo_entry) -> fd; fd_type is the fdinfo/file_entry
@@ -133,4 +135,5 @@ from criu_py.files import (eventfd, eventpoll, fanotify, fifo, inotify, memfd,  
 FILE_KINDS = {"reg": regular.OPS, "pipe": pipe.OPS, "memfd": memfd.OPS, "fifo": fifo.OPS,
               "eventfd": eventfd.OPS, "signalfd": signalfd.OPS, "timerfd": timerfd.OPS,
               "eventpoll": eventpoll.OPS, "tty": tty.OPS, "inotify": inotify.OPS,
-              "fanotify": fanotify.OPS}
+              "fanotify": fanotify.OPS, "unixsk": unix.OPS, "inetsk": inet.OPS,
+              "socket": other.OPS}          # other sockets: refused; last, it claims them all

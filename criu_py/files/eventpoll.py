@@ -82,8 +82,15 @@ class EventpollOps(FileOps):
                                  f"which files.img does not have")
 
     def restore_fd(self, ctx, entry, fdinfo) -> int:
+        import fcntl
         from criu_py.files import kcall
         fd = kcall.epoll_create1(O_CLOEXEC)
+        nums = [te.tfd for _, te in targets(ctx.tree, entry)]
+        if nums and fd <= max(nums):
+            # above every number a target is put at for epoll_ctl (fd_at would replace it)
+            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(nums) + 1)
+            os.close(fd)
+            fd = high
         try:
             for tid, te in targets(ctx.tree, entry):
                 with ctx.fd_at(te.tfd, ctx.fd_of(tid)) as num:

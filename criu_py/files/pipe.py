@@ -78,7 +78,7 @@ class PipeOps(FileOps):
     def claims(self, ref: FdRef) -> bool:
         return stat.S_ISFIFO(ref.st.st_mode) and ref.link.startswith("pipe:")
 
-    def resource_key(self, fe) -> tuple:
+    def resource_key(self, fe, tree=None) -> tuple:
         return ("pipe", fe.pipe.pipe_id)        # both ends come from one pipe2
 
     def dump_fd(self, ctx, ref: FdRef) -> int:

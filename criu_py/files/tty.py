@@ -151,7 +151,7 @@ class TtyOps(FileOps):
         return ctx.files.add(("fd", desc), lambda i: tty_file_entry(i, iid, ref.flags, regf))
 
     # ---- restore
-    def resource_key(self, fe) -> tuple:
+    def resource_key(self, fe, tree=None) -> tuple:
         return ("tty", fe.tty.tty_info_id // 2)
 
     def check_image(self, tree, fe, what: str) -> None:

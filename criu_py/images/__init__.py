@@ -434,6 +434,9 @@ class ImageDir:
 
     def __init__(self, path: str, create: bool = False):
         self.dirpath = os.fspath(path)
+        # name -> (size, CRC-32C of each 4 KiB block) of files whose writer computed
+        # them while writing (big pages files): the seal then needs not read them back
+        self.block_crcs = {}
         if create:
             try:
                 created = make_private_dir(self.dirpath)

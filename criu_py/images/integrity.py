@@ -8,7 +8,10 @@
 # against damage, not against someone who can rewrite the checksum image as well.
 #
 #   seal(images)                  # dump: last step, images is the open ImageDir
-#   verify(images_dir, opts)      # restore: first step
+#   verify(images_dir, opts)      # restore: first step (everything, then returns)
+#   with verifying(images_dir, opts) as pages:   # restore: the image files now, the
+#       ...                                      # pages files meanwhile in a thread;
+#       pages.wait()                             # before anything is created
 #
 # Runs are cut in pieces of at most PIECE bytes, each with its own digest, so that a lazy
 # restore can check the pages it serves piece by piece (LazyPages) instead of the whole
@@ -17,6 +20,7 @@
 # other piece before it copies a byte of it into a task. A page server seals the files it
 # wrote into a checksum image of its own, PS_CHECKSUM_IMAGE: a dir holding both (the
 # dump's other images copied beside the server's pages) is checked against both.
+import contextlib
 import os
 
 from criu_py.errors import ImageError
@@ -38,8 +42,10 @@ def _threads() -> int:
         return 1
 
 
-def digest(dirfd: int, name: str, runs=()) -> tuple[int, int, list[int]]:
-    """(size, digest of the file, [digest of each (offset, length) run]) of one file."""
+def digest(dirfd: int, name: str, runs=(), known=None, threads=None) -> tuple[int, int, list[int]]:
+    """(size, digest of the file, [digest of each (offset, length) run]) of one file;
+    known: (size, CRC of each block) its writer computed, used when the file still has
+    that size (else the file is read)."""
     from criu_py.native import ffi, lib
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dirfd)
@@ -52,7 +58,12 @@ def digest(dirfd: int, name: str, runs=()) -> tuple[int, int, list[int]]:
         flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
         out_runs = ffi.new("uint64_t[]", max(len(runs), 1))
         out_file = ffi.new("uint64_t *")
-        r = lib.cp_digest_file(fd, size, flat, len(runs), out_runs, out_file, _threads())
+        if known is not None and known[0] == size:
+            r = lib.cp_digest_crcs(known[1], size, flat, len(runs), out_runs, out_file)
+            log.debug("%s: digest from the block CRCs computed while it was written", name)
+        else:
+            r = lib.cp_digest_file(fd, size, flat, len(runs), out_runs, out_file,
+                                   threads or _threads())
     finally:
         os.close(fd)
     if r < 0:
@@ -98,7 +109,8 @@ def seal(images, names=None, image: str = CHECKSUM_IMAGE) -> None:
         entries = [pb.integrity_head(algorithm=ALGORITHM, block_size=BLOCK)]
         for name in names:
             file_runs = runs.get(name, [])
-            size, whole, parts = digest(images.dirfd, name, [(o, n) for o, n, _, _ in file_runs])
+            size, whole, parts = digest(images.dirfd, name, [(o, n) for o, n, _, _ in file_runs],
+                                        getattr(images, "block_crcs", {}).get(name))
             e = pb.integrity_file_entry(name=name, size=size, digest=whole)
             for (o, n, pagemap, vaddr), d in zip(file_runs, parts):
                 e.runs.add(offset=o, length=n, digest=d, pagemap=pagemap, vaddr=vaddr)
@@ -107,28 +119,84 @@ def seal(images, names=None, image: str = CHECKSUM_IMAGE) -> None:
         log.info("dump: checksums of %d image files in %s", len(entries) - 1, image)
 
 
-def verify(images_dir: str, opts: dict, lazy: bool = False):
+def verify(images_dir: str, opts: dict) -> None:
     """First step of a restore: every image file as the dump wrote it, in the images dir
     and in each dir of its chain of parents (mem/chain.py: pre-dumps are sealed too), or
-    ImageError naming the first damaged, missing or added one. lazy: pages files are
-    checked for their size only; the returned Deferred checks the pieces the restore
-    reads once it knows them (the lazy-pages daemon checks the others)."""
+    ImageError naming the first damaged, missing or added one."""
+    with verifying(images_dir, opts) as pages:
+        pages.wait()
+
+
+class PagesCheck:
+    """The check of the pages files, running in a thread (the digest is C code, which
+    releases the GIL) while the restore reads the other images (checked already) and
+    plans; wait() returns once they are checked, or raises the ImageError.
+    todo: [(ImageDir, integrity_file_entry, where)]."""
+
+    def __init__(self, todo=()):
+        self.todo = list(todo)
+        self.deferred = Deferred()      # lazy: the pieces of pages files checked later
+        self.error = None
+        self.thread = None
+        if self.todo:
+            import threading
+            self.thread = threading.Thread(target=self._run, name="pages-check", daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        try:
+            for images, e, where in self.todo:
+                _check_in(images, e, where, threads=1)
+        except BaseException as exc:          # noqa: BLE001 - handed to wait()
+            self.error = exc
+
+    def join(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        if self.todo:
+            log.info("restore: %d pages files match %s", len(self.todo), CHECKSUM_IMAGE)
+
+
+@contextlib.contextmanager
+def verifying(images_dir: str, opts: dict, lazy: bool = False):
+    """Check every image file but the pages files now, in the images dir and its chain
+    of parents (ImageError naming the first damaged, missing or added one), and the pages
+    files in a thread meanwhile; yields the PagesCheck, whose thread is always joined on
+    the way out. lazy (restore --lazy-pages): pages files are checked for their size and
+    runs only; the PagesCheck's `deferred` checks the pieces the restore reads itself
+    once it knows them (the lazy-pages daemon checks the others as it serves them)."""
     from criu_py.images import ImageDir
     from criu_py.mem.chain import close_chain, open_chain
-    deferred = Deferred()
     if opts.get("no_verify"):
         log.info("restore: --no-verify: the images are not checked against %s", CHECKSUM_IMAGE)
-        return deferred
-    with log_step("restore", "verify checksums"), ImageDir(images_dir) as images:
+        yield PagesCheck()
+        return
+    with ImageDir(images_dir) as images:
         chain = open_chain(images)
         try:
-            for i, level in enumerate(chain):
-                listed = _verify_dir(level, f" in {level.dirpath}" if i else "", pages=not lazy)
-                if lazy and listed is not None:
-                    deferred.add(level, listed, f"{level.dirpath}/" if i else "")
+            deferred = Deferred()
+            with log_step("restore", "verify checksums"):
+                todo = []
+                for i, level in enumerate(chain):
+                    where = f" in {level.dirpath}" if i else ""
+                    pages, listed = _verify_dir(level, where, whole_pages=not lazy)
+                    todo += pages
+                    if lazy and listed is not None:
+                        deferred.add(level, listed, f"{level.dirpath}/" if i else "")
+            check = PagesCheck(todo)
+            check.deferred = deferred
+            try:
+                yield check
+            finally:
+                check.join()
         finally:
             close_chain(chain)
-    return deferred
 
 
 def listed_files(images, where: str = "") -> dict | None:
@@ -155,28 +223,29 @@ def listed_files(images, where: str = "") -> dict | None:
     return listed
 
 
-def _is_pages(name: str) -> bool:
-    return name.startswith("pages-")
-
-
-def _verify_dir(images, where: str, pages: bool = True) -> dict | None:
-    """One dir; `where` names a parent dir in the messages ("" for the images dir).
-    pages=False: pages files are only checked for size and well-formed runs."""
+def _verify_dir(images, where: str, whole_pages: bool = True) -> tuple:
+    """One dir but its pages files: ([(images, entry, where)] of the pages files, to be
+    checked, and the dir's listed files, None without checksums); `where` names a parent
+    dir in the messages ("" for the images dir). whole_pages=False: the pages files are
+    checked here for size and runs only, and none is returned to be checked."""
     listed = listed_files(images, where)
     if listed is None:
         log.info("restore: no %s%s (images not written by criu-py): restoring without "
                  "verification", CHECKSUM_IMAGE, where)
-        return None
-    for name in sorted(listed, key=lambda n: (n.startswith("pages-"), n)):
-        try:
-            _check(images, listed[name], whole=pages or not _is_pages(name))
-        except ImageError as exc:
-            if not where:
-                raise
-            raise ImageError(f"{images.dirpath}/{exc}") from None
-    log.info("restore: %d image files%s match %s%s", len(listed), where, CHECKSUM_IMAGE,
-             "" if pages else " (pages files: piece by piece, as they are read)")
-    return listed
+        return [], None
+    pages = [(images, listed[n], where) for n in sorted(listed) if n.startswith("pages-")]
+    for name in sorted(listed):
+        if not name.startswith("pages-"):
+            _check_in(images, listed[name], where)
+        elif not whole_pages:
+            _check_in(images, listed[name], where, whole=False)
+    if not whole_pages:
+        log.info("restore: %d image files%s match %s (pages files: piece by piece, as "
+                 "they are read)", len(listed), where, CHECKSUM_IMAGE)
+        return [], listed
+    log.info("restore: %d image files%s match %s (%d pages files checked meanwhile)",
+             len(listed) - len(pages), where, CHECKSUM_IMAGE, len(pages))
+    return pages, listed
 
 
 class Deferred:
@@ -265,7 +334,16 @@ class PageDigests:
             self.map = None
 
 
-def _check(images, e, whole: bool = True) -> None:
+def _check_in(images, e, where: str, threads=None, whole: bool = True) -> None:
+    try:
+        _check(images, e, threads, whole)
+    except ImageError as exc:
+        if not where:
+            raise
+        raise ImageError(f"{images.dirpath}/{exc}") from None
+
+
+def _check(images, e, threads=None, whole: bool = True) -> None:
     name = e.name
     if os.path.basename(name) != name or name in (".", ".."):
         raise ImageError(f"{CHECKSUM_IMAGE}: bad file name {name!r}")
@@ -280,8 +358,8 @@ def _check(images, e, whole: bool = True) -> None:
             any(a[0] + a[1] > b[0] for a, b in zip(runs, runs[1:])):
         raise ImageError(f"{CHECKSUM_IMAGE}: bad page runs for {name}")
     if not whole:
-        return                          # checked piece by piece as it is read
-    _, file_digest, parts = digest(images.dirfd, name, runs)
+        return                          # checked piece by piece as it is read (lazy)
+    _, file_digest, parts = digest(images.dirfd, name, runs, threads=threads)
     for r, d in zip(e.runs, parts):
         if d != r.digest:
             where = f" ({r.pagemap} at {r.vaddr:#x})" if r.pagemap else ""

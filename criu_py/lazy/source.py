@@ -49,7 +49,7 @@ class Dir:
         self.images = images
         self.where = where
         self.listed = integrity._verify_dir(images, f" in {images.dirpath}" if where else "",
-                                            pages=False) if verify else None
+                                            whole_pages=False)[1] if verify else None
         self.levels = {}
         self._parent = self._source = None
         self._parent_done = self._source_done = False

@@ -369,68 +369,18 @@ def copy_pages(pid: int, ranges: list, out_fd: int, unreadable: list = ()) -> in
     return total
 
 
-def _chunks(ranges: list, size: int):
-    for start, end in ranges:
-        addr = start
-        while addr < end:
-            n = min(size, end - addr)
-            yield addr, n
-            addr += n
-
-
-def copy_pages_overlapped(pid: int, ranges: list, out_fd: int, nbufs: int = 4) -> int:
-    """Like copy_pages for readable memory, with reading and writing overlapped: a reader
-    thread fills a small ring of 1 MiB buffers with process_vm_readv while this thread
-    writes them out (both calls release the GIL). Worth it for large dumps only."""
-    import queue
-    import threading
+def copy_pages_overlapped(pid: int, ranges: list, out_fd: int, crcs=None) -> int:
+    """Like copy_pages for readable memory, with reading and writing overlapped in C
+    (cp_vm_copy_ranges2: process_vm_readv in this thread, write(2) in another, two 1 MiB
+    buffers). With crcs (a uint32_t array, one per 4 KiB of output) the reading thread
+    also computes the CRC of every block (images/integrity.py's digest, without reading
+    the file back). Worth it for large dumps only."""
     from criu_py.native import ffi, lib
-    bufs = [ffi.new("char[]", COPY_CHUNK) for _ in range(nbufs)]
-    free, full = queue.Queue(), queue.Queue()
-    for b in bufs:
-        free.put(b)
-    failure = []
-    stop = threading.Event()
-
-    def reader():
-        try:
-            for addr, n in _chunks(ranges, COPY_CHUNK):
-                buf = free.get()
-                if stop.is_set():
-                    break
-                got = lib.cp_vm_read(pid, buf, addr, n)
-                if got != n:
-                    failure.append((addr, got))
-                    break
-                full.put((buf, n))
-        finally:
-            full.put(None)
-
-    t = threading.Thread(target=reader, name="page-reader", daemon=True)
-    t.start()
-    total = 0
-    try:
-        while True:
-            item = full.get()
-            if item is None:
-                break
-            buf, n = item
-            view = ffi.buffer(buf, n)
-            done = 0
-            while done < n:
-                done += os.write(out_fd, view[done:] if done else view)
-            total += n
-            free.put(buf)
-    finally:
-        stop.set()
-        free.put(bufs[0])          # unblock a reader waiting for a buffer
-        t.join()
-    if failure:
-        addr, got = failure[0]
-        if got < 0:
-            check_errno(got, f"process_vm_readv at {addr:#x}", pid)
-        raise DumpError(f"short read of pid {pid} memory at {addr:#x} ({got} bytes)")
-    return total
+    bufs = ffi.new("char[]", 2 * COPY_CHUNK)
+    arr = ffi.new("uint64_t[]", [x for r in ranges for x in r] or [0])
+    n = lib.cp_vm_copy_ranges2(pid, out_fd, arr, len(ranges), bufs, COPY_CHUNK,
+                               crcs if crcs is not None else ffi.NULL)
+    return check_errno(n, "copying memory with process_vm_readv", pid)
 
 
 OVERLAP_MIN_BYTES = 16 << 20
@@ -566,8 +516,10 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
     if pages is None:
         pages = private_page_ranges(pid, plans, page_scanner(kdat))
     st.pages_scanned = pages.scanned
-    unreadable = [(p.vma.start, p.vma.end) for p in plans
-                  if p.dump_private_pages and not p.vma.prot_readable]
+    # PROT_NONE VMAs with pages to dump (guard areas hold none: they do not keep a big
+    # dump off the overlapped copy, nor a small one off the buffered copy)
+    unreadable = [(p.vma.start, p.vma.end) for p, t, n in pages.chunks
+                  if p.dump_private_pages and not p.vma.prot_readable and _data_bytes(t, n)]
     nbytes = pages.bytes()
     t1 = time.monotonic()
     if defer and not unreadable and nbytes <= BUFFER_MAX:
@@ -621,7 +573,11 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
     fd = images.open_raw(f"pages-{pages_id}.img", write=True)
     try:
         if nbytes >= OVERLAP_MIN_BYTES and not unreadable:
-            written = copy_pages_overlapped(pid, data, fd)
+            from criu_py.native import ffi
+            crcs = ffi.new("uint32_t[]", nbytes // M.PAGE_SIZE)
+            written = copy_pages_overlapped(pid, data, fd, crcs=crcs)
+            if written == nbytes and hasattr(images, "block_crcs"):
+                images.block_crcs[f"pages-{pages_id}.img"] = (nbytes, crcs)
         else:
             written = copy_pages(pid, data, fd, unreadable)
     finally:
@@ -632,6 +588,11 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
     _finish_stats(st, pages, written, t0, t1, t2)
     _log_pages(st, pid, pages)
     return st
+
+
+def _data_bytes(triples, n: int) -> int:
+    from criu_py.native import lib
+    return lib.cp_triples_bytes(triples, n, 0)
 
 
 def _finish_stats(st: PageStats, pages: PagePlan, written: int, t0, t1, t2) -> None:

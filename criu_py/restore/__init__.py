@@ -60,24 +60,22 @@ def restore_tasks(opts: dict) -> int:
     from criu_py.images import integrity
     from criu_py.restore import images as restore_images
     lazy = bool(opts.get("lazy_pages"))
-    deferred = integrity.verify(opts.get("images_dir") or ".", opts, lazy=lazy)
     rs = Restore(opts)
-    if lazy:
-        with _step("lazy-pages daemon"):
-            check_lazy_daemon(rs)
-    with _step("read and check images"):
-        try:
-            rs.tree = restore_images.load(opts.get("images_dir") or ".", lazy=lazy)
-        except BaseException as exc:
-            abort_lazy_daemon(rs, exc)
-            raise
-        rs.images = rs.tree.images
     with contextlib.ExitStack() as stack:
+        # the pages files are checked in a thread meanwhile (the rest is checked now)
+        pages_check = stack.enter_context(integrity.verifying(opts.get("images_dir") or ".",
+                                                              opts, lazy=lazy))
+        if lazy:
+            with _step("lazy-pages daemon"):
+                check_lazy_daemon(rs)
+            stack.push(lambda *exc: abort_lazy_daemon(rs, exc[1]))
+        with _step("read and check images"):
+            rs.tree = restore_images.load(opts.get("images_dir") or ".", lazy=lazy)
+            rs.images = rs.tree.images
         stack.callback(rs.tree.close)
         if lazy:
-            stack.push(lambda *exc: abort_lazy_daemon(rs, exc[1]))
             with _step("check the pages read here"):
-                check_pages_read(rs, deferred)
+                check_pages_read(rs, pages_check.deferred)
         with _step("plan the tree"):
             plan_tree(rs)
         with _step("check pids, vdso, credentials"):
@@ -86,6 +84,10 @@ def restore_tasks(opts: dict) -> int:
             plan_region_removal(rs)
             rs.host_creds = host_creds()
             plan_file_locks(rs)
+        with _step("sockets"):
+            check_sockets(rs)
+        with _step("pages files checked"):           # before anything is created
+            pages_check.wait()
         with _step("deleted files"):
             stack.callback(remove_ghosts, rs)
             make_ghosts(rs)
@@ -251,6 +253,57 @@ def plan_file_locks(rs: Restore) -> None:
     rs.desc_locks, rs.posix_locks = by_file(rs.tree)
 
 
+def check_sockets(rs: Restore) -> None:
+    """Sockets the options must allow (as CRIU: established TCP connections need
+    --tcp-established or --tcp-close, a dump made with --tcp-close needs --tcp-close,
+    unix sockets outside the tree --ext-unix-sk); queued data and TCP streams are read
+    now, so a bad image stops the restore before anything is made."""
+    from criu_py.files.sockets import inet, unix
+    tree, opts = rs.tree, rs.opts
+    inv = tree.inventory
+    if inv is not None and inv.HasField("tcp_close") and inv.tcp_close and not opts.get("tcp_close"):
+        raise RestoreError("the dump was made with --tcp-close: restore with --tcp-close")
+    conns = [fe.isk for fe in tree.files.values() if fe.HasField("isk") and inet.is_connection(fe.isk)]
+    if not conns and not any(fe.HasField("usk") for fe in tree.files.values()):
+        return
+    unix.images_of(tree)
+    streams = inet.streams_of(tree)
+    if conns and not (opts.get("tcp_established") or opts.get("tcp_close")):
+        raise RestoreError(f"the images hold {len(conns)} established TCP connection(s): "
+                           f"restore with --tcp-established (or --tcp-close)")
+    if not opts.get("tcp_close"):
+        for e in conns:
+            if e.ino not in streams:
+                raise RestoreError(f"inet socket {e.ino:#x}: an established TCP connection "
+                                   f"without its tcp-stream-{e.ino:x}.img: restore with "
+                                   f"--tcp-close")
+    if not opts.get("ext_unix_sk"):
+        for fe in tree.files.values():
+            if fe.HasField("usk") and fe.usk.uflags & unix.USK_EXTERN:
+                raise RestoreError(f"unix socket {unix.show_name(fe.usk.name)} is outside the "
+                                   f"tree: restore with --ext-unix-sk")
+
+
+def unlock_network(rs: Restore) -> None:
+    """Every TCP connection exists, in repair mode: lift the lock the dump took (as CRIU,
+    before the connections leave repair mode in their tasks, at the start of stage
+    RESTORE). A failure is a warning: the connections then stay quiet until the lock is
+    removed by hand."""
+    from criu_py.files.sockets import inet, netlock
+    tree = rs.tree
+    conns = [inet.connection(fe.isk) for fe in tree.files.values()
+             if fe.HasField("isk") and inet.is_connection(fe.isk) and fe.isk.ino in inet.streams_of(tree)]
+    if not conns:
+        return
+    inv = tree.inventory
+    method = inv.network_lock_method if inv.HasField("network_lock_method") else netlock.IPTABLES
+    run_id = inv.dump_criu_run_id if inv.HasField("dump_criu_run_id") else None
+    try:
+        netlock.unlock_restored(method, run_id, rs.root_pid, conns)
+    except Exception as exc:            # noqa: BLE001 - the tree runs: say it, go on
+        log.warning("restore: %s", exc)
+
+
 def make_ghosts(rs: Restore) -> None:
     """Deleted files come back under their old name for as long as the tasks open and
     map them (removed again once every task has: remove_ghosts)."""
@@ -408,6 +461,8 @@ def run_stages(rs: Restore) -> None:
                   (time.monotonic() - t) * 1e3)
         if stage == S.STAGE_PREPARE:
             remove_ghosts(rs)           # every task has opened and mapped them
+        elif stage == S.STAGE_FILES:
+            unlock_network(rs)          # every connection exists (in repair mode until RESTORE)
         elif stage == S.STAGE_RESTORE:
             rs.sysv.attached()          # every segment is attached where it was
     read_status(rs)

@@ -48,6 +48,9 @@ class TreeImages:
     tty_infos: dict = field(default_factory=dict)   # tty_info id -> tty_info_entry
     file_locks: list = field(default_factory=list)  # file_lock_entry
     epoll_targets: dict = field(default_factory=dict)   # epoll id -> [(target id, tfd entry)]
+    inventory: object = None       # inventory_entry
+    unix_sockets: object = None    # files.sockets.unix.UnixImages, when first asked for
+    inet_sockets: object = None    # files.sockets.inet.InetImages, when first asked for
 
     @property
     def root(self) -> TaskImages:
@@ -116,14 +119,15 @@ def _load(images, lazy: bool = False) -> TreeImages:
     from criu_py.files.identity import FileChecks
     from criu_py.mem import shmem_restore
     from criu_py.mem.chain import open_chain
-    images.read_one("inventory.img")
+    inventory = images.read_one("inventory.img")
     entries = images.read_entries("pstree.img")
     if not entries:
         raise ImageError("pstree.img: no tasks")
     check_pstree(entries)
     from criu_py.files import ghost
     files = {fe.id: fe for fe in images.read_entries("files.img")}
-    tree = TreeImages(images=images, tasks=[], files=files, checks=FileChecks(images))
+    tree = TreeImages(images=images, tasks=[], files=files, checks=FileChecks(images),
+                      inventory=inventory)
     tree.chain = open_chain(images)
     tree.memfd_inodes = shmem_restore.memfd_inodes(images)
     tree.remaps = ghost.load_remaps(images)

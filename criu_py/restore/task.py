@@ -131,8 +131,10 @@ class TaskRun:
         except RestoreError as exc:
             self.fail(str(exc))
         except OSError as exc:
+            _log_traceback()
             self.fail(f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
         except BaseException as exc:   # noqa: BLE001 - a task must report, never unwind
+            _log_traceback()
             self.fail(repr(exc))
         os._exit(1)
 
@@ -409,6 +411,7 @@ class TaskRun:
             self.stage = "lazy-pages hand-over"
             self.hand_over_uffd()
             self.stage = "task state"
+        self.tcp_repair_off()
         if t.fs_owner:
             set_fs(self.rs.tree, img)
         set_personality(img)
@@ -437,6 +440,17 @@ class TaskRun:
         self.uffd = self.fds.park(uffd)
         log.debug("pid %d: userfaultfd handed to the lazy-pages daemon (%d ranges, %d pages)",
                   self.t.pid, len(self.t.img.memory.lazy), self.t.img.memory.lazy_pages)
+
+    def tcp_repair_off(self) -> None:
+        """The network lock is lifted by now (between stages FILES and RESTORE): the TCP
+        connections this task holds first (pstree order) leave repair mode, while the
+        task is still privileged, as CRIU's restorer does before the credentials."""
+        from criu_py.files.sockets import tcp
+        repairers = self.rs.plan.repairers
+        if not repairers or not self.t.files_owner or self.rs.opts.get("tcp_close"):
+            return
+        for fd in sorted({fi.fd for fi in self.t.img.fdinfos if repairers.get(fi.id) == self.t.pid}):
+            tcp.repair_off_fd(fd)
 
     def build_plan(self):
         from criu_py.mem.restore import iovs_without, pie_vmas
@@ -520,6 +534,14 @@ class TaskRun:
             personality=tc.personality, rlimits=rlimits, itimers=itimers)
 
 
+def _log_traceback() -> None:
+    """Where an unexpected error came from, in the log at -v4."""
+    from criu_py.log import DEBUG, log
+    if log.verbosity >= DEBUG:
+        import traceback
+        log.debug("%s", traceback.format_exc().rstrip())
+
+
 class _FdName:
     """What the kind modules print as "fd N" in errors, for a file opened before its
     task's fd table exists."""
@@ -559,6 +581,10 @@ class FileContext:
 
     def armed_by_restorer(self, fid: int) -> bool:
         return fid in self.run.rs.plan.armers
+
+    def repaired_by_restorer(self, fid: int) -> bool:
+        """A TCP connection some task's restorer takes out of repair mode at the end."""
+        return fid in self.run.rs.plan.repairers
 
     def caller_tty(self) -> int:
         fd = self.run.rs.caller_tty
@@ -610,7 +636,7 @@ class FileContext:
 def resource_key(tree, fid: int) -> tuple:
     from criu_py.files import ops_by_type
     fe = tree.files[fid]
-    return ops_by_type()[fe.type].resource_key(fe)
+    return ops_by_type()[fe.type].resource_key(fe, tree)
 
 
 def _file_name(fe) -> str:

@@ -80,6 +80,8 @@ class TreePlan:
     tasks: dict                      # pid -> RTask (helpers included)
     resources: dict = field(default_factory=dict)   # key -> Resource
     armers: dict = field(default_factory=dict)      # timerfd files.img id -> pid whose restorer arms it
+    repairers: dict = field(default_factory=dict)   # TCP connection files.img id -> pid whose
+                                                    # restorer takes it out of repair mode
 
     @property
     def all(self) -> list:
@@ -139,13 +141,17 @@ def plan_tree(tree, root_sid: int, root_pgid: int) -> TreePlan:
 
 def _plan_armers(plan: TreePlan, tree) -> None:
     """Each timerfd is armed by the restorer of the first task (pstree order) whose fd
-    table holds it, as late as possible; one held by no table is armed when opened."""
+    table holds it, as late as possible; one held by no table is armed when opened.
+    Likewise each TCP connection restored in repair mode is taken out of it."""
     for t in plan.alive:
         if not t.files_owner or t.in_parent_mm:
             continue
         for fi in t.img.fdinfos:
-            if tree.files[fi.id].HasField("tfd"):
+            fe = tree.files[fi.id]
+            if fe.HasField("tfd"):
                 plan.armers.setdefault(fi.id, t.pid)
+            elif fe.HasField("isk") and fe.isk.proto == 6 and fe.isk.dst_port and fe.isk.state != 10:
+                plan.repairers.setdefault(fi.id, t.pid)
 
 
 # ---------------------------------------------------------------- sessions, groups
@@ -293,7 +299,7 @@ def _plan_resources(plan: TreePlan, tree) -> None:
         return r
 
     def key_of(fid):
-        return kinds[tree.files[fid].type].resource_key(tree.files[fid])
+        return kinds[tree.files[fid].type].resource_key(tree.files[fid], tree)
 
     for t in plan.alive:
         if t.files_owner:

@@ -353,8 +353,8 @@ class Tracking:
     def hand_over(self) -> None:
         """Tracking goes on: a new holder keeps the state for this images dir, and the
         previous holder may go. Otherwise the state ends with this command."""
-        from criu_py.track import client
         if self.keep_on and self.method == "uffd-wp" and self.mms:
+            from criu_py.track import client     # socket: only when a holder is needed
             st = os.fstat(self.ctx.images.dirfd)
             state = {"dir": [st.st_dev, st.st_ino], "uptime": self.dump_uptime,
                      "method": self.method, "path": self.ctx.images.dirpath}

@@ -1,6 +1,7 @@
 /* A task holding something criu-py cannot checkpoint yet, so that dump must refuse it
  * cleanly and leave the task running: "ready <pid> <fd>" then "beat <pid> <n>" every
- * 10 ms. With "grandchild" the socket is held by a grandchild: the root forks a child
+ * 10 ms. "socket" is a packet socket (AF_PACKET; unix and inet sockets are supported).
+ * With "grandchild" the socket is held by a grandchild: the root forks a child
  * that forks it; all three beat, and the root logs "ready <pid> <fd> <grandchild pid>".
  * io_uring, perf_event and bpf-map hold an io_uring instance, a perf event counter and
  * a BPF array map.
@@ -31,11 +32,7 @@ int main(int argc, char **argv)
 	}
 	wl_open_log(argv[1]);
 	if (!strcmp(argv[2], "socket")) {
-		int sv[2];
-
-		if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv))
-			return 4;
-		fd = sv[0];
+		fd = socket(AF_PACKET, SOCK_DGRAM, 0);
 	} else if (!strcmp(argv[2], "io_uring")) {
 		struct io_uring_params p;
 
@@ -59,10 +56,11 @@ int main(int argc, char **argv)
 		attr.max_entries = 4;
 		fd = syscall(__NR_bpf, BPF_MAP_CREATE, &attr, sizeof(attr));
 	} else if (!strcmp(argv[2], "grandchild")) {
-		int sv[2], ready[2];
+		int sk, ready[2];
 		pid_t gc = 0;
 
-		if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) || pipe(ready))
+		sk = socket(AF_PACKET, SOCK_DGRAM, 0);
+		if (sk < 0 || pipe(ready))
 			return 4;
 		if (fork() == 0) {
 			if (fork() == 0) {
@@ -71,15 +69,13 @@ int main(int argc, char **argv)
 					_exit(5);
 				beat();
 			}
-			close(sv[0]);
-			close(sv[1]);
+			close(sk);
 			beat();
 		}
-		close(sv[0]);
-		close(sv[1]);
+		close(sk);
 		if (read(ready[0], &gc, sizeof(gc)) != sizeof(gc))
 			return 5;
-		wl_log("ready %d %d %d", getpid(), sv[0], gc);
+		wl_log("ready %d %d %d", getpid(), sk, gc);
 		beat();
 	} else {
 		fprintf(stderr, "unknown mode %s\n", argv[2]);
