@@ -155,8 +155,10 @@ def tasks_run(work_dir: str, pids: list) -> None:
     except CriuError:
         return
     try:
-        _ask(sock, {"op": "running", "pids": list(pids)})
-    except (CriuError, OSError, ValueError):
+        # not waiting for the answer: the tree runs already, the restore need not wait
+        # for a daemon busy with its faults
+        sock.send(json.dumps({"op": "running", "pids": list(pids)}).encode())
+    except OSError:
         pass
     finally:
         sock.close()
