@@ -137,14 +137,14 @@ def test_a_dumper_killed_during_the_copy_leaves_the_task_running(h):
 
 
 def test_a_refused_snapshot_leaves_the_task_untouched(h):
-    # a big process with a socket: refused once frozen, after its memory was already
+    # a big process with a netlink socket: refused once frozen, after its memory was already
     # write-protected for the snapshot; the protection goes with the refusal
     import subprocess
     import sys
     from conftest import Log, Task, assert_one_line_error, assert_running_untraced
     log = h.path("py.log")
     code = ("import socket, sys, time\n"
-            "s = socket.socket()\n"
+            "s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\n"
             "buf = bytearray(64 << 20)\n"
             "open(sys.argv[1], 'w').write('ready\\n')\n"
             "i = 0\n"

@@ -11,7 +11,7 @@
 #   verify(images_dir, opts)      # restore: first step (everything, then returns)
 #   with verifying(images_dir, opts) as pages:   # restore: the image files now, the
 #       ...                                      # pages files meanwhile in a thread;
-#       pages.wait()                             # before anything is created
+#       pages.wait()                             # before the tree runs
 #
 # Runs are cut in pieces of at most PIECE bytes, each with its own digest, so that a lazy
 # restore can check the pages it serves piece by piece (LazyPages) instead of the whole
@@ -161,6 +161,7 @@ class PagesCheck:
             raise self.error
         if self.todo:
             log.info("restore: %d pages files match %s", len(self.todo), CHECKSUM_IMAGE)
+            self.todo = []
 
 
 @contextlib.contextmanager
@@ -193,6 +194,13 @@ def verifying(images_dir: str, opts: dict, lazy: bool = False):
             check.deferred = deferred
             try:
                 yield check
+            except Exception:
+                # a damaged pages file is the cause of whatever the planning tripped on
+                # (a pages file shorter than its pagemap, ...): name the damage
+                check.join()
+                if check.error is not None:
+                    raise check.error from None
+                raise
             finally:
                 check.join()
         finally:

@@ -49,6 +49,7 @@ class Restore:
         self.ghosts = []              # paths of the deleted files recreated for the restore
         self.sysv = None              # criu_py.sysvipc.Segments
         self.lazy_dir = None          # restore --lazy-pages: the daemon's work dir (absolute)
+        self.pages_check = None       # integrity.PagesCheck: the pages files, in a thread
         self._status_buf = b""
 
     def parent_of(self, t) -> int:
@@ -62,9 +63,11 @@ def restore_tasks(opts: dict) -> int:
     lazy = bool(opts.get("lazy_pages"))
     rs = Restore(opts)
     with contextlib.ExitStack() as stack:
-        # the pages files are checked in a thread meanwhile (the rest is checked now)
-        pages_check = stack.enter_context(integrity.verifying(opts.get("images_dir") or ".",
-                                                              opts, lazy=lazy))
+        # the pages files are checked in a thread while the tree is built (the rest is
+        # checked now); nothing runs and no connection is let go before they pass.
+        # --lazy-pages: the pages files piece by piece (PagesCheck.deferred, the daemon)
+        rs.pages_check = stack.enter_context(
+            integrity.verifying(opts.get("images_dir") or ".", opts, lazy=lazy))
         if lazy:
             with _step("lazy-pages daemon"):
                 check_lazy_daemon(rs)
@@ -75,7 +78,7 @@ def restore_tasks(opts: dict) -> int:
         stack.callback(rs.tree.close)
         if lazy:
             with _step("check the pages read here"):
-                check_pages_read(rs, pages_check.deferred)
+                check_pages_read(rs, rs.pages_check.deferred)
         with _step("plan the tree"):
             plan_tree(rs)
         with _step("check pids, vdso, credentials"):
@@ -86,8 +89,6 @@ def restore_tasks(opts: dict) -> int:
             plan_file_locks(rs)
         with _step("sockets"):
             check_sockets(rs)
-        with _step("pages files checked"):           # before anything is created
-            pages_check.wait()
         with _step("deleted files"):
             stack.callback(remove_ghosts, rs)
             make_ghosts(rs)
@@ -106,6 +107,8 @@ def restore_tasks(opts: dict) -> int:
             fork_root(rs, stack)
         with _step("stages"):
             run_stages(rs)
+        with _step("pages files checked"):
+            rs.pages_check.wait()
         with _step("release the tree"):
             release_tree(rs)
         if lazy:
@@ -295,6 +298,7 @@ def unlock_network(rs: Restore) -> None:
              if fe.HasField("isk") and inet.is_connection(fe.isk) and fe.isk.ino in inet.streams_of(tree)]
     if not conns:
         return
+    rs.pages_check.wait()               # damaged images must not cost the connections
     inv = tree.inventory
     method = inv.network_lock_method if inv.HasField("network_lock_method") else netlock.IPTABLES
     run_id = inv.dump_criu_run_id if inv.HasField("dump_criu_run_id") else None
