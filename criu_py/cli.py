@@ -7,7 +7,8 @@
 import click
 
 from criu_py import __version__
-from criu_py.commands import run_dump, run_pre_dump, run_restore
+from criu_py.commands import (run_dump, run_lazy_pages, run_page_server, run_pre_dump,
+                              run_restore)
 from criu_py.options import COMMANDS, Opt
 from criu_py.usage import one_line_usage_errors
 
@@ -76,6 +77,21 @@ def pre_dump(**opts):
 def restore(**opts):
     """Restore the process tree saved in the images dir."""
     run_restore(opts)
+
+
+@cli.command(name="lazy-pages")
+@click_options(COMMANDS["lazy-pages"])
+def lazy_pages(**opts):
+    """Serve the lazy memory of `restore --lazy-pages` of the images dir (from its lazy
+    source, or from a page server with --page-server) until every page is in."""
+    run_lazy_pages(opts)
+
+
+@cli.command(name="page-server")
+@click_options(COMMANDS["page-server"])
+def page_server(**opts):
+    """Receive the memory pages of one `dump --page-server` into the images dir."""
+    run_page_server(opts)
 
 
 def _add_plugin_commands():

@@ -82,6 +82,16 @@ def restore_action(opts: dict) -> int:
     return restore_tasks(opts)
 
 
+def lazy_pages_action(opts: dict) -> int:
+    from criu_py.lazy.daemon import lazy_pages
+    return lazy_pages(opts)
+
+
+def page_server_action(opts: dict) -> int:
+    from criu_py.pageserver.server import page_server
+    return page_server(opts)
+
+
 def run_dump(opts: dict):
     run_command(opts, dump_action, create_work_dir=True)
 
@@ -94,4 +104,13 @@ def run_restore(opts: dict):
     run_command(opts, restore_action)
 
 
-RUNNERS = {"dump": run_dump, "pre-dump": run_pre_dump, "restore": run_restore}
+def run_lazy_pages(opts: dict):
+    run_command(opts, lazy_pages_action)
+
+
+def run_page_server(opts: dict):
+    run_command(opts, page_server_action, create_work_dir=True)
+
+
+RUNNERS = {"dump": run_dump, "pre-dump": run_pre_dump, "restore": run_restore,
+           "lazy-pages": run_lazy_pages, "page-server": run_page_server}

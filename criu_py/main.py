@@ -11,6 +11,9 @@ def main(argv: list[str] | None = None):
     if args[:1] in (["dump"], ["restore"]):
         from criu_py import interrupts
         interrupts.install()           # as early as possible: never a KeyboardInterrupt
+    elif args[:1] in (["lazy-pages"], ["page-server"]):
+        from criu_py import interrupts
+        interrupts.raise_at_once(f"{args[0]} stopped")   # servers: a signal ends them
     plain = parse_plain(args)
     if plain is not None:
         from criu_py.commands import RUNNERS

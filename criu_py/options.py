@@ -117,11 +117,28 @@ DUMP_TREE = [
         help="Largest deleted file to dump as a ghost file (default 1M; K, M, G suffixes)."),
 ]
 
+PAGE_SERVER_ADDR = [
+    Opt(("--address",), "address", metavar="ADDR",
+        help="Page server address (dump --page-server, lazy-pages --page-server: to connect "
+             "to; page-server, dump --lazy-pages: to listen on, default 0.0.0.0)."),
+    Opt(("--port",), "port", "int", metavar="PORT", help="Page server TCP port."),
+    Opt(("--status-fd",), "status_fd", "int", metavar="FD",
+        help="Write one zero byte to this fd (and close it) once ready: listening "
+             "(page-server, lazy-pages) or serving lazy pages (dump --lazy-pages)."),
+]
+
 COMMANDS = {
     "dump": DUMP_TREE + [
         Opt(("-R", "--leave-running"), "leave_running", "flag",
             help="Let the tasks run on after the dump."),
-    ] + SOCKETS_DUMP + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + COMMON,
+        Opt(("--page-server",), "page_server", "flag",
+            help="Send the memory pages to the page server at --address/--port instead "
+                 "of writing them into -D."),
+        Opt(("--lazy-pages",), "lazy_pages", "flag",
+            help="Leave the lazy pages out of the images; the dump keeps them and serves "
+                 "them to a `lazy-pages --page-server` on --address/--port until all are "
+                 "taken, then exits."),
+    ] + PAGE_SERVER_ADDR + SOCKETS_DUMP + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + COMMON,
     "pre-dump": DUMP_TREE + [
         Opt(("-R", "--leave-running"), "leave_running", "flag",
             help="Accepted for CRIU's sake: the tasks always run on after a pre-dump."),
@@ -138,7 +155,16 @@ COMMANDS = {
         Opt(("--no-verify",), "no_verify", "flag",
             help="Do not check the images against the checksums the dump wrote "
                  "(criu-py-checksums.img)."),
+        Opt(("--lazy-pages",), "lazy_pages", "flag",
+            help="Let the tasks run at once; their lazy memory comes from the "
+                 "`criu-py lazy-pages` daemon of the work dir as they touch it."),
     ] + SOCKETS_RESTORE + CGROUP_BOTH + COMMON,
+    "lazy-pages": [
+        Opt(("--page-server",), "page_server", "flag",
+            help="Fetch the lazy pages from the page server of `dump --lazy-pages` at "
+                 "--address/--port instead of the images' lazy source."),
+    ] + PAGE_SERVER_ADDR + COMMON,
+    "page-server": PAGE_SERVER_ADDR + COMMON,
 }
 
 

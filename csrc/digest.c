@@ -197,6 +197,36 @@ long cp_digest_file(int fd, uint64_t size, const uint64_t *runs, long nruns,
 	return ret;
 }
 
+/* The digest a run of `len` bytes at p gets in cp_digest_file (blocks numbered from the
+ * run's start): what a lazy-pages daemon checks page data against before it hands a
+ * piece of a pages file (or of a page server's answer) to a task. */
+long cp_digest_mem(const void *p, uint64_t len, uint64_t *digest)
+{
+	const uint8_t *map = p;
+	uint64_t nblocks = (len + BLOCK - 1) / BLOCK, sum;
+	uint32_t crc[3];
+
+	if (have_sse42 < 0)
+		crc_init();
+	if (len % BLOCK)
+		return -EINVAL;
+	sum = mix(len ^ 0x7061676573ull);
+	for (uint64_t blk = 0; blk < nblocks;) {
+		int n = 1;
+
+		if (have_sse42 && blk + 3 <= nblocks) {
+			crc_hw3(map + blk * BLOCK, crc);
+			n = 3;
+		} else {
+			crc[0] = block_crc(map, len, blk);
+		}
+		for (int k = 0; k < n; k++, blk++)
+			sum += mix((uint64_t)crc[k] | blk << 32);
+	}
+	*digest = sum;
+	return 0;
+}
+
 /* The CRC of each 4 KiB block of data[0, len) (the last may be short) into crcs[]: the
  * dump computes them while it writes pages, so the pages file need not be read again. */
 void cp_crc_blocks(const void *data, uint64_t len, uint32_t *crcs)

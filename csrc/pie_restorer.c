@@ -8,7 +8,8 @@
  * (csrc/pie_restorer.h) built by criu_py/restore/pie.py. The leader
  *   unregisters glibc's rseq, unmaps everything but the region, the premapped VMAs and
  *   the shared sync page, moves the premapped (copy-on-write shared) VMAs into place,
- *   maps the other dumped VMAs, reads page contents straight into place, places every
+ *   maps the other dumped VMAs, reads page contents straight into place (a lazy restore
+ *   then registers the lazy ranges with its userfaultfd), places every
  *   thread's sigframe on that thread's stack, sets madvise advice and final
  *   protections, puts the vdso back at the dumped address, restores signal actions, mm
  *   fields (PR_SET_MM_MAP) and the process's pending signals, closes the helper fds and
@@ -70,6 +71,8 @@
 #define PROT_WRITE_ 2
 #define PROT_EXEC_ 4
 #define NR_ioctl 16
+#define UFFDIO_REGISTER_ 0xC020AA00UL
+#define UFFDIO_REGISTER_MODE_MISSING_ 1
 #define NR_timer_create 222
 #define NR_timer_settime 223
 #define NR_timer_delete 226
@@ -326,6 +329,30 @@ PIE void pie_read_pages(struct pie_args *a)
 	}
 	for (i = 0; i < a->nr_page_srcs; i++)
 		pie_read_source(a, &src[i]);
+}
+
+/* Lazy restore: the lazy ranges are mapped and still empty (nothing above touched
+ * them); from here on, a missing page there is a fault the lazy-pages daemon answers
+ * (it holds the uffd already, so even a kernel access, such as rseq's cpu_id update on
+ * the way back from a syscall, waits for the page rather than seeing zeros). */
+PIE void pie_register_lazy(struct pie_args *a)
+{
+	struct pie_iovec *r = (struct pie_iovec *)a->lazy;
+	struct { uint64_t start, len, mode, ioctls; } reg;
+	uint64_t i;
+	long ret;
+
+	if (a->uffd < 0)
+		return;
+	for (i = 0; i < a->nr_lazy; i++) {
+		reg.start = r[i].base;
+		reg.len = r[i].len;
+		reg.mode = UFFDIO_REGISTER_MODE_MISSING_;
+		reg.ioctls = 0;
+		ret = sys3(NR_ioctl, a->uffd, UFFDIO_REGISTER_, (long)&reg);
+		if (ret < 0)
+			pie_fail(a, PIE_STAGE_UFFD, ret, r[i].base);
+	}
 }
 
 /* Word copies of the sigframes onto the threads' stacks (no memcpy outside the section). */
@@ -853,6 +880,7 @@ PIE_ENTRY __attribute__((noreturn)) void pie_restorer_main(struct pie_args *a)
 	pie_remap_premapped(a);
 	pie_map_vmas(a);
 	pie_read_pages(a);
+	pie_register_lazy(a);
 	pie_place_sigframes(a);
 	pie_protect_vmas(a);
 

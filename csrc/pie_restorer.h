@@ -163,6 +163,7 @@ enum {
 	PIE_STAGE_PRCTL = 19,
 	PIE_STAGE_LOCKS = 20,
 	PIE_STAGE_TIMERS = 21,
+	PIE_STAGE_UFFD = 22,
 	PIE_STAGE_DONE = 100,
 	PIE_STATUS_MAGIC = 0x50494521,
 	PIE_SYNC_ERROR = 0xffffffff,	/* pie_sync.stage when the restore is aborted */
@@ -277,6 +278,14 @@ struct pie_args {
 	uint64_t nr_locks;
 	int32_t arm_itimers;	/* set the interval timers (itimers) at the very end */
 	int32_t pad2;
+
+	/* Lazy restore: the userfaultfd made by the task (the lazy-pages daemon holds it
+	 * too) and the ranges registered with it in missing mode once the other pages are
+	 * read; its memory then arrives from the daemon. uffd -1: none. */
+	int32_t uffd;
+	int32_t pad3;
+	uint64_t lazy;		/* struct pie_iovec[nr_lazy]: (start, length) */
+	uint64_t nr_lazy;
 };
 
 #endif

@@ -1,7 +1,8 @@
 # `crit make-lazy DIR OUTDIR`: copy a checkpoint, taking out of pages-N.img every page a lazy
 # restore may fetch later. Those ranges stay in the pagemap with PE_LAZY and without PE_PRESENT
 # (upstream's marking), so a restore from OUTDIR maps them empty and a lazy-pages server fills them
-# from the full images in DIR on demand.
+# from the full images in DIR on demand. OUTDIR names DIR with a relative symlink `lazy-source`
+# (like the `parent` link of incremental dumps), which `lazy-pages -D OUTDIR` follows.
 #
 # Work is interval arithmetic: the lazy-eligible VMAs of a process become a sorted list of merged
 # [start, end) ranges; each pagemap entry is cut against it in one forward pass; the kept pieces
@@ -12,45 +13,11 @@ import shutil
 from dataclasses import dataclass, field
 
 import criu_py.images as img
-from criu_py.crit.explore import (MAP_ANONYMOUS, MAP_GROWSDOWN, MAP_HUGETLB, MAP_LOCKED,
-                                  MAP_PRIVATE, VMA_AREA_AIORING, VMA_AREA_REGULAR,
-                                  VMA_AREA_SOCKET, VMA_AREA_STACK, VMA_AREA_SYSVIPC,
-                                  VMA_AREA_VDSO, VMA_AREA_VSYSCALL, VMA_AREA_VVAR, VMA_ANON_SHARED,
-                                  VMA_FILE_PRIVATE, VMA_FILE_SHARED)
 from criu_py.errors import ImageError
+from criu_py.lazy.ranges import lazy_ranges, stack_addrs, vma_can_be_lazy  # noqa: F401
 
 BUFFER_SIZE = 4 << 20   # the one copy buffer: pages pass through it, never the whole file
-
-_NOT_LAZY_STATUS = (VMA_AREA_STACK | VMA_AREA_VSYSCALL | VMA_AREA_VDSO | VMA_AREA_VVAR |
-                    VMA_AREA_AIORING | VMA_AREA_SYSVIPC | VMA_AREA_SOCKET | VMA_ANON_SHARED |
-                    VMA_FILE_PRIVATE | VMA_FILE_SHARED)
-_NOT_LAZY_FLAGS = MAP_LOCKED | MAP_HUGETLB | MAP_GROWSDOWN
-
-
-def vma_can_be_lazy(vma) -> bool:
-    """Private anonymous memory that is not vdso/vvar/vsyscall, stack, locked or hugetlb."""
-    return (vma.flags & MAP_PRIVATE and vma.flags & MAP_ANONYMOUS
-            and vma.status & VMA_AREA_REGULAR
-            and not vma.status & _NOT_LAZY_STATUS
-            and not vma.flags & _NOT_LAZY_FLAGS) != 0
-
-
-def lazy_ranges(vmas, stack_addrs=()) -> list[tuple[int, int]]:
-    """Sorted, merged [start, end) ranges of the lazy-eligible VMAs. A VMA holding one of
-    `stack_addrs` (thread stack pointers, the main stack start) is a stack: never lazy."""
-    stacks = sorted(stack_addrs)
-    out: list[list[int]] = []
-    for v in sorted(vmas, key=lambda v: v.start):
-        if not vma_can_be_lazy(v):
-            continue
-        i = bisect.bisect_left(stacks, v.start)
-        if i < len(stacks) and stacks[i] < v.end:
-            continue
-        if out and out[-1][1] == v.start:
-            out[-1][1] = v.end
-        else:
-            out.append([v.start, v.end])
-    return [(a, b) for a, b in out]
+SOURCE_LINK = "lazy-source"   # OUTDIR/lazy-source -> DIR (relative): where the lazy pages are
 
 
 @dataclass
@@ -193,18 +160,6 @@ class Report:
         return sum(z for _, _, z in self.processes)
 
 
-def stack_addrs(src: img.ImageDir, task, mm) -> list[int]:
-    """Addresses that mark a VMA as a stack: mm_start_stack and every thread's stack pointer."""
-    addrs = [mm.mm_start_stack] if mm.mm_start_stack else []
-    for tid in (task.threads or [task.pid]):
-        name = f"core-{tid}.img"
-        if src.exists(name):
-            core = src.read_one(name)
-            if core.HasField("thread_info"):
-                addrs.append(core.thread_info.gpregs.sp)
-    return addrs
-
-
 def make_lazy(dirpath: str, outdir: str, page_size: int | None = None) -> Report:
     page_size = page_size or os.sysconf("SC_PAGE_SIZE")
     src = img.ImageDir(dirpath)
@@ -270,9 +225,15 @@ def make_lazy(dirpath: str, outdir: str, page_size: int | None = None) -> Report
             target = os.path.realpath(os.path.join(dirpath, "parent"))
             os.symlink(os.path.relpath(target, os.path.realpath(outdir)), out.path("parent"))
             written.append("parent")
+        if report.lazy:
+            # the copy names where its lazy pages are: `lazy-pages -D OUTDIR` serves them
+            # from DIR (and DIR's parents), read and checked there
+            os.symlink(os.path.relpath(os.path.realpath(dirpath), os.path.realpath(outdir)),
+                       out.path(SOURCE_LINK))
+            written.append(SOURCE_LINK)
         from criu_py.images import integrity
         for name in src.list():
-            if name in rewritten or name == integrity.CHECKSUM_IMAGE:
+            if name in rewritten or name in integrity.CHECKSUM_IMAGES:
                 continue
             s = src.path(name)
             if os.path.islink(s) or not os.path.isfile(s):
@@ -282,7 +243,7 @@ def make_lazy(dirpath: str, outdir: str, page_size: int | None = None) -> Report
             written.append(name)
             os.chmod(d, 0o600)
             report.copied_files += 1
-        if src.exists(integrity.CHECKSUM_IMAGE):
+        if any(src.exists(n) for n in integrity.CHECKSUM_IMAGES):
             # the pagemaps and pages files changed: checksums of the copy, not the source's
             written.append(integrity.CHECKSUM_IMAGE)
             integrity.seal(out)

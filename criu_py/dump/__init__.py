@@ -41,6 +41,9 @@ def dump_tasks(opts: dict) -> int:
         ctx.run_id = new_run_id()
         with step("previous images"):
             open_previous(ctx, stack)
+        if opts.get("page_server") or opts.get("lazy_pages"):
+            with step("page server"):
+                open_page_server(ctx, stack)
         with step("read big memory maps"):
             preread_smaps(ctx)
             prepare_page_buffer(ctx)
@@ -97,6 +100,7 @@ def dump_tasks(opts: dict) -> int:
         else:
             with step("write memory"):
                 write_memory(ctx)
+                end_page_server_session(ctx)
             with step("write core, mm, ids, fs"):
                 write_task_images(ctx)
             with step("write files"):
@@ -121,6 +125,10 @@ def dump_tasks(opts: dict) -> int:
         with step("write stats"):
             write_stats(ctx)
         integrity.seal(images)
+        if ctx.lazy_kept is not None:
+            with step("serve lazy pages"):
+                from criu_py.dump import lazy
+                lazy.serve(ctx)
     log.info("%s of %d (%d processes, %d threads) done in %.1f ms",
              "pre-dump" if pre else "dump", pid, len(ctx.procs),
              sum(len(p.threads) for p in ctx.procs), (time.monotonic() - t0) * 1e3)
@@ -265,6 +273,47 @@ def open_previous(ctx, stack) -> None:
     ctx.track = Tracking(ctx)
     stack.callback(_abort_tracking, ctx)
     ctx.track.open_previous()
+
+
+def open_page_server(ctx, stack) -> None:
+    """dump --page-server: connect to the page server (its session ends once every
+    page is there, before the tree is killed); dump --lazy-pages: listen for the
+    lazy-pages daemon now, so that a taken port fails the dump before the freeze."""
+    from criu_py.errors import CriuError
+    opts = ctx.opts
+    if opts.get("page_server") and opts.get("lazy_pages"):
+        raise CriuError("--page-server and --lazy-pages do not go together: --lazy-pages "
+                        "serves the lazy pages itself on --address/--port")
+    if opts.get("pre_dump") or opts.get("track_mem") or opts.get("leave_running"):
+        raise CriuError("--page-server and --lazy-pages dump a tree once: not with "
+                        "--track-mem or --leave-running")
+    if opts.get("port") is None:
+        raise CriuError("--page-server and --lazy-pages need --port")
+    if opts.get("page_server"):
+        from criu_py.pageserver.client import Sink
+        ctx.page_sink = Sink(opts.get("address"), opts["port"])
+        stack.callback(_abort_page_server, ctx)
+    else:
+        from criu_py import pageserver
+        from criu_py.dump.lazy import KeptMemory
+        ctx.lazy_listen = pageserver.listen(opts.get("address"), opts["port"])
+        stack.callback(ctx.lazy_listen.close)
+        ctx.lazy_kept = KeptMemory()
+        stack.callback(ctx.lazy_kept.close)
+
+
+def _abort_page_server(ctx) -> None:
+    if ctx.page_sink is not None:
+        ctx.page_sink.abort()
+        ctx.page_sink = None
+
+
+def end_page_server_session(ctx) -> None:
+    """The page server has written every page (or the dump fails, the tree unharmed)."""
+    if ctx.page_sink is not None:
+        sink, ctx.page_sink = ctx.page_sink, None
+        sink.close()
+        log.info("dump: %d MiB sent to the page server %s", sink.bytes >> 20, sink.where)
 
 
 def _abort_tracking(ctx) -> None:
@@ -575,6 +624,13 @@ def write_memory(ctx) -> None:
         if ctx.snapshot is not None and pd.pid in ctx.snapshot.targets:
             ctx.snapshot.write_frozen(pd, ctx.images, pd.pages_id, ctx.page_buffer)
             continue
+        if ctx.lazy_kept is not None:
+            stacks = [th.gpregs["sp"] for th in pd.threads] + [pd.stat.start_stack]
+            ctx.lazy_kept.add(pd.pid, pd.pages.keep_lazy(stacks))
+        if ctx.page_sink is not None:
+            pd.page_stats = memdump.send_private_pages(pd.pid, pd.vma_plans, ctx.page_sink,
+                                                       pd.pages)
+            continue
         try:
             pd.page_stats = memdump.dump_private_pages(pd.pid, pd.vma_plans, ctx.images,
                                                        pd.pages_id, pd.pid, pages=pd.pages,
@@ -594,6 +650,9 @@ def write_memory(ctx) -> None:
                     os.unlink(name, dir_fd=ctx.images.dirfd)
             ctx.track.drop(pd.pid, exc_text or "it exited or exec'ed during the pre-dump")
             pd.page_stats = None
+    if ctx.lazy_kept is not None:
+        n = ctx.lazy_kept.copy()
+        log.info("dump: %d MiB of lazy pages kept for the lazy-pages daemon", n >> 20)
     if ctx.shmem and not pre:
         from criu_py.mem import shmem
         shmem.write_images(ctx)

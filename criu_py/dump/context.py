@@ -59,6 +59,9 @@ class DumpContext:
         self.smaps_cache = {}                   # pid -> (smaps read before the freeze, VmLck)
         self.page_buffer = None                 # mem.dump.PageBuffer, made before the freeze
         self.snapshot = None                    # track.snapshot.Snapshot (--leave-running)
+        self.page_sink = None                   # pageserver.client.Sink (--page-server)
+        self.lazy_kept = None                   # dump.lazy.KeptMemory (--lazy-pages)
+        self.lazy_listen = None                 # its listening socket
         self.irmap_queue = []                   # pre-dump: (dev, ino, handle type, handle)
         self._irmap = None
         self.dump_uptime = 0                    # CLOCK_BOOTTIME at the freeze, microseconds

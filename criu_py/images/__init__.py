@@ -105,7 +105,8 @@ HEADS = {"pagemap": ("pagemap_pb2", "pagemap_head"),
          "file_ids": ("file_ident_pb2", "file_ident_head")}
 SERVICE_KINDS = frozenset({"stats", "irmap_cache"})
 # Images only criu-py writes and reads (upstream tools do not know their magics).
-CRIU_PY_IMAGES = frozenset({"criu-py-checksums.img", "criu-py-file-ids.img"})
+CRIU_PY_IMAGES = frozenset({"criu-py-checksums.img", "criu-py-checksums-ps.img",
+                            "criu-py-file-ids.img"})
 NO_COMMON_MAGIC = frozenset({"inventory"})
 # Raw payload after each entry: kind -> size of the payload that follows `msg` (as CRIU writes it).
 PAYLOAD_SIZE = {
@@ -175,7 +176,8 @@ _NAME_SHAPES = {
     "bpfmap-data.img": "bpfmap_data", "apparmor.img": "apparmor",
     "filelocks.img": "file_locks", "remap-fpath.img": "remap_fpath",
     "stats-dump": "stats", "stats-restore": "stats", "irmap-cache.img": "irmap_cache",
-    "criu-py-checksums.img": "checksums", "criu-py-file-ids.img": "file_ids",
+    "criu-py-checksums.img": "checksums", "criu-py-checksums-ps.img": "checksums",
+    "criu-py-file-ids.img": "file_ids",
 }
 # Names with a hexadecimal id: prefix -> kind ("ghost-file-1a2b.img").
 _HEX_NAMES = {"ghost-file-": "ghost_file", "tcp-stream-": "tcp_stream"}

@@ -12,6 +12,14 @@
 #   with verifying(images_dir, opts) as pages:   # restore: the image files now, the
 #       ...                                      # pages files meanwhile in a thread;
 #       pages.wait()                             # before the tree runs
+#
+# Runs are cut in pieces of at most PIECE bytes, each with its own digest, so that a lazy
+# restore can check the pages it serves piece by piece (LazyPages) instead of the whole
+# file first. `restore --lazy-pages` checks every image but the pages files whole, and of
+# the pages files the pieces it reads itself (Deferred); the lazy-pages daemon checks each
+# other piece before it copies a byte of it into a task. A page server seals the files it
+# wrote into a checksum image of its own, PS_CHECKSUM_IMAGE: a dir holding both (the
+# dump's other images copied beside the server's pages) is checked against both.
 import contextlib
 import os
 
@@ -20,6 +28,9 @@ from criu_py.log import log
 from criu_py.log import step as log_step
 
 CHECKSUM_IMAGE = "criu-py-checksums.img"
+PS_CHECKSUM_IMAGE = "criu-py-checksums-ps.img"      # written by `page-server`
+CHECKSUM_IMAGES = (CHECKSUM_IMAGE, PS_CHECKSUM_IMAGE)
+PIECE = 1 << 20
 ALGORITHM = "crc32c-4k-sum64"
 BLOCK = 4096
 
@@ -60,12 +71,13 @@ def digest(dirfd: int, name: str, runs=(), known=None, threads=None) -> tuple[in
     return size, out_file[0], [out_runs[i] for i in range(len(runs))]
 
 
-def _page_runs(images) -> dict:
+def _page_runs(images, names=None) -> dict:
     """pages file name -> [(offset, length, pagemap name, vaddr)] of the PE_PRESENT runs
-    every pagemap of the set describes, in file order."""
+    every pagemap of the set (or of `names`) describes, in file order, cut in pieces of
+    at most PIECE bytes."""
     from criu_py.images import PE_PRESENT, kind_of, pagemap_nr_pages
     runs: dict[str, list] = {}
-    for name in images.list():
+    for name in (images.list() if names is None else names):
         if kind_of(name) != "pagemap":
             continue
         entries = images.read_entries(name)
@@ -77,22 +89,25 @@ def _page_runs(images) -> dict:
             flags = pe.flags if pe.HasField("flags") else PE_PRESENT
             if flags & PE_PRESENT:
                 length = pagemap_nr_pages(pe) * BLOCK
-                runs.setdefault(pages, []).append((off, length, name, pe.vaddr))
+                for piece in range(0, length, PIECE):
+                    runs.setdefault(pages, []).append(
+                        (off + piece, min(PIECE, length - piece), name, pe.vaddr + piece))
                 off += length
     return runs
 
 
-def seal(images) -> None:
+def seal(images, names=None, image: str = CHECKSUM_IMAGE) -> None:
     """Last step of a dump: checksum every image file in the dir (logs and other files
-    that are not images are left out) into CHECKSUM_IMAGE."""
+    that are not images are left out) into `image`. A page server seals only the files
+    it wrote (`names`) into PS_CHECKSUM_IMAGE."""
     from criu_py.images import kind_of, pb_module
     with log_step("dump", "seal images (checksums)"):
         pb = pb_module("integrity_pb2")
-        runs = _page_runs(images)
+        names = [n for n in (images.list() if names is None else names)
+                 if kind_of(n) is not None and n not in CHECKSUM_IMAGES]
+        runs = _page_runs(images, names)
         entries = [pb.integrity_head(algorithm=ALGORITHM, block_size=BLOCK)]
-        for name in images.list():
-            if kind_of(name) is None or name == CHECKSUM_IMAGE:
-                continue
+        for name in names:
             file_runs = runs.get(name, [])
             size, whole, parts = digest(images.dirfd, name, [(o, n) for o, n, _, _ in file_runs],
                                         getattr(images, "block_crcs", {}).get(name))
@@ -100,8 +115,8 @@ def seal(images) -> None:
             for (o, n, pagemap, vaddr), d in zip(file_runs, parts):
                 e.runs.add(offset=o, length=n, digest=d, pagemap=pagemap, vaddr=vaddr)
             entries.append(e)
-        images.write_entries(CHECKSUM_IMAGE, entries)
-        log.info("dump: checksums of %d image files in %s", len(entries) - 1, CHECKSUM_IMAGE)
+        images.write_entries(image, entries)
+        log.info("dump: checksums of %d image files in %s", len(entries) - 1, image)
 
 
 def verify(images_dir: str, opts: dict) -> None:
@@ -120,6 +135,7 @@ class PagesCheck:
 
     def __init__(self, todo=()):
         self.todo = list(todo)
+        self.deferred = Deferred()      # lazy: the pieces of pages files checked later
         self.error = None
         self.thread = None
         if self.todo:
@@ -149,11 +165,13 @@ class PagesCheck:
 
 
 @contextlib.contextmanager
-def verifying(images_dir: str, opts: dict):
+def verifying(images_dir: str, opts: dict, lazy: bool = False):
     """Check every image file but the pages files now, in the images dir and its chain
     of parents (ImageError naming the first damaged, missing or added one), and the pages
     files in a thread meanwhile; yields the PagesCheck, whose thread is always joined on
-    the way out."""
+    the way out. lazy (restore --lazy-pages): pages files are checked for their size and
+    runs only; the PagesCheck's `deferred` checks the pieces the restore reads itself
+    once it knows them (the lazy-pages daemon checks the others as it serves them)."""
     from criu_py.images import ImageDir
     from criu_py.mem.chain import close_chain, open_chain
     if opts.get("no_verify"):
@@ -163,11 +181,17 @@ def verifying(images_dir: str, opts: dict):
     with ImageDir(images_dir) as images:
         chain = open_chain(images)
         try:
+            deferred = Deferred()
             with log_step("restore", "verify checksums"):
                 todo = []
                 for i, level in enumerate(chain):
-                    todo += _verify_dir(level, f" in {level.dirpath}" if i else "")
+                    where = f" in {level.dirpath}" if i else ""
+                    pages, listed = _verify_dir(level, where, whole_pages=not lazy)
+                    todo += pages
+                    if lazy and listed is not None:
+                        deferred.add(level, listed, f"{level.dirpath}/" if i else "")
             check = PagesCheck(todo)
+            check.deferred = deferred
             try:
                 yield check
             except Exception:
@@ -183,41 +207,151 @@ def verifying(images_dir: str, opts: dict):
             close_chain(chain)
 
 
-def _verify_dir(images, where: str) -> list:
-    """One dir but its pages files, which are returned as [(images, entry, where)] to be
-    checked; `where` names a parent dir in the messages ("" for the images dir)."""
+def listed_files(images, where: str = "") -> dict | None:
+    """name -> integrity_file_entry of every file the dir's checksum images list (None
+    when it has none); ImageError for an unknown algorithm, a file listed twice, or an
+    image file listed nowhere."""
     from criu_py.images import kind_of
-    if not images.exists(CHECKSUM_IMAGE):
+    present = [n for n in CHECKSUM_IMAGES if images.exists(n)]
+    if not present:
+        return None
+    listed = {}
+    for image in present:
+        entries = images.read_entries(image)
+        if not entries or entries[0].algorithm != ALGORITHM or entries[0].block_size != BLOCK:
+            what = entries[0].algorithm if entries else "no head"
+            raise ImageError(f"{image}{where}: unknown checksum algorithm ({what})")
+        for e in entries[1:]:
+            if e.name in listed:
+                raise ImageError(f"{image}{where}: {e.name} is listed twice")
+            listed[e.name] = e
+    for name in images.list():
+        if kind_of(name) is not None and name not in CHECKSUM_IMAGES and name not in listed:
+            raise ImageError(f"{name}{where}: not in {CHECKSUM_IMAGE} (added after the dump)")
+    return listed
+
+
+def _verify_dir(images, where: str, whole_pages: bool = True) -> tuple:
+    """One dir but its pages files: ([(images, entry, where)] of the pages files, to be
+    checked, and the dir's listed files, None without checksums); `where` names a parent
+    dir in the messages ("" for the images dir). whole_pages=False: the pages files are
+    checked here for size and runs only, and none is returned to be checked."""
+    listed = listed_files(images, where)
+    if listed is None:
         log.info("restore: no %s%s (images not written by criu-py): restoring without "
                  "verification", CHECKSUM_IMAGE, where)
-        return []
-    entries = images.read_entries(CHECKSUM_IMAGE)
-    if not entries or entries[0].algorithm != ALGORITHM or entries[0].block_size != BLOCK:
-        what = entries[0].algorithm if entries else "no head"
-        raise ImageError(f"{CHECKSUM_IMAGE}{where}: unknown checksum algorithm ({what})")
-    listed = {e.name: e for e in entries[1:]}
-    for name in images.list():
-        if kind_of(name) is not None and name != CHECKSUM_IMAGE and name not in listed:
-            raise ImageError(f"{name}{where}: not in {CHECKSUM_IMAGE} (added after the dump)")
+        return [], None
     pages = [(images, listed[n], where) for n in sorted(listed) if n.startswith("pages-")]
     for name in sorted(listed):
         if not name.startswith("pages-"):
             _check_in(images, listed[name], where)
+        elif not whole_pages:
+            _check_in(images, listed[name], where, whole=False)
+    if not whole_pages:
+        log.info("restore: %d image files%s match %s (pages files: piece by piece, as "
+                 "they are read)", len(listed), where, CHECKSUM_IMAGE)
+        return [], listed
     log.info("restore: %d image files%s match %s (%d pages files checked meanwhile)",
              len(listed) - len(pages), where, CHECKSUM_IMAGE, len(pages))
-    return pages
+    return pages, listed
 
 
-def _check_in(images, e, where: str, threads=None) -> None:
+class Deferred:
+    """The pieces of pages files a lazy restore still has to check: those it reads
+    itself, once planned (check_reads)."""
+
+    def __init__(self):
+        self.dirs = {}              # (st_dev, st_ino) of a dir -> its listed files
+
+    def add(self, images, listed: dict, where: str = "") -> None:
+        st = os.fstat(images.dirfd)
+        self.dirs[(st.st_dev, st.st_ino)] = (listed, where)
+
+    def check_reads(self, images, name: str, reads) -> int:
+        """Check every piece of pages file `name` of `images` that overlaps one of the
+        (offset, length) byte ranges `reads`; returns how many were checked."""
+        st = os.fstat(images.dirfd)
+        listed, where = self.dirs.get((st.st_dev, st.st_ino), (None, ""))
+        if listed is None or name not in listed:
+            return 0
+        e = listed[name]
+        reads = sorted((o, o + n) for o, n in reads if n)
+        want = [r for r in e.runs if any(o < r.offset + r.length and r.offset < end
+                                         for o, end in reads)]
+        if not want:
+            return 0
+        pages = PageDigests(images, name, e, where)
+        try:
+            for r in want:
+                pages.check(r.offset, r.length)
+        finally:
+            pages.close()
+        return len(want)
+
+
+class PageDigests:
+    """One pages file mapped read-only with the digests of its pieces: check(offset,
+    length) checks every piece overlapping that byte range once (a damaged piece is an
+    ImageError naming it). What a lazy restore uses instead of checking the whole file
+    up front. entry None: the set has no checksums (upstream's images): nothing checked."""
+
+    def __init__(self, images, name: str, entry=None, where: str = ""):
+        import mmap
+        self.name = name
+        self.where = where
+        self.runs = sorted((r.offset, r.length, r.digest, r.pagemap, r.vaddr)
+                           for r in entry.runs) if entry is not None else None
+        self._starts = [r[0] for r in self.runs or ()]
+        self.ok = set()              # indexes of the pieces checked so far
+        fd = images.open_raw(name)
+        try:
+            self.size = os.fstat(fd).st_size
+            if entry is not None and self.size != entry.size:
+                raise ImageError(f"{where}{name}: damaged ({self.size} bytes, the dump "
+                                 f"wrote {entry.size})")
+            self.map = mmap.mmap(fd, self.size, prot=mmap.PROT_READ) if self.size else None
+        finally:
+            os.close(fd)
+        from criu_py.native import ffi
+        self.base = int(ffi.cast("uintptr_t", ffi.from_buffer(self.map))) if self.map else 0
+
+    def check(self, offset: int, length: int) -> None:
+        import bisect
+        if self.runs is None:
+            return
+        if offset + length > self.size:
+            raise ImageError(f"{self.where}{self.name}: {length} bytes at {offset:#x} are "
+                             f"past its end")
+        from criu_py.native import ffi, lib
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        out = ffi.new("uint64_t *")
+        while i < len(self.runs) and self.runs[i][0] < offset + length:
+            o, n, dg, pagemap, vaddr = self.runs[i]
+            if o + n > offset and i not in self.ok:
+                lib.cp_digest_mem(ffi.cast("void *", self.base + o), n, out)
+                if out[0] != dg:
+                    where = f" ({pagemap} at {vaddr:#x})" if pagemap else ""
+                    raise ImageError(f"{self.where}{self.name}: damaged page run at offset "
+                                     f"{o:#x}, {n // BLOCK} pages{where}")
+                self.ok.add(i)
+            i += 1
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+
+def _check_in(images, e, where: str, threads=None, whole: bool = True) -> None:
     try:
-        _check(images, e, threads)
+        _check(images, e, threads, whole)
     except ImageError as exc:
         if not where:
             raise
         raise ImageError(f"{images.dirpath}/{exc}") from None
 
 
-def _check(images, e, threads=None) -> None:
+def _check(images, e, threads=None, whole: bool = True) -> None:
     name = e.name
     if os.path.basename(name) != name or name in (".", ".."):
         raise ImageError(f"{CHECKSUM_IMAGE}: bad file name {name!r}")
@@ -231,11 +365,13 @@ def _check(images, e, threads=None) -> None:
     if any(o % BLOCK or n % BLOCK or o + n > size for o, n in runs) or \
             any(a[0] + a[1] > b[0] for a, b in zip(runs, runs[1:])):
         raise ImageError(f"{CHECKSUM_IMAGE}: bad page runs for {name}")
-    _, whole, parts = digest(images.dirfd, name, runs, threads=threads)
+    if not whole:
+        return                          # checked piece by piece as it is read (lazy)
+    _, file_digest, parts = digest(images.dirfd, name, runs, threads=threads)
     for r, d in zip(e.runs, parts):
         if d != r.digest:
             where = f" ({r.pagemap} at {r.vaddr:#x})" if r.pagemap else ""
             raise ImageError(f"{name}: damaged page run at offset {r.offset:#x}, "
                              f"{r.length // BLOCK} pages{where}")
-    if whole != e.digest:
+    if file_digest != e.digest:
         raise ImageError(f"{name}: damaged (checksum mismatch)")

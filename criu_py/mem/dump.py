@@ -200,7 +200,9 @@ class PagePlan:
     """The pages of one process, decided while it is frozen: per VMA with pages, its
     VmaPlan and (start, end, in_parent) triples in address order, kept as a flat C array
     (in_parent 1: the page lives in the parent images, incremental dumps). Nothing here
-    makes per-range Python objects until they are asked for (after the freeze)."""
+    makes per-range Python objects until they are asked for (after the freeze).
+    The third word of a triple: 0 data, 1 in the parent images (PE_PARENT), 2 kept in
+    the source for lazy migration (dump --lazy-pages: PE_LAZY, no data written)."""
 
     def __init__(self):
         self.chunks = []            # (VmaPlan, uint64_t[] triples, count)
@@ -231,7 +233,7 @@ class PagePlan:
             out = []
             for plan, t, n in self.chunks:
                 v = ffi.unpack(t, 3 * n)
-                out += [(v[i], v[i + 1], v[i + 2] == 1, plan) for i in range(0, 3 * n, 3)]
+                out += [(v[i], v[i + 1], v[i + 2], plan) for i in range(0, 3 * n, 3)]
             self._flat = out
         return self._flat
 
@@ -241,7 +243,7 @@ class PagePlan:
 
     @property
     def in_parent(self) -> list:
-        return [p for _, _, p, _ in self.flat()]
+        return [p == IN_PARENT for _, _, p, _ in self.flat()]
 
     @property
     def owners(self) -> list:
@@ -249,6 +251,26 @@ class PagePlan:
 
     def data_ranges(self) -> list:
         return [(s, e) for s, e, p, _ in self.flat() if not p]
+
+    def keep_lazy(self, stacks=()) -> list:
+        """dump --lazy-pages: the data pages of lazy-eligible VMAs (lazy/ranges.py's
+        rule, the one `restore --lazy-pages` applies; `stacks`: the threads' stack
+        pointers) stay out of the images (marked KEPT_LAZY); returns their ranges."""
+        from criu_py.lazy.ranges import vma_can_be_lazy
+        kept = []
+        for plan, t, n in self.chunks:
+            v = plan.entry
+            if not vma_can_be_lazy(v) or any(v.start <= sp < v.end for sp in stacks):
+                continue
+            for i in range(n):
+                if t[3 * i + 2] == 0:
+                    t[3 * i + 2] = KEPT_LAZY
+                    kept.append((t[3 * i], t[3 * i + 1]))
+        self._flat = None
+        return kept
+
+
+IN_PARENT, KEPT_LAZY = 1, 2
 
 
 def private_page_ranges(pid: int, plans: list[VmaPlan], scan=None, vma_scan=None) -> PagePlan:
@@ -460,8 +482,25 @@ class BufferedCopy:
 
 def pagemap_flags(pages: PagePlan) -> list:
     from criu_py.images import PE_LAZY, PE_PARENT, PE_PRESENT
-    return [PE_PARENT if parent else PE_PRESENT | PE_LAZY if lazy_allowed(p) else PE_PRESENT
-            for _, _, parent, p in pages.flat()]
+    return [PE_PARENT if flag == IN_PARENT else PE_LAZY if flag == KEPT_LAZY else
+            PE_PRESENT | PE_LAZY if lazy_allowed(p) else PE_PRESENT
+            for _, _, flag, p in pages.flat()]
+
+
+def send_private_pages(pid: int, plans: list[VmaPlan], sink, pages: PagePlan) -> PageStats:
+    """dump --page-server: pid's pagemap and data pages go to the page server (sink, a
+    pageserver.client.Sink) instead of pagemap-PID.img and pages-ID.img."""
+    from criu_py.pageserver.client import send_process_pages
+    st = PageStats()
+    t0 = time.monotonic()
+    st.pages_scanned = pages.scanned
+    unreadable = [(p.vma.start, p.vma.end) for p in plans
+                  if p.dump_private_pages and not p.vma.prot_readable]
+    written = send_process_pages(sink, pid, pid, pages, pagemap_flags(pages), unreadable)
+    _finish_stats(st, pages, written, t0, t0, time.monotonic())
+    log.info("pid %d: %d pages sent to the page server %s (%.1f ms)", pid, st.pages_written,
+             sink.where, st.memwrite_us / 1e3)
+    return st
 
 
 def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,

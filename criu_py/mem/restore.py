@@ -49,6 +49,12 @@ class MemoryPlan:
     special: list = field(default_factory=list)   # (start, end) of dumped vdso/vvar VMAs
     shared: dict = field(default_factory=dict)    # shmid -> shmem_restore.SharedObject
     memfd_inodes: dict = field(default_factory=dict)
+    # restore --lazy-pages: the (start, end) ranges the restorer registers with the task's
+    # userfaultfd (empty: nothing for the lazy-pages daemon) and how many of their pages
+    # the daemon brings (criu_py/lazy/)
+    lazy: list = field(default_factory=list)
+    lazy_pages: int = 0
+    lazy_mode: bool = False
 
     @property
     def pages_name(self) -> str:
@@ -100,11 +106,12 @@ def _check_file_vma(v, key: tuple, fe, checks, pid: int, what: str) -> None:
 
 
 def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: dict,
-                checks=None, chain: list | None = None) -> MemoryPlan:
+                checks=None, chain: list | None = None, lazy_stacks=None) -> MemoryPlan:
     """Check mm's VMAs and pagemap against each other and the pages file size. Shared
     memory objects are registered in `shared` (shmid -> object), one for the whole tree.
     checks: the tree's files.identity.FileChecks; chain: [images, parent, ...]
-    (mem.chain.open_chain) for incremental dumps."""
+    (mem.chain.open_chain) for incremental dumps; lazy_stacks: restore --lazy-pages,
+    the addresses that mark stacks (lazy.ranges.stack_addrs_of)."""
     from criu_py.mem import shmem_restore
     plan = MemoryPlan(vmas=[], shared=shared, memfd_inodes=memfd_inodes)
     prev_end = 0
@@ -146,6 +153,10 @@ def plan_memory(images, pid: int, mm, files: dict, shared: dict, memfd_inodes: d
         plan.vmas.append(v)
     if plan.special:
         plan.vdso_vvar = min(s for s, _ in plan.special)
+    if lazy_stacks is not None:
+        from criu_py.lazy.ranges import lazy_ranges
+        plan.lazy = lazy_ranges(mm.vmas, lazy_stacks)
+        plan.lazy_mode = True
     plan_pages(images, pid, plan, chain or [images])
     return plan
 
@@ -154,7 +165,7 @@ def plan_pages(images, pid: int, plan: MemoryPlan, chain: list | None = None) ->
     """The runs of pages-N.img in file order: (address, length) of each run, address
     None for bytes read only to be dropped (upstream's dumped vdso pages); and for pages
     marked PE_PARENT, the runs of the parents' pages files that hold them."""
-    from criu_py.images import PE_LAZY, PE_PARENT, PE_PRESENT, pagemap_nr_pages
+    from criu_py.images import PE_LAZY, PE_PARENT, PE_PRESENT
     from criu_py.mem.chain import Chain
     name = f"pagemap-{pid}.img"
     entries = images.read_entries(name)
@@ -173,13 +184,16 @@ def plan_pages(images, pid: int, plan: MemoryPlan, chain: list | None = None) ->
     iovs = []
     total = 0
     in_parent = []      # (start, end) of PE_PARENT entries
-    for pe in entries[1:]:
-        n = pagemap_nr_pages(pe)
-        flags = pe.flags if pe.HasField("flags") else PE_PRESENT
-        start, end = pe.vaddr, pe.vaddr + n * M.PAGE_SIZE
-        if not n or start % M.PAGE_SIZE:
-            raise ImageError(f"{name}: bad entry at {start:#x} ({n} pages)")
-        if pe.HasField("in_parent") and pe.in_parent or flags & PE_PARENT:
+    for pe, start, end, flags, lazy in _entries(name, entries[1:], plan.lazy):
+        if lazy:
+            # the lazy-pages daemon brings these (from here, the parents or the source)
+            if flags & (PE_PRESENT | PE_LAZY | PE_PARENT):
+                plan.lazy_pages += (end - start) // M.PAGE_SIZE
+            if flags & PE_PRESENT:
+                iovs.append((None, end - start))
+                total += end - start
+            continue
+        if flags & PE_PARENT:
             if flags & PE_PRESENT:
                 raise ImageError(f"{name}: pages at {start:#x} are both here and in the parent")
             if not any(s <= start and end <= e for s, e in spans + plan.special):
@@ -187,8 +201,12 @@ def plan_pages(images, pid: int, plan: MemoryPlan, chain: list | None = None) ->
             in_parent.append((start, end))
             continue
         if not flags & PE_PRESENT:
+            if flags & PE_LAZY and plan.lazy_mode:
+                raise ImageError(f"{name}: lazy pages at {start:#x} outside the memory a "
+                                 f"lazy restore leaves to the lazy-pages daemon")
             if flags & PE_LAZY:
-                raise ImageError(f"{name}: lazy pages at {start:#x} without data")
+                raise ImageError(f"{name}: lazy pages at {start:#x} without data (restore "
+                                 f"with --lazy-pages and a lazy-pages daemon)")
             continue
         if any(s <= start and end <= e for s, e in plan.special):
             # upstream dumps the vdso's pages; the live vdso replaces them: skipped
@@ -206,12 +224,46 @@ def plan_pages(images, pid: int, plan: MemoryPlan, chain: list | None = None) ->
     check_pages_size(images, own.name, name, total)
     own.iovs = iovs
     plan.pages_bytes = total
+    if not plan.lazy_pages:
+        plan.lazy = []                  # nothing for the daemon: no userfaultfd
     if in_parent:
         chain = chain or [images]
         if len(chain) < 2:
             raise ImageError(f"{name}: pages at {in_parent[0][0]:#x} live in a parent image, "
                              f"but {images.dirpath} has no parent link")
         plan.sources += parent_sources(Chain(chain, name, M.PAGE_SIZE), in_parent, plan.special)
+
+
+def _entries(name: str, entries, lazy: list):
+    """(entry, start, end, flags, inside a lazy range) of every pagemap entry, cut where
+    a lazy range begins or ends (upstream's entries may span VMAs)."""
+    import bisect
+    from criu_py.images import PE_PARENT, PE_PRESENT, pagemap_nr_pages
+    starts = [a for a, _ in lazy]
+    for pe in entries:
+        n = pagemap_nr_pages(pe)
+        flags = pe.flags if pe.HasField("flags") else PE_PRESENT
+        if pe.HasField("in_parent") and pe.in_parent:
+            flags |= PE_PARENT
+        start, end = pe.vaddr, pe.vaddr + n * M.PAGE_SIZE
+        if not n or start % M.PAGE_SIZE:
+            raise ImageError(f"{name}: bad entry at {start:#x} ({n} pages)")
+        if not lazy:
+            yield pe, start, end, flags, False
+            continue
+        i = max(0, bisect.bisect_right(starts, start) - 1)
+        pos = start
+        while pos < end:
+            while i < len(lazy) and lazy[i][1] <= pos:
+                i += 1
+            if i >= len(lazy) or lazy[i][0] >= end:
+                yield pe, pos, end, flags, False
+                break
+            lo, hi = max(lazy[i][0], pos), min(lazy[i][1], end)
+            if lo > pos:
+                yield pe, pos, lo, flags, False
+            yield pe, lo, hi, flags, True
+            pos = hi
 
 
 def parent_sources(chain, ranges: list, special: list) -> list:

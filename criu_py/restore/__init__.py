@@ -48,6 +48,7 @@ class Restore:
         self.caller_tty = -1          # parked: our stdin when it is a terminal (--shell-job)
         self.ghosts = []              # paths of the deleted files recreated for the restore
         self.sysv = None              # criu_py.sysvipc.Segments
+        self.lazy_dir = None          # restore --lazy-pages: the daemon's work dir (absolute)
         self.pages_check = None       # integrity.PagesCheck: the pages files, in a thread
         self._status_buf = b""
 
@@ -59,16 +60,25 @@ class Restore:
 def restore_tasks(opts: dict) -> int:
     from criu_py.images import integrity
     from criu_py.restore import images as restore_images
+    lazy = bool(opts.get("lazy_pages"))
     rs = Restore(opts)
     with contextlib.ExitStack() as stack:
         # the pages files are checked in a thread while the tree is built (the rest is
-        # checked now); nothing runs and no connection is let go before they pass
+        # checked now); nothing runs and no connection is let go before they pass.
+        # --lazy-pages: the pages files piece by piece (PagesCheck.deferred, the daemon)
         rs.pages_check = stack.enter_context(
-            integrity.verifying(opts.get("images_dir") or ".", opts))
+            integrity.verifying(opts.get("images_dir") or ".", opts, lazy=lazy))
+        if lazy:
+            with _step("lazy-pages daemon"):
+                check_lazy_daemon(rs)
+            stack.push(lambda *exc: abort_lazy_daemon(rs, exc[1]))
         with _step("read and check images"):
-            rs.tree = restore_images.load(opts.get("images_dir") or ".")
+            rs.tree = restore_images.load(opts.get("images_dir") or ".", lazy=lazy)
             rs.images = rs.tree.images
         stack.callback(rs.tree.close)
+        if lazy:
+            with _step("check the pages read here"):
+                check_pages_read(rs, rs.pages_check.deferred)
         with _step("plan the tree"):
             plan_tree(rs)
         with _step("check pids, vdso, credentials"):
@@ -101,6 +111,9 @@ def restore_tasks(opts: dict) -> int:
             rs.pages_check.wait()
         with _step("release the tree"):
             release_tree(rs)
+        if lazy:
+            with _step("lazy-pages: the tasks run"):
+                tell_lazy_daemon(rs)
     log.info("restore: the tree of %d runs (%d processes)", rs.root_pid,
              len(rs.plan.alive))
     if opts.get("detach"):
@@ -108,6 +121,58 @@ def restore_tasks(opts: dict) -> int:
     from criu_py import interrupts
     interrupts.raise_at_once(f"the tree of {rs.root_pid} is restored and keeps running")
     return wait_for_task(rs.root_pid)
+
+
+# ------------------------------------------------------------------ lazy restore
+def check_lazy_daemon(rs: Restore) -> None:
+    """restore --lazy-pages: a lazy-pages daemon serves these images in the work dir
+    (the tasks connect to it by this absolute path, wherever their cwd is)."""
+    from criu_py.lazy import check_daemon, socket_path
+    images_dir = rs.opts.get("images_dir") or "."
+    work_dir = rs.opts.get("work_dir") or images_dir
+    check_daemon(work_dir, images_dir)
+    rs.lazy_dir = os.path.abspath(work_dir)
+    log.debug("restore: the lazy-pages daemon at %s serves %s", socket_path(rs.lazy_dir),
+              images_dir)
+
+
+def abort_lazy_daemon(rs: Restore, exc) -> None:
+    """A failed lazy restore: the daemon stops waiting for tasks that will not come."""
+    if exc is None or rs.running or not rs.lazy_dir:
+        return
+    from criu_py.lazy import abort
+    abort(rs.lazy_dir, str(exc) or type(exc).__name__)
+
+
+def tell_lazy_daemon(rs: Restore) -> None:
+    """The tasks run with their lazy ranges registered: the daemon may push pages
+    into them now (before, a copy would find no registered range)."""
+    from criu_py.lazy import tasks_run
+    pids = [t.pid for t in rs.tree.tasks if t.memory is not None and t.memory.lazy]
+    tasks_run(rs.lazy_dir, pids)
+
+
+def check_pages_read(rs: Restore, deferred) -> None:
+    """A lazy restore checks only the pieces of pages files it reads itself (the
+    lazy-pages daemon checks the others as it serves them)."""
+    reads = {}                     # (dir ident, pages name) -> (ImageDir, [(offset, length)])
+    for t in rs.tree.tasks:
+        if t.memory is None:
+            continue
+        for src in t.memory.sources:
+            st = os.fstat(src.images.dirfd)
+            key = (st.st_dev, st.st_ino, src.name)
+            entry = reads.setdefault(key, (src.images, []))
+            off = 0
+            for addr, n in src.iovs:
+                if addr is not None:
+                    entry[1].append((off, n))
+                off += n
+    checked = 0
+    for (_, _, name), (images, ranges) in reads.items():
+        checked += deferred.check_reads(images, name, ranges)
+    log.debug("restore: %d pieces of pages files checked (the rest is the lazy-pages "
+              "daemon's)", checked)
 
 
 # ------------------------------------------------------------------ planning

@@ -103,17 +103,19 @@ class TreeImages:
         self.images.close()
 
 
-def load(images_dir: str) -> TreeImages:
+def load(images_dir: str, lazy: bool = False) -> TreeImages:
+    """lazy: restore --lazy-pages (each process's memory plan leaves its lazy ranges to
+    the lazy-pages daemon)."""
     from criu_py.images import ImageDir
     images = ImageDir(images_dir)
     try:
-        return _load(images)
+        return _load(images, lazy)
     except BaseException:
         images.close()
         raise
 
 
-def _load(images) -> TreeImages:
+def _load(images, lazy: bool = False) -> TreeImages:
     from criu_py.files.identity import FileChecks
     from criu_py.mem import shmem_restore
     from criu_py.mem.chain import open_chain
@@ -141,7 +143,7 @@ def _load(images) -> TreeImages:
         tree.file_locks = images.read_entries("filelocks.img")
     fdinfo_cache = {}
     for e in entries:
-        tree.tasks.append(_load_task(images, tree, e, fdinfo_cache))
+        tree.tasks.append(_load_task(images, tree, e, fdinfo_cache, lazy))
     tree.by_pid = {t.pid: t for t in tree.tasks}
     if images.exists("pipes-data.img"):
         for e, data in images.read_entries_with_payload("pipes-data.img"):
@@ -174,7 +176,7 @@ def check_pstree(entries) -> None:
         seen_pids.add(e.pid)
 
 
-def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
+def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict, lazy: bool = False) -> TaskImages:
     from criu_py.mem.restore import plan_memory
     pid = e.pid
     core = images.read_one(f"core-{pid}.img")
@@ -203,8 +205,12 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict) -> TaskImages:
     tree.check_file(fs.cwd_id, f"pid {pid}: cwd")
     tree.check_file(fs.root_id, f"pid {pid}: root")
     tree.check_file(mm.exe_file_id, f"pid {pid}: the executable")
+    stacks = None
+    if lazy:
+        from criu_py.lazy.ranges import stack_addrs_of
+        stacks = stack_addrs_of(mm, [c for _, c in threads])
     t.memory = plan_memory(images, pid, mm, tree.files, tree.shared, tree.memfd_inodes,
-                           tree.checks, chain=tree.chain)
+                           tree.checks, chain=tree.chain, lazy_stacks=stacks)
     for mf in t.memory.files.values():
         if mf.path is not None:
             tree.check_file(mf.file_id, f"pid {pid}: a mapping")

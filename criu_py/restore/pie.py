@@ -118,6 +118,10 @@ class PiePlan:
     # (fd, settime flags, clockid, ticks, (isec, insec, vsec, vnsec))
     timerfds: list = field(default_factory=list)
     locks: list = field(default_factory=list)       # POSIX locks: (fd, type, start, len)
+    # Lazy restore: the task's userfaultfd (parked; -1: none) and the (start, end) ranges
+    # the restorer registers with it once the other pages are in (criu_py/lazy/).
+    uffd: int = -1
+    lazy: list = field(default_factory=list)
 
     def __post_init__(self):
         if not self.page_sources and self.iovs:
@@ -158,6 +162,7 @@ def _data_size(plan: PiePlan) -> int:
         n += 4 * len(t.creds.groups if t.creds else ()) + 16
     n += 16 * len(plan.fd_moves) + 16 * len(plan.rlimits) + 96 + 64
     n += 64 * len(plan.posix_timers) + 64 * len(plan.timerfds) + 32 * len(plan.locks) + 64
+    n += 16 * len(plan.lazy) + 32
     return n
 
 
@@ -381,6 +386,9 @@ def _fill_args(ffi, w: "_Writer", plan: PiePlan, base: int, size: int, tops: lis
     a.clone_flags = plan.clone_flags
     a.setsid, a.pgid, a.personality = int(plan.setsid), plan.pgid, plan.personality
     a.dot[0] = b"."
+    a.uffd = plan.uffd
+    lazy = b"".join(struct.pack("<QQ", s, e - s) for s, e in plan.lazy)
+    a.lazy, a.nr_lazy = w.put(lazy or bytes(16), 8), len(plan.lazy)
     return args_addr
 
 

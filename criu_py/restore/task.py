@@ -80,6 +80,7 @@ class TaskRun:
         self.resources: dict = rs.resource_fds     # key -> parked fd, or {file id: fd} for pipes
         self.restorer_fds: dict = {}
         self.exe_fd = -1
+        self.uffd = -1                  # restore --lazy-pages: parked userfaultfd
         self.stage = "start"            # what a failure message names
         self.modules_at_fork = len(sys.modules)     # restore_stage says what it imported
 
@@ -408,6 +409,10 @@ class TaskRun:
         from criu_py.log import log
         t0 = time.monotonic()
         t, img = self.t, self.t.img
+        if img.memory.lazy:
+            self.stage = "lazy-pages hand-over"
+            self.hand_over_uffd()
+            self.stage = "task state"
         self.tcp_repair_off()
         if t.fs_owner:
             set_fs(self.rs.tree, img)
@@ -424,6 +429,22 @@ class TaskRun:
         if log.file is not None:
             log.file.flush()
         enter_restorer(self, plan)
+
+    def hand_over_uffd(self) -> None:
+        """restore --lazy-pages: our userfaultfd goes to the lazy-pages daemon before the
+        restorer maps anything; the restorer registers the lazy ranges with it and
+        closes our copy with the other parked fds."""
+        from criu_py.lazy import hand_over, make_uffd
+        from criu_py.log import log
+        uffd = make_uffd()
+        try:
+            hand_over(self.rs.lazy_dir, self.t.pid, uffd, self.t.img.memory.lazy)
+        except BaseException:
+            os.close(uffd)
+            raise
+        self.uffd = self.fds.park(uffd)
+        log.debug("pid %d: userfaultfd handed to the lazy-pages daemon (%d ranges, %d pages)",
+                  self.t.pid, len(self.t.img.memory.lazy), self.t.img.memory.lazy_pages)
 
     def tcp_repair_off(self) -> None:
         """The network lock is lifted by now (between stages FILES and RESTORE): the TCP
@@ -466,7 +487,8 @@ class TaskRun:
             tgid=t.pid, premap=getattr(t, "premap_area", (0, 0)),
             sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO,
             itimers=itimers(core), arm_itimers=True, posix_timers=posix_timers(core),
-            timerfds=self.timerfds_to_arm(), locks=self.posix_locks())
+            timerfds=self.timerfds_to_arm(), locks=self.posix_locks(),
+            uffd=self.uffd, lazy=mem.lazy if self.uffd >= 0 else [])
 
     def timerfds_to_arm(self) -> list:
         """The timerfds this task's restorer arms (the first task holding each)."""

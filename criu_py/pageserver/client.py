@@ -1,0 +1,205 @@
+# The client sides of the page-server protocol (pageserver/__init__.py):
+#   - Sink: `dump --page-server` sends each pagemap (PS_IOV_OPEN2, then PS_IOV_ADD_F per
+#     run of at most MAX_CHUNK bytes with its data and, to a criu-py server, its digest)
+#     and closes the session once every page is there (PS_IOV_CLOSE; status 0);
+#   - LazyClient: `lazy-pages --page-server` asks the dump's lazy server for pages
+#     (PS_IOV_GET) and checks each answer's digest before the daemon copies a byte of it.
+import os
+
+from criu_py import pageserver as P
+from criu_py.errors import CriuError
+from criu_py.log import log
+
+PAGE = 4096
+
+
+class Sink:
+    """A session with a page server that receives a dump's pages."""
+
+    def __init__(self, address: str, port: int):
+        from criu_py.native import ffi
+        self.where = f"{address}:{port}"
+        self.sock = P.connect(address, port)
+        self.digests = False
+        self.buf = ffi.new("char[]", P.MAX_CHUNK)
+        self.addr = int(ffi.cast("uintptr_t", self.buf))
+        self.bytes = 0
+
+    def _fail(self, exc) -> CriuError:
+        return CriuError(f"page server {self.where}: {exc}")
+
+    def open(self, kind: int, ident: int) -> None:
+        try:
+            self.sock.sendall(P.pack(P.encode_cmd(P.PS_IOV_OPEN2, P.PS_FLAG_DIGEST), 0, 0,
+                                     P.encode_pm(kind, ident)))
+            answer = P.recv_exact(self.sock, 1)[0]
+        except (OSError, EOFError) as exc:
+            raise self._fail(exc) from None
+        self.digests = bool(answer & P.DIGEST_ANSWER)
+
+    def entry(self, vaddr: int, nr_pages: int, flags: int) -> None:
+        """A pagemap entry without data (PE_PARENT, PE_LAZY alone)."""
+        try:
+            self.sock.sendall(P.pack(P.encode_cmd(P.PS_IOV_ADD_F, flags), nr_pages, vaddr, 0))
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def pages(self, vaddr: int, length: int, flags: int, read) -> None:
+        """Data pages at vaddr: read(buffer address, offset in the run, n) fills the
+        buffer with the next n bytes; sent MAX_CHUNK at a time."""
+        from criu_py.native import ffi
+        done = 0
+        try:
+            while done < length:
+                n = min(P.MAX_CHUNK, length - done)
+                read(self.addr, done, n)
+                self.sock.sendall(P.pack(P.encode_cmd(P.PS_IOV_ADD_F, flags), n // PAGE,
+                                         vaddr + done, 0))
+                self.sock.sendall(ffi.buffer(self.buf, n))
+                if self.digests:
+                    self.sock.sendall(P.DIGEST.pack(P.digest_of(self.addr, n)))
+                done += n
+        except OSError as exc:
+            raise self._fail(exc) from None
+        self.bytes += length
+
+    def close(self) -> None:
+        """PS_IOV_CLOSE: the server has written everything (status 0), or CriuError."""
+        try:
+            self.sock.sendall(P.pack(P.PS_IOV_CLOSE))
+            self.sock.settimeout(60)
+            status = int.from_bytes(P.recv_exact(self.sock, 4), "little", signed=True)
+        except (OSError, EOFError) as exc:
+            raise self._fail(f"no answer to the end of the session ({exc})") from None
+        finally:
+            self.sock.close()
+        if status:
+            raise self._fail(f"the session ended with status {status}")
+
+    def abort(self) -> None:
+        self.sock.close()
+
+
+def send_process_pages(sink: Sink, pid: int, pid_for_name: int, pages, flags: list,
+                       unreadable: list) -> int:
+    """A process's pagemap and data pages (mem/dump.py's PagePlan and flags) to the page
+    server; the data read with process_vm_readv (/proc/PID/mem inside `unreadable`)."""
+    from criu_py.errors import check_errno
+    from criu_py.native import lib
+    sink.open(P.PS_TYPE_PID, pid_for_name)
+    mem_fd = -1
+    total = 0
+    try:
+        for (start, end, in_parent, _), f in zip(pages.flat(), flags):
+            from criu_py.images import PE_PRESENT
+            if not f & PE_PRESENT:
+                sink.entry(start, (end - start) // PAGE, f)
+                continue
+            if any(s <= start < e for s, e in unreadable):
+                if mem_fd < 0:
+                    mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+                def read(addr, off, n, fd=mem_fd, base=start):
+                    _pread_into(fd, addr, n, base + off, pid)
+            else:
+                def read(addr, off, n, base=start):
+                    from criu_py.native import ffi
+                    got = lib.cp_vm_read(pid, ffi.cast("void *", addr), base + off, n)
+                    if got != n:
+                        check_errno(got if got < 0 else -5, "process_vm_readv", pid)
+            sink.pages(start, end - start, f, read)
+            total += end - start
+    finally:
+        if mem_fd >= 0:
+            os.close(mem_fd)
+    return total
+
+
+def send_shmem_pages(sink: Sink, shmid: int, fd: int, ranges: list) -> int:
+    """A shared memory object's pages (offsets in the object) from its fd."""
+    from criu_py.images import PE_PRESENT
+    sink.open(P.PS_TYPE_SHMEM, shmid)
+    total = 0
+    for start, end in ranges:
+        def read(addr, off, n, base=start):
+            _pread_into(fd, addr, n, base + off, 0, zero_past_end=True)
+        sink.pages(start, end - start, PE_PRESENT, read)
+        total += end - start
+    return total
+
+
+def _pread_into(fd: int, addr: int, n: int, offset: int, pid: int, zero_past_end=False) -> None:
+    from criu_py.native import ffi
+    view = memoryview(ffi.buffer(ffi.cast("char *", addr), n))
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            if zero_past_end:
+                view[done:] = bytes(n - done)
+                return
+            raise CriuError(f"cannot read memory of pid {pid} at {offset + done:#x}")
+        done += got
+
+
+class LazyClient:
+    """lazy-pages --page-server: pages fetched from the dump's lazy server."""
+
+    def __init__(self, address: str, port: int):
+        from criu_py.native import ffi
+        self.where = f"{address}:{port}"
+        self.sock = P.connect(address, port, timeout=30)
+        self.size = 4 << 20
+        self.buf = ffi.new("char[]", self.size)
+        self.addr = int(ffi.cast("uintptr_t", self.buf))
+        self.unchecked = False
+
+    def fetch(self, pid: int, vaddr: int, length: int) -> int:
+        """The address of a buffer holding [vaddr, vaddr + length) of pid's memory as
+        the dump kept it (checked against its digest when the server sends one)."""
+        from criu_py.native import ffi
+        if length > self.size:
+            self.size = length
+            self.buf = ffi.new("char[]", length)
+            self.addr = int(ffi.cast("uintptr_t", self.buf))
+        view = memoryview(ffi.buffer(self.buf, length))
+        done = 0
+        try:
+            while done < length:
+                self.sock.sendall(P.pack(P.encode_cmd(P.PS_IOV_GET, P.PS_FLAG_DIGEST),
+                                         (length - done) // PAGE, vaddr + done, pid))
+                value, nr, at, _ = P.HEADER.unpack(P.recv_exact(self.sock, P.HEADER.size))
+                cmd, flags = P.decode_cmd(value)
+                n = nr * PAGE
+                if cmd != P.PS_IOV_ADD_F or at != vaddr + done or not 0 < n <= length - done:
+                    raise CriuError(f"unexpected answer {value:#x} ({nr} pages at {at:#x}) "
+                                    f"to a request for {vaddr + done:#x}")
+                P.recv_into_exact(self.sock, view[done:done + n])
+                if flags & P.PS_FLAG_DIGEST:
+                    want, = P.DIGEST.unpack(P.recv_exact(self.sock, P.DIGEST.size))
+                    if P.digest_of(self.addr + done, n) != want:
+                        raise CriuError(f"pages of pid {pid} at {at:#x} arrived damaged "
+                                        f"(digest mismatch)")
+                elif not self.unchecked:
+                    self.unchecked = True
+                    log.warning("lazy-pages: the page server at %s sends no digests: its "
+                                "pages are not checked", self.where)
+                done += n
+        except (OSError, EOFError) as exc:
+            raise CriuError(f"page server {self.where}: {exc}") from None
+        return self.addr
+
+    def close(self, ok: bool = True) -> None:
+        """The end of the session: the dump may let its memory go now."""
+        if self.sock is None:
+            return
+        try:
+            if ok:
+                self.sock.sendall(P.pack(P.PS_IOV_CLOSE))
+                self.sock.settimeout(30)
+                P.recv_exact(self.sock, 4)
+        except (OSError, EOFError):
+            pass
+        finally:
+            self.sock.close()
+            self.sock = None

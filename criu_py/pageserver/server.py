@@ -1,0 +1,262 @@
+# The serving sides of the page-server protocol (pageserver/__init__.py):
+#   - `criu-py page-server -D DIR --port N [--address A]`: takes one session of a
+#     `dump --page-server` and writes what it receives as pagemap-ID.img /
+#     pagemap-shmem-ID.img + pages-N.img into DIR (pages ids from 1, as they are opened;
+#     contiguous PS_IOV_ADD_F of the same flags make one pagemap entry), checks the
+#     digests a criu-py dump sends with the data, and at the end seals the files it wrote
+#     into criu-py-checksums-ps.img (images/integrity.py); then it exits;
+#   - LazyServer, used by `dump --lazy-pages`: answers the PS_IOV_GET of one
+#     `lazy-pages --page-server` from the memory the dump keeps (dump/lazy.py) until the
+#     client closes the session.
+import os
+import time
+
+from criu_py import pageserver as P
+from criu_py.errors import CriuError
+from criu_py.log import log
+
+PAGE = 4096
+
+
+class SessionError(CriuError):
+    pass
+
+
+class _Xfer:
+    """One pagemap being received."""
+
+    def __init__(self, images, kind: int, ident: int, pages_id: int):
+        self.images = images
+        self.name = (f"pagemap-{ident}.img" if kind == P.PS_TYPE_PID
+                     else f"pagemap-shmem-{ident}.img")
+        self.pages_id = pages_id
+        self.pages_name = f"pages-{pages_id}.img"
+        self.fd = images.open_raw(self.pages_name, write=True)
+        self.entries = []            # [vaddr, nr_pages, flags]
+        self.bytes = 0
+
+    def add(self, vaddr: int, nr: int, flags: int) -> None:
+        last = self.entries[-1] if self.entries else None
+        if last and last[2] == flags and last[0] + last[1] * PAGE == vaddr:
+            last[1] += nr
+        else:
+            self.entries.append([vaddr, nr, flags])
+
+    def close(self) -> None:
+        from criu_py.images import set_pagemap_nr_pages
+        from criu_py.images.pb import pagemap_pb2
+        os.close(self.fd)
+        head = pagemap_pb2.pagemap_head(pages_id=self.pages_id)
+        out = [head]
+        for vaddr, nr, flags in self.entries:
+            pe = pagemap_pb2.pagemap_entry(vaddr=vaddr, flags=flags)
+            set_pagemap_nr_pages(pe, nr)
+            out.append(pe)
+        self.images.write_entries(self.name, out)
+
+
+class Receiver:
+    """One session of `page-server`."""
+
+    def __init__(self, images):
+        self.images = images
+        self.xfer = None
+        self.written = []
+        self.digests = False
+        self.next_pages_id = 1
+        self.buf = bytearray(P.MAX_CHUNK)
+        from criu_py.native import ffi
+        self.cbuf = ffi.from_buffer(self.buf)
+        self.addr = int(ffi.cast("uintptr_t", self.cbuf))
+        self.pages = self.bytes = 0
+
+    def _new_pages_id(self) -> int:
+        while self.images.exists(f"pages-{self.next_pages_id}.img"):
+            self.next_pages_id += 1
+        self.next_pages_id += 1
+        return self.next_pages_id - 1
+
+    def _finish_xfer(self) -> None:
+        if self.xfer is not None:
+            self.xfer.close()
+            self.written += [self.xfer.name, self.xfer.pages_name]
+            log.debug("page-server: %s: %d entries, %d KiB -> %s", self.xfer.name,
+                      len(self.xfer.entries), self.xfer.bytes >> 10, self.xfer.pages_name)
+            self.xfer = None
+
+    def _has_parent(self, kind: int, ident: int) -> bool:
+        name = (f"pagemap-{ident}.img" if kind == P.PS_TYPE_PID else f"pagemap-shmem-{ident}.img")
+        return os.path.exists(os.path.join(self.images.dirpath, "parent", name))
+
+    def serve(self, sock) -> None:
+        while True:
+            try:
+                head = P.recv_exact(sock, P.HEADER.size)
+            except EOFError:
+                raise SessionError("the dump hung up before closing the session") from None
+            value, nr, vaddr, dst_id = P.HEADER.unpack(head)
+            cmd, flags = P.decode_cmd(value)
+            if cmd in (P.PS_IOV_OPEN, P.PS_IOV_OPEN2):
+                self._finish_xfer()
+                kind, ident = P.decode_pm(dst_id)
+                if not kind:
+                    raise SessionError(f"unknown pagemap type in {dst_id:#x}")
+                self.xfer = _Xfer(self.images, kind, ident, self._new_pages_id())
+                if cmd == P.PS_IOV_OPEN2:
+                    self.digests = bool(flags & P.PS_FLAG_DIGEST)
+                    answer = int(self._has_parent(kind, ident))
+                    if self.digests:
+                        answer |= P.DIGEST_ANSWER
+                    sock.sendall(bytes([answer]))
+            elif cmd in (P.PS_IOV_ADD_F, P.PS_IOV_ADD, P.PS_IOV_HOLE):
+                from criu_py.images import PE_PARENT, PE_PRESENT
+                if self.xfer is None:
+                    raise SessionError("pages sent before any PS_IOV_OPEN")
+                pe_flags = flags & ~P.PS_FLAG_DIGEST if cmd == P.PS_IOV_ADD_F else \
+                    PE_PRESENT if cmd == P.PS_IOV_ADD else PE_PARENT
+                self.xfer.add(vaddr, nr, pe_flags)
+                if pe_flags & PE_PRESENT:
+                    self._receive(sock, nr * PAGE, vaddr)
+            elif cmd == P.PS_IOV_PARENT:
+                kind, ident = P.decode_pm(dst_id)
+                sock.sendall(int(self._has_parent(kind, ident)).to_bytes(4, "little"))
+            elif cmd in (P.PS_IOV_CLOSE, P.PS_IOV_FORCE_CLOSE):
+                self._finish_xfer()
+                self.seal()
+                sock.sendall((0).to_bytes(4, "little"))
+                return
+            else:
+                raise SessionError(f"unknown command {value:#x}")
+
+    def _receive(self, sock, length: int, vaddr: int) -> None:
+        view = memoryview(self.buf)
+        if self.digests and length > P.MAX_CHUNK:
+            raise SessionError(f"{length} bytes at {vaddr:#x} in one command (at most "
+                               f"{P.MAX_CHUNK} with digests)")
+        done = 0
+        while done < length:
+            n = min(P.MAX_CHUNK, length - done)
+            P.recv_into_exact(sock, view[:n])
+            if self.digests:
+                want, = P.DIGEST.unpack(P.recv_exact(sock, P.DIGEST.size))
+                if P.digest_of(self.addr, n) != want:
+                    raise SessionError(f"the pages at {vaddr:#x} arrived damaged (digest "
+                                       f"mismatch)")
+            w = 0
+            while w < n:
+                w += os.write(self.xfer.fd, view[w:n])
+            done += n
+        self.xfer.bytes += length
+        self.bytes += length
+
+    def seal(self) -> None:
+        from criu_py.images import integrity
+        if self.written:
+            integrity.seal(self.images, names=self.written, image=integrity.PS_CHECKSUM_IMAGE)
+
+
+def page_server(opts: dict) -> int:
+    """The page-server command: one session, then exit."""
+    from criu_py.images import ImageDir
+    port = opts.get("port")
+    if port is None:
+        raise CriuError("page-server needs --port")
+    images = ImageDir(opts.get("images_dir") or ".", create=True)
+    try:
+        lsock = P.listen(opts.get("address"), port)
+        try:
+            log.info("page-server: listening on %s:%d for %s", opts.get("address") or
+                     P.DEFAULT_ADDRESS, port, images.dirpath)
+            _status(opts)
+            conn, peer = lsock.accept()
+        finally:
+            lsock.close()
+        t0 = time.monotonic()
+        rx = Receiver(images)
+        try:
+            conn.setsockopt(6, 1, 1)          # TCP_NODELAY: the answers go out at once
+            rx.serve(conn)
+            conn.settimeout(10)
+            try:
+                conn.recv(1)                  # the dump closes first (no TIME_WAIT here)
+            except OSError:
+                pass
+        except (EOFError, OSError) as exc:
+            raise SessionError(f"page server session with {peer[0]}: {exc}") from None
+        finally:
+            conn.close()
+        dt = time.monotonic() - t0
+        log.info("page-server: %d MiB received from %s in %.1f ms (%.2f GB/s), %d files",
+                 rx.bytes >> 20, peer[0], dt * 1e3, rx.bytes / dt / 1e9 if dt else 0,
+                 len(rx.written))
+    finally:
+        images.close()
+    return 0
+
+
+def _status(opts: dict) -> None:
+    fd = opts.get("status_fd")
+    if fd is not None:
+        try:
+            os.write(fd, b"\0")
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class LazyServer:
+    """dump --lazy-pages: answer PS_IOV_GET from `memory` (dump/lazy.py's KeptMemory:
+    .read(pid, vaddr, length) -> (address, length available)) until the client closes."""
+
+    def __init__(self, lsock, memory):
+        self.lsock = lsock
+        self.memory = memory
+        self.bytes = self.requests = 0
+
+    def serve(self, check=lambda: None) -> None:
+        import select
+        while True:
+            check()
+            if select.select([self.lsock], [], [], 0.5)[0]:
+                break
+        conn, peer = self.lsock.accept()
+        log.info("dump: lazy pages asked for by %s", peer[0])
+        conn.setsockopt(6, 1, 1)
+        try:
+            self._session(conn, check)
+        finally:
+            conn.close()
+
+    def _session(self, conn, check) -> None:
+        import select
+        while True:
+            while not select.select([conn], [], [], 0.5)[0]:
+                check()
+            try:
+                head = P.recv_exact(conn, P.HEADER.size)
+            except EOFError:
+                raise SessionError("the lazy-pages daemon hung up before it had every "
+                                   "page") from None
+            value, nr, vaddr, dst_id = P.HEADER.unpack(head)
+            cmd, flags = P.decode_cmd(value)
+            if cmd == P.PS_IOV_GET:
+                self._get(conn, dst_id, vaddr, nr, bool(flags & P.PS_FLAG_DIGEST))
+            elif cmd in (P.PS_IOV_CLOSE, P.PS_IOV_FORCE_CLOSE):
+                conn.sendall((0).to_bytes(4, "little"))
+                return
+            else:
+                raise SessionError(f"unexpected command {value:#x} while serving lazy pages")
+
+    def _get(self, conn, pid: int, vaddr: int, nr: int, digest: bool) -> None:
+        from criu_py.images import PE_PRESENT
+        from criu_py.native import ffi
+        address, length = self.memory.read(pid, vaddr, nr * PAGE)
+        if length <= 0:
+            raise SessionError(f"pid {pid}: no lazy pages at {vaddr:#x}")
+        flags = PE_PRESENT | (P.PS_FLAG_DIGEST if digest else 0)
+        conn.sendall(P.pack(P.encode_cmd(P.PS_IOV_ADD_F, flags), length // PAGE, vaddr, pid))
+        conn.sendall(ffi.buffer(ffi.cast("char *", address), length))
+        if digest:
+            conn.sendall(P.DIGEST.pack(P.digest_of(address, length)))
+        self.bytes += length
+        self.requests += 1
