@@ -9,8 +9,9 @@
 #
 #   seal(images)                  # dump: last step, images is the open ImageDir
 #   verify(images_dir, opts)      # restore: first step (everything, then returns)
-#   with verifying(images_dir, opts) as pages:   # restore: the image files now, the
-#       ...                                      # pages files meanwhile in a thread;
+#   with verifying(images_dir, opts) as pages:   # restore: the image files now;
+#       pages.start()                            # the pages files in a thread, once
+#       ...                                      # nothing will be forked by us;
 #       pages.wait()                             # before the tree runs
 #
 # Runs are cut in pieces of at most PIECE bytes, each with its own digest, so that a lazy
@@ -128,9 +129,11 @@ def verify(images_dir: str, opts: dict) -> None:
 
 
 class PagesCheck:
-    """The check of the pages files, running in a thread (the digest is C code, which
-    releases the GIL) while the restore reads the other images (checked already) and
-    plans; wait() returns once they are checked, or raises the ImageError.
+    """The check of the pages files, in a thread (the digest is C code, which releases
+    the GIL) started by start() once the restore has forked the root: a thread alive
+    while we clone would be copied holding the GIL or a libc lock into the child,
+    which would hang. wait() returns once they are checked (checking them now if
+    start() was not called), or raises the ImageError.
     todo: [(ImageDir, integrity_file_entry, where)]."""
 
     def __init__(self, todo=()):
@@ -138,10 +141,7 @@ class PagesCheck:
         self.deferred = Deferred()      # lazy: the pieces of pages files checked later
         self.error = None
         self.thread = None
-        if self.todo:
-            import threading
-            self.thread = threading.Thread(target=self._run, name="pages-check", daemon=True)
-            self.thread.start()
+        self.started = False
 
     def _run(self):
         try:
@@ -150,12 +150,22 @@ class PagesCheck:
         except BaseException as exc:          # noqa: BLE001 - handed to wait()
             self.error = exc
 
+    def start(self) -> None:
+        if self.todo and not self.started:
+            import threading
+            self.started = True
+            self.thread = threading.Thread(target=self._run, name="pages-check", daemon=True)
+            self.thread.start()
+
     def join(self):
         if self.thread is not None:
             self.thread.join()
             self.thread = None
 
     def wait(self) -> None:
+        if self.todo and not self.started:
+            self.started = True
+            self._run()
         self.join()
         if self.error is not None:
             raise self.error
@@ -197,9 +207,12 @@ def verifying(images_dir: str, opts: dict, lazy: bool = False):
             except Exception:
                 # a damaged pages file is the cause of whatever the planning tripped on
                 # (a pages file shorter than its pagemap, ...): name the damage
-                check.join()
-                if check.error is not None:
-                    raise check.error from None
+                try:
+                    check.wait()
+                except ImageError as damage:
+                    raise damage from None
+                except Exception:       # noqa: BLE001 - the planning's error stands
+                    pass
                 raise
             finally:
                 check.join()

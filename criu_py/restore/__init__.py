@@ -63,8 +63,9 @@ def restore_tasks(opts: dict) -> int:
     lazy = bool(opts.get("lazy_pages"))
     rs = Restore(opts)
     with contextlib.ExitStack() as stack:
-        # the pages files are checked in a thread while the tree is built (the rest is
-        # checked now); nothing runs and no connection is let go before they pass.
+        # the pages files are checked in a thread while the tree is built and fills its
+        # memory (the rest is checked now); nothing runs and no connection is let go
+        # before they pass.
         # --lazy-pages: the pages files piece by piece (PagesCheck.deferred, the daemon)
         rs.pages_check = stack.enter_context(
             integrity.verifying(opts.get("images_dir") or ".", opts, lazy=lazy))
@@ -105,6 +106,7 @@ def restore_tasks(opts: dict) -> int:
             load_modules(rs)
         with _step("fork the root"):
             fork_root(rs, stack)
+        rs.pages_check.start()          # a thread only now: our one fork must not copy it
         with _step("stages"):
             run_stages(rs)
         with _step("pages files checked"):
@@ -410,6 +412,9 @@ def load_modules(rs: Restore) -> None:
         if ops.fd_type in present:
             for name in ops.restore_imports:
                 __import__(name)
+    if rs.lazy_dir:
+        import criu_py.lazy  # noqa: F401  (each task hands its userfaultfd over)
+        import criu_py.track.uffd  # noqa: F401
     import criu_py.mem.premap  # noqa: F401
     import criu_py.mem.restore  # noqa: F401
     import criu_py.mem.shmem_restore  # noqa: F401
