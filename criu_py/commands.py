@@ -42,6 +42,20 @@ def run_command(opts: dict, action, create_work_dir: bool = False):
     leave(rc or 0)
 
 
+
+def notify_status_fd(opts: dict) -> None:
+    """--status-fd FD (CRIU's): one zero byte on FD, then close it, once the command is
+    ready for its peers (the page server listens, the lazy-pages daemon serves, the
+    lazy dump serves its pages). A peer gone already is no error."""
+    fd = opts.get("status_fd")
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"\0")
+        os.close(fd)
+    except OSError:
+        pass
+
 def leave(code: int):
     """Exit without the interpreter's finalization, which tears down every loaded module
     (~8 ms, an eighth of a small dump's wall time). Nothing is lost: images go out

@@ -14,6 +14,7 @@ import bisect
 import mmap
 import os
 
+from criu_py.commands import notify_status_fd
 from criu_py.errors import DumpError
 from criu_py.log import log
 
@@ -82,7 +83,7 @@ def serve(ctx) -> None:
     kept = ctx.lazy_kept
     _reap_tracees(ctx.tree)
     server = LazyServer(ctx.lazy_listen, kept)
-    _status(ctx.opts)
+    notify_status_fd(ctx.opts)
     log.info("dump: %d MiB of lazy pages kept, served on port %d until a lazy-pages "
              "daemon has them all", kept.size >> 20, ctx.opts["port"])
     server.serve()
@@ -107,13 +108,3 @@ def _reap_tracees(tree, timeout: float = 5.0) -> None:
                 left.discard(tid)
         if left:
             time.sleep(0.001)
-
-
-def _status(opts: dict) -> None:
-    fd = opts.get("status_fd")
-    if fd is not None:
-        try:
-            os.write(fd, b"\0")
-            os.close(fd)
-        except OSError:
-            pass

@@ -28,6 +28,7 @@ import select
 import socket
 import time
 
+from criu_py.commands import notify_status_fd
 from criu_py.errors import CriuError, ImageError
 from criu_py.log import log
 
@@ -201,9 +202,7 @@ class Daemon:
             log.info("lazy-pages: no process of %s has lazy memory: nothing to do",
                      self.images_dir)
             return 0
-        status = self.opts.get("status_fd")
-        if status is not None:
-            _write_status(status)
+        notify_status_fd(self.opts)
         while len(self.arrived) < len(self.expected) or self.tasks:
             self.step()
         return 0
@@ -532,14 +531,6 @@ def _remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise LazyError(f"another lazy-pages daemon listens at {path}")
-
-
-def _write_status(fd: int) -> None:
-    try:
-        os.write(fd, b"\0")
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def lazy_pages(opts: dict) -> int:

@@ -102,10 +102,11 @@ def _run(sock: socket.socket) -> int:
                 _close(entry)
             return 0
     # The daemon died with work undone: kill before letting go of anything.
+    from criu_py.proc import descendants
     pids = {pid for pid, _, _ in held.values() if pid > 0}
     victims = set(pids)
     for pid in pids:
-        victims.update(_descendants(pid))
+        victims.update(descendants(pid))
     for pid, _, pidfd in held.values():
         if pidfd >= 0:
             try:
@@ -129,22 +130,3 @@ def _close(entry) -> None:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def _descendants(pid: int) -> list:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out

@@ -12,6 +12,7 @@ import os
 import time
 
 from criu_py import pageserver as P
+from criu_py.commands import notify_status_fd
 from criu_py.errors import CriuError
 from criu_py.log import log
 
@@ -167,7 +168,7 @@ def page_server(opts: dict) -> int:
         try:
             log.info("page-server: listening on %s:%d for %s", opts.get("address") or
                      P.DEFAULT_ADDRESS, port, images.dirpath)
-            _status(opts)
+            notify_status_fd(opts)
             conn, peer = lsock.accept()
         finally:
             lsock.close()
@@ -192,16 +193,6 @@ def page_server(opts: dict) -> int:
     finally:
         images.close()
     return 0
-
-
-def _status(opts: dict) -> None:
-    fd = opts.get("status_fd")
-    if fd is not None:
-        try:
-            os.write(fd, b"\0")
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class LazyServer:

@@ -340,6 +340,27 @@ def read_children(pid: int) -> list[int]:
     return kids
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, parents before their children; best effort for trees
+    that change meanwhile (a task that is gone is skipped, with its subtree)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:            # a thread that exits meanwhile has no children left
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
 class PosixTimer(Record):
     # One timer_create() timer: its id, clock, signal and sigev_value (sival), how it
     # notifies (notify: SIGEV_SIGNAL 0, SIGEV_NONE 1, | SIGEV_THREAD_ID 4) and the

@@ -599,10 +599,11 @@ def kill_unless_running(rs: Restore) -> None:
     """After a failure: abort the stages, kill every task of ours, reap them."""
     if rs.running or rs.sync is None:
         return
+    from criu_py.proc import descendants
     rs.sync.abort()
     deadline = time.monotonic() + 5
     while True:
-        kids = _descendants(os.getpid())
+        kids = descendants(os.getpid())
         for pid in kids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -612,25 +613,6 @@ def kill_unless_running(rs: Restore) -> None:
         if not kids or time.monotonic() > deadline:
             break
         time.sleep(0.005)
-
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
 
 
 def _reap_all() -> None:
