@@ -10,25 +10,28 @@
 import bisect
 import os
 import shutil
-from dataclasses import dataclass, field
 
 import criu_py.images as img
 from criu_py.errors import ImageError
+from criu_py.proc import Record
 from criu_py.lazy.ranges import lazy_ranges, stack_addrs, vma_can_be_lazy  # noqa: F401
 
 BUFFER_SIZE = 4 << 20   # the one copy buffer: pages pass through it, never the whole file
 SOURCE_LINK = "lazy-source"   # OUTDIR/lazy-source -> DIR (relative): where the lazy pages are
 
 
-@dataclass
-class Plan:
+class Plan(Record):
     """The new pagemap of one process and the byte runs of its pages file to keep."""
-    entries: list = field(default_factory=list)      # new pagemap entries (head excluded)
-    runs: list = field(default_factory=list)         # [src_offset, length] in the source file
-    kept_pages: int = 0
-    lazy_pages: int = 0
-    present_before: int = 0
-    parent_pages: int = 0           # left in the parent images (incremental dumps)
+    _fields = ("entries", "runs", "kept_pages", "lazy_pages", "present_before", "parent_pages")
+
+    def __init__(self, entries: list | None = None, runs: list | None = None, kept_pages: int = 0,
+                 lazy_pages: int = 0, present_before: int = 0, parent_pages: int = 0):
+        self.entries = [] if entries is None else entries   # new pagemap entries (head excluded)
+        self.runs = [] if runs is None else runs            # [src_offset, length] in the source file
+        self.kept_pages = kept_pages
+        self.lazy_pages = lazy_pages
+        self.present_before = present_before
+        self.parent_pages = parent_pages    # left in the parent images (incremental dumps)
 
 
 def plan_pagemap(entries, ranges, page_size: int) -> Plan:
@@ -145,11 +148,13 @@ def copy_runs(src_fd: int, dst_fd: int, runs, buf: memoryview) -> int:
     return total
 
 
-@dataclass
-class Report:
-    processes: list = field(default_factory=list)   # (pid, kept pages, lazy pages)
-    copied_files: int = 0
-    page_size: int = 0
+class Report(Record):
+    _fields = ("processes", "copied_files", "page_size")
+
+    def __init__(self, processes: list | None = None, copied_files: int = 0, page_size: int = 0):
+        self.processes = [] if processes is None else processes   # (pid, kept pages, lazy pages)
+        self.copied_files = copied_files
+        self.page_size = page_size
 
     @property
     def kept(self):

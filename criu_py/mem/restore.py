@@ -3,10 +3,10 @@
 # check. All of it is computed and validated in the restore parent before any fork, so a
 # bad image fails with one line and nothing created.
 import os
-from dataclasses import dataclass, field
 
 from criu_py import mem as M
 from criu_py.errors import ImageError, RestoreError
+from criu_py.proc import Record
 
 # mmap flags a VMA is re-created with. MAP_LOCKED is passed on to the restorer, which
 # mlock()s the VMA once its pages are in instead of mapping it locked (and empty).
@@ -16,45 +16,56 @@ SPECIAL = M.VMA_AREA_VDSO | M.VMA_AREA_VVAR | M.VMA_AREA_VSYSCALL
 TASK_SIZE = 0x7FFFFFFFF000
 
 
-@dataclass
-class MappedFile:
+class MappedFile(Record):
     """A file some VMAs map; the child opens it (or makes the shared memory object
     `shmid`) and parks the fd for the restorer."""
-    file_id: int
-    path: str | None
-    flags: int
-    fd: int = -1
-    shmid: int | None = None
+    _fields = ("file_id", "path", "flags", "fd", "shmid")
+
+    def __init__(self, file_id: int, path: str | None, flags: int, fd: int = -1,
+                 shmid: int | None = None):
+        self.file_id = file_id
+        self.path = path
+        self.flags = flags
+        self.fd = fd
+        self.shmid = shmid
 
 
-@dataclass
-class PageSource:
+class PageSource(Record):
     """One pages file the restore reads from: the dump's own, or one of its parents'
     (incremental dumps, mem/chain.py). iovs: (address, length) in file order, address
     None for bytes to skip."""
-    images: object                  # criu_py.images.ImageDir
-    name: str                       # pages-N.img
-    iovs: list = field(default_factory=list)
-    fd: int = -1                    # opened (and parked) by the task that reads it
+    _fields = ("images", "name", "iovs", "fd")
+
+    def __init__(self, images, name: str, iovs: list | None = None, fd: int = -1):
+        self.images = images            # criu_py.images.ImageDir
+        self.name = name                # pages-N.img
+        self.iovs = [] if iovs is None else iovs
+        self.fd = fd                    # opened (and parked) by the task that reads it
 
 
-@dataclass
-class MemoryPlan:
-    vmas: list                      # vma_entry of VMAs the restorer maps (no vdso/vvar/vsyscall)
-    files: dict = field(default_factory=dict)     # (file_id, open flags) -> MappedFile
-    sources: list = field(default_factory=list)   # PageSource: the dump's own pages file
-                                                  # first, then parents' (chains)
-    pages_bytes: int = 0            # bytes of the dump's own pages file
-    vdso_vvar: int = 0              # dumped start of the vvar area (ARCH_MAP_VDSO_64 address)
-    special: list = field(default_factory=list)   # (start, end) of dumped vdso/vvar VMAs
-    shared: dict = field(default_factory=dict)    # shmid -> shmem_restore.SharedObject
-    memfd_inodes: dict = field(default_factory=dict)
-    # restore --lazy-pages: the (start, end) ranges the restorer registers with the task's
-    # userfaultfd (empty: nothing for the lazy-pages daemon) and how many of their pages
-    # the daemon brings (criu_py/lazy/)
-    lazy: list = field(default_factory=list)
-    lazy_pages: int = 0
-    lazy_mode: bool = False
+class MemoryPlan(Record):
+    _fields = ("vmas", "files", "sources", "pages_bytes", "vdso_vvar", "special", "shared",
+               "memfd_inodes", "lazy", "lazy_pages", "lazy_mode")
+
+    def __init__(self, vmas: list, files: dict | None = None, sources: list | None = None,
+                 pages_bytes: int = 0, vdso_vvar: int = 0, special: list | None = None,
+                 shared: dict | None = None, memfd_inodes: dict | None = None,
+                 lazy: list | None = None, lazy_pages: int = 0, lazy_mode: bool = False):
+        self.vmas = vmas                # vma_entry of VMAs the restorer maps (no vdso/vvar/vsyscall)
+        self.files = {} if files is None else files         # (file_id, open flags) -> MappedFile
+        self.sources = [] if sources is None else sources   # PageSource: the dump's own pages file
+                                                            # first, then parents' (chains)
+        self.pages_bytes = pages_bytes  # bytes of the dump's own pages file
+        self.vdso_vvar = vdso_vvar      # dumped start of the vvar area (ARCH_MAP_VDSO_64 address)
+        self.special = [] if special is None else special   # (start, end) of dumped vdso/vvar VMAs
+        self.shared = {} if shared is None else shared      # shmid -> shmem_restore.SharedObject
+        self.memfd_inodes = {} if memfd_inodes is None else memfd_inodes
+        # restore --lazy-pages: the (start, end) ranges the restorer registers with the task's
+        # userfaultfd (empty: nothing for the lazy-pages daemon) and how many of their pages
+        # the daemon brings (criu_py/lazy/)
+        self.lazy = [] if lazy is None else lazy
+        self.lazy_pages = lazy_pages
+        self.lazy_mode = lazy_mode
 
     @property
     def pages_name(self) -> str:

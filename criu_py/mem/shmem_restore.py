@@ -4,25 +4,29 @@
 # A shared anonymous object is created with mmap(MAP_SHARED|MAP_ANONYMOUS) and reopened
 # through /proc/self/map_files, so the restored task still sees "/dev/zero (deleted)".
 import os
-from dataclasses import dataclass, field
 
 from criu_py import mem as M
 from criu_py.errors import ImageError
 from criu_py.mem.restore import check_pages_size
+from criu_py.proc import Record
 
 MFD_CLOEXEC, MFD_ALLOW_SEALING = 1, 2
 F_ADD_SEALS, F_SEAL_SEAL = 1033, 1
 
 
-@dataclass
-class SharedObject:
-    shmid: int
-    size: int = 0
-    memfd_name: str | None = None       # None: shared anonymous memory
-    seals: int = F_SEAL_SEAL
-    pages_name: str = ""
-    ranges: list = field(default_factory=list)   # (offset, length) in pages-file order
-    fd: int = -1                         # in the child, once made
+class SharedObject(Record):
+    _fields = ("shmid", "size", "memfd_name", "seals", "pages_name", "ranges", "fd")
+
+    def __init__(self, shmid: int, size: int = 0, memfd_name: str | None = None,
+                 seals: int = F_SEAL_SEAL, pages_name: str = "", ranges: list | None = None,
+                 fd: int = -1):
+        self.shmid = shmid
+        self.size = size
+        self.memfd_name = memfd_name         # None: shared anonymous memory
+        self.seals = seals
+        self.pages_name = pages_name
+        self.ranges = [] if ranges is None else ranges   # (offset, length) in pages-file order
+        self.fd = fd                         # in the child, once made
 
 
 def memfd_inodes(images) -> dict:

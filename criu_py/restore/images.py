@@ -2,55 +2,71 @@
 # restore either has a complete, consistent picture of the tree (every process, thread,
 # fd table, mapping and shared object) or stops with one line naming the file and the
 # problem.
-from dataclasses import dataclass, field
-
 from criu_py.errors import ImageError, Unsupported
+from criu_py.proc import Record
 
 TASK_ALIVE, TASK_DEAD = 1, 2
 
 
-@dataclass
-class TaskImages:
+class TaskImages(Record):
     """Everything read from the images dir for one process. Zombies have only pstree
     and a core (its exit status)."""
-    pid: int
-    pstree: object
-    core: object                   # the leader's (or the zombie's) core
-    threads: list = field(default_factory=list)    # (tid, core) in pstree order, leader first
-    ids: object = None
-    mm: object = None
-    fs: object = None
-    fdinfos: list = field(default_factory=list)
-    memory: object = None          # mem.restore.MemoryPlan
-    zombie: bool = False
+    _fields = ("pid", "pstree", "core", "threads", "ids", "mm", "fs", "fdinfos", "memory", "zombie")
+
+    def __init__(self, pid: int, pstree, core, threads: list | None = None, ids=None, mm=None,
+                 fs=None, fdinfos: list | None = None, memory=None, zombie: bool = False):
+        self.pid = pid
+        self.pstree = pstree
+        self.core = core                   # the leader's (or the zombie's) core
+        self.threads = [] if threads is None else threads   # (tid, core) in pstree order, leader first
+        self.ids = ids
+        self.mm = mm
+        self.fs = fs
+        self.fdinfos = [] if fdinfos is None else fdinfos
+        self.memory = memory               # mem.restore.MemoryPlan
+        self.zombie = zombie
 
     @property
     def tids(self) -> list[int]:
         return [tid for tid, _ in self.threads]
 
 
-@dataclass
-class TreeImages:
+class TreeImages(Record):
     """The whole dump: processes in pstree order (root first), files.img, pipe data,
     the shared memory objects (by shmid) and memfd inodes every process may use."""
-    images: object                 # criu_py.images.ImageDir
-    tasks: list
-    files: dict                    # file id -> file_entry
-    pipe_data: dict = field(default_factory=dict)   # pipe_id -> (bytes, pipe size)
-    shared: dict = field(default_factory=dict)      # shmid -> shmem_restore.SharedObject
-    memfd_inodes: dict = field(default_factory=dict)
-    chain: list = field(default_factory=list)       # [images, parent, ...] (mem.chain)
-    checks: object = None          # files.identity.FileChecks: is each file the dumped one
-    fifo_data: dict = field(default_factory=dict)   # fifo inode -> (bytes, pipe size)
-    fifo_data_owner: dict = field(default_factory=dict)   # fifo inode -> the entry that refills it
-    remaps: dict = field(default_factory=dict)      # REG id of a deleted file -> ghost id
-    ghost_paths: dict = field(default_factory=dict) # ghost id -> where the restore made it
-    tty_infos: dict = field(default_factory=dict)   # tty_info id -> tty_info_entry
-    file_locks: list = field(default_factory=list)  # file_lock_entry
-    epoll_targets: dict = field(default_factory=dict)   # epoll id -> [(target id, tfd entry)]
-    inventory: object = None       # inventory_entry
-    unix_sockets: object = None    # files.sockets.unix.UnixImages, when first asked for
-    inet_sockets: object = None    # files.sockets.inet.InetImages, when first asked for
+    _fields = ("images", "tasks", "files", "pipe_data", "shared", "memfd_inodes", "chain", "checks",
+               "fifo_data", "fifo_data_owner", "remaps", "ghost_paths", "tty_infos", "file_locks",
+               "epoll_targets", "inventory", "unix_sockets", "inet_sockets")
+
+    def __init__(self, images, tasks: list, files: dict, pipe_data: dict | None = None,
+                 shared: dict | None = None, memfd_inodes: dict | None = None,
+                 chain: list | None = None, checks=None, fifo_data: dict | None = None,
+                 fifo_data_owner: dict | None = None, remaps: dict | None = None,
+                 ghost_paths: dict | None = None, tty_infos: dict | None = None,
+                 file_locks: list | None = None, epoll_targets: dict | None = None,
+                 inventory=None, unix_sockets=None, inet_sockets=None):
+        self.images = images               # criu_py.images.ImageDir
+        self.tasks = tasks
+        self.files = files                 # file id -> file_entry
+        self.pipe_data = {} if pipe_data is None else pipe_data   # pipe_id -> (bytes, pipe size)
+        self.shared = {} if shared is None else shared            # shmid -> shmem_restore.SharedObject
+        self.memfd_inodes = {} if memfd_inodes is None else memfd_inodes
+        self.chain = [] if chain is None else chain               # [images, parent, ...] (mem.chain)
+        self.checks = checks               # files.identity.FileChecks: is each file the dumped one
+        self.fifo_data = {} if fifo_data is None else fifo_data   # fifo inode -> (bytes, pipe size)
+        # fifo inode -> the entry that refills it
+        self.fifo_data_owner = {} if fifo_data_owner is None else fifo_data_owner
+        self.remaps = {} if remaps is None else remaps            # REG id of a deleted file -> ghost id
+        # ghost id -> where the restore made it
+        self.ghost_paths = {} if ghost_paths is None else ghost_paths
+        self.tty_infos = {} if tty_infos is None else tty_infos   # tty_info id -> tty_info_entry
+        self.file_locks = [] if file_locks is None else file_locks   # file_lock_entry
+        # epoll id -> [(target id, tfd entry)]
+        self.epoll_targets = {} if epoll_targets is None else epoll_targets
+        self.inventory = inventory         # inventory_entry
+        self.unix_sockets = unix_sockets   # files.sockets.unix.UnixImages, when first asked for
+        self.inet_sockets = inet_sockets   # files.sockets.inet.InetImages, when first asked for
+        self.by_pid = {t.pid: t for t in self.tasks}
 
     @property
     def root(self) -> TaskImages:
@@ -62,9 +78,6 @@ class TreeImages:
 
     def task(self, pid: int) -> TaskImages:
         return self.by_pid[pid]
-
-    def __post_init__(self):
-        self.by_pid = {t.pid: t for t in self.tasks}
 
     def reg_path(self, file_id: int) -> str:
         """Where to open a REG entry's file: its name, or the recreated ghost's path."""

@@ -7,8 +7,8 @@
 # premapped VMAs and the shared sync page).
 import mmap
 import struct
-from dataclasses import dataclass, field
 
+from criu_py.proc import Record
 from criu_py.restore.sigframe import TaskRegisters, build_sigframe, frame_layout, fpstate_for_sigreturn
 
 PAGE = 4096
@@ -23,107 +23,144 @@ def page_up(n: int) -> int:
     return (n + PAGE - 1) & ~(PAGE - 1)
 
 
-@dataclass
-class PieVma:
+class PieVma(Record):
     """One VMA as the restorer maps it (struct pie_vma)."""
-    start: int
-    end: int
-    prot: int
-    flags: int
-    kind: int           # lib.PIE_VMA_ANON / PIE_VMA_FILE / PIE_VMA_PREMAPPED
-    fd: int = -1
-    pgoff: int = 0
-    madv: int = 0
-    map_prot: int | None = None   # None: the final prot (no pages are read into it)
-    src: int = 0                  # PREMAPPED: its address in the premap area
+    _fields = ("start", "end", "prot", "flags", "kind", "fd", "pgoff", "madv", "map_prot", "src")
+
+    def __init__(self, start: int, end: int, prot: int, flags: int, kind: int, fd: int = -1,
+                 pgoff: int = 0, madv: int = 0, map_prot: int | None = None, src: int = 0):
+        self.start = start
+        self.end = end
+        self.prot = prot
+        self.flags = flags
+        self.kind = kind            # lib.PIE_VMA_ANON / PIE_VMA_FILE / PIE_VMA_PREMAPPED
+        self.fd = fd
+        self.pgoff = pgoff
+        self.madv = madv
+        self.map_prot = map_prot    # None: the final prot (no pages are read into it)
+        self.src = src              # PREMAPPED: its address in the premap area
 
 
-@dataclass
-class PieCreds:
+class PieCreds(Record):
     """struct pie_creds: ids (real, effective, saved, fs), capability sets as two u32
     words each, securebits, no_new_privs, supplementary groups."""
-    uids: tuple
-    gids: tuple
-    cap_inh: tuple
-    cap_prm: tuple
-    cap_eff: tuple
-    cap_bnd: tuple
-    cap_amb: tuple
-    secbits: int = 0
-    no_new_privs: int = 0
-    groups: tuple = ()
-    cap_last_cap: int = 40
+    _fields = ("uids", "gids", "cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb", "secbits",
+               "no_new_privs", "groups", "cap_last_cap")
+
+    def __init__(self, uids: tuple, gids: tuple, cap_inh: tuple, cap_prm: tuple, cap_eff: tuple,
+                 cap_bnd: tuple, cap_amb: tuple, secbits: int = 0, no_new_privs: int = 0,
+                 groups: tuple = (), cap_last_cap: int = 40):
+        self.uids = uids
+        self.gids = gids
+        self.cap_inh = cap_inh
+        self.cap_prm = cap_prm
+        self.cap_eff = cap_eff
+        self.cap_bnd = cap_bnd
+        self.cap_amb = cap_amb
+        self.secbits = secbits
+        self.no_new_privs = no_new_privs
+        self.groups = groups
+        self.cap_last_cap = cap_last_cap
 
 
-@dataclass
-class PieThread:
+class PieThread(Record):
     """One thread as the restorer sets it up (struct pie_thread)."""
-    tid: int
-    regs: TaskRegisters
-    frame_on_stack: bool = False         # sigframe below the thread's own sp
-    clear_child_tid: int = 0
-    rseq: tuple[int, int, int] | None = None      # (address, size, signature)
-    robust_list: tuple[int, int] = (0, 0)
-    sched: tuple[int, int] | None = None          # (policy, priority)
-    nice: int | None = None
-    comm: bytes = b""
-    signals: list = field(default_factory=list)  # 128-byte siginfos
-    creds: PieCreds | None = None        # None: keep ours
-    pdeath_sig: int = 0
+    _fields = ("tid", "regs", "frame_on_stack", "clear_child_tid", "rseq", "robust_list", "sched",
+               "nice", "comm", "signals", "creds", "pdeath_sig")
+
+    def __init__(self, tid: int, regs: TaskRegisters, frame_on_stack: bool = False,
+                 clear_child_tid: int = 0, rseq: tuple[int, int, int] | None = None,
+                 robust_list: tuple[int, int] = (0, 0), sched: tuple[int, int] | None = None,
+                 nice: int | None = None, comm: bytes = b"", signals: list | None = None,
+                 creds: PieCreds | None = None, pdeath_sig: int = 0):
+        self.tid = tid
+        self.regs = regs
+        self.frame_on_stack = frame_on_stack     # sigframe below the thread's own sp
+        self.clear_child_tid = clear_child_tid
+        self.rseq = rseq                         # (address, size, signature)
+        self.robust_list = robust_list
+        self.sched = sched                       # (policy, priority)
+        self.nice = nice
+        self.comm = comm
+        self.signals = [] if signals is None else signals   # 128-byte siginfos
+        self.creds = creds                       # None: keep ours
+        self.pdeath_sig = pdeath_sig
 
 
-@dataclass
-class PiePlan:
+class PiePlan(Record):
     """Everything the restorer does, in Python terms; prepare() lays it out in the region."""
-    vmas: list[PieVma]
-    # (pages fd, [(address, length) in that file's order; address None: skip]): the
-    # dump's own pages file and its parents' (incremental dumps)
-    page_sources: list[tuple[int, list]] = field(default_factory=list)
-    iovs: list[tuple[int | None, int]] = field(default_factory=list)   # one-file short form
-    pages_fd: int = -1                                                  # of page_sources
-    regs: TaskRegisters | None = None    # single-threaded short form of threads[0].regs
-    threads: list[PieThread] = field(default_factory=list)
-    status_fd: int = -1
-    vdso_vvar: int = 0
-    sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)  # signo -> (handler, flags, restorer, mask)
-    new_rseq: tuple[int, int, int] | None = None   # single-threaded short form
-    clear_child_tid: int = 0                        # single-threaded short form
-    mm_map: dict | None = None           # pie_mm_map field -> value; "auxv" a list of u64
-    exe_fd: int = -1
-    close_fds: list[int] = field(default_factory=list)
-    trap_before_sigreturn: bool = False
-    frame_on_stack: bool = False         # single-threaded short form
-    signals: list = field(default_factory=list)    # process-wide pending siginfos
-    dumpable: int = -1
-    tgid: int = 0
-    premap: tuple[int, int] = (0, 0)     # [start, end) of the premap area
-    sync: tuple[int, int] = (0, 0)       # (address, length) of the shared sync page
-    stage_ready: int = 0
-    stage_go: int = 0
-    vfork: "PiePlan | None" = None       # a child sharing this memory, made once ready
-    clone_flags: int = 0                 # how that child is made (CLONE_VM, CLONE_VFORK, ...)
-    # What a process made by the restorer (a vfork child) sets up itself:
-    fd_moves: list = field(default_factory=list)   # (parked fd, fd number, cloexec)
-    cwd_fd: int = -1
-    root_fd: int = -1
-    umask: int = -1
-    setsid: bool = False
-    pgid: int = 0
-    personality: int = -1
-    rlimits: list = field(default_factory=list)    # (cur, max) in RLIMIT_* order
-    itimers: list | None = None                    # 3 x (interval s, us, value s, us)
-    arm_itimers: bool = False            # the leader sets itimers right before returning
-    # (id, clockid, signo, notify, thread id, sival, (isec, insec, vsec, vnsec)), by id
-    posix_timers: list = field(default_factory=list)
-    # (fd, settime flags, clockid, ticks, (isec, insec, vsec, vnsec))
-    timerfds: list = field(default_factory=list)
-    locks: list = field(default_factory=list)       # POSIX locks: (fd, type, start, len)
-    # Lazy restore: the task's userfaultfd (parked; -1: none) and the (start, end) ranges
-    # the restorer registers with it once the other pages are in (criu_py/lazy/).
-    uffd: int = -1
-    lazy: list = field(default_factory=list)
+    _fields = ("vmas", "page_sources", "iovs", "pages_fd", "regs", "threads", "status_fd", "vdso_vvar",
+               "sigactions", "new_rseq", "clear_child_tid", "mm_map", "exe_fd", "close_fds",
+               "trap_before_sigreturn", "frame_on_stack", "signals", "dumpable", "tgid", "premap",
+               "sync", "stage_ready", "stage_go", "vfork", "clone_flags", "fd_moves", "cwd_fd",
+               "root_fd", "umask", "setsid", "pgid", "personality", "rlimits", "itimers",
+               "arm_itimers", "posix_timers", "timerfds", "locks", "uffd", "lazy")
 
-    def __post_init__(self):
+    def __init__(self, vmas: list[PieVma], page_sources: list[tuple[int, list]] | None = None,
+                 iovs: list[tuple[int | None, int]] | None = None, pages_fd: int = -1,
+                 regs: TaskRegisters | None = None, threads: list[PieThread] | None = None,
+                 status_fd: int = -1, vdso_vvar: int = 0,
+                 sigactions: dict[int, tuple[int, int, int, int]] | None = None,
+                 new_rseq: tuple[int, int, int] | None = None, clear_child_tid: int = 0,
+                 mm_map: dict | None = None, exe_fd: int = -1, close_fds: list[int] | None = None,
+                 trap_before_sigreturn: bool = False, frame_on_stack: bool = False,
+                 signals: list | None = None, dumpable: int = -1, tgid: int = 0,
+                 premap: tuple[int, int] = (0, 0), sync: tuple[int, int] = (0, 0),
+                 stage_ready: int = 0, stage_go: int = 0, vfork: "PiePlan | None" = None,
+                 clone_flags: int = 0, fd_moves: list | None = None, cwd_fd: int = -1,
+                 root_fd: int = -1, umask: int = -1, setsid: bool = False, pgid: int = 0,
+                 personality: int = -1, rlimits: list | None = None, itimers: list | None = None,
+                 arm_itimers: bool = False, posix_timers: list | None = None,
+                 timerfds: list | None = None, locks: list | None = None, uffd: int = -1,
+                 lazy: list | None = None):
+        self.vmas = vmas
+        # (pages fd, [(address, length) in that file's order; address None: skip]): the
+        # dump's own pages file and its parents' (incremental dumps)
+        self.page_sources = [] if page_sources is None else page_sources
+        self.iovs = [] if iovs is None else iovs    # one-file short form
+        self.pages_fd = pages_fd                    # of page_sources
+        self.regs = regs                            # single-threaded short form of threads[0].regs
+        self.threads = [] if threads is None else threads
+        self.status_fd = status_fd
+        self.vdso_vvar = vdso_vvar
+        # signo -> (handler, flags, restorer, mask)
+        self.sigactions = {} if sigactions is None else sigactions
+        self.new_rseq = new_rseq                    # single-threaded short form
+        self.clear_child_tid = clear_child_tid      # single-threaded short form
+        self.mm_map = mm_map                        # pie_mm_map field -> value; "auxv" a list of u64
+        self.exe_fd = exe_fd
+        self.close_fds = [] if close_fds is None else close_fds
+        self.trap_before_sigreturn = trap_before_sigreturn
+        self.frame_on_stack = frame_on_stack        # single-threaded short form
+        self.signals = [] if signals is None else signals   # process-wide pending siginfos
+        self.dumpable = dumpable
+        self.tgid = tgid
+        self.premap = premap                        # [start, end) of the premap area
+        self.sync = sync                            # (address, length) of the shared sync page
+        self.stage_ready = stage_ready
+        self.stage_go = stage_go
+        self.vfork = vfork                          # a child sharing this memory, made once ready
+        self.clone_flags = clone_flags              # how that child is made (CLONE_VM, CLONE_VFORK, ...)
+        # What a process made by the restorer (a vfork child) sets up itself:
+        self.fd_moves = [] if fd_moves is None else fd_moves   # (parked fd, fd number, cloexec)
+        self.cwd_fd = cwd_fd
+        self.root_fd = root_fd
+        self.umask = umask
+        self.setsid = setsid
+        self.pgid = pgid
+        self.personality = personality
+        self.rlimits = [] if rlimits is None else rlimits   # (cur, max) in RLIMIT_* order
+        self.itimers = itimers                      # 3 x (interval s, us, value s, us)
+        self.arm_itimers = arm_itimers              # the leader sets itimers right before returning
+        # (id, clockid, signo, notify, thread id, sival, (isec, insec, vsec, vnsec)), by id
+        self.posix_timers = [] if posix_timers is None else posix_timers
+        # (fd, settime flags, clockid, ticks, (isec, insec, vsec, vnsec))
+        self.timerfds = [] if timerfds is None else timerfds
+        self.locks = [] if locks is None else locks   # POSIX locks: (fd, type, start, len)
+        # Lazy restore: the task's userfaultfd (parked; -1: none) and the (start, end) ranges
+        # the restorer registers with it once the other pages are in (criu_py/lazy/).
+        self.uffd = uffd
+        self.lazy = [] if lazy is None else lazy
         if not self.page_sources and self.iovs:
             self.page_sources = [(self.pages_fd, self.iovs)]
         if not self.threads and self.regs is not None:

@@ -11,36 +11,50 @@
 #   ancestor of its users, before it forks them, so that they inherit the very same one;
 # - which private VMAs a child still shares copy-on-write with its parent: the parent
 #   maps and fills them before forking, the child keeps the pages that did not change.
-from dataclasses import dataclass, field
+from reprlib import recursive_repr
 
 from criu_py.errors import ImageError, Unsupported
+from criu_py.proc import Record
 
 ALIVE, ZOMBIE, HELPER = "alive", "zombie", "helper"
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND, CLONE_VFORK = 0x100, 0x200, 0x400, 0x800, 0x4000
 NR_VFORK, NR_CLONE = 58, 56
 
 
-@dataclass(eq=False)
-class RTask:
-    """One task of the restore tree. img: its TaskImages (None for helpers)."""
-    pid: int
-    kind: str
-    sid: int
-    pgid: int
-    img: object = None
-    parent: "RTask | None" = None
-    children: list = field(default_factory=list)
-    born_sid: int | None = None          # the session it must be born in, when not its parent's final one
-    clone_flags: int = 0                 # CLONE_FILES / CLONE_FS shared with the parent
-    subreaper: bool = False
-    opens: list = field(default_factory=list)      # resource keys it opens before forking
-    premap: list = field(default_factory=list)     # vma_entry it maps and fills before forking
-    inherits: dict = field(default_factory=dict)   # vma start -> the parent's VMA it inherits
-    exit_code: int = 0                   # zombies
-    in_parent_mm: bool = False           # runs in its parent's memory: made by the parent's restorer
-    mm_child: "RTask | None" = None      # such a child of this task
-    ctty: tuple | None = None            # (pty index, foreground group, caller's terminal)
-                                         # of the session it leads
+class RTask(Record):
+    """One task of the restore tree. img: its TaskImages (None for helpers). Compared
+    and hashed by identity (tasks are set members and dict keys)."""
+    _fields = ("pid", "kind", "sid", "pgid", "img", "parent", "children", "born_sid", "clone_flags",
+               "subreaper", "opens", "premap", "inherits", "exit_code", "in_parent_mm", "mm_child",
+               "ctty")
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+    __repr__ = recursive_repr()(Record.__repr__)   # parent <-> children cycles
+
+    def __init__(self, pid: int, kind: str, sid: int, pgid: int, img=None,
+                 parent: "RTask | None" = None, children: list | None = None,
+                 born_sid: int | None = None, clone_flags: int = 0, subreaper: bool = False,
+                 opens: list | None = None, premap: list | None = None,
+                 inherits: dict | None = None, exit_code: int = 0, in_parent_mm: bool = False,
+                 mm_child: "RTask | None" = None, ctty: tuple | None = None):
+        self.pid = pid
+        self.kind = kind
+        self.sid = sid
+        self.pgid = pgid
+        self.img = img
+        self.parent = parent
+        self.children = [] if children is None else children
+        self.born_sid = born_sid             # the session it must be born in, when not its parent's final one
+        self.clone_flags = clone_flags       # CLONE_FILES / CLONE_FS shared with the parent
+        self.subreaper = subreaper
+        self.opens = [] if opens is None else opens          # resource keys it opens before forking
+        self.premap = [] if premap is None else premap       # vma_entry it maps and fills before forking
+        self.inherits = {} if inherits is None else inherits  # vma start -> the parent's VMA it inherits
+        self.exit_code = exit_code           # zombies
+        self.in_parent_mm = in_parent_mm     # runs in its parent's memory: made by the parent's restorer
+        self.mm_child = mm_child             # such a child of this task
+        self.ctty = ctty                     # (pty index, foreground group, caller's terminal)
+                                             # of the session it leads
 
     @property
     def files_owner(self) -> bool:
@@ -74,14 +88,17 @@ class RTask:
             yield from c.walk()
 
 
-@dataclass
-class TreePlan:
-    root: RTask
-    tasks: dict                      # pid -> RTask (helpers included)
-    resources: dict = field(default_factory=dict)   # key -> Resource
-    armers: dict = field(default_factory=dict)      # timerfd files.img id -> pid whose restorer arms it
-    repairers: dict = field(default_factory=dict)   # TCP connection files.img id -> pid whose
-                                                    # restorer takes it out of repair mode
+class TreePlan(Record):
+    _fields = ("root", "tasks", "resources", "armers", "repairers")
+
+    def __init__(self, root: RTask, tasks: dict, resources: dict | None = None,
+                 armers: dict | None = None, repairers: dict | None = None):
+        self.root = root
+        self.tasks = tasks                   # pid -> RTask (helpers included)
+        self.resources = {} if resources is None else resources   # key -> Resource
+        self.armers = {} if armers is None else armers   # timerfd files.img id -> pid whose restorer arms it
+        # TCP connection files.img id -> pid whose restorer takes it out of repair mode
+        self.repairers = {} if repairers is None else repairers
 
     @property
     def all(self) -> list:
@@ -97,16 +114,19 @@ class TreePlan:
         return [t for t in self.root.walk() if not t.in_parent_mm]
 
 
-@dataclass
-class Resource:
+class Resource(Record):
     """Something several tasks must get the very same instance of. kind: "file" (one
     files.img id), "pipe" (every files.img id of one pipe_id), "tty" (every end of one
     pty), "shmem" (a shared memory object); ids: the files.img ids or the shmid (shmem)."""
-    key: tuple
-    kind: str
-    ids: list
-    users: set = field(default_factory=set)        # RTask
-    opener: RTask | None = None
+    _fields = ("key", "kind", "ids", "users", "opener")
+
+    def __init__(self, key: tuple, kind: str, ids: list, users: set | None = None,
+                 opener: RTask | None = None):
+        self.key = key
+        self.kind = kind
+        self.ids = ids
+        self.users = set() if users is None else users   # RTask
+        self.opener = opener
 
 
 def plan_tree(tree, root_sid: int, root_pgid: int) -> TreePlan:
