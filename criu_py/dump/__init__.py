@@ -203,7 +203,7 @@ def load_modules() -> None:
     import criu_py.files.identity  # noqa: F401
     import criu_py.files.locks  # noqa: F401
     import criu_py.irmap.handles  # noqa: F401
-    import criu_py.restore.sigframe  # noqa: F401   (injection frames; dataclasses: ~13 ms)
+    import criu_py.restore.sigframe  # noqa: F401   (injection frames)
     import criu_py.sysvipc  # noqa: F401
     import mmap  # noqa: F401   (page buffers)
     from criu_py.images.pb import (core_pb2, fdinfo_pb2, fs_pb2, inventory_pb2,  # noqa: F401
