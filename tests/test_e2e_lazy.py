@@ -196,6 +196,109 @@ def test_page_server_dump_then_restore(h):
     assert_one_line_error(res, "pages-1.img")
 
 
+def _raw_session(port, chunks, digests=True):
+    """A client of our own: one pagemap (pid 4242) with `chunks` [(vaddr, data,
+    digest or None for the right one)] as PS_IOV_ADD_F; returns the socket after the
+    last chunk (PS_IOV_CLOSE not sent)."""
+    import socket
+
+    from criu_py import pageserver as P
+    from criu_py.images import PE_PRESENT
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    flags = P.PS_FLAG_DIGEST if digests else 0
+    sock.sendall(P.pack(P.encode_cmd(P.PS_IOV_OPEN2, flags), 0, 0,
+                        P.encode_pm(P.PS_TYPE_PID, 4242)))
+    answer = P.recv_exact(sock, 1)[0]
+    assert bool(answer & P.DIGEST_ANSWER) == digests
+    for vaddr, data, digest in chunks:
+        sock.sendall(P.pack(P.encode_cmd(P.PS_IOV_ADD_F, PE_PRESENT), len(data) // 4096,
+                            vaddr, 0) + data)
+        if digests:
+            buf = bytearray(data)
+            from criu_py.native import ffi
+            want = P.digest_of(int(ffi.cast("uintptr_t", ffi.from_buffer(buf))), len(buf))
+            sock.sendall(P.DIGEST.pack(want if digest is None else digest))
+    return sock
+
+
+def test_page_server_damaged_chunk_in_transit(h):
+    """A chunk whose digest does not match its data fails the session, naming where."""
+    dst = h.images_dir("dst")
+    port = free_port()
+    server = start_with_status(h, "page-server", "-D", dst, "--address", "127.0.0.1",
+                               "--port", port)
+    mib = 1 << 20
+    chunks = [(0x10000000 + i * mib, os.urandom(mib), None) for i in range(6)]
+    chunks[5] = (chunks[5][0], chunks[5][1], 12345)          # the last one: its digest
+    sock = _raw_session(port, chunks)
+    from criu_py import pageserver as P
+    try:
+        sock.sendall(P.pack(P.PS_IOV_CLOSE))
+    except OSError:
+        pass
+    sock.close()
+    assert server.wait(30) != 0
+    err = server.stderr.read()
+    assert "0x10500000 arrived damaged (digest mismatch)" in err, err
+
+
+def test_page_server_takes_an_upstream_client(h):
+    """No digest flag (upstream CRIU's dump) and commands larger than 1 MiB: written as
+    sent, sealed from the CRCs computed while writing (the same digests as a re-read)."""
+    from criu_py import pageserver as P
+    from criu_py.images import ImageDir, integrity
+    dst = h.images_dir("dst")
+    port = free_port()
+    server = start_with_status(h, "page-server", "-D", dst, "--address", "127.0.0.1",
+                               "--port", port, "-o", "ps.log", "-v4")
+    data = [os.urandom(3 << 20), os.urandom(5 * 4096)]
+    sock = _raw_session(port, [(0x20000000, data[0], None), (0x30000000, data[1], None)],
+                        digests=False)
+    sock.sendall(P.pack(P.PS_IOV_CLOSE))
+    assert int.from_bytes(P.recv_exact(sock, 4), "little") == 0
+    sock.close()
+    assert server.wait(30) == 0, server.stderr.read()
+    assert (dst / "pages-1.img").read_bytes() == b"".join(data)
+    assert "digest from the block CRCs" in (dst / "ps.log").read_text()
+    with ImageDir(dst) as images:
+        entries = images.read_entries(integrity.PS_CHECKSUM_IMAGE)
+        pages = [e for e in entries[1:] if e.name == "pages-1.img"][0]
+        size, whole, runs = integrity.digest(images.dirfd, "pages-1.img",
+                                             [(r.offset, r.length) for r in pages.runs])
+    assert (size, whole, runs) == (pages.size, pages.digest, [r.digest for r in pages.runs])
+    assert len(runs) == 4                 # 3 pieces of 1 MiB, then 5 pages
+
+
+def test_page_server_dies_mid_dump(h):
+    """The server goes away while the pages flow: the dump fails in one line and the task
+    runs on, untouched."""
+    task = h.start("memhog", 256, SEED, ready=r"ready \d+")
+    port = free_port()
+    import socket
+    import threading
+    lsock = socket.create_server(("127.0.0.1", port))
+
+    def serve():                     # answers OPEN2, takes ~8 MiB, then hangs up
+        conn, _ = lsock.accept()
+        conn.recv(32, socket.MSG_WAITALL)
+        conn.sendall(b"\x80")
+        got = 0
+        while got < (8 << 20):
+            got += len(conn.recv(1 << 20))
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        conn.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        res = h.cli("dump", "-t", task.pid, "-D", h.images_dir(), "--page-server",
+                    "--address", "127.0.0.1", "--port", port)
+    finally:
+        t.join(30)
+        lsock.close()
+    assert_one_line_error(res, "page server")
+    assert ask(task) == f"OK {task.pid}"
+
+
 def test_page_server_unreachable(h):
     task = h.start("memhog", 16, SEED, ready=r"ready \d+")
     res = h.cli("dump", "-t", task.pid, "-D", h.images_dir(), "--page-server",

@@ -4,7 +4,10 @@
 #     pagemap-shmem-ID.img + pages-N.img into DIR (pages ids from 1, as they are opened;
 #     contiguous PS_IOV_ADD_F of the same flags make one pagemap entry), checks the
 #     digests a criu-py dump sends with the data, and at the end seals the files it wrote
-#     into criu-py-checksums-ps.img (images/integrity.py); then it exits;
+#     into criu-py-checksums-ps.img (images/integrity.py); then it exits. This thread
+#     receives into a ring of buffers; a writer thread (_Writer) computes the CRC of each
+#     4 KiB block of a chunk, checks the chunk's digest from them before writing it, and
+#     keeps them, so the seal never reads the pages files again;
 #   - LazyServer, used by `dump --lazy-pages`: answers the PS_IOV_GET of one
 #     `lazy-pages --page-server` from the memory the dump keeps (dump/lazy.py) until the
 #     client closes the session.
@@ -35,6 +38,8 @@ class _Xfer:
         self.fd = images.open_raw(self.pages_name, write=True)
         self.entries = []            # [vaddr, nr_pages, flags]
         self.bytes = 0
+        self.crcs = bytearray()      # the CRC of each 4 KiB block written (the writer's)
+        self.written = 0
 
     def add(self, vaddr: int, nr: int, flags: int) -> None:
         last = self.entries[-1] if self.entries else None
@@ -54,10 +59,95 @@ class _Xfer:
             set_pagemap_nr_pages(pe, nr)
             out.append(pe)
         self.images.write_entries(self.name, out)
+        if hasattr(self.images, "block_crcs") and self.written == len(self.crcs) // 4 * PAGE:
+            from criu_py.native import ffi
+            # seal() takes the file's digests from these (no second read of the file)
+            self.images.block_crcs[self.pages_name] = (
+                self.written, ffi.from_buffer("uint32_t[]", self.crcs))
+
+
+class _Writer:
+    """The thread that checks and writes what the session receives: for each chunk (a
+    buffer of the ring), the CRC of each 4 KiB block (kept for the seal), the chunk's
+    digest from them checked against the one the dump sent, then write(2) to the pages
+    file; the buffer goes back to the ring. The first failure is kept for the receiving
+    thread (raise_error) and the chunks after it are dropped."""
+
+    RING = 4
+
+    def __init__(self):
+        import queue
+        import threading
+        from criu_py.native import ffi
+        self.cbuf = ffi.new("char[]", self.RING * (P.MAX_CHUNK + P.DIGEST.size))
+        self.addr = int(ffi.cast("uintptr_t", self.cbuf))
+        self.view = memoryview(ffi.buffer(self.cbuf))
+        self.free, self.todo = queue.SimpleQueue(), queue.SimpleQueue()
+        for i in range(self.RING):
+            self.free.put(i)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="ps-write", daemon=True)
+        self.thread.start()
+
+    def slot(self, i: int) -> tuple[int, memoryview]:
+        at = i * (P.MAX_CHUNK + P.DIGEST.size)
+        return self.addr + at, self.view[at:at + P.MAX_CHUNK + P.DIGEST.size]
+
+    def _run(self) -> None:
+        from criu_py.native import ffi, lib
+        crcs = ffi.new("uint32_t[]", P.MAX_CHUNK // PAGE)
+        run = ffi.new("uint64_t[2]")
+        out_run, out_file = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        while True:
+            job = self.todo.get()
+            if job is None:
+                return
+            if isinstance(job, list):            # a barrier: job[0] set when reached
+                job[0].set()
+                continue
+            i, xfer, n, want, vaddr = job
+            try:
+                if self.error is None:
+                    addr, view = self.slot(i)
+                    lib.cp_crc_blocks(ffi.cast("void *", addr), n, crcs)
+                    if want is not None:
+                        run[0], run[1] = 0, n
+                        lib.cp_digest_crcs(crcs, n, run, 1, out_run, out_file)
+                        if out_run[0] != want:
+                            raise SessionError(f"the pages at {vaddr:#x} arrived damaged "
+                                               f"(digest mismatch)")
+                    w = 0
+                    while w < n:
+                        w += os.write(xfer.fd, view[w:n])
+                    xfer.crcs += ffi.buffer(crcs, n // PAGE * 4)
+                    xfer.written += n
+            except BaseException as exc:         # noqa: BLE001 - raised by the receiver
+                self.error = exc
+            finally:
+                self.free.put(i)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def sync(self) -> None:
+        """Every chunk handed over is written (or the first failure is raised)."""
+        import threading
+        done = threading.Event()
+        self.todo.put([done])
+        while not done.wait(0.5):
+            if not self.thread.is_alive():
+                break
+        self.raise_error()
+
+    def stop(self) -> None:
+        self.todo.put(None)
+        self.thread.join()
 
 
 class Receiver:
-    """One session of `page-server`."""
+    """One session of `page-server`: this thread receives, a _Writer checks and writes
+    (stop() joins it; serve() does on its way out)."""
 
     def __init__(self, images):
         self.images = images
@@ -65,11 +155,8 @@ class Receiver:
         self.written = []
         self.digests = False
         self.next_pages_id = 1
-        self.buf = bytearray(P.MAX_CHUNK)
-        from criu_py.native import ffi
-        self.cbuf = ffi.from_buffer(self.buf)
-        self.addr = int(ffi.cast("uintptr_t", self.cbuf))
         self.pages = self.bytes = 0
+        self.writer = None
 
     def _new_pages_id(self) -> int:
         while self.images.exists(f"pages-{self.next_pages_id}.img"):
@@ -79,6 +166,8 @@ class Receiver:
 
     def _finish_xfer(self) -> None:
         if self.xfer is not None:
+            if self.writer is not None:
+                self.writer.sync()
             self.xfer.close()
             self.written += [self.xfer.name, self.xfer.pages_name]
             log.debug("page-server: %s: %d entries, %d KiB -> %s", self.xfer.name,
@@ -90,6 +179,13 @@ class Receiver:
         return os.path.exists(os.path.join(self.images.dirpath, "parent", name))
 
     def serve(self, sock) -> None:
+        self.writer = _Writer()
+        try:
+            self._serve(sock)
+        finally:
+            self.writer.stop()
+
+    def _serve(self, sock) -> None:
         while True:
             try:
                 head = P.recv_exact(sock, P.HEADER.size)
@@ -130,22 +226,28 @@ class Receiver:
                 raise SessionError(f"unknown command {value:#x}")
 
     def _receive(self, sock, length: int, vaddr: int) -> None:
-        view = memoryview(self.buf)
+        """length bytes of data (and, with digests, the digest after them) into buffers
+        of the writer's ring, one recv (MSG_WAITALL) per chunk, handed to the writer."""
+        import socket
         if self.digests and length > P.MAX_CHUNK:
             raise SessionError(f"{length} bytes at {vaddr:#x} in one command (at most "
                                f"{P.MAX_CHUNK} with digests)")
+        tail = P.DIGEST.size if self.digests else 0
         done = 0
         while done < length:
             n = min(P.MAX_CHUNK, length - done)
-            P.recv_into_exact(sock, view[:n])
-            if self.digests:
-                want, = P.DIGEST.unpack(P.recv_exact(sock, P.DIGEST.size))
-                if P.digest_of(self.addr, n) != want:
-                    raise SessionError(f"the pages at {vaddr:#x} arrived damaged (digest "
-                                       f"mismatch)")
-            w = 0
-            while w < n:
-                w += os.write(self.xfer.fd, view[w:n])
+            i = self.writer.free.get()
+            self.writer.raise_error()
+            _, view = self.writer.slot(i)
+            try:
+                got = sock.recv_into(view, n + tail, socket.MSG_WAITALL)
+                if got < n + tail:
+                    P.recv_into_exact(sock, view[got:n + tail])
+            except BaseException:
+                self.writer.free.put(i)
+                raise
+            want = P.DIGEST.unpack_from(view, n)[0] if tail else None
+            self.writer.todo.put((i, self.xfer, n, want, vaddr + done))
             done += n
         self.xfer.bytes += length
         self.bytes += length
