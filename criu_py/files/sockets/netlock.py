@@ -13,13 +13,14 @@
 # (ctypes; the nftables package), else the nft binary.
 # iptables: one DROP rule per connection and direction in INPUT and OUTPUT (iptables or
 # ip6tables -w), deleted one by one by the restore, as CRIU does.
+# shutil and subprocess are imported where a lock is taken or lifted: every
+# dump imports this module for its run id, and most have no connection to lock.
 import os
-import shutil
-import socket
-import subprocess
 
 from criu_py.errors import CriuError
 from criu_py.log import log
+
+AF_INET, AF_INET6 = 2, 10
 
 IPTABLES, NFTABLES, SKIP = 0, 1, 2        # inventory.network_lock_method, CRIU's numbers
 METHODS = {"iptables": IPTABLES, "nftables": NFTABLES, "skip": SKIP, "none": SKIP}
@@ -50,6 +51,7 @@ class Nft:
     def __init__(self):
         import ctypes
         import ctypes.util
+        import shutil
         self._lib = None
         name = ctypes.util.find_library("nftables") or "libnftables.so.1"
         try:
@@ -86,6 +88,7 @@ class Nft:
             finally:
                 lib.nft_ctx_free(ctx)
         else:
+            import subprocess
             res = subprocess.run(["nft", "-f", "-"], input=commands, capture_output=True,
                                  text=True, stdin=None)
             if res.returncode == 0:
@@ -117,11 +120,11 @@ def _nft_table_commands(table: str) -> str:
 def _addr(family: int, raw: bytes) -> tuple[int, str]:
     """(family, text) of an address of a socket; IPv4-mapped IPv6 addresses are IPv4."""
     import ipaddress
-    if family == socket.AF_INET:
-        return family, socket.inet_ntop(family, raw[:4])
+    if family == AF_INET:
+        return family, str(ipaddress.IPv4Address(raw[:4]))
     a = ipaddress.IPv6Address(raw[:16])
     if a.ipv4_mapped is not None:
-        return socket.AF_INET, str(a.ipv4_mapped)
+        return AF_INET, str(a.ipv4_mapped)
     return family, str(a)
 
 
@@ -139,7 +142,7 @@ class Connection:
 
     def __str__(self):
         fam, src, dst = self.text()
-        fmt = (lambda a, p: f"[{a}]:{p}") if fam == socket.AF_INET6 else (lambda a, p: f"{a}:{p}")
+        fmt = (lambda a, p: f"[{a}]:{p}") if fam == AF_INET6 else (lambda a, p: f"{a}:{p}")
         return f"{fmt(src, self.sport)} -> {fmt(dst, self.dport)}"
 
 
@@ -167,7 +170,7 @@ class NetLock:
                     raise NetLockError(f"network lock (nftables): {err}")
                 self._table_made = True
             fam, src, dst = conn.text()
-            v = "4" if fam == socket.AF_INET else "6"
+            v = "4" if fam == AF_INET else "6"
             err = self._nft.run(
                 f"add element {self.table} conns{v} {{ {dst} . {conn.dport} . {src} . {conn.sport} }}\n"
                 f"add element {self.table} conns{v} {{ {src} . {conn.sport} . {dst} . {conn.dport} }}\n")
@@ -199,7 +202,7 @@ def for_dump(opts: dict, run_id: str, root_pid: int) -> NetLock:
 # ---------------------------------------------------------------- iptables
 def _iptables_rule(conn: Connection, lock: bool, input_: bool) -> list[str]:
     fam, src, dst = conn.text()
-    cmd = "iptables" if fam == socket.AF_INET else "ip6tables"
+    cmd = "iptables" if fam == AF_INET else "ip6tables"
     # INPUT: packets from the peer to us; OUTPUT: ours to the peer
     a, ap, b, bp = (dst, conn.dport, src, conn.sport) if input_ else (src, conn.sport, dst, conn.dport)
     return [cmd, "-w", "-t", "filter", "-I" if lock else "-D", "INPUT" if input_ else "OUTPUT",
@@ -208,6 +211,8 @@ def _iptables_rule(conn: Connection, lock: bool, input_: bool) -> list[str]:
 
 
 def iptables_switch(conn: Connection, lock: bool) -> None:
+    import shutil
+    import subprocess
     for input_ in (True, False):
         argv = _iptables_rule(conn, lock, input_)
         if shutil.which(argv[0]) is None:
