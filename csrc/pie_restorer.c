@@ -8,8 +8,9 @@
  * (csrc/pie_restorer.h) built by criu_py/restore/pie.py. The leader
  *   unregisters glibc's rseq, unmaps everything but the region, the premapped VMAs and
  *   the shared sync page, moves the premapped (copy-on-write shared) VMAs into place,
- *   maps the other dumped VMAs, reads page contents straight into place (a lazy restore
- *   then registers the lazy ranges with its userfaultfd), places every
+ *   maps the other dumped VMAs, reads page contents straight into place (with much to
+ *   read, half of it in a short-lived helper thread; a lazy restore then registers the
+ *   lazy ranges with its userfaultfd), places every
  *   thread's sigframe on that thread's stack, sets madvise advice and final
  *   protections, puts the vdso back at the dumped address, restores signal actions, mm
  *   fields (PR_SET_MM_MAP) and the process's pending signals, closes the helper fds and
@@ -68,6 +69,7 @@
 #define SHM_RDONLY_ 010000
 #define SHM_REMAP_ 040000
 #define SHM_EXEC_ 0100000
+#define PROT_READ_ 1
 #define PROT_WRITE_ 2
 #define PROT_EXEC_ 4
 #define NR_ioctl 16
@@ -87,6 +89,7 @@
 #define O_CLOEXEC_ 02000000
 #define SIGCHLD_ 17
 
+#define MAP_PRIVATE_ 0x02
 #define MAP_FIXED_ 0x10
 #define MAP_ANONYMOUS_ 0x20
 #define MAP_LOCKED_ 0x2000
@@ -273,37 +276,30 @@ PIE void pie_map_vmas(struct pie_args *a)
 	}
 }
 
-/* preadv one pages file straight into place, up to IOV_BATCH iovecs per call; an
- * iovec with base 0 skips that many bytes of the file (pages restored another way).
- * A short read advances the iovecs (the array lives in the region, consumed in place). */
-PIE void pie_read_source(struct pie_args *a, struct pie_page_src *src)
+PIE void pie_wait_while(uint32_t *word, uint32_t val, int private_);
+
+#define FILL_BATCH 64		/* iovecs per preadv (a copy on the stack) */
+#define FILL_STACK (64 * 1024)	/* the fill helper's own stack, mapped for it */
+#define CLONE_CHILD_CLEARTID_ 0x00200000
+#define NR_exit 60
+
+/* preadv `n` file-contiguous iovecs at file offset `off`, to the end (a short read
+ * advances the local copy). */
+PIE void pie_preadv_all(struct pie_args *a, int fd, struct pie_iovec *iov, uint64_t n,
+			uint64_t off)
 {
-	struct pie_iovec *iov = (struct pie_iovec *)src->iovs;
-	uint64_t left = src->nr_iovs;
-	uint64_t off = src->off;
+	while (n) {
+		long r = sys6(NR_preadv, fd, (long)iov, n, off, 0, 0);
 
-	while (left) {
-		uint64_t n = 0;
-		long r;
-
-		if (!iov->base) {
-			off += iov->len;
-			iov++;
-			left--;
-			continue;
-		}
-		while (n < left && n < IOV_BATCH && iov[n].base)
-			n++;
-		r = sys6(NR_preadv, src->fd, (long)iov, n, off, 0, 0);
 		if (r == -EINTR_ || r == -EAGAIN_)
 			continue;
 		if (r <= 0)
 			pie_fail(a, PIE_STAGE_READ_PAGES, r ? r : -5, off);
 		off += r;
-		while (left && iov->base && (uint64_t)r >= iov->len) {
+		while (n && (uint64_t)r >= iov->len) {
 			r -= iov->len;
 			iov++;
-			left--;
+			n--;
 		}
 		if (r) {
 			iov->base += r;
@@ -312,23 +308,135 @@ PIE void pie_read_source(struct pie_args *a, struct pie_page_src *src)
 	}
 }
 
-/* The pages of every source: the dump's own pages file, then its parents'. */
-PIE void pie_read_pages(struct pie_args *a)
+/* Bytes [lo, hi) of one pages file's stream (its iovecs in file order; an iovec with
+ * base 0 stands for bytes restored another way): fault the destination in with one
+ * madvise per run (populate), or preadv them into place. */
+PIE void pie_fill_range(struct pie_args *a, struct pie_page_src *src, uint64_t lo,
+			uint64_t hi, int populate)
+{
+	struct pie_iovec *iov = (struct pie_iovec *)src->iovs;
+	struct pie_iovec batch[FILL_BATCH];
+	uint64_t pos = 0, i, nb = 0, boff = 0;
+
+	for (i = 0; i < src->nr_iovs && pos < hi; pos += iov[i].len, i++) {
+		uint64_t s = pos > lo ? pos : lo;
+		uint64_t e = pos + iov[i].len < hi ? pos + iov[i].len : hi;
+
+		if (s >= e)
+			continue;
+		if (!iov[i].base || nb == FILL_BATCH) {
+			if (nb)
+				pie_preadv_all(a, src->fd, batch, nb, boff);
+			nb = 0;
+			if (!iov[i].base)
+				continue;
+		}
+		if (populate) {
+			sys3(NR_madvise, iov[i].base + (s - pos), e - s, MADV_POPULATE_WRITE_);
+			continue;
+		}
+		if (!nb)
+			boff = src->off + s;
+		batch[nb].base = iov[i].base + (s - pos);
+		batch[nb].len = e - s;
+		nb++;
+	}
+	if (nb)
+		pie_preadv_all(a, src->fd, batch, nb, boff);
+}
+
+/* Part p of n of every source (its share of each file's bytes, cut at a page): first
+ * the destination faulted in (one call per run: far cheaper than a page fault per
+ * 4 KiB inside the copy), then the copy. */
+PIE void pie_fill_part(struct pie_args *a, uint64_t p, uint64_t n)
 {
 	struct pie_page_src *src = (struct pie_page_src *)a->page_srcs;
 	uint64_t i, j;
+	int pass;
 
-	/* Fault the destination in with one call per run: far cheaper than a page fault
-	 * per 4 KiB inside the copy (the pages must be allocated either way). */
-	for (i = 0; i < a->nr_page_srcs; i++) {
-		struct pie_iovec *iov = (struct pie_iovec *)src[i].iovs;
+	for (pass = 1; pass >= 0; pass--)
+		for (i = 0; i < a->nr_page_srcs; i++) {
+			struct pie_iovec *iov = (struct pie_iovec *)src[i].iovs;
+			uint64_t total = 0, lo, hi;
 
-		for (j = 0; j < src[i].nr_iovs; j++)
-			if (iov[j].base)
-				sys3(NR_madvise, iov[j].base, iov[j].len, MADV_POPULATE_WRITE_);
+			for (j = 0; j < src[i].nr_iovs; j++)
+				total += iov[j].len;
+			lo = (total / n * p) & ~4095ULL;
+			hi = p + 1 == n ? total : (total / n * (p + 1)) & ~4095ULL;
+			pie_fill_range(a, &src[i], lo, hi, pass);
+		}
+}
+
+struct pie_fill_job {
+	struct pie_args *a;
+	uint32_t tid;		/* cleared by the kernel (and woken) when the helper exits */
+};
+
+PIE __attribute__((noreturn, used)) void pie_fill_entry(struct pie_fill_job *job)
+{
+	pie_fill_part(job->a, 1, 2);
+	for (;;)
+		sys3(NR_exit, 0, 0, 0);
+}
+
+/* The helper thread: a plain thread of this task on its own mapped stack, starting in
+ * pie_fill_entry (r12 survives the syscall in the child); -errno if it was not made. */
+PIE long pie_clone_filler(struct pie_fill_job *job, uint64_t stack)
+{
+	struct clone_args_ ca;
+	register long r12 asm("r12") = (long)job;
+	long ret;
+
+	ca.flags = CLONE_THREAD_FLAGS_ | CLONE_CHILD_CLEARTID_;
+	ca.pidfd = ca.parent_tid = ca.exit_signal = ca.tls = ca.cgroup = 0;
+	ca.child_tid = (uint64_t)&job->tid;
+	ca.stack = stack;
+	ca.stack_size = FILL_STACK;
+	ca.set_tid = ca.set_tid_size = 0;
+	asm volatile("syscall\n\t"
+		     "test %%rax, %%rax\n\t"
+		     "jnz 1f\n\t"
+		     "xor %%ebp, %%ebp\n\t"
+		     "mov %%r12, %%rdi\n\t"
+		     "call %P[entry]\n\t"
+		     "ud2\n"
+		     "1:"
+		     : "=a"(ret)
+		     : "a"(NR_clone3), "D"(&ca), "S"(sizeof(ca)), "r"(r12),
+		       [entry] "i"(pie_fill_entry)
+		     : "rcx", "r11", "memory");
+	return ret;
+}
+
+/* The pages of every source (the dump's own pages file, then its parents'): with
+ * fill_parts 2, half of each in a helper thread meanwhile (when it cannot be made,
+ * all of it here). */
+PIE void pie_read_pages(struct pie_args *a)
+{
+	struct pie_fill_job job;
+	long stack, r;
+
+	if (a->fill_parts < 2) {
+		pie_fill_part(a, 0, 1);
+		return;
 	}
-	for (i = 0; i < a->nr_page_srcs; i++)
-		pie_read_source(a, &src[i]);
+	stack = sys6(NR_mmap, 0, FILL_STACK, PROT_READ_ | PROT_WRITE_,
+		     MAP_PRIVATE_ | MAP_ANONYMOUS_, -1, 0);
+	if (stack < 0 && stack > -4096) {
+		pie_fill_part(a, 0, 1);
+		return;
+	}
+	job.a = a;
+	job.tid = 1;
+	r = pie_clone_filler(&job, stack);
+	if (r < 0) {
+		sys3(NR_munmap, stack, FILL_STACK, 0);
+		pie_fill_part(a, 0, 1);
+		return;
+	}
+	pie_fill_part(a, 0, 2);
+	pie_wait_while(&job.tid, 1, 0);	/* the kernel's wake at its exit is a shared one */
+	sys3(NR_munmap, stack, FILL_STACK, 0);
 }
 
 /* Lazy restore: the lazy ranges are mapped and still empty (nothing above touched

@@ -286,6 +286,11 @@ struct pie_args {
 	int32_t pad3;
 	uint64_t lazy;		/* struct pie_iovec[nr_lazy]: (start, length) */
 	uint64_t nr_lazy;
+
+	/* Page filling: 1, or 2 to fill the second half of every pages file's bytes in a
+	 * helper thread (any TID; it exits before anything else happens) while the leader
+	 * fills the first: faulting and copying fresh memory is CPU-bound. */
+	uint64_t fill_parts;
 };
 
 #endif

@@ -6,6 +6,7 @@
 # a stack per thread. The region is all that survives the restorer's big unmap (with the
 # premapped VMAs and the shared sync page).
 import mmap
+import os
 import struct
 
 from criu_py.proc import Record
@@ -299,6 +300,17 @@ def prepare(plan: PiePlan, base: int, size: int) -> tuple[int, int, int]:
     return entry, args, tops[0]
 
 
+FILL_SPLIT_MIN = 64 << 20      # bytes of pages from which a second thread fills half
+
+
+def fill_parts(page_sources) -> int:
+    """How many threads of the restorer fill the pages: two on a machine with more than
+    one CPU when there is much to copy (faulting fresh memory in and copying into it is
+    CPU-bound: ~1.6x on 1 GiB here), else one."""
+    total = sum(n for _, iovs in page_sources for base, n in iovs if base)
+    return 2 if total >= FILL_SPLIT_MIN and (os.cpu_count() or 1) > 1 else 1
+
+
 def _fill_args(ffi, w: "_Writer", plan: PiePlan, base: int, size: int, tops: list) -> int:
     """One struct pie_args (and what it points to) for `plan`; its address."""
     from criu_py.native import lib
@@ -329,6 +341,7 @@ def _fill_args(ffi, w: "_Writer", plan: PiePlan, base: int, size: int, tops: lis
         srcs += struct.pack("<iiQQQ", fd, 0, 0, addr, len(iovs))
     a.page_srcs = w.put(srcs or bytes(32), 16)
     a.nr_page_srcs = len(plan.page_sources)
+    a.fill_parts = fill_parts(plan.page_sources)
     a.status_fd = plan.status_fd
     a.vdso_vvar = plan.vdso_vvar
 
