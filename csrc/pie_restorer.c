@@ -278,6 +278,27 @@ PIE void pie_map_vmas(struct pie_args *a)
 
 PIE void pie_wait_while(uint32_t *word, uint32_t val, int private_);
 
+/* clone3 with *ca into ret; the child starts on ca's stack in entry(arg0, arg1), which
+ * never returns (r12 and r13 survive the syscall in the child). A macro: the call must be
+ * direct, so the entry is an immediate. */
+#define PIE_CLONE3_CALL(ret, ca, entry, arg0, arg1) do {				\
+	register long r12_ asm("r12") = (long)(arg0);					\
+	register long r13_ asm("r13") = (long)(arg1);					\
+	asm volatile("syscall\n\t"							\
+		     "test %%rax, %%rax\n\t"						\
+		     "jnz 1f\n\t"							\
+		     "xor %%ebp, %%ebp\n\t"						\
+		     "mov %%r12, %%rdi\n\t"						\
+		     "mov %%r13, %%rsi\n\t"						\
+		     "call %P[e]\n\t"							\
+		     "ud2\n"								\
+		     "1:"								\
+		     : "=a"(ret)							\
+		     : "a"(NR_clone3), "D"(ca), "S"(sizeof(*(ca))), "r"(r12_), "r"(r13_),	\
+		       [e] "i"(entry)							\
+		     : "rcx", "r11", "memory");						\
+} while (0)
+
 #define FILL_BATCH 64		/* iovecs per preadv (a copy on the stack) */
 #define FILL_STACK (64 * 1024)	/* the fill helper's own stack, mapped for it */
 #define CLONE_CHILD_CLEARTID_ 0x00200000
@@ -380,11 +401,10 @@ PIE __attribute__((noreturn, used)) void pie_fill_entry(struct pie_fill_job *job
 }
 
 /* The helper thread: a plain thread of this task on its own mapped stack, starting in
- * pie_fill_entry (r12 survives the syscall in the child); -errno if it was not made. */
+ * pie_fill_entry; its TID, or -errno if it was not made. */
 PIE long pie_clone_filler(struct pie_fill_job *job, uint64_t stack)
 {
 	struct clone_args_ ca;
-	register long r12 asm("r12") = (long)job;
 	long ret;
 
 	ca.flags = CLONE_THREAD_FLAGS_ | CLONE_CHILD_CLEARTID_;
@@ -393,18 +413,7 @@ PIE long pie_clone_filler(struct pie_fill_job *job, uint64_t stack)
 	ca.stack = stack;
 	ca.stack_size = FILL_STACK;
 	ca.set_tid = ca.set_tid_size = 0;
-	asm volatile("syscall\n\t"
-		     "test %%rax, %%rax\n\t"
-		     "jnz 1f\n\t"
-		     "xor %%ebp, %%ebp\n\t"
-		     "mov %%r12, %%rdi\n\t"
-		     "call %P[entry]\n\t"
-		     "ud2\n"
-		     "1:"
-		     : "=a"(ret)
-		     : "a"(NR_clone3), "D"(&ca), "S"(sizeof(ca)), "r"(r12),
-		       [entry] "i"(pie_fill_entry)
-		     : "rcx", "r11", "memory");
+	PIE_CLONE3_CALL(ret, &ca, pie_fill_entry, job, 0);
 	return ret;
 }
 
@@ -919,13 +928,11 @@ PIE long pie_clone_vfork(struct pie_args *a)
 }
 
 /* clone3 a thread of this task with its TID; the child starts on its own stack in the
- * region and goes straight to pie_thread_entry (r12 and r13 survive the syscall in it). */
+ * region and goes straight to pie_thread_entry(a, t). */
 PIE long pie_clone_thread(struct pie_args *a, struct pie_thread *t, uint64_t stack_size)
 {
 	struct clone_args_ ca;
 	int32_t tid = t->tid;
-	register long r12 asm("r12") = (long)a;
-	register long r13 asm("r13") = (long)t;
 	long ret;
 
 	ca.flags = CLONE_THREAD_FLAGS_;
@@ -934,19 +941,7 @@ PIE long pie_clone_thread(struct pie_args *a, struct pie_thread *t, uint64_t sta
 	ca.stack_size = stack_size;
 	ca.set_tid = (uint64_t)&tid;
 	ca.set_tid_size = 1;
-	asm volatile("syscall\n\t"
-		     "test %%rax, %%rax\n\t"
-		     "jnz 1f\n\t"
-		     "xor %%ebp, %%ebp\n\t"
-		     "mov %%r12, %%rdi\n\t"
-		     "mov %%r13, %%rsi\n\t"
-		     "call %P[entry]\n\t"
-		     "ud2\n"
-		     "1:"
-		     : "=a"(ret)
-		     : "a"(NR_clone3), "D"(&ca), "S"(sizeof(ca)), "r"(r12), "r"(r13),
-		       [entry] "i"(pie_thread_entry)
-		     : "rcx", "r11", "memory");
+	PIE_CLONE3_CALL(ret, &ca, pie_thread_entry, a, t);
 	return ret;
 }
 
