@@ -529,7 +529,13 @@ class Harness:
     # -- cleanup
     def cleanup(self) -> None:
         for task in reversed(self.tasks):
-            tree = descendants(task.pid) if task.is_ours() else []
+            ours = task.is_ours()
+            if ours:            # stopped first: a parent that respawns its children (nginx's
+                try:            # master) must not fork one between the two kills below
+                    os.kill(task.pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            tree = descendants(task.pid) if ours else []
             for pid in tree:
                 try:
                     os.kill(pid, signal.SIGKILL)
