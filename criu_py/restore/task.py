@@ -93,6 +93,12 @@ class TaskRun:
         import gc
         gc.disable()            # short-lived: no collection touching the inherited heap
         try:
+            # Until the tree is let go, a task dies with its parent (and the root with the
+            # restore command): nothing half-restored is left if the restore is killed,
+            # even before the stages open.
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != self.rs.parent_of(t):
+                os._exit(1)                 # the parent is gone already
             self.fds.after_fork()
             self.own_service_fds()
             sy.wait_stage(S.STAGE_FORK)
@@ -178,11 +184,6 @@ class TaskRun:
     # ------------------------------------------------------------ stage FORK
     def fork_stage(self) -> None:
         t = self.t
-        # Until the tree is let go, a task dies with its parent (and the root with the
-        # restore command): nothing half-restored is left if the restore is killed.
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self.rs.parent_of(t):
-            os._exit(1)                 # the parent is gone already
         self.stage = "cgroups"
         self.rs.cg_yard.move(0, cg_set_of(t), cg_set_of(t.parent) if t.parent else None)
         self.stage = "session"
