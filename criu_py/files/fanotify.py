@@ -41,11 +41,8 @@ class FanotifyOps(FileOps):
                                   f"{m.values.get('sdev', 0) & 0xFFFFF} is not supported")
 
     def pre_dump(self, ctx, ref: FdRef) -> None:
-        from criu_py import proc
-        for m in proc.read_fsnotify(ref.pid, ref.fd).marks:
-            if m.kind == "inode":
-                ctx.dump.irmap_queue.append((m.values["sdev"], m.values["ino"],
-                                             m.values.get("fhandle-type", 0), m.handle))
+        from criu_py.files.inotify import queue_watched_inodes
+        queue_watched_inodes(ctx, ref, "inode")
 
     def dump_fd(self, ctx, ref: FdRef) -> int:
         from criu_py import proc

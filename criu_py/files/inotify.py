@@ -58,6 +58,16 @@ def mark_path(ctx, ref: FdRef, m, what: str):
                                        v["ino"], htype, m.handle, what)
 
 
+def queue_watched_inodes(ctx, ref: FdRef, kind: str) -> None:
+    """Pre-dump (inotify and fanotify): the inodes the fd's marks of `kind` watch, queued
+    for the irmap cache (resolved once the tree runs again)."""
+    from criu_py import proc
+    for m in proc.read_fsnotify(ref.pid, ref.fd).marks:
+        if m.kind == kind:
+            ctx.dump.irmap_queue.append((m.values["sdev"], m.values["ino"],
+                                         m.values.get("fhandle-type", 0), m.handle))
+
+
 class InotifyOps(FileOps):
     fd_type = FD_TYPE_INOTIFY
     restore_imports = ("criu_py.irmap.handles",)
@@ -66,12 +76,7 @@ class InotifyOps(FileOps):
         return ref.link == "anon_inode:inotify"
 
     def pre_dump(self, ctx, ref: FdRef) -> None:
-        """Pre-dump: the watched inodes, for the irmap cache (resolved once the tree runs)."""
-        from criu_py import proc
-        for m in proc.read_fsnotify(ref.pid, ref.fd).marks:
-            if m.kind == "inotify":
-                ctx.dump.irmap_queue.append((m.values["sdev"], m.values["ino"],
-                                             m.values.get("fhandle-type", 0), m.handle))
+        queue_watched_inodes(ctx, ref, "inotify")
 
     def dump_fd(self, ctx, ref: FdRef) -> int:
         from criu_py import proc
