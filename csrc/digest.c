@@ -270,3 +270,11 @@ long cp_digest_crcs(const uint32_t *crcs, uint64_t size, const uint64_t *runs, l
 	*file_digest = mix(size ^ 0x6372697570792d31ull) + sum;
 	return 0;
 }
+
+/* Whether this CPU has the CRC-32C instruction (code that runs in a task may use it). */
+int cp_crc_hw(void)
+{
+	if (have_sse42 < 0)
+		crc_init();
+	return have_sse42;
+}

@@ -558,3 +558,18 @@ def test_task_in_another_namespace_is_refused(h):
     assert res.returncode == 1 and "uts namespace" in res.stderr, res.stderr
     assert no_images(images)
     assert_untraced_running(p.pid)
+
+
+def test_vmsplice_blob_is_its_source(tmp_path):
+    """parasite.VMSPLICE_BLOB is csrc/blobs/vmsplice.S assembled (then its ending)."""
+    import shutil
+
+    from criu_py.dump.parasite import VMSPLICE_BLOB
+    from criu_py.ptrace import BLOB_END, SIGNAL_END
+    if not shutil.which("gcc") or not shutil.which("objcopy"):
+        pytest.skip("gcc and objcopy are needed to assemble the blob")
+    src = Path(__file__).resolve().parent.parent / "csrc" / "blobs" / "vmsplice.S"
+    subprocess.run(["gcc", "-c", src, "-o", tmp_path / "v.o"], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", tmp_path / "v.o",
+                    tmp_path / "v.bin"], check=True)
+    assert (tmp_path / "v.bin").read_bytes() + SIGNAL_END + BLOB_END == VMSPLICE_BLOB

@@ -105,6 +105,49 @@ def test_killed_at_every_point_of_the_injection(h, mode, points):
           f"scratch pages left: {watch.scratch_left}")
 
 
+def test_killed_at_every_point_of_a_page_server_dump(h):
+    """dump --page-server: the task hands its pages over with vmsplice in a free-running
+    blob. A dumper killed at any point, while that blob runs included (its pipe then has
+    no reader: the task's vmsplice fails with EPIPE and the blob takes back the SIGPIPE
+    it raised), never hurts the task."""
+    import socket
+    task = h.start("regwatch", ready=r"ready \d+")
+    watch = Watch(task)
+    images = h.images_dir()
+    n, done_at = 1, None
+    while n < 200:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        r, w = os.pipe()
+        server = subprocess.Popen(h.cli_argv("page-server", "-D", h.images_dir("ps"),
+                                             "--address", "127.0.0.1", "--port", port,
+                                             "--status-fd", w),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  pass_fds=[w])
+        h.popens.append(server)
+        os.close(w)
+        os.read(r, 1)
+        os.close(r)
+        # (not -R: a page-server dump kills the tree once its pages are sent)
+        argv = h.cli_argv("dump", "-t", task.pid, "-D", images, "-v0", "--page-server",
+                          "--address", "127.0.0.1", "--port", port)
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "CRIU_PY_TEST_KILL_AT": str(n)})
+        if res.returncode == 0:
+            assert server.wait(30) == 0
+            done_at = n                  # and the task was killed by its dump
+            break
+        assert res.returncode == -signal.SIGKILL, (n, res.returncode, res.stderr)
+        server.kill()                    # it may still wait for a connection
+        server.wait(30)
+        watch.check(f"a page-server dumper killed at point {n}")
+        n += 1
+    assert done_at, "the dump should complete after its last kill point"
+    print(f"page-server dump completes after point {done_at - 1}; scratch pages left: "
+          f"{watch.scratch_left}")
+
+
 @pytest.mark.parametrize("mode", ["free", "stepped"])
 def test_killed_at_random_instants(h, mode):
     task = h.start("regwatch", *(["catch"] if mode == "stepped" else []), ready=r"ready \d+")

@@ -628,8 +628,9 @@ def write_memory(ctx) -> None:
             stacks = [th.gpregs["sp"] for th in pd.threads] + [pd.stat.start_stack]
             ctx.lazy_kept.add(pd.pid, pd.pages.keep_lazy(stacks))
         if ctx.page_sink is not None:
-            pd.page_stats = memdump.send_private_pages(pd.pid, pd.vma_plans, ctx.page_sink,
-                                                       pd.pages)
+            pd.page_stats = memdump.send_private_pages(
+                pd.pid, pd.vma_plans, ctx.page_sink, pd.pages,
+                task=(pd.tracee, pd.leader.raw_gpregs, pd.pidfd))
             continue
         try:
             pd.page_stats = memdump.dump_private_pages(pd.pid, pd.vma_plans, ctx.images,

@@ -4,6 +4,8 @@
 # code blob runs once in a scratch page inside the task and leaves the answers there; a
 # second, smaller blob then runs in every other thread for what is per thread
 # (clear_child_tid, sigaltstack, securebits, pdeath signal).
+import fcntl
+import os
 import struct
 
 from criu_py.errors import DumpError
@@ -151,3 +153,107 @@ def make_userfaultfd(tracee: Tracee, saved_regs: bytes, pidfd: int,
         finally:
             inj.syscall(NR_CLOSE, remote)
     return local
+
+
+# ---------------------------------------------------------------- vmsplice
+# `dump --page-server` without copies in the dumper: the task hands its own pages to a
+# pipe with vmsplice(2) (references to its pages, which stay put while it is frozen) and
+# the dumper moves them from the pipe to the socket with splice(2). The task also
+# computes the CRC-32C of each 4 KiB block (images/integrity.py's, csrc/digest.c) of
+# each chunk before it hands the chunk over, reading its own memory where it is: the
+# page server seals the files with them, so the pages are checked end to end.
+# r12 = the parameter area: [0] the pipe's write end in the task, [8] the number of
+# iovecs at [96] (16 bytes each), [16] out: 0 or -errno, [24] out: bytes handed over,
+# [32] a sigset of SIGPIPE, [40] a zero timespec, [56] where the next CRC goes (u32
+# each, moved on), [64] the chunk's iovec, [80] the chunk's length. Source: csrc/blobs/vmsplice.S:
+#   for each iovec, in chunks of at most 1 MiB from its start:
+#       the CRC of each block of the chunk (three blocks at a time while there are
+#       three: crc32q over each, from ~0, the result inverted) -> [[56]], [56] += 4 each
+#       while the chunk's iovec has bytes: r = vmsplice(fd, [64], 1, 0); -EINTR: again;
+#           r <= 0: [16] = r or -EIO, stop; else [64].base += r, [64].len -= r, [24] += r
+#   on -EPIPE (our reader is gone: a dead dumper) the SIGPIPE it raised, held by the
+#   injection's mask, is taken back: rt_sigtimedwait([32], NULL, [40], 8), so the task
+#   does not die of it once its own mask is back
+VMSPLICE_BLOB = bytes.fromhex(
+    "498d5c24604d8b6c24084d85ed0f842d0100004c8b53084d85d20f841401000049c7c3000010004d39da"
+    "4d0f47d3488b3349897424404d895424484d89542450498b7c24384d89d049c1e80c4983f803725bb8ff"
+    "ffffffbaffffffffb9ffffffff4531c9f24a0f38f1040ef24a0f38f1940e00100000f24a0f38f18c0e00"
+    "2000004983c1084981f90010000075d6f7d0f7d2f7d18907895704894f084883c70c4881c60030000049"
+    "83e803eb9f4d85c07430b8ffffffff4531c9f24a0f38f1040e4983c1084981f90010000075ecf7d08907"
+    "4883c7044881c60010000049ffc8ebcb49897c243849837c2448007434b816010000498b3c24498d7424"
+    "40ba010000004531d20f054883f8fc74da4885c07e37490144244049294424484901442418ebc4498b44"
+    "245048010348294308e9dffeffff4883c31049ffcde9cafeffff31c04989442410eb2d750748c7c0fbff"
+    "ffff49894424104883f8e07519b880000000498d7c242031f6498d54242841ba080000000f05") + SIGNAL_END + BLOB_END
+VMSPLICE_IOV_OFFSET = 96
+NR_PIPE2 = 293
+SIGPIPE_BIT = 1 << (13 - 1)
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20        # the most a pipe may hold without CAP_SYS_RESOURCE
+
+
+def vmsplice_pages(tracee: Tracee, saved_regs: bytes, pidfd: int, ranges: list, reader):
+    """The stopped task `tracee` computes the CRCs of [start, end) of `ranges` and
+    vmsplices them, in order, into a pipe while reader(our read end, the address of
+    the CRCs in the task, stop) runs in a thread of ours and takes them out; reader
+    must read until the pipe's writer closes it or stop[0] is set. Returns reader's
+    result, or None when this cannot be done here (a CPU without CRC-32C, no signal to
+    end the blob with, a SIGPIPE already pending): nothing was sent then."""
+    import threading
+    from criu_py import proc
+    from criu_py.native import ffi, lib
+    st = proc.read_status(tracee.pid)
+    if not lib.cp_crc_hw() or \
+            (st.shd_pnd | proc.read_status(tracee.pid, tracee.pid).sig_pnd) & SIGPIPE_BIT:
+        return None
+    iovs = b"".join(struct.pack("<QQ", s, e - s) for s, e in ranges)
+    blob_at = -(-(VMSPLICE_IOV_OFFSET + len(iovs)) // 64) * 64
+    crcs_at = -(-(blob_at + len(VMSPLICE_BLOB)) // 64) * 64
+    size = -(-(crcs_at + sum(e - s for s, e in ranges) // 4096 * 4) // 4096) * 4096
+    with Injection(tracee, saved_regs) as inj:
+        sig = inj.end_signal([tracee])
+        if not sig:
+            return None
+        with inj.scratch_page(size) as page:
+            ret = inj.syscall(NR_PIPE2, page, O_CLOEXEC)
+            if ret < 0:
+                raise DumpError(f"pipe2 inside task {tracee.pid} failed: {os.strerror(-ret)}")
+            rfd, wfd = struct.unpack("<ii", tracee.read_mem(page, 8))
+            try:
+                ours = lib.cp_pidfd_getfd(pidfd, rfd)
+            finally:
+                inj.syscall(NR_CLOSE, rfd)       # ours is the only reader
+            if ours < 0:
+                inj.syscall(NR_CLOSE, wfd)
+                raise DumpError(f"pidfd_getfd of task {tracee.pid}'s pipe failed: "
+                                f"{os.strerror(-ours)}")
+            stop = ffi.new("int[1]")
+            result = []
+            thread = threading.Thread(
+                target=lambda: result.append(reader(ours, page + crcs_at, stop)),
+                name="vmsplice-reader", daemon=True)
+            try:
+                try:
+                    fcntl.fcntl(ours, F_SETPIPE_SZ, PIPE_BYTES)
+                except OSError:
+                    pass                         # the default size is slower, not wrong
+                params = struct.pack("<qqqqQ16xQ32x", wfd, len(ranges), 0, 0, SIGPIPE_BIT,
+                                     page + crcs_at)
+                tracee.write_mem(page, params + iovs)
+                tracee.write_mem(page + blob_at, VMSPLICE_BLOB)
+                thread.start()
+                inj.run_blob(page + blob_at, crcs_at - blob_at, end_signal=sig, r12=page)
+                out, handed = struct.unpack("<qq", tracee.read_mem(page + 16, 16))
+            finally:
+                try:
+                    if not tracee.dead:
+                        inj.syscall(NR_CLOSE, wfd)   # the reader sees the pipe's end
+                finally:
+                    if thread.is_alive():
+                        thread.join(5)
+                    stop[0] = 1
+                    thread.join()
+                    os.close(ours)
+    if out < 0:
+        raise DumpError(f"vmsplice inside task {tracee.pid} failed after {handed} bytes: "
+                        f"{os.strerror(-out)}")
+    return result[0] if result else None

@@ -487,16 +487,19 @@ def pagemap_flags(pages: PagePlan) -> list:
             for _, _, flag, p in pages.flat()]
 
 
-def send_private_pages(pid: int, plans: list[VmaPlan], sink, pages: PagePlan) -> PageStats:
+def send_private_pages(pid: int, plans: list[VmaPlan], sink, pages: PagePlan,
+                       task=None) -> PageStats:
     """dump --page-server: pid's pagemap and data pages go to the page server (sink, a
-    pageserver.client.Sink) instead of pagemap-PID.img and pages-ID.img."""
+    pageserver.client.Sink) instead of pagemap-PID.img and pages-ID.img; task: see
+    Sink.process_pages."""
     from criu_py.pageserver.client import send_process_pages
     st = PageStats()
     t0 = time.monotonic()
     st.pages_scanned = pages.scanned
     unreadable = [(p.vma.start, p.vma.end) for p in plans
                   if p.dump_private_pages and not p.vma.prot_readable]
-    written = send_process_pages(sink, pid, pid, pages, pagemap_flags(pages), unreadable)
+    written = send_process_pages(sink, pid, pid, pages, pagemap_flags(pages), unreadable,
+                                 task)
     _finish_stats(st, pages, written, t0, t0, time.monotonic())
     log.info("pid %d: %d pages sent to the page server %s (%.1f ms)", pid, st.pages_written,
              sink.where, st.memwrite_us / 1e3)

@@ -22,10 +22,14 @@
 # criu-py's extension, PS_FLAG_DIGEST (a flag bit upstream's decode_ps_cmd() masks off, so
 # either side may be upstream CRIU): a client that sets it on PS_IOV_OPEN2 gets the answer
 # byte with DIGEST_ANSWER set from a criu-py server, and then sends, after the data of
-# every PS_IOV_ADD_F with PE_PRESENT, the 8-byte digest of that data (images/integrity.py's
-# run digest, csrc/digest.c); the server checks it before writing. A client that sets it
-# on PS_IOV_GET gets, from a criu-py server, the reply's flags with PS_FLAG_DIGEST and the
-# digest after the data. An upstream server never sets the bit, and no digest follows.
+# every PS_IOV_ADD_F with PE_PRESENT (at most MAX_CHUNK bytes each), the CRC-32C of each
+# of its 4 KiB blocks (u32 each, csrc/digest.c): the server writes the data straight from
+# the socket to the pages file and seals the file with these CRCs (images/integrity.py),
+# so a page damaged on the way fails the restore's check, before anything runs. A client
+# that sets it on PS_IOV_GET gets, from a criu-py server, the reply's flags with
+# PS_FLAG_DIGEST and the 8-byte digest of the data after it (images/integrity.py's run
+# digest), checked before the data is used. An upstream server never sets the bit, and
+# nothing follows the data.
 import socket
 import struct
 
@@ -40,6 +44,7 @@ PS_FLAG_DIGEST = 0x8000          # criu-py: digests travel with the data (see ab
 DIGEST_ANSWER = 0x80             # in OPEN2's answer byte: the server takes digests
 HEADER = struct.Struct("<I4xQQQ")
 DIGEST = struct.Struct("<Q")
+CRC_SIZE = 4                     # a block's CRC after PS_IOV_ADD_F's data
 MAX_CHUNK = 1 << 20              # data is sent in ADD_F commands of at most this much
 DEFAULT_ADDRESS = "0.0.0.0"
 

@@ -1,7 +1,9 @@
 # The client sides of the page-server protocol (pageserver/__init__.py):
 #   - Sink: `dump --page-server` sends each pagemap (PS_IOV_OPEN2, then PS_IOV_ADD_F per
-#     run of at most MAX_CHUNK bytes with its data and, to a criu-py server, its digest)
-#     and closes the session once every page is there (PS_IOV_CLOSE; status 0);
+#     run of at most MAX_CHUNK bytes with its data and, to a criu-py server, the CRCs of
+#     its blocks; a process's pages through csrc/pagexfer.c: handed over by the task
+#     itself with vmsplice and spliced to the socket, or else read while the last chunk
+#     is sent) and closes the session once every page is there (PS_IOV_CLOSE; status 0);
 #   - LazyClient: `lazy-pages --page-server` asks the dump's lazy server for pages
 #     (PS_IOV_GET) and checks each answer's digest before the daemon copies a byte of it.
 import os
@@ -21,8 +23,9 @@ class Sink:
         self.where = f"{address}:{port}"
         self.sock = P.connect(address, port)
         self.digests = False
-        self.buf = ffi.new("char[]", P.MAX_CHUNK)
-        self.addr = int(ffi.cast("uintptr_t", self.buf))
+        self.bufs = ffi.new("char[]", 2 * P.MAX_CHUNK)            # csrc/pagexfer.c's two
+        self.crcs = ffi.new("uint32_t[]", 2 * P.MAX_CHUNK // PAGE)
+        self.addr = int(ffi.cast("uintptr_t", self.bufs))
         self.bytes = 0
 
     def _fail(self, exc) -> CriuError:
@@ -47,21 +50,61 @@ class Sink:
     def pages(self, vaddr: int, length: int, flags: int, read) -> None:
         """Data pages at vaddr: read(buffer address, offset in the run, n) fills the
         buffer with the next n bytes; sent MAX_CHUNK at a time."""
-        from criu_py.native import ffi
+        from criu_py.native import ffi, lib
         done = 0
+        flags |= P.PS_FLAG_DIGEST if self.digests else 0
         try:
             while done < length:
                 n = min(P.MAX_CHUNK, length - done)
                 read(self.addr, done, n)
                 self.sock.sendall(P.pack(P.encode_cmd(P.PS_IOV_ADD_F, flags), n // PAGE,
                                          vaddr + done, 0))
-                self.sock.sendall(ffi.buffer(self.buf, n))
+                self.sock.sendall(ffi.buffer(self.bufs, n))
                 if self.digests:
-                    self.sock.sendall(P.DIGEST.pack(P.digest_of(self.addr, n)))
+                    lib.cp_crc_blocks(self.bufs, n, self.crcs)
+                    self.sock.sendall(ffi.buffer(self.crcs, n // PAGE * P.CRC_SIZE))
                 done += n
         except OSError as exc:
             raise self._fail(exc) from None
         self.bytes += length
+
+    def process_pages(self, pid: int, entries: list, task=None) -> int:
+        """A process's pagemap entries [(start, end, PE_* flags)] in address order, the
+        data of those with PE_PRESENT from pid's memory (csrc/pagexfer.c); returns the
+        data bytes sent. With task (its Tracee, saved registers and pidfd: stopped and
+        seized), the task vmsplices its pages to us (dump/parasite.py) and they go on
+        to the socket without a copy; else they are read with process_vm_readv."""
+        from criu_py.errors import check_errno
+        from criu_py.images import PE_PRESENT
+        from criu_py.native import ffi, lib
+        arr = ffi.new("struct cp_ps_entry[]", len(entries))
+        for i, (start, end, flags) in enumerate(entries):
+            arr[i].start, arr[i].end, arr[i].flags = start, end, flags
+        flags = P.PS_FLAG_DIGEST if self.digests else 0
+        present = [(start, end) for start, end, f in entries if f & PE_PRESENT]
+        sent = None
+        if task is not None and present:
+            from criu_py.dump import parasite
+
+            def reader(pipe_r, crcs_remote, stop):
+                return lib.cp_ps_splice_pages(pid, self.sock.fileno(), pipe_r, arr,
+                                              len(entries), PE_PRESENT, flags,
+                                              crcs_remote if self.digests else 0,
+                                              self.crcs, P.MAX_CHUNK, self.bufs,
+                                              P.MAX_CHUNK, stop)
+            tracee, saved_regs, pidfd = task
+            sent = parasite.vmsplice_pages(tracee, saved_regs, pidfd, present, reader)
+        if sent is None:
+            sent = lib.cp_ps_send_pages(pid, self.sock.fileno(), arr, len(entries),
+                                        PE_PRESENT, flags, int(self.digests), self.bufs,
+                                        P.MAX_CHUNK, self.crcs)
+        if sent < 0:
+            import errno
+            if -sent in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ETIMEDOUT):
+                raise self._fail(os.strerror(-sent))
+            check_errno(sent, "process_vm_readv", pid)
+        self.bytes += sent
+        return sent
 
     def close(self) -> None:
         """PS_IOV_CLOSE: the server has written everything (status 0), or CriuError."""
@@ -81,17 +124,21 @@ class Sink:
 
 
 def send_process_pages(sink: Sink, pid: int, pid_for_name: int, pages, flags: list,
-                       unreadable: list) -> int:
+                       unreadable: list, task=None) -> int:
     """A process's pagemap and data pages (mem/dump.py's PagePlan and flags) to the page
-    server; the data read with process_vm_readv (/proc/PID/mem inside `unreadable`)."""
+    server (Sink.process_pages; with /proc/PID/mem when a run is inside `unreadable`)."""
     from criu_py.errors import check_errno
+    from criu_py.images import PE_PRESENT
     from criu_py.native import lib
     sink.open(P.PS_TYPE_PID, pid_for_name)
+    entries = [(start, end, f) for (start, end, _, _), f in zip(pages.flat(), flags)]
+    if not any(f & PE_PRESENT and any(s <= start < e for s, e in unreadable)
+               for start, end, f in entries):
+        return sink.process_pages(pid, entries, task)
     mem_fd = -1
     total = 0
     try:
-        for (start, end, in_parent, _), f in zip(pages.flat(), flags):
-            from criu_py.images import PE_PRESENT
+        for start, end, f in entries:
             if not f & PE_PRESENT:
                 sink.entry(start, (end - start) // PAGE, f)
                 continue
@@ -115,29 +162,13 @@ def send_process_pages(sink: Sink, pid: int, pid_for_name: int, pages, flags: li
     return total
 
 
-def send_shmem_pages(sink: Sink, shmid: int, fd: int, ranges: list) -> int:
-    """A shared memory object's pages (offsets in the object) from its fd."""
-    from criu_py.images import PE_PRESENT
-    sink.open(P.PS_TYPE_SHMEM, shmid)
-    total = 0
-    for start, end in ranges:
-        def read(addr, off, n, base=start):
-            _pread_into(fd, addr, n, base + off, 0, zero_past_end=True)
-        sink.pages(start, end - start, PE_PRESENT, read)
-        total += end - start
-    return total
-
-
-def _pread_into(fd: int, addr: int, n: int, offset: int, pid: int, zero_past_end=False) -> None:
+def _pread_into(fd: int, addr: int, n: int, offset: int, pid: int) -> None:
     from criu_py.native import ffi
     view = memoryview(ffi.buffer(ffi.cast("char *", addr), n))
     done = 0
     while done < n:
         got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            if zero_past_end:
-                view[done:] = bytes(n - done)
-                return
             raise CriuError(f"cannot read memory of pid {pid} at {offset + done:#x}")
         done += got
 

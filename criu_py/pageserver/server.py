@@ -2,12 +2,14 @@
 #   - `criu-py page-server -D DIR --port N [--address A]`: takes one session of a
 #     `dump --page-server` and writes what it receives as pagemap-ID.img /
 #     pagemap-shmem-ID.img + pages-N.img into DIR (pages ids from 1, as they are opened;
-#     contiguous PS_IOV_ADD_F of the same flags make one pagemap entry), checks the
-#     digests a criu-py dump sends with the data, and at the end seals the files it wrote
-#     into criu-py-checksums-ps.img (images/integrity.py); then it exits. This thread
-#     receives into a ring of buffers; a writer thread (_Writer) computes the CRC of each
-#     4 KiB block of a chunk, checks the chunk's digest from them before writing it, and
-#     keeps them, so the seal never reads the pages files again;
+#     contiguous PS_IOV_ADD_F of the same flags make one pagemap entry), and at the end
+#     seals the files it wrote into criu-py-checksums-ps.img
+#     (images/integrity.py); then it exits. From a criu-py dump, the data goes from the
+#     socket to the pages file through a pipe (splice: it never comes up here) and the
+#     CRCs of its blocks, sent after it, seal the file (a page damaged on the way fails
+#     the restore's check). From an upstream dump (no CRCs), this thread receives into a
+#     ring of buffers and a writer thread (_Writer) computes the CRC of each 4 KiB block
+#     of a chunk while it writes it; either way the seal never reads a pages file again;
 #   - LazyServer, used by `dump --lazy-pages`: answers the PS_IOV_GET of one
 #     `lazy-pages --page-server` from the memory the dump keeps (dump/lazy.py) until the
 #     client closes the session.
@@ -67,11 +69,10 @@ class _Xfer:
 
 
 class _Writer:
-    """The thread that checks and writes what the session receives: for each chunk (a
-    buffer of the ring), the CRC of each 4 KiB block (kept for the seal), the chunk's
-    digest from them checked against the one the dump sent, then write(2) to the pages
-    file; the buffer goes back to the ring. The first failure is kept for the receiving
-    thread (raise_error) and the chunks after it are dropped."""
+    """The thread that writes what an upstream dump sends: for each chunk (a buffer of
+    the ring), the CRC of each 4 KiB block (kept for the seal), then write(2) to the
+    pages file; the buffer goes back to the ring. The first failure is kept for the
+    receiving thread (raise_error) and the chunks after it are dropped."""
 
     RING = 4
 
@@ -79,7 +80,7 @@ class _Writer:
         import queue
         import threading
         from criu_py.native import ffi
-        self.cbuf = ffi.new("char[]", self.RING * (P.MAX_CHUNK + P.DIGEST.size))
+        self.cbuf = ffi.new("char[]", self.RING * P.MAX_CHUNK)
         self.addr = int(ffi.cast("uintptr_t", self.cbuf))
         self.view = memoryview(ffi.buffer(self.cbuf))
         self.free, self.todo = queue.SimpleQueue(), queue.SimpleQueue()
@@ -90,14 +91,12 @@ class _Writer:
         self.thread.start()
 
     def slot(self, i: int) -> tuple[int, memoryview]:
-        at = i * (P.MAX_CHUNK + P.DIGEST.size)
-        return self.addr + at, self.view[at:at + P.MAX_CHUNK + P.DIGEST.size]
+        at = i * P.MAX_CHUNK
+        return self.addr + at, self.view[at:at + P.MAX_CHUNK]
 
     def _run(self) -> None:
         from criu_py.native import ffi, lib
         crcs = ffi.new("uint32_t[]", P.MAX_CHUNK // PAGE)
-        run = ffi.new("uint64_t[2]")
-        out_run, out_file = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         while True:
             job = self.todo.get()
             if job is None:
@@ -105,17 +104,11 @@ class _Writer:
             if isinstance(job, list):            # a barrier: job[0] set when reached
                 job[0].set()
                 continue
-            i, xfer, n, want, vaddr = job
+            i, xfer, n = job
             try:
                 if self.error is None:
                     addr, view = self.slot(i)
                     lib.cp_crc_blocks(ffi.cast("void *", addr), n, crcs)
-                    if want is not None:
-                        run[0], run[1] = 0, n
-                        lib.cp_digest_crcs(crcs, n, run, 1, out_run, out_file)
-                        if out_run[0] != want:
-                            raise SessionError(f"the pages at {vaddr:#x} arrived damaged "
-                                               f"(digest mismatch)")
                     w = 0
                     while w < n:
                         w += os.write(xfer.fd, view[w:n])
@@ -145,9 +138,21 @@ class _Writer:
         self.thread.join()
 
 
+def _pipe() -> tuple[int, int, int]:
+    """The pipe data crosses from socket to file: as large as we may make it."""
+    import fcntl
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, P.MAX_CHUNK)
+    except OSError:
+        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    return r, w, size
+
+
 class Receiver:
-    """One session of `page-server`: this thread receives, a _Writer checks and writes
-    (stop() joins it; serve() does on its way out)."""
+    """One session of `page-server`: a criu-py dump's data spliced to the files by this
+    thread; an upstream dump's received here and written by a _Writer (serve() stops it
+    on its way out)."""
 
     def __init__(self, images):
         self.images = images
@@ -156,7 +161,8 @@ class Receiver:
         self.digests = False
         self.next_pages_id = 1
         self.pages = self.bytes = 0
-        self.writer = None
+        self.writer = None           # _Writer, for an upstream dump
+        self.pipe = None             # (read end, write end, size), for a criu-py dump
 
     def _new_pages_id(self) -> int:
         while self.images.exists(f"pages-{self.next_pages_id}.img"):
@@ -179,11 +185,14 @@ class Receiver:
         return os.path.exists(os.path.join(self.images.dirpath, "parent", name))
 
     def serve(self, sock) -> None:
-        self.writer = _Writer()
         try:
             self._serve(sock)
         finally:
-            self.writer.stop()
+            if self.writer is not None:
+                self.writer.stop()
+            if self.pipe is not None:
+                os.close(self.pipe[0])
+                os.close(self.pipe[1])
 
     def _serve(self, sock) -> None:
         while True:
@@ -226,13 +235,38 @@ class Receiver:
                 raise SessionError(f"unknown command {value:#x}")
 
     def _receive(self, sock, length: int, vaddr: int) -> None:
-        """length bytes of data (and, with digests, the digest after them) into buffers
-        of the writer's ring, one recv (MSG_WAITALL) per chunk, handed to the writer."""
-        import socket
-        if self.digests and length > P.MAX_CHUNK:
+        if self.digests:
+            self._splice(sock, length, vaddr)
+        else:
+            self._receive_upstream(sock, length)
+        self.xfer.bytes += length
+        self.bytes += length
+
+    def _splice(self, sock, length: int, vaddr: int) -> None:
+        """length bytes of data from socket to pages file (csrc/pagexfer.c), then the
+        CRC of each of its blocks."""
+        import errno
+        from criu_py.native import lib
+        if length > P.MAX_CHUNK:
             raise SessionError(f"{length} bytes at {vaddr:#x} in one command (at most "
-                               f"{P.MAX_CHUNK} with digests)")
-        tail = P.DIGEST.size if self.digests else 0
+                               f"{P.MAX_CHUNK} with CRCs)")
+        if self.pipe is None:
+            self.pipe = _pipe()
+        r, w, size = self.pipe
+        got = lib.cp_ps_recv_to_file(sock.fileno(), r, w, self.xfer.fd, length, size)
+        if got == -errno.ECONNRESET:
+            raise EOFError("the connection was closed")
+        if got < 0:
+            raise OSError(-got, os.strerror(-got))
+        self.xfer.crcs += P.recv_exact(sock, length // PAGE * P.CRC_SIZE)
+        self.xfer.written += length
+
+    def _receive_upstream(self, sock, length: int) -> None:
+        """length bytes of data into buffers of the writer's ring, one recv (MSG_WAITALL)
+        per chunk, handed to the writer."""
+        import socket
+        if self.writer is None:
+            self.writer = _Writer()
         done = 0
         while done < length:
             n = min(P.MAX_CHUNK, length - done)
@@ -240,17 +274,14 @@ class Receiver:
             self.writer.raise_error()
             _, view = self.writer.slot(i)
             try:
-                got = sock.recv_into(view, n + tail, socket.MSG_WAITALL)
-                if got < n + tail:
-                    P.recv_into_exact(sock, view[got:n + tail])
+                got = sock.recv_into(view, n, socket.MSG_WAITALL)
+                if got < n:
+                    P.recv_into_exact(sock, view[got:n])
             except BaseException:
                 self.writer.free.put(i)
                 raise
-            want = P.DIGEST.unpack_from(view, n)[0] if tail else None
-            self.writer.todo.put((i, self.xfer, n, want, vaddr + done))
+            self.writer.todo.put((i, self.xfer, n))
             done += n
-        self.xfer.bytes += length
-        self.bytes += length
 
     def seal(self) -> None:
         from criu_py.images import integrity
