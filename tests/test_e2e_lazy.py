@@ -218,6 +218,27 @@ def test_page_server_dump_of_other_memory(h, workload):
     assert ask(restored) == f"OK {task.pid}"
 
 
+@pytest.mark.parametrize("catch", [False, True])
+def test_page_server_dump_handed_over_by_the_task_or_read(h, catch):
+    """The task vmsplices its pages to the dump (a blob that ends with a signal the task
+    ignores); a task that catches every such signal has its pages read instead. Either
+    way it comes back from the server's dir with its registers and ticks going on."""
+    task = h.start("regwatch", *(["catch"] if catch else []), ready=r"ready \d+")
+    src, dst = h.images_dir("src"), h.images_dir("dst")
+    port = free_port()
+    server = start_with_status(h, "page-server", "-D", dst, "--address", "127.0.0.1",
+                               "--port", port)
+    h.dump(task, src, "--page-server", "--address", "127.0.0.1", "--port", port)
+    assert server.wait(30) == 0, server.stderr.read()
+    how = "read with process_vm_readv" if catch else "handed over by the task (vmsplice)"
+    assert f"pid {task.pid}: pages {how}" in (src / "dump.log").read_text()
+    copy_images(src, dst)
+    ticks = len(task.log.matches(r"tick .*"))
+    restored = h.restore(dst, task=task)
+    restored.log.wait(r"tick \d+ \d+ ok", count=ticks + 3, timeout=10)
+    assert not restored.log.matches(r"BAD .*")
+
+
 def _raw_session(port, chunks, digests=True):
     """A client of our own: one pagemap (pid 4242) with `chunks` [(vaddr, data, CRCs to
     send instead of the right ones, or None)] as PS_IOV_ADD_F; returns the socket after

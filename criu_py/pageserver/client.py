@@ -94,7 +94,10 @@ class Sink:
                                               P.MAX_CHUNK, stop)
             tracee, saved_regs, pidfd = task
             sent = parasite.vmsplice_pages(tracee, saved_regs, pidfd, present, reader)
+            if sent is not None:
+                log.debug("pid %d: pages handed over by the task (vmsplice)", pid)
         if sent is None:
+            log.debug("pid %d: pages read with process_vm_readv", pid)
             sent = lib.cp_ps_send_pages(pid, self.sock.fileno(), arr, len(entries),
                                         PE_PRESENT, flags, int(self.digests), self.bufs,
                                         P.MAX_CHUNK, self.crcs)
