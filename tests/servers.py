@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -59,17 +60,56 @@ def lock_state() -> str:
 
 
 @pytest.fixture(autouse=True)
-def no_lock_left():
+def no_lock_left(request):
     """Whatever happens in a test, the network locks its dumps took go away with it (a
-    failed restore keeps the lock on purpose, for another try)."""
+    failed restore keeps the lock on purpose, for another try). Only its own: another
+    test session may run on the machine meanwhile, and lifting its lock would let its
+    restore's connections be reset. Ours are the tables named after the run ids of the
+    dumps in the test's dir, and the iptables rules of those dumps' connections."""
+    # the harness first, so that its dir is still there when this ends
+    h = request.getfixturevalue("h") if "h" in request.fixturenames else None
     before = set(lock_state().splitlines())
     yield
-    for line in set(lock_state().splitlines()) - before:
-        if line.startswith("table inet CRIU-"):
+    new = set(lock_state().splitlines()) - before
+    if not new or h is None:
+        return
+    tables, ports = locks_of_dumps(h.dir)
+    for line in new:
+        if line.startswith("table inet CRIU-") and " ".join(line.split()[1:3]) in tables:
             subprocess.run(["nft", "delete"] + line.split()[:3], capture_output=True)
-        elif line.startswith("-A "):
+        elif line.startswith("-A ") and _rule_ports(line) in ports:
             for cmd in ("iptables", "ip6tables"):
                 subprocess.run([cmd, "-w", "-D"] + line.split()[1:], capture_output=True)
+
+
+def locks_of_dumps(top) -> tuple[set, set]:
+    """The network locks the dumps under `top` took: nftables table names ("inet
+    CRIU-..."), and (port, port) of their connections, both ways (the iptables rules)."""
+    from criu_py.files.sockets import inet, netlock
+    from criu_py.images import ImageDir
+    tables, ports = set(), set()
+    for inventory in Path(top).rglob("inventory.img"):
+        try:
+            with ImageDir(inventory.parent) as images:
+                inv = images.read_entries("inventory.img")[0]
+                if inv.HasField("dump_criu_run_id"):
+                    tables.add(netlock.table_name(inv.dump_criu_run_id, 0))
+                if images.exists("files.img"):
+                    for fe in images.read_entries("files.img")[1:]:
+                        if fe.HasField("isk") and inet.is_connection(fe.isk):
+                            ports.add((fe.isk.src_port, fe.isk.dst_port))
+                            ports.add((fe.isk.dst_port, fe.isk.src_port))
+        except Exception:            # noqa: BLE001 - not a dump we can read: not ours
+            continue
+    return tables, ports
+
+
+def _rule_ports(rule: str) -> tuple[int, int] | None:
+    words = rule.split()
+    try:
+        return int(words[words.index("--sport") + 1]), int(words[words.index("--dport") + 1])
+    except (ValueError, IndexError):
+        return None
 
 
 def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
