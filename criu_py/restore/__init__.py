@@ -74,7 +74,9 @@ def restore_tasks(opts: dict) -> int:
                 check_lazy_daemon(rs)
             stack.push(lambda *exc: abort_lazy_daemon(rs, exc[1]))
         with _step("read and check images"):
-            rs.tree = restore_images.load(opts.get("images_dir") or ".", lazy=lazy)
+            rs.tree = restore_images.load(opts.get("images_dir") or ".", lazy=lazy,
+                                          checked=rs.pages_check.checked)
+            rs.pages_check.checked = None
             rs.images = rs.tree.images
         stack.callback(rs.tree.close)
         if lazy:
