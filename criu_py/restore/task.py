@@ -8,6 +8,7 @@
 # aborts the whole restore.
 import contextlib
 import fcntl
+import mmap
 import os
 import resource
 import signal
@@ -902,10 +903,10 @@ def enter_restorer(run: TaskRun, plan) -> None:
     img = run.t.img
     blob = lib.criu_py_pie_blob_end() - lib.criu_py_pie_blob_start()
     size = pie.region_size(plan, blob)
-    busy = pie.current_layout() + [(v.start, v.end) for v in img.mm.vmas
-                                   if not v.status & M.VMA_AREA_VSYSCALL]
-    base = pie.free_gap(size, busy)
-    pie.map_region(base, size)
+    base = pie.map_free(size, [(v.start, v.end) for v in img.mm.vmas
+                               if not v.status & M.VMA_AREA_VSYSCALL],
+                        mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     entry, args, stack = pie.prepare(plan, base, size)
     pie.enter(entry, args, stack)
 
