@@ -526,7 +526,9 @@ def read_status(rs: Restore) -> tuple[list, list]:
 
 def check_progress(rs: Restore, stage: int) -> None:
     """Between waits: a task that reported a failure or died, or a signal to us (SIGINT,
-    SIGTERM), aborts the restore."""
+    SIGTERM), aborts the restore. Tasks are looked at in /proc only while some have not
+    counted themselves done (a wait that timed out): once all have, none is waited for,
+    and one that dies since stops the next stage."""
     from criu_py import interrupts
     from criu_py.restore import sync as S
     interrupts.check(f"while {S.STAGE_NAMES[stage]}")
@@ -534,6 +536,8 @@ def check_progress(rs: Restore, stage: int) -> None:
     if rs.messages or rs.failures or rs.sync.error():
         rs.sync.abort()
         raise RestoreError(failure_message(rs, stage))
+    if rs.sync.nr_in_progress == 0:
+        return
     for t in rs.plan.all:
         if t.kind != "alive" and stage > S.STAGE_CLEANUP or t.in_parent_mm and stage < S.STAGE_GO:
             continue
