@@ -50,6 +50,7 @@ class Restore:
         self.sysv = None              # criu_py.sysvipc.Segments
         self.lazy_dir = None          # restore --lazy-pages: the daemon's work dir (absolute)
         self.pages_check = None       # integrity.PagesCheck: the pages files, in a thread
+        self.restorer_parts = {}      # pid -> restore.task.RestorerParts
         self._status_buf = b""
 
     def parent_of(self, t) -> int:
@@ -90,6 +91,8 @@ def restore_tasks(opts: dict) -> int:
             plan_region_removal(rs)
             rs.host_creds = host_creds()
             plan_file_locks(rs)
+        with _step("plan the restorers"):
+            plan_restorers(rs)
         with _step("sockets"):
             check_sockets(rs)
         with _step("deleted files"):
@@ -253,6 +256,15 @@ def _securebits() -> int:
 
 def host_creds() -> HostCreds:
     return HostCreds()
+
+
+def plan_restorers(rs: Restore) -> None:
+    """What each process's restorer gets from its images alone (restore.task.
+    RestorerParts), computed here once for the whole tree: in every forked task the same
+    Python work would cost several times as much (copy-on-write faults)."""
+    from criu_py.restore.task import restorer_parts
+    rs.restorer_parts = {t.pid: restorer_parts(rs, t) for t in rs.plan.alive
+                         if not t.in_parent_mm}
 
 
 def plan_file_locks(rs: Restore) -> None:

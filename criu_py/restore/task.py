@@ -4,8 +4,10 @@
 # its copy-on-write memory, its children; then the group it joins, the end of helpers and
 # zombies, the files its restorer maps, its fd table, cwd/root/umask, personality,
 # rlimits and timers, and finally the restorer region built and entered. Runs in the
-# forked tasks only; a failure is reported in one line through the status pipe and
-# aborts the whole restore.
+# forked tasks only (but for RestorerParts, the part of each restorer's plan that follows
+# from the images alone, made by the restore command before the fork, where it is
+# cheaper); a failure is reported in one line through the status pipe and aborts the
+# whole restore.
 import contextlib
 import fcntl
 import mmap
@@ -18,6 +20,7 @@ import time
 
 from criu_py import mem as M
 from criu_py.errors import RestoreError
+from criu_py.proc import Record
 from criu_py.restore import sync as S
 from criu_py.restore.tree import ALIVE, HELPER, ZOMBIE
 
@@ -421,7 +424,7 @@ class TaskRun:
         set_personality(img)
         set_rlimits(img)
         from criu_py.restore.sigframe import request_xfeatures
-        request_xfeatures(thread_registers(img.core).xsave)
+        request_xfeatures(self.rs.restorer_parts[t.pid].threads[0].regs.xsave)
         plan = self.build_plan()
         log.debug("pid %d: entering the restorer (%d VMAs, %d threads) after %.2f ms", t.pid,
                   len(plan.vmas), len(plan.threads), (time.monotonic() - t0) * 1e3)
@@ -463,14 +466,13 @@ class TaskRun:
         from criu_py.mem.restore import iovs_without, pie_vmas
         from criu_py.restore.pie import PiePlan
         t, img, rs = self.t, self.t.img, self.rs
-        core = img.core
         mem = img.memory
         for key, mf in mem.files.items():
             mf.fd = self.restorer_fds[key]
         premapped = getattr(t, "premap_addrs", {})
         done = [(v.start, v.end) for v in t.premap]
         trap = rs.trap.get(t.pid, False)
-        threads = [thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads]
+        parts = rs.restorer_parts[t.pid]
         keep = {self.status_fd}
         vfork = None
         if t.mm_child is not None:
@@ -480,15 +482,14 @@ class TaskRun:
         return PiePlan(vfork=vfork,
             vmas=pie_vmas(mem, premapped),
             page_sources=[(src.fd, iovs_without(src.iovs, done)) for src in mem.sources],
-            threads=threads, status_fd=self.status_fd,
-            vdso_vvar=mem.vdso_vvar, sigactions=sigactions(core),
-            mm_map=mm_map(img.mm), exe_fd=self.exe_fd, close_fds=close,
-            trap_before_sigreturn=trap,
-            signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [],
+            threads=parts.threads, status_fd=self.status_fd,
+            vdso_vvar=mem.vdso_vvar, sigactions=parts.sigactions,
+            mm_map=parts.mm_map, exe_fd=self.exe_fd, close_fds=close,
+            trap_before_sigreturn=trap, signals=parts.signals,
             dumpable=img.mm.dumpable if img.mm.HasField("dumpable") else -1,
             tgid=t.pid, premap=getattr(t, "premap_area", (0, 0)),
             sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO,
-            itimers=itimers(core), arm_itimers=True, posix_timers=posix_timers(core),
+            itimers=parts.itimers, arm_itimers=True, posix_timers=parts.posix_timers,
             timerfds=self.timerfds_to_arm(), locks=self.posix_locks(),
             uffd=self.uffd, lazy=mem.lazy if self.uffd >= 0 else [])
 
@@ -539,6 +540,26 @@ class TaskRun:
             umask=v.img.fs.umask if v.fs_owner and v.img.fs.HasField("umask") else -1,
             setsid=v.sid == v.pid, pgid=v.pgid if v.pgid != self.t.pgid else 0,
             personality=tc.personality, rlimits=rlimits, itimers=itimers)
+
+
+class RestorerParts(Record):
+    """What a process's restorer gets from its images alone: its threads' PieThreads
+    (registers, sigframe state, credentials), sigactions, mm_map, timers and pending
+    signals. Computed for every process in the restore command before the fork
+    (restorer_parts), where that costs a fraction of the same Python work in each forked
+    task: there, every object it makes or touches first costs a copy-on-write fault."""
+    _fields = ("threads", "sigactions", "mm_map", "itimers", "posix_timers", "signals")
+
+
+def restorer_parts(rs, t) -> RestorerParts:
+    img = t.img
+    core = img.core
+    trap = rs.trap.get(t.pid, False)
+    return RestorerParts(
+        threads=[thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads],
+        sigactions=sigactions(core), mm_map=mm_map(img.mm), itimers=itimers(core),
+        posix_timers=posix_timers(core),
+        signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [])
 
 
 def _log_traceback() -> None:
