@@ -603,9 +603,8 @@ def release_tree(rs: Restore) -> None:
     for t in traced:
         for tid in t.img.tids:
             wait_trap(tid)
-        start, length = rs.regions[t.pid]
-        prepare_release(t.img.tids, t.syscall_addr,
-                        [(start, length), (rs.sync.addr, SYNC_SIZE)])
+    prepare_release([(t.img.tids, t.syscall_addr, [rs.regions[t.pid], (rs.sync.addr, SYNC_SIZE)])
+                     for t in traced])
     interrupts.hold()                  # committed: the tree runs, whatever comes
     everyone = [tid for t in traced for tid in t.img.tids]
     commit(everyone)
