@@ -829,12 +829,16 @@ def sigactions(core) -> dict:
 
 def thread_registers(core):
     from criu_py import arch_x86
-    from criu_py.restore.sigframe import TaskRegisters
+    from criu_py.restore.sigframe import LEGACY_XSAVE_SIZE, TaskRegisters
     ti = core.thread_info
     gp = arch_x86.gpregs_from_entry(ti.gpregs)
     xsave = arch_x86.fpregs_from_entry(ti.fpregs)
-    if len(xsave) < 576:
+    if len(xsave) < LEGACY_XSAVE_SIZE:
         raise RestoreError("core: the dump holds no xsave state")
+    # Without its trailing zeros (AMX tile data, ... that the thread did not use: ~8 of
+    # 11 KiB here): every thread's registers are held from the planning to the fork, and
+    # the frame's area is padded back with zeros to this CPU's size (fpstate_for_sigreturn)
+    xsave = xsave[:max(len(xsave.rstrip(b"\0")), LEGACY_XSAVE_SIZE)]
     altstack = (0, 2, 0)                # SS_DISABLE
     th = core.thread_core if core.HasField("thread_core") else None
     if th is not None and th.HasField("sas"):
