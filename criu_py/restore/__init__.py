@@ -366,6 +366,7 @@ def prepare_shared(rs: Restore, stack) -> None:
     """The sync page, the status pipe (tasks write, we read), the fd range for the
     restore's own fds, and ourselves as child subreaper (orphans of a failed restore
     come to us to be reaped)."""
+    from criu_py.log import FdWriter
     from criu_py.log import log as logger
     from criu_py.restore.sync import SyncPage
     from criu_py.restore.task import FdSpace, raise_fd_limit
@@ -389,8 +390,7 @@ def prepare_shared(rs: Restore, stack) -> None:
         rs.cg_yard.fd = rs.fds.park(rs.cg_yard.fd)
     if logger.file is not None:
         logger.file.flush()
-        logger.file = os.fdopen(rs.fds.park(os.dup(logger.file.fileno())), "w", buffering=1,
-                                closefd=False)
+        logger.file = FdWriter(rs.fds.park(os.dup(logger.file.fileno())))
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     stack.callback(_prctl, PR_SET_CHILD_SUBREAPER, 0)
     stack.callback(kill_unless_running, rs)

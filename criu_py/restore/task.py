@@ -165,13 +165,13 @@ class TaskRun:
     def own_service_fds(self) -> None:
         """Own copies of the status pipe, the images dir and the log file: tasks that
         share an fd table close only their own."""
-        from criu_py.log import log
+        from criu_py.log import FdWriter, log
         rs = self.rs
         self.status_fd = self.fds.dup(rs.status_w)
         self.dirfd = rs.images.dirfd = self.fds.dup(rs.images.dirfd)
         if log.file is not None:
-            # closefd=False: an fd table may be shared, only FdSpace closes parked fds
-            log.file = os.fdopen(self.fds.dup(log.file.fileno()), "w", buffering=1, closefd=False)
+            # not owned: an fd table may be shared, only FdSpace closes parked fds
+            log.file = FdWriter(self.fds.dup(log.file.fileno()))
         else:
             log.disabled = True         # stderr is about to become the task's
         if self.t.parent is None:
