@@ -10,7 +10,7 @@ import os
 import struct
 
 from criu_py.proc import Record
-from criu_py.restore.sigframe import TaskRegisters, build_sigframe, frame_layout, fpstate_for_sigreturn
+from criu_py.restore.sigframe import LEGACY_XSAVE_SIZE, TaskRegisters, build_sigframe, frame_layout
 
 PAGE = 4096
 STACK_SIZE = 64 * 1024
@@ -172,7 +172,11 @@ class PiePlan(Record):
 
 
 def _frame_len(regs: TaskRegisters) -> int:
-    return frame_layout(len(fpstate_for_sigreturn(regs.xsave)))[0]
+    """The size of the frame build_sigframe makes for regs: its xsave part is always this
+    process's signal-frame size (frame_bytes_here), so the frame is not built for it."""
+    if len(regs.xsave) < LEGACY_XSAVE_SIZE:
+        raise ValueError(f"xsave area of {len(regs.xsave)} bytes is too short")
+    return frame_bytes_here()
 
 
 def region_size(plan: PiePlan, blob_len: int) -> int:
