@@ -239,3 +239,27 @@ def test_free_gap_avoids_both_layouts():
     assert addr + 4 * M <= 0x7fff00000000 - PAGE            # the highest gap that fits
     with pytest.raises(MemoryError):
         pie.free_gap(1 << 47, busy)
+
+
+def test_map_free_reads_the_layout_again_when_the_range_was_taken():
+    """map_free() places by the layout as last known; something mapped since is found
+    by MAP_FIXED_NOREPLACE, and the range is chosen again from a fresh read."""
+    import mmap
+    size = 4 * PAGE
+    saved = pie._known_layout
+    pie._known_layout = []                      # knows nothing: picks the very top
+    top = pie.free_gap(size, [])
+    blocker = pie.map_region(top, size)         # taken behind its back
+    addr = 0
+    try:
+        addr = pie.map_free(size, [], mmap.PROT_READ | mmap.PROT_WRITE,
+                            mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        assert addr + size <= blocker or addr >= blocker + size
+        assert (addr, addr + size) in pie._known_layout
+        assert any(s <= blocker < e for s, e in pie._known_layout)   # read afresh
+        ffi.cast("char *", addr)[0] = b"x"      # mapped, writable
+    finally:
+        lib.criu_py_restore_syscall(11, blocker, size, 0, 0, 0, 0)
+        if addr:
+            lib.criu_py_restore_syscall(11, addr, size, 0, 0, 0, 0)
+        pie._known_layout = saved

@@ -437,6 +437,9 @@ class ImageDir:
         # name -> (size, CRC-32C of each 4 KiB block) of files whose writer computed
         # them while writing (big pages files): the seal then needs not read them back
         self.block_crcs = {}
+        # name -> bytes the restore's integrity check read and checked (CheckedBytes):
+        # read_bytes hands each out once instead of reading the file again
+        self.checked = {}
         if create:
             try:
                 created = make_private_dir(self.dirpath)
@@ -474,6 +477,8 @@ class ImageDir:
         return os.path.join(self.dirpath, name)
 
     def exists(self, name: str) -> bool:
+        if name in self.checked:
+            return True
         try:
             os.stat(name, dir_fd=self.dirfd)
             return True
@@ -496,6 +501,9 @@ class ImageDir:
         return fd
 
     def read_bytes(self, name: str) -> bytes:
+        data = self.checked.pop(name, None)
+        if data is not None:
+            return data
         try:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.dirfd)
         except FileNotFoundError:

@@ -134,10 +134,13 @@ class PagesCheck:
     while we clone would be copied holding the GIL or a libc lock into the child,
     which would hang. wait() returns once they are checked (checking them now if
     start() was not called), or raises the ImageError.
-    todo: [(ImageDir, integrity_file_entry, where)]."""
+    todo: [(ImageDir, integrity_file_entry, where)]. checked: the images dir's other
+    files as they were read and checked (CheckedBytes), for the restore to parse instead
+    of reading them again."""
 
-    def __init__(self, todo=()):
+    def __init__(self, todo=(), checked=None):
         self.todo = list(todo)
+        self.checked = checked          # CheckedBytes, or None (--no-verify, no checksums)
         self.deferred = Deferred()      # lazy: the pieces of pages files checked later
         self.error = None
         self.thread = None
@@ -192,15 +195,17 @@ def verifying(images_dir: str, opts: dict, lazy: bool = False):
         chain = open_chain(images)
         try:
             deferred = Deferred()
+            checked = CheckedBytes(images)
             with log_step("restore", "verify checksums"):
                 todo = []
                 for i, level in enumerate(chain):
                     where = f" in {level.dirpath}" if i else ""
-                    pages, listed = _verify_dir(level, where, whole_pages=not lazy)
+                    pages, listed = _verify_dir(level, where, whole_pages=not lazy,
+                                                keep=None if i else checked.data)
                     todo += pages
                     if lazy and listed is not None:
                         deferred.add(level, listed, f"{level.dirpath}/" if i else "")
-            check = PagesCheck(todo)
+            check = PagesCheck(todo, checked if checked.data else None)
             check.deferred = deferred
             try:
                 yield check
@@ -244,11 +249,12 @@ def listed_files(images, where: str = "") -> dict | None:
     return listed
 
 
-def _verify_dir(images, where: str, whole_pages: bool = True) -> tuple:
+def _verify_dir(images, where: str, whole_pages: bool = True, keep: dict | None = None) -> tuple:
     """One dir but its pages files: ([(images, entry, where)] of the pages files, to be
     checked, and the dir's listed files, None without checksums); `where` names a parent
     dir in the messages ("" for the images dir). whole_pages=False: the pages files are
-    checked here for size and runs only, and none is returned to be checked."""
+    checked here for size and runs only, and none is returned to be checked. keep: a dict
+    that gets name -> bytes of each file checked from the bytes read (CheckedBytes)."""
     listed = listed_files(images, where)
     if listed is None:
         log.info("restore: no %s%s (images not written by criu-py): restoring without "
@@ -257,7 +263,9 @@ def _verify_dir(images, where: str, whole_pages: bool = True) -> tuple:
     pages = [(images, listed[n], where) for n in sorted(listed) if n.startswith("pages-")]
     for name in sorted(listed):
         if not name.startswith("pages-"):
-            _check_in(images, listed[name], where)
+            data = _check_in(images, listed[name], where)
+            if keep is not None and data is not None:
+                keep[name] = data
         elif not whole_pages:
             _check_in(images, listed[name], where, whole=False)
     if not whole_pages:
@@ -355,19 +363,23 @@ class PageDigests:
             self.map = None
 
 
-def _check_in(images, e, where: str, threads=None, whole: bool = True) -> None:
+def _check_in(images, e, where: str, threads=None, whole: bool = True) -> bytes | None:
     try:
-        _check(images, e, threads, whole)
+        return _check(images, e, threads, whole)
     except ImageError as exc:
         if not where:
             raise
         raise ImageError(f"{images.dirpath}/{exc}") from None
 
 
-def _check(images, e, threads=None, whole: bool = True) -> None:
+def _check(images, e, threads=None, whole: bool = True) -> bytes | None:
+    """Check one listed file; a file without page runs (every image but the pages
+    files) is read once and checked from those bytes, which are returned."""
     name = e.name
     if os.path.basename(name) != name or name in (".", ".."):
         raise ImageError(f"{CHECKSUM_IMAGE}: bad file name {name!r}")
+    if whole and not e.runs:
+        return _read_checked(images, e)
     runs = [(r.offset, r.length) for r in e.runs]
     try:
         size = os.stat(name, dir_fd=images.dirfd, follow_symlinks=False).st_size
@@ -388,3 +400,68 @@ def _check(images, e, threads=None, whole: bool = True) -> None:
                              f"{r.length // BLOCK} pages{where}")
     if file_digest != e.digest:
         raise ImageError(f"{name}: damaged (checksum mismatch)")
+    return None
+
+
+def _read_checked(images, e) -> bytes:
+    """The bytes of a listed file without page runs, read once and checked against its
+    size and digest (the same digest digest() computes, from the bytes in memory)."""
+    from criu_py.native import ffi, lib
+    name = e.name
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=images.dirfd)
+    except FileNotFoundError:
+        raise ImageError(f"{name}: missing (listed in {CHECKSUM_IMAGE})") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != e.size:
+            raise ImageError(f"{name}: damaged ({size} bytes, the dump wrote {e.size})")
+        chunks, got = [], 0
+        while True:                     # to the end: a file grown since is damaged too
+            chunk = os.read(fd, max(size - got, 0) + 1)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+            if got > size:
+                break
+    except OSError as exc:
+        raise ImageError(f"{name}: read failed ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if len(data) != e.size:
+        raise ImageError(f"{name}: damaged ({len(data)} bytes, the dump wrote {e.size})")
+    crcs = ffi.new("uint32_t[]", max((size + BLOCK - 1) // BLOCK, 1))
+    if size:
+        lib.cp_crc_blocks(ffi.from_buffer(data), size, crcs)
+    out_runs = ffi.new("uint64_t[]", 1)
+    out_file = ffi.new("uint64_t *")
+    flat = ffi.new("uint64_t[]", 1)
+    r = lib.cp_digest_crcs(crcs, size, flat, 0, out_runs, out_file)
+    if r < 0:
+        raise ImageError(f"{name}: cannot checksum ({os.strerror(-r)})")
+    if out_file[0] != e.digest:
+        raise ImageError(f"{name}: damaged (checksum mismatch)")
+    return data
+
+
+class CheckedBytes:
+    """The files of the images dir as verifying() read and checked them: the restore
+    parses these bytes (ImageDir.read_bytes takes them) instead of reading each file a
+    second time, so what it parses is exactly what passed the check. Only for an
+    ImageDir on the same directory (device and inode of its fd)."""
+
+    def __init__(self, images):
+        st = os.fstat(images.dirfd)
+        self.dir_id = (st.st_dev, st.st_ino)
+        self.data: dict[str, bytes] = {}
+
+    def hand_to(self, images) -> None:
+        """Let `images` (an ImageDir on the same dir) read the checked bytes once each."""
+        st = os.fstat(images.dirfd)
+        if (st.st_dev, st.st_ino) == self.dir_id:
+            images.checked = self.data
+        self.data = {}

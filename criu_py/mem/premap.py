@@ -28,17 +28,16 @@ def premap_vmas(run) -> None:
     process's layout and in the task's restored one; sets t.premap_area (start, end) and
     t.premap_addrs {vma start: address in the area}."""
     from criu_py.mem.restore import page_runs_in
-    from criu_py.restore.pie import current_layout, free_gap
+    from criu_py.restore.pie import map_free
     t = run.t
     img = t.img
     vmas = sorted(t.premap, key=lambda v: v.start)
     size = sum(v.end - v.start for v in vmas)
-    busy = current_layout() + [(v.start, v.end) for v in img.mm.vmas]
-    area = free_gap(size, busy)
-    r = _sys(NR_MMAP, area, size, 0, M.MAP_PRIVATE | M.MAP_ANONYMOUS | M.MAP_NORESERVE |
-             MAP_FIXED_NOREPLACE, -1, 0)
-    if r != area:
-        raise RestoreError(f"cannot reserve the premap area at {area:#x}: {os.strerror(-r) if r < 0 else r}")
+    try:
+        area = map_free(size, [(v.start, v.end) for v in img.mm.vmas], 0,
+                        M.MAP_PRIVATE | M.MAP_ANONYMOUS | M.MAP_NORESERVE)
+    except OSError as exc:
+        raise RestoreError(f"cannot reserve the premap area: {exc.strerror}") from None
     t.premap_area = (area, area + size)
     t.premap_addrs = {}
     fds = {}                        # source index -> pages fd

@@ -50,6 +50,7 @@ class Restore:
         self.sysv = None              # criu_py.sysvipc.Segments
         self.lazy_dir = None          # restore --lazy-pages: the daemon's work dir (absolute)
         self.pages_check = None       # integrity.PagesCheck: the pages files, in a thread
+        self.restorer_parts = {}      # pid -> restore.task.RestorerParts
         self._status_buf = b""
 
     def parent_of(self, t) -> int:
@@ -74,7 +75,9 @@ def restore_tasks(opts: dict) -> int:
                 check_lazy_daemon(rs)
             stack.push(lambda *exc: abort_lazy_daemon(rs, exc[1]))
         with _step("read and check images"):
-            rs.tree = restore_images.load(opts.get("images_dir") or ".", lazy=lazy)
+            rs.tree = restore_images.load(opts.get("images_dir") or ".", lazy=lazy,
+                                          checked=rs.pages_check.checked)
+            rs.pages_check.checked = None
             rs.images = rs.tree.images
         stack.callback(rs.tree.close)
         if lazy:
@@ -88,6 +91,8 @@ def restore_tasks(opts: dict) -> int:
             plan_region_removal(rs)
             rs.host_creds = host_creds()
             plan_file_locks(rs)
+        with _step("plan the restorers"):
+            plan_restorers(rs)
         with _step("sockets"):
             check_sockets(rs)
         with _step("deleted files"):
@@ -253,6 +258,15 @@ def host_creds() -> HostCreds:
     return HostCreds()
 
 
+def plan_restorers(rs: Restore) -> None:
+    """What each process's restorer gets from its images alone (restore.task.
+    RestorerParts), computed here once for the whole tree: in every forked task the same
+    Python work would cost several times as much (copy-on-write faults)."""
+    from criu_py.restore.task import restorer_parts
+    rs.restorer_parts = {t.pid: restorer_parts(rs, t) for t in rs.plan.alive
+                         if not t.in_parent_mm}
+
+
 def plan_file_locks(rs: Restore) -> None:
     from criu_py.files.locks import by_file
     rs.desc_locks, rs.posix_locks = by_file(rs.tree)
@@ -352,6 +366,7 @@ def prepare_shared(rs: Restore, stack) -> None:
     """The sync page, the status pipe (tasks write, we read), the fd range for the
     restore's own fds, and ourselves as child subreaper (orphans of a failed restore
     come to us to be reaped)."""
+    from criu_py.log import FdWriter
     from criu_py.log import log as logger
     from criu_py.restore.sync import SyncPage
     from criu_py.restore.task import FdSpace, raise_fd_limit
@@ -375,8 +390,7 @@ def prepare_shared(rs: Restore, stack) -> None:
         rs.cg_yard.fd = rs.fds.park(rs.cg_yard.fd)
     if logger.file is not None:
         logger.file.flush()
-        logger.file = os.fdopen(rs.fds.park(os.dup(logger.file.fileno())), "w", buffering=1,
-                                closefd=False)
+        logger.file = FdWriter(rs.fds.park(os.dup(logger.file.fileno())))
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     stack.callback(_prctl, PR_SET_CHILD_SUBREAPER, 0)
     stack.callback(kill_unless_running, rs)
@@ -524,7 +538,9 @@ def read_status(rs: Restore) -> tuple[list, list]:
 
 def check_progress(rs: Restore, stage: int) -> None:
     """Between waits: a task that reported a failure or died, or a signal to us (SIGINT,
-    SIGTERM), aborts the restore."""
+    SIGTERM), aborts the restore. Tasks are looked at in /proc only while some have not
+    counted themselves done (a wait that timed out): once all have, none is waited for,
+    and one that dies since stops the next stage."""
     from criu_py import interrupts
     from criu_py.restore import sync as S
     interrupts.check(f"while {S.STAGE_NAMES[stage]}")
@@ -532,6 +548,8 @@ def check_progress(rs: Restore, stage: int) -> None:
     if rs.messages or rs.failures or rs.sync.error():
         rs.sync.abort()
         raise RestoreError(failure_message(rs, stage))
+    if rs.sync.nr_in_progress == 0:
+        return
     for t in rs.plan.all:
         if t.kind != "alive" and stage > S.STAGE_CLEANUP or t.in_parent_mm and stage < S.STAGE_GO:
             continue
@@ -585,9 +603,8 @@ def release_tree(rs: Restore) -> None:
     for t in traced:
         for tid in t.img.tids:
             wait_trap(tid)
-        start, length = rs.regions[t.pid]
-        prepare_release(t.img.tids, t.syscall_addr,
-                        [(start, length), (rs.sync.addr, SYNC_SIZE)])
+    prepare_release([(t.img.tids, t.syscall_addr, [rs.regions[t.pid], (rs.sync.addr, SYNC_SIZE)])
+                     for t in traced])
     interrupts.hold()                  # committed: the tree runs, whatever comes
     everyone = [tid for t in traced for tid in t.img.tids]
     commit(everyone)

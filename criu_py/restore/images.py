@@ -116,16 +116,21 @@ class TreeImages(Record):
         self.images.close()
 
 
-def load(images_dir: str, lazy: bool = False) -> TreeImages:
+def load(images_dir: str, lazy: bool = False, checked=None) -> TreeImages:
     """lazy: restore --lazy-pages (each process's memory plan leaves its lazy ranges to
-    the lazy-pages daemon)."""
+    the lazy-pages daemon). checked: integrity.CheckedBytes, the files as the integrity
+    check read them (parsed from those bytes rather than read again)."""
     from criu_py.images import ImageDir
     images = ImageDir(images_dir)
     try:
-        return _load(images, lazy)
+        if checked is not None:
+            checked.hand_to(images)
+        tree = _load(images, lazy)
     except BaseException:
         images.close()
         raise
+    images.checked = {}             # what the planning did not read: not kept for the fork
+    return tree
 
 
 def _load(images, lazy: bool = False) -> TreeImages:

@@ -10,7 +10,7 @@ import os
 import struct
 
 from criu_py.proc import Record
-from criu_py.restore.sigframe import TaskRegisters, build_sigframe, frame_layout, fpstate_for_sigreturn
+from criu_py.restore.sigframe import LEGACY_XSAVE_SIZE, TaskRegisters, build_sigframe, frame_layout
 
 PAGE = 4096
 STACK_SIZE = 64 * 1024
@@ -172,7 +172,11 @@ class PiePlan(Record):
 
 
 def _frame_len(regs: TaskRegisters) -> int:
-    return frame_layout(len(fpstate_for_sigreturn(regs.xsave)))[0]
+    """The size of the frame build_sigframe makes for regs: its xsave part is always this
+    process's signal-frame size (frame_bytes_here), so the frame is not built for it."""
+    if len(regs.xsave) < LEGACY_XSAVE_SIZE:
+        raise ValueError(f"xsave area of {len(regs.xsave)} bytes is too short")
+    return frame_bytes_here()
 
 
 def region_size(plan: PiePlan, blob_len: int) -> int:
@@ -225,6 +229,43 @@ def current_layout() -> list[tuple[int, int]]:
             s, e = line.split(None, 1)[0].split("-")
             out.append((int(s, 16), int(e, 16)))
     return out
+
+
+# This process's layout as last read, plus what map_free() mapped since: where to look
+# for a free range without reading /proc/self/maps again in every task (a forked task
+# inherits its parent's, with the parent's premap area). Only a hint: map_free() maps
+# with MAP_FIXED_NOREPLACE, and reads the layout afresh when the range was taken.
+_known_layout: list[tuple[int, int]] | None = None
+
+
+def known_layout() -> list[tuple[int, int]]:
+    global _known_layout
+    if _known_layout is None:
+        _known_layout = current_layout()
+    return _known_layout
+
+
+def map_free(size: int, avoid: list[tuple[int, int]], prot: int, flags: int) -> int:
+    """mmap `size` bytes (MAP_FIXED_NOREPLACE, flags | prot) at the highest address free
+    both in this process and in `avoid` (the task's restored layout), free_gap(); its
+    address. When the kernel finds the range taken (something was mapped since the
+    layout was read), the layout is read again and the range chosen again, once."""
+    import errno
+    from criu_py.native import lib
+    global _known_layout
+    for fresh in (False, True):
+        if fresh:
+            _known_layout = None
+        addr = free_gap(size, known_layout() + avoid)
+        r = lib.criu_py_restore_syscall(9, addr, size, prot, flags | MAP_FIXED_NOREPLACE, -1, 0)
+        if r == addr:
+            _known_layout.append((addr, addr + size))
+            return addr
+        if r != -errno.EEXIST or fresh:
+            raise OSError(-r if r < 0 else errno.EEXIST,
+                          f"cannot map {size:#x} bytes at {addr:#x}: "
+                          f"{os.strerror(-r) if r < 0 else 'mapped elsewhere'}")
+    raise AssertionError("unreachable")
 
 
 class _Writer:

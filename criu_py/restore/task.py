@@ -4,10 +4,13 @@
 # its copy-on-write memory, its children; then the group it joins, the end of helpers and
 # zombies, the files its restorer maps, its fd table, cwd/root/umask, personality,
 # rlimits and timers, and finally the restorer region built and entered. Runs in the
-# forked tasks only; a failure is reported in one line through the status pipe and
-# aborts the whole restore.
+# forked tasks only (but for RestorerParts, the part of each restorer's plan that follows
+# from the images alone, made by the restore command before the fork, where it is
+# cheaper); a failure is reported in one line through the status pipe and aborts the
+# whole restore.
 import contextlib
 import fcntl
+import mmap
 import os
 import resource
 import signal
@@ -17,6 +20,7 @@ import time
 
 from criu_py import mem as M
 from criu_py.errors import RestoreError
+from criu_py.proc import Record
 from criu_py.restore import sync as S
 from criu_py.restore.tree import ALIVE, HELPER, ZOMBIE
 
@@ -161,13 +165,13 @@ class TaskRun:
     def own_service_fds(self) -> None:
         """Own copies of the status pipe, the images dir and the log file: tasks that
         share an fd table close only their own."""
-        from criu_py.log import log
+        from criu_py.log import FdWriter, log
         rs = self.rs
         self.status_fd = self.fds.dup(rs.status_w)
         self.dirfd = rs.images.dirfd = self.fds.dup(rs.images.dirfd)
         if log.file is not None:
-            # closefd=False: an fd table may be shared, only FdSpace closes parked fds
-            log.file = os.fdopen(self.fds.dup(log.file.fileno()), "w", buffering=1, closefd=False)
+            # not owned: an fd table may be shared, only FdSpace closes parked fds
+            log.file = FdWriter(self.fds.dup(log.file.fileno()))
         else:
             log.disabled = True         # stderr is about to become the task's
         if self.t.parent is None:
@@ -420,7 +424,7 @@ class TaskRun:
         set_personality(img)
         set_rlimits(img)
         from criu_py.restore.sigframe import request_xfeatures
-        request_xfeatures(thread_registers(img.core).xsave)
+        request_xfeatures(self.rs.restorer_parts[t.pid].threads[0].regs.xsave)
         plan = self.build_plan()
         log.debug("pid %d: entering the restorer (%d VMAs, %d threads) after %.2f ms", t.pid,
                   len(plan.vmas), len(plan.threads), (time.monotonic() - t0) * 1e3)
@@ -462,14 +466,13 @@ class TaskRun:
         from criu_py.mem.restore import iovs_without, pie_vmas
         from criu_py.restore.pie import PiePlan
         t, img, rs = self.t, self.t.img, self.rs
-        core = img.core
         mem = img.memory
         for key, mf in mem.files.items():
             mf.fd = self.restorer_fds[key]
         premapped = getattr(t, "premap_addrs", {})
         done = [(v.start, v.end) for v in t.premap]
         trap = rs.trap.get(t.pid, False)
-        threads = [thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads]
+        parts = rs.restorer_parts[t.pid]
         keep = {self.status_fd}
         vfork = None
         if t.mm_child is not None:
@@ -479,15 +482,14 @@ class TaskRun:
         return PiePlan(vfork=vfork,
             vmas=pie_vmas(mem, premapped),
             page_sources=[(src.fd, iovs_without(src.iovs, done)) for src in mem.sources],
-            threads=threads, status_fd=self.status_fd,
-            vdso_vvar=mem.vdso_vvar, sigactions=sigactions(core),
-            mm_map=mm_map(img.mm), exe_fd=self.exe_fd, close_fds=close,
-            trap_before_sigreturn=trap,
-            signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [],
+            threads=parts.threads, status_fd=self.status_fd,
+            vdso_vvar=mem.vdso_vvar, sigactions=parts.sigactions,
+            mm_map=parts.mm_map, exe_fd=self.exe_fd, close_fds=close,
+            trap_before_sigreturn=trap, signals=parts.signals,
             dumpable=img.mm.dumpable if img.mm.HasField("dumpable") else -1,
             tgid=t.pid, premap=getattr(t, "premap_area", (0, 0)),
             sync=(rs.sync.addr, S.SYNC_SIZE), stage_ready=S.STAGE_RESTORE, stage_go=S.STAGE_GO,
-            itimers=itimers(core), arm_itimers=True, posix_timers=posix_timers(core),
+            itimers=parts.itimers, arm_itimers=True, posix_timers=parts.posix_timers,
             timerfds=self.timerfds_to_arm(), locks=self.posix_locks(),
             uffd=self.uffd, lazy=mem.lazy if self.uffd >= 0 else [])
 
@@ -538,6 +540,26 @@ class TaskRun:
             umask=v.img.fs.umask if v.fs_owner and v.img.fs.HasField("umask") else -1,
             setsid=v.sid == v.pid, pgid=v.pgid if v.pgid != self.t.pgid else 0,
             personality=tc.personality, rlimits=rlimits, itimers=itimers)
+
+
+class RestorerParts(Record):
+    """What a process's restorer gets from its images alone: its threads' PieThreads
+    (registers, sigframe state, credentials), sigactions, mm_map, timers and pending
+    signals. Computed for every process in the restore command before the fork
+    (restorer_parts), where that costs a fraction of the same Python work in each forked
+    task: there, every object it makes or touches first costs a copy-on-write fault."""
+    _fields = ("threads", "sigactions", "mm_map", "itimers", "posix_timers", "signals")
+
+
+def restorer_parts(rs, t) -> RestorerParts:
+    img = t.img
+    core = img.core
+    trap = rs.trap.get(t.pid, False)
+    return RestorerParts(
+        threads=[thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads],
+        sigactions=sigactions(core), mm_map=mm_map(img.mm), itimers=itimers(core),
+        posix_timers=posix_timers(core),
+        signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [])
 
 
 def _log_traceback() -> None:
@@ -807,12 +829,16 @@ def sigactions(core) -> dict:
 
 def thread_registers(core):
     from criu_py import arch_x86
-    from criu_py.restore.sigframe import TaskRegisters
+    from criu_py.restore.sigframe import LEGACY_XSAVE_SIZE, TaskRegisters
     ti = core.thread_info
     gp = arch_x86.gpregs_from_entry(ti.gpregs)
     xsave = arch_x86.fpregs_from_entry(ti.fpregs)
-    if len(xsave) < 576:
+    if len(xsave) < LEGACY_XSAVE_SIZE:
         raise RestoreError("core: the dump holds no xsave state")
+    # Without its trailing zeros (AMX tile data, ... that the thread did not use: ~8 of
+    # 11 KiB here): every thread's registers are held from the planning to the fork, and
+    # the frame's area is padded back with zeros to this CPU's size (fpstate_for_sigreturn)
+    xsave = xsave[:max(len(xsave.rstrip(b"\0")), LEGACY_XSAVE_SIZE)]
     altstack = (0, 2, 0)                # SS_DISABLE
     th = core.thread_core if core.HasField("thread_core") else None
     if th is not None and th.HasField("sas"):
@@ -902,10 +928,10 @@ def enter_restorer(run: TaskRun, plan) -> None:
     img = run.t.img
     blob = lib.criu_py_pie_blob_end() - lib.criu_py_pie_blob_start()
     size = pie.region_size(plan, blob)
-    busy = pie.current_layout() + [(v.start, v.end) for v in img.mm.vmas
-                                   if not v.status & M.VMA_AREA_VSYSCALL]
-    base = pie.free_gap(size, busy)
-    pie.map_region(base, size)
+    base = pie.map_free(size, [(v.start, v.end) for v in img.mm.vmas
+                               if not v.status & M.VMA_AREA_VSYSCALL],
+                        mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     entry, args, stack = pie.prepare(plan, base, size)
     pie.enter(entry, args, stack)
 

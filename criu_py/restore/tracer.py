@@ -90,38 +90,55 @@ def wait_trap(tid: int) -> None:
                            f"not the trap")
 
 
-def run_syscall(tid: int, syscall_addr: int, nr: int, *args: int) -> int:
-    """Make the stopped thread run one syscall at syscall_addr; its return value."""
-    regs = _regs(tid)
+def run_syscalls(calls: list[tuple[int, int, int, tuple]], regs: dict) -> dict:
+    """Make each stopped thread run one syscall: calls [(tid, syscall_addr, nr, args)],
+    every step for all threads before the next (they run in parallel; we wait for a stop
+    only when it has not happened yet). regs: tid -> the thread's registers now, updated
+    to those after its syscall. Returns tid -> the syscall's return value."""
     names = ("di", "si", "dx", "r10", "r8", "r9")
-    regs.update(ip=syscall_addr, ax=nr, orig_ax=2**64 - 1, **dict(zip(names, args)))
-    _set_regs(tid, regs)
-    _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")        # the trap's SIGTRAP is dropped
-    _wait_stop(tid, "entering a syscall")
-    _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")
-    _wait_stop(tid, "leaving a syscall")
-    ret = _regs(tid)["ax"]
-    return ret - (1 << 64) if ret >> 63 else ret
+    for tid, syscall_addr, nr, args in calls:
+        r = dict(regs[tid])
+        r.update(ip=syscall_addr, ax=nr, orig_ax=2**64 - 1, **dict(zip(names, args)))
+        _set_regs(tid, r)
+        _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")    # the trap's SIGTRAP is dropped
+    for tid, _, _, _ in calls:
+        _wait_stop(tid, "entering a syscall")
+        _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")
+    rets = {}
+    for tid, _, _, _ in calls:
+        _wait_stop(tid, "leaving a syscall")
+        regs[tid] = _regs(tid)
+        ret = regs[tid]["ax"]
+        rets[tid] = ret - (1 << 64) if ret >> 63 else ret
+    return rets
 
 
-def prepare_release(tids: list[int], syscall_addr: int, unmaps: list[tuple[int, int]]) -> None:
-    """Every thread of one process stopped at its trap (rsp = its sigframe + 8): unmap
-    `unmaps` from the first, then bring every thread to the entry of rt_sigreturn at
+def prepare_release(procs: list[tuple[list[int], int, list[tuple[int, int]]]]) -> None:
+    """procs: [(tids, syscall_addr, unmaps)], processes whose every thread is stopped at
+    its trap (rsp = its sigframe + 8). Unmap each process's `unmaps` from its first
+    thread, then bring every thread to the entry of rt_sigreturn at its process's
     syscall_addr. From that stop a thread completes its return into the task whatever
-    happens to us (a trap stop would deliver SIGTRAP to a thread whose tracer died)."""
-    sps = {tid: _regs(tid)["sp"] for tid in tids}
-    for start, length in unmaps:
-        ret = run_syscall(tids[0], syscall_addr, NR_MUNMAP, start, length)
-        if ret != 0:
-            raise RestoreError(f"removing the restorer region of {tids[0]}: munmap failed: "
-                               f"{os.strerror(-ret)}")
-    for tid in tids:
-        regs = _regs(tid)
-        regs.update(ip=syscall_addr, ax=NR_RT_SIGRETURN, sp=sps[tid], orig_ax=2**64 - 1)
-        _set_regs(tid, regs)
-    for tid in tids:
+    happens to us (a trap stop would deliver SIGTRAP to a thread whose tracer died).
+    All processes step together (run_syscalls). Each thread's registers are read once,
+    at the trap: rt_sigreturn takes everything but ip, ax and sp from the frame."""
+    at_trap = {tid: _regs(tid) for tids, _, _ in procs for tid in tids}
+    regs = {tids[0]: at_trap[tids[0]] for tids, _, _ in procs}
+    for k in range(max((len(unmaps) for _, _, unmaps in procs), default=0)):
+        calls = [(tids[0], addr, NR_MUNMAP, unmaps[k]) for tids, addr, unmaps in procs
+                 if k < len(unmaps)]
+        for tid, ret in run_syscalls(calls, regs).items():
+            if ret != 0:
+                raise RestoreError(f"removing the restorer region of {tid}: munmap failed: "
+                                   f"{os.strerror(-ret)}")
+    everyone = [tid for tids, _, _ in procs for tid in tids]
+    for tids, addr, _ in procs:
+        for tid in tids:
+            r = dict(at_trap[tid])
+            r.update(ip=addr, ax=NR_RT_SIGRETURN, orig_ax=2**64 - 1)
+            _set_regs(tid, r)
+    for tid in everyone:
         _ptrace(PTRACE_SYSCALL, tid, "PTRACE_SYSCALL")     # the trap's SIGTRAP is dropped
-    for tid in tids:
+    for tid in everyone:
         _wait_stop(tid, "entering rt_sigreturn")
 
 

@@ -395,8 +395,23 @@ def _private(v) -> bool:
         not v.flags & (M.MAP_GROWSDOWN | M.MAP_HUGETLB) and v.flags & M.MAP_TYPE != M.MAP_DROPPABLE
 
 
-def _has_pages(memory, start: int, end: int) -> bool:
-    return any(a < end and start < a + n for a, n in memory.filled())
+class _Filled:
+    """The address ranges a task's dumped pages cover, merged and sorted once:
+    has(start, end) bisects instead of walking every run for every VMA."""
+
+    def __init__(self, memory):
+        self.starts, self.ends = [], []
+        for a, n in sorted(memory.filled()):
+            if self.ends and a <= self.ends[-1]:
+                self.ends[-1] = max(self.ends[-1], a + n)
+            else:
+                self.starts.append(a)
+                self.ends.append(a + n)
+
+    def has(self, start: int, end: int) -> bool:
+        import bisect
+        i = bisect.bisect_right(self.ends, start)      # the first range ending after start
+        return i < len(self.starts) and self.starts[i] < end
 
 
 def _plan_cow(plan: TreePlan) -> None:
@@ -405,6 +420,12 @@ def _plan_cow(plan: TreePlan) -> None:
     and the child keeps the inherited pages whose contents did not change. Only where
     both have dumped pages: otherwise there is nothing to share."""
     from criu_py import mem as M
+    filled = {}                     # pid -> _Filled, made once per task
+
+    def has_pages(task, start: int, end: int) -> bool:
+        if task.pid not in filled:
+            filled[task.pid] = _Filled(task.img.memory)
+        return filled[task.pid].has(start, end)
     for t in plan.alive:
         p = t.parent
         if p is None or p.kind != ALIVE or t.in_parent_mm or t.img.mm.exe_file_id != p.img.mm.exe_file_id:
@@ -418,8 +439,7 @@ def _plan_cow(plan: TreePlan) -> None:
                 continue
             if v.status & M.VMA_FILE_PRIVATE and (v.shmid != pv.shmid or v.pgoff != pv.pgoff):
                 continue
-            if not _has_pages(t.img.memory, v.start, v.end) or \
-                    not _has_pages(p.img.memory, v.start, v.end):
+            if not has_pages(t, v.start, v.end) or not has_pages(p, v.start, v.end):
                 continue
             t.inherits[v.start] = pv
     for t in plan.alive:
