@@ -7,6 +7,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import Log, Task, descendants, dumped_pids, proc_status, reap_gone, wait_for
 
 
@@ -278,6 +280,30 @@ def test_leave_running_tree_runs_on_untraced_and_restores_later(h):
     after = tree_of(task.pid)
     before[task.pid] = (after[task.pid][0],) + before[task.pid][1:]
     assert after == before
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_restore_killed_while_helpers_end_leaves_nothing(h, stage):
+    """The children of a helper (M1, M2 of forest's exited session leader L) do not die
+    with their parent while it exits on purpose: a restore command killed right then
+    (test hook: after stage 2, joining process groups, or 3, ending helpers) still
+    leaves none of them behind (they watch the command through a pidfd)."""
+    task = h.start("forest", ready=r"ready \d+")
+    pids = list(tree_of(task.pid))
+    images = h.dump(task)
+    res = subprocess.run(h.cli_argv("restore", "-D", images, "-d"), capture_output=True,
+                         env={**os.environ, "CRIU_PY_TEST_KILL_AFTER_STAGE": str(stage)},
+                         timeout=60)
+    assert res.returncode == -signal.SIGKILL, res
+
+    def gone():
+        for x in pids:
+            try:
+                os.waitpid(x, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        return not any(os.path.exists(f"/proc/{x}") for x in pids)
+    wait_for(gone, timeout=10, what="every task of the killed restore to be gone")
 
 
 def test_restore_killed_at_any_instant_leaves_no_half_restored_tree(h):

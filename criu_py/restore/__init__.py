@@ -33,6 +33,7 @@ class Restore:
         self.sync = None              # restore.sync.SyncPage
         self.fds = None               # restore.task.FdSpace
         self.status_r = self.status_w = -1
+        self.command_pidfd = -1       # parked: a pidfd of this command, for the tasks
         self.resource_fds = {}        # filled by each task for itself after the fork
         self.trap = {}                # pid -> its restorer region is removed with ptrace
         self.host_creds = None
@@ -382,6 +383,9 @@ def prepare_shared(rs: Restore, stack) -> None:
     stack.callback(_close_quietly, r)
     stack.callback(_close_quietly, rs.status_w)
     rs.images.dirfd = rs.fds.park(rs.images.dirfd)
+    # a task that may not die with its parent for a while watches us through this
+    rs.command_pidfd = rs.fds.park(os.pidfd_open(os.getpid()))
+    stack.callback(_close_quietly, rs.command_pidfd)
     for parent in rs.tree.chain[1:]:        # incremental dumps: the parents' pages files
         parent.dirfd = rs.fds.park(parent.dirfd)
     if os.isatty(0):                        # the caller's terminal (--shell-job)
@@ -490,6 +494,8 @@ def run_stages(rs: Restore) -> None:
             raise RestoreError(failure_message(rs, stage)) from None
         log.debug("restore: stage %s done in %.2f ms", S.STAGE_NAMES[stage],
                   (time.monotonic() - t) * 1e3)
+        if _KILL_AFTER_STAGE == stage:
+            os.kill(os.getpid(), signal.SIGKILL)     # test hook (see _KILL_AFTER_STAGE)
         if stage == S.STAGE_PREPARE:
             remove_ghosts(rs)           # every task has opened and mapped them
         elif stage == S.STAGE_FILES:
@@ -498,6 +504,11 @@ def run_stages(rs: Restore) -> None:
             rs.sysv.attached()          # every segment is attached where it was
     read_status(rs)
     place_threads_in_cgroups(rs)
+
+
+# Test hook: CRIU_PY_TEST_KILL_AFTER_STAGE=N makes the restore command SIGKILL itself once
+# every task is done with stage N (restore/sync.py's numbers), before the next opens.
+_KILL_AFTER_STAGE = int(os.environ.get("CRIU_PY_TEST_KILL_AFTER_STAGE", "0") or 0)
 
 
 def place_threads_in_cgroups(rs: Restore) -> None:

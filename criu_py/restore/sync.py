@@ -114,8 +114,9 @@ class SyncPage:
         lib.criu_py_futex_wake(self.addr + OFF_NR)
 
     # -- a task's side
-    def wait_stage(self, stage: int) -> None:
-        """Block until the restore reaches `stage`; Aborted if it was aborted."""
+    def wait_stage(self, stage: int, alive=None) -> None:
+        """Block until the restore reaches `stage`; Aborted if it was aborted. alive:
+        called between waits of POLL_NS (it raises Aborted when the restore is gone)."""
         from criu_py.native import lib
         while True:
             cur = self.stage
@@ -123,7 +124,9 @@ class SyncPage:
                 raise Aborted()
             if cur >= stage:
                 return
-            lib.criu_py_futex_wait(self.addr + OFF_STAGE, cur, -1)
+            lib.criu_py_futex_wait(self.addr + OFF_STAGE, cur, -1 if alive is None else POLL_NS)
+            if alive is not None:
+                alive()
 
     def done(self) -> None:
         """Count this task done with the current stage."""
@@ -131,7 +134,7 @@ class SyncPage:
         if lib.criu_py_atomic_add(self.addr + OFF_NR, -1) == 0:
             lib.criu_py_futex_wake(self.addr + OFF_NR)
 
-    def stage_done(self, stage: int) -> None:
+    def stage_done(self, stage: int, alive=None) -> None:
         """done(), then wait until the next stage opens."""
         self.done()
-        self.wait_stage(stage + 1)
+        self.wait_stage(stage + 1, alive)

@@ -13,6 +13,7 @@ import fcntl
 import mmap
 import os
 import resource
+import select
 import signal
 import struct
 import sys
@@ -112,12 +113,16 @@ class TaskRun:
             self.stage = "process group"
             if os.getpgid(0) != t.pgid:
                 os.setpgid(0, t.pgid)
+            alive = None
             if t.parent is not None and t.parent.kind == HELPER:
-                _prctl(PR_SET_PDEATHSIG, 0)     # its helper parent exits next, on purpose
-            sy.stage_done(S.STAGE_PGID)
+                # its helper parent exits next, on purpose: until it dies with its new
+                # parent, it watches the restore command itself
+                _prctl(PR_SET_PDEATHSIG, 0)
+                alive = self.restore_command_alive
+            sy.stage_done(S.STAGE_PGID, alive)
             self.stage = "helpers and zombies"
             self.cleanup_stage()            # helpers and zombies end here
-            sy.stage_done(S.STAGE_CLEANUP)
+            sy.stage_done(S.STAGE_CLEANUP, alive)
             self.stage = "restorer files"
             if t.parent is not None and t.parent.kind == HELPER:
                 # its helper is gone: it dies with the parent it has now (a subreaper)
@@ -161,6 +166,11 @@ class TaskRun:
         report(self.status_fd if self.status_fd >= 0 else self.rs.status_w,
                f"pid {self.t.pid}: {self.stage}: {text}")
         self.rs.sync.abort()
+
+    def restore_command_alive(self) -> None:
+        """S.Aborted once the restore command is gone (its pidfd reads as ended)."""
+        if select.select([self.rs.command_pidfd], [], [], 0)[0]:
+            raise S.Aborted()
 
     def own_service_fds(self) -> None:
         """Own copies of the status pipe, the images dir and the log file: tasks that
