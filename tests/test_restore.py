@@ -232,3 +232,20 @@ def test_clone_with_pid_gives_the_pid_and_a_sane_child():
         os.waitpid(pid, 0)
     with pytest.raises(RestoreError, match=rf"pid {os.getpid()} is in use"):
         clone_with_pid(os.getpid())
+
+
+def test_a_task_reports_a_name_that_is_not_utf8():
+    """A failure naming a file whose name is not UTF-8 goes through the status pipe as
+    its bytes (it must not raise inside the failing task)."""
+    from criu_py.restore.fork import parse_status
+    from criu_py.restore.task import report
+    name = os.fsdecode(b"/tmp/caf\xe9")
+    r, w = os.pipe()
+    try:
+        report(w, f"cannot open {name}")
+        _, messages, rest = parse_status(os.read(r, 4096))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert messages == [f"cannot open {name}"] and rest == b""
+    assert os.fsencode(messages[0]).endswith(b"caf\xe9")

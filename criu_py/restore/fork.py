@@ -59,7 +59,7 @@ def parse_status(data: bytes) -> tuple[list, list[str], bytes]:
         (n,) = struct.unpack_from("<I", data, off)
         if len(data) - off - 4 < n:
             break
-        text = data[off + 4:off + 4 + n].decode(errors="replace")
+        text = data[off + 4:off + 4 + n].decode(errors="surrogateescape")
         messages.append(text[1:] if text.startswith("T") else (text or "garbled status from a task"))
         off += 4 + max(n, 1)
     return records, messages, data[off:]

@@ -947,7 +947,7 @@ def enter_restorer(run: TaskRun, plan) -> None:
 
 
 def report(fd: int, text: str) -> None:
-    data = ("T" + text.replace("\n", " ")).encode()
+    data = ("T" + text.replace("\n", " ")).encode(errors="surrogateescape")
     try:
         os.write(fd, struct.pack("<I", len(data)) + data)
     except OSError:
