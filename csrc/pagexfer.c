@@ -9,6 +9,7 @@
 #include "sys.h"
 #include "pagexfer.h"
 #include "digest.h"
+#include "handover.h"
 #include <pthread.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -181,14 +182,7 @@ long cp_ps_send_pages(int pid, int sock, const struct cp_ps_entry *ents, long ne
 			i ^= 1;
 		} while (addr < end);
 	}
-	pthread_mutex_lock(&r.lock);
-	r.done = 1;
-	if (err && !r.err)
-		r.err = (int)err;
-	pthread_cond_broadcast(&r.cond);
-	pthread_mutex_unlock(&r.lock);
-	pthread_join(sender, NULL);
-	return r.err ? r.err : total;
+	return cp_handover_end(&r.lock, &r.cond, &r.done, &r.err, err, sender, total);
 }
 
 /* The page server's side: n bytes of data from the socket into the file at its offset,

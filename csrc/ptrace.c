@@ -4,6 +4,7 @@
 #include "sys.h"
 #include "ptrace.h"
 #include "digest.h"
+#include "handover.h"
 #include <pthread.h>
 #include <string.h>
 #include <fcntl.h>
@@ -208,12 +209,5 @@ long cp_vm_copy_ranges2(int pid, int fd, const uint64_t *ranges, long nranges, v
 			i ^= 1;
 		}
 	}
-	pthread_mutex_lock(&r.lock);
-	r.done = 1;
-	if (err && !r.err)
-		r.err = (int)err;
-	pthread_cond_broadcast(&r.cond);
-	pthread_mutex_unlock(&r.lock);
-	pthread_join(writer, NULL);
-	return r.err ? r.err : total;
+	return cp_handover_end(&r.lock, &r.cond, &r.done, &r.err, err, writer, total);
 }

@@ -174,14 +174,21 @@ def copy_images(src, dst):
             shutil.copy2(path, dst / path.name)
 
 
-def test_page_server_dump_then_restore(h):
-    task = h.start("memhog", 64, SEED, ready=r"ready \d+")
+def dump_to_page_server(h, task):
+    """`dump` of task to a `page-server` on 127.0.0.1 (logs at -v4): (src, dst), the
+    dump's dir and the server's, once the server's session ended well."""
     src, dst = h.images_dir("src"), h.images_dir("dst")
     port = free_port()
     server = start_with_status(h, "page-server", "-D", dst, "--address", "127.0.0.1",
                                "--port", port, "-o", "ps.log", "-v4")
     h.dump(task, src, "--page-server", "--address", "127.0.0.1", "--port", port)
     assert server.wait(30) == 0, server.stderr.read()
+    return src, dst
+
+
+def test_page_server_dump_then_restore(h):
+    task = h.start("memhog", 64, SEED, ready=r"ready \d+")
+    src, dst = dump_to_page_server(h, task)
     assert not list(src.glob("pages-*.img")) and list(dst.glob("pages-*.img"))
     assert oct((dst / "pages-1.img").stat().st_mode & 0o777) == "0o600"
     copy_images(src, dst)
@@ -206,12 +213,7 @@ def test_page_server_dump_of_other_memory(h, workload):
     else:
         task = h.start("protnone", python=True, ready=r"ready \d+")
     assert ask(task) == f"OK {task.pid}"
-    src, dst = h.images_dir("src"), h.images_dir("dst")
-    port = free_port()
-    server = start_with_status(h, "page-server", "-D", dst, "--address", "127.0.0.1",
-                               "--port", port, "-o", "ps.log", "-v4")
-    h.dump(task, src, "--page-server", "--address", "127.0.0.1", "--port", port)
-    assert server.wait(30) == 0, server.stderr.read()
+    src, dst = dump_to_page_server(h, task)
     assert list(dst.glob("pages-*.img"))
     copy_images(src, dst)
     restored = h.restore(dst, task=task)
@@ -224,12 +226,7 @@ def test_page_server_dump_handed_over_by_the_task_or_read(h, catch):
     ignores); a task that catches every such signal has its pages read instead. Either
     way it comes back from the server's dir with its registers and ticks going on."""
     task = h.start("regwatch", *(["catch"] if catch else []), ready=r"ready \d+")
-    src, dst = h.images_dir("src"), h.images_dir("dst")
-    port = free_port()
-    server = start_with_status(h, "page-server", "-D", dst, "--address", "127.0.0.1",
-                               "--port", port)
-    h.dump(task, src, "--page-server", "--address", "127.0.0.1", "--port", port)
-    assert server.wait(30) == 0, server.stderr.read()
+    src, dst = dump_to_page_server(h, task)
     how = "read with process_vm_readv" if catch else "handed over by the task (vmsplice)"
     assert f"pid {task.pid}: pages {how}" in (src / "dump.log").read_text()
     copy_images(src, dst)

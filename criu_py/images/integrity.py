@@ -43,17 +43,23 @@ def _threads() -> int:
         return 1
 
 
+def _open_listed(dirfd: int, name: str) -> int:
+    """A file the checksum image lists, opened for reading (not through a symlink), or
+    ImageError."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dirfd)
+    except FileNotFoundError:
+        raise ImageError(f"{name}: missing (listed in {CHECKSUM_IMAGE})") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
+
+
 def digest(dirfd: int, name: str, runs=(), known=None, threads=None) -> tuple[int, int, list[int]]:
     """(size, digest of the file, [digest of each (offset, length) run]) of one file;
     known: (size, CRC of each block) its writer computed, used when the file still has
     that size (else the file is read)."""
     from criu_py.native import ffi, lib
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dirfd)
-    except FileNotFoundError:
-        raise ImageError(f"{name}: missing (listed in {CHECKSUM_IMAGE})") from None
-    except OSError as exc:
-        raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
+    fd = _open_listed(dirfd, name)
     try:
         size = os.fstat(fd).st_size
         flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
@@ -408,12 +414,7 @@ def _read_checked(images, e) -> bytes:
     size and digest (the same digest digest() computes, from the bytes in memory)."""
     from criu_py.native import ffi, lib
     name = e.name
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=images.dirfd)
-    except FileNotFoundError:
-        raise ImageError(f"{name}: missing (listed in {CHECKSUM_IMAGE})") from None
-    except OSError as exc:
-        raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
+    fd = _open_listed(images.dirfd, name)
     try:
         size = os.fstat(fd).st_size
         if size != e.size:
