@@ -169,7 +169,9 @@ def test_nginx_master_and_two_unprivileged_workers(h):
         track(h, w, "nginx: worker process")
     wait_port(port)
     www_uid = int(subprocess.run(["id", "-u", "www-data"], capture_output=True, text=True).stdout)
-    assert [int(proc_status(w)["Uid"].split()[0]) for w in workers] == [www_uid] * 2
+    # a worker drops its privileges a moment after its fork
+    wait_for(lambda: [int(proc_status(w)["Uid"].split()[0]) for w in workers] == [www_uid] * 2,
+             what="nginx's workers to run as www-data")
     assert _workers_serving(port, page) == set(workers)
     images = h.dump(master)
     h.restore(images, task=master)
