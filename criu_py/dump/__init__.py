@@ -377,7 +377,8 @@ def collect_in_task_state(ctx, procs=None) -> None:
         ctx.snapshot.before_injection(procs or ctx.stopped())
     for pd in procs or ctx.stopped():
         others = [th.tracee for th in pd.threads[1:]]
-        pd.parasite = parasite.collect(pd.tracee, pd.leader.raw_gpregs, others)
+        pd.parasite = parasite.collect(pd.tracee, pd.leader.raw_gpregs, others,
+                                       [plan.vma for plan in pd.vma_plans] or None)
         for th in pd.threads:
             th.info = pd.parasite.threads[th.tid]
         if pd.timers:

@@ -281,6 +281,7 @@ RED_ZONE = 128
 SS_NO_CHANGE = 4             # an invalid ss_flags: rt_sigreturn leaves sigaltstack alone
 RESTORER_GADGETS = (bytes.fromhex("48c7c00f0000000f05"),   # mov $15, %rax; syscall
                     bytes.fromhex("b80f0000000f05"))         # mov $15, %eax; syscall
+_GADGET_MAX = max(len(g) for g in RESTORER_GADGETS)
 BLOB_END = bytes.fromhex("b80f0000000f05")   # how every blob ends (rt_sigreturn)
 # tgkill(r14, r15, ebp): a free-running blob's last call before BLOB_END (see above)
 SIGNAL_END = bytes.fromhex("b8ea0000004c89f74c89fe89ea0f05")
@@ -358,14 +359,26 @@ def landing_offset() -> int | None:
     return None if _LANDING < 0 else _LANDING
 
 
+# Found before in this run: the vdso bytes at the landing, and (file, offset in it, size)
+# of an executable mapping -> offset of an rt_sigreturn gadget in it.
+_OWN_LANDING_BYTES = None
+_GADGETS_SEEN: dict = {}
+
+
+def _mapping_key(v) -> tuple:
+    return (v.dev_major, v.dev_minor, v.inode, v.path, v.offset, v.end - v.start)
+
+
 class InjectionSite:
     """Where a process's injected code returns through: the landing `syscall` of its
     vdso, the rt_sigreturn gadget in its own code, and its writable mappings (for frames)."""
 
-    def __init__(self, tracee: "Tracee"):
+    def __init__(self, tracee: "Tracee", vmas=None):
+        """vmas: the process's maps as just read (proc.Vma list), else read here."""
         from criu_py import proc
         self.pid = tracee.pid
-        vmas = proc.read_maps(tracee.pid)
+        if vmas is None:
+            vmas = proc.read_maps(tracee.pid)
         self.writable = [(v.start, v.end) for v in vmas if v.perms[1] == "w" and not v.shared]
         vdso = [v for v in vmas if v.path == "[vdso]"]
         off = landing_offset()
@@ -385,13 +398,17 @@ class InjectionSite:
 
     @staticmethod
     def _own_vdso_bytes(off: int) -> bytes:
-        import ctypes
-        with open("/proc/self/maps") as f:
-            for line in f:
-                if line.rstrip().endswith("[vdso]"):
-                    start = int(line.split("-")[0], 16)
-                    return ctypes.string_at(start + off, 34)
-        return b""
+        global _OWN_LANDING_BYTES
+        if _OWN_LANDING_BYTES is None:
+            import ctypes
+            _OWN_LANDING_BYTES = b""
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    if line.rstrip().endswith("[vdso]"):
+                        start = int(line.split("-")[0], 16)
+                        _OWN_LANDING_BYTES = ctypes.string_at(start + off, 34)
+                        break
+        return _OWN_LANDING_BYTES
 
     @staticmethod
     def _plain_vdso_syscall(tracee, vdso) -> int:
@@ -405,9 +422,22 @@ class InjectionSite:
 
     @staticmethod
     def _find_restorer(tracee, vmas) -> int:
-        """An rt_sigreturn gadget in the task's own executable file mappings (libc first)."""
+        """An rt_sigreturn gadget in the task's own executable file mappings (libc first).
+        Where one was found in a mapping of the same file part before (every process of
+        a tree maps the same libc), only the gadget's bytes are read and compared there;
+        a whole mapping (~2 MiB of libc) is read only when they differ or it is new."""
         code = [v for v in vmas if v.perms[2] == "x" and v.path.startswith("/")]
         code.sort(key=lambda v: "libc" not in v.path)
+        for v in code:
+            at = _GADGETS_SEEN.get(_mapping_key(v))
+            if at is None or at + _GADGET_MAX > v.end - v.start:
+                continue
+            try:
+                data = tracee.read_mem(v.start + at, _GADGET_MAX)
+            except CriuError:
+                continue
+            if any(data.startswith(g) for g in RESTORER_GADGETS):
+                return v.start + at
         for v in code:
             try:
                 data = tracee.read_mem(v.start, v.end - v.start)
@@ -416,6 +446,7 @@ class InjectionSite:
             for gadget in RESTORER_GADGETS:
                 at = data.find(gadget)
                 if at >= 0:
+                    _GADGETS_SEEN[_mapping_key(v)] = at
                     return v.start + at
         return 0
 
@@ -587,15 +618,16 @@ class Injection:
     first use; leaving gives every parked thread back its exact registers and mask, on
     success and on failure alike."""
 
-    def __init__(self, tracee: Tracee, saved_gpregs: bytes | None = None):
+    def __init__(self, tracee: Tracee, saved_gpregs: bytes | None = None, vmas=None):
         self.t = tracee
         self.saved_regs = saved_gpregs
+        self.vmas = vmas               # its maps if just read (proc.Vma list)
         self.site = None
         self.threads: dict[int, InjectedThread] = {}
         self.calls = 0
 
     def __enter__(self):
-        self.site = InjectionSite(self.t)
+        self.site = InjectionSite(self.t, self.vmas)
         main = InjectedThread(self.site, self.t, self.saved_regs)
         self.threads[self.t.pid] = main
         main.park()
