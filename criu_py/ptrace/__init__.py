@@ -340,10 +340,11 @@ _LANDING = None
 def landing_offset() -> int | None:
     """Offset in the vdso image (the same in every process) of a `syscall` followed only
     by register clears and `ret`; None when this kernel's vdso has none."""
-    global _LANDING
+    global _LANDING, _OWN_LANDING_BYTES
     if _LANDING is None:
         import ctypes
         _LANDING = -1
+        _OWN_LANDING_BYTES = b""
         with open("/proc/self/maps") as f:
             for line in f:
                 if line.rstrip().endswith("[vdso]"):
@@ -353,15 +354,16 @@ def landing_offset() -> int | None:
                     while at >= 0:
                         if _is_clear_then_ret(image[at + 2:at + 34]):
                             _LANDING = at
+                            _OWN_LANDING_BYTES = image[at:at + 34]
                             break
                         at = image.find(b"\x0f\x05", at + 1)
                     break
     return None if _LANDING < 0 else _LANDING
 
 
-# Found before in this run: the vdso bytes at the landing, and (file, offset in it, size)
-# of an executable mapping -> offset of an rt_sigreturn gadget in it.
-_OWN_LANDING_BYTES = None
+# Our own vdso's bytes at the landing (what a target's must hold there too); (file, offset
+# in it, size) of an executable mapping -> offset of an rt_sigreturn gadget found in it.
+_OWN_LANDING_BYTES = b""
 _GADGETS_SEEN: dict = {}
 
 
@@ -384,8 +386,8 @@ class InjectionSite:
         off = landing_offset()
         self.landing = 0
         if vdso and off is not None:
-            want = self._own_vdso_bytes(off)
-            if tracee.read_mem(vdso[0].start + off, len(want)) == want:
+            want = _OWN_LANDING_BYTES
+            if want and tracee.read_mem(vdso[0].start + off, len(want)) == want:
                 self.landing = vdso[0].start + off
         self.restorer = self._find_restorer(tracee, vmas)
         self.safe = bool(self.landing and self.restorer)
@@ -395,20 +397,6 @@ class InjectionSite:
                         "vdso landing" if not self.landing else "rt_sigreturn gadget")
             if not self.landing:
                 self.landing = self._plain_vdso_syscall(tracee, vdso)
-
-    @staticmethod
-    def _own_vdso_bytes(off: int) -> bytes:
-        global _OWN_LANDING_BYTES
-        if _OWN_LANDING_BYTES is None:
-            import ctypes
-            _OWN_LANDING_BYTES = b""
-            with open("/proc/self/maps") as f:
-                for line in f:
-                    if line.rstrip().endswith("[vdso]"):
-                        start = int(line.split("-")[0], 16)
-                        _OWN_LANDING_BYTES = ctypes.string_at(start + off, 34)
-                        break
-        return _OWN_LANDING_BYTES
 
     @staticmethod
     def _plain_vdso_syscall(tracee, vdso) -> int:
