@@ -181,7 +181,7 @@ def check_target(pid: int) -> None:
 
 def open_images_dir(opts: dict):
     from criu_py.images import ImageDir
-    return ImageDir(opts.get("images_dir") or ".", create=True)
+    return ImageDir(opts.get("images_dir") or ".", create=True, crc_on_write=True)
 
 
 def load_modules() -> None:

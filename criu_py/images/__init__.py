@@ -430,13 +430,17 @@ def warn_if_readable(path: str, what: str) -> None:
 
 class ImageDir:
     """A checkpoint directory. Paths are resolved against a directory fd held open.
-    create=True makes a missing directory 0700; an existing one keeps its mode."""
+    create=True makes a missing directory 0700; an existing one keeps its mode.
+    crc_on_write=True (a dump's dir, which it seals): write_bytes() notes the block CRCs
+    of what it writes, so that the seal need not read those files back."""
 
-    def __init__(self, path: str, create: bool = False):
+    def __init__(self, path: str, create: bool = False, crc_on_write: bool = False):
         self.dirpath = os.fspath(path)
         # name -> (size, CRC-32C of each 4 KiB block) of files whose writer computed
-        # them while writing (big pages files): the seal then needs not read them back
+        # them while writing (big pages files, and with crc_on_write every file
+        # write_bytes wrote): the seal then needs not read them back
         self.block_crcs = {}
+        self.crc_on_write = crc_on_write
         # name -> bytes the restore's integrity check read and checked (CheckedBytes):
         # read_bytes hands each out once instead of reading the file again
         self.checked = {}
@@ -497,6 +501,7 @@ class ImageDir:
         except OSError as exc:
             raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
         if write:
+            self.block_crcs.pop(name, None)      # whatever is written now, not what was
             os.fchmod(fd, 0o600)
         return fd
 
@@ -519,10 +524,32 @@ class ImageDir:
     def write_bytes(self, name: str, data: bytes) -> None:
         fd = self.open_raw(name, write=True)
         try:
-            with open(fd, "wb", closefd=True) as f:
-                f.write(data)
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:] if done else data)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise ImageError(f"{name}: write failed ({exc.strerror})") from None
+        self.note_written(name, data)
+
+    def note_written(self, name: str, data) -> None:
+        """`name` now holds exactly `data` (bytes or a buffer), written through an fd of
+        open_raw(write=True) or by write_bytes: with crc_on_write, its block CRCs for
+        the seal."""
+        if not self.crc_on_write:
+            return
+        from criu_py.native import ffi, lib
+        size = len(data)
+        crcs = ffi.new("uint32_t[]", -(-size // 4096))
+        if size:
+            ptr = ffi.from_buffer(data)
+            try:
+                lib.cp_crc_blocks(ptr, size, crcs)
+            finally:
+                ffi.release(ptr)
+        self.block_crcs[name] = (size, crcs)
 
     # --- entries ---
     def _kind(self, name: str) -> str:
