@@ -443,7 +443,9 @@ class BufferedCopy:
     """The data pages of a PagePlan being read from the task into memory by a thread of
     ours (process_vm_readv releases the GIL) while the dump goes on with its other
     frozen work; join() before the task may run or die. (A second reader thread does not
-    help: both wait on the task's page tables.)"""
+    help: both wait on the task's page tables.) One reader thread takes the copies of
+    every process in turn (_Reader): starting a thread per process costs more than a
+    small process's copy."""
 
     def __init__(self, pid: int, pages: PagePlan, pool: PageBuffer | None = None):
         import mmap
@@ -457,8 +459,9 @@ class BufferedCopy:
         else:
             self.buf, self.off, self.own = mmap.mmap(-1, max(total, M.PAGE_SIZE)), 0, True
         self.error = 0
-        self.thread = threading.Thread(target=self._read, name="page-copy", daemon=True)
-        self.thread.start()
+        self.exc = None
+        self.done = threading.Event()
+        _READER.submit(self)
 
     def _read(self) -> None:
         from criu_py.native import ffi, lib
@@ -475,9 +478,48 @@ class BufferedCopy:
             ffi.release(cbuf)
 
     def join(self):
-        self.thread.join()
+        self.done.wait()
+        if self.exc is not None:
+            raise self.exc
         check_errno(self.error, "copying memory with process_vm_readv", self.pid)
         return self.buf, self.off, self.total, self.own
+
+
+class _Reader:
+    """The thread that runs queued BufferedCopy reads in order; it ends once none is
+    left, and the next copy starts another."""
+
+    def __init__(self):
+        self.lock = None
+        self.jobs = []
+        self.thread = None
+
+    def submit(self, job: BufferedCopy) -> None:
+        import threading
+        if self.lock is None:
+            self.lock = threading.Lock()
+        with self.lock:
+            self.jobs.append(job)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._serve, name="page-copy", daemon=True)
+                self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            with self.lock:
+                if not self.jobs:
+                    self.thread = None
+                    return
+                job = self.jobs.pop(0)
+            try:
+                job._read()
+            except BaseException as exc:       # noqa: BLE001 - raised again by join()
+                job.exc = exc
+            finally:
+                job.done.set()
+
+
+_READER = _Reader()
 
 
 def pagemap_flags(pages: PagePlan) -> list:
