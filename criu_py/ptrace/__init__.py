@@ -657,10 +657,11 @@ class Injection:
         """A signal a blob may end with (see SIGNAL_END): one of END_SIGNALS that the
         process does not catch and that no thread of `threads` has pending; 0 if none."""
         from criu_py import proc
-        st = proc.read_status(self.t.pid)
-        busy = st.sig_cgt | st.shd_pnd
-        for t in threads or (self.t,):
-            busy |= proc.read_status(self.t.pid, t.pid).sig_pnd
+        st = proc.read_signal_bits(self.t.pid)
+        busy = st.sig_cgt | st.shd_pnd | st.sig_pnd         # the main thread's own too
+        for t in threads:
+            if t.pid != self.t.pid:
+                busy |= proc.read_signal_bits(self.t.pid, t.pid).sig_pnd
         for sig in END_SIGNALS:
             if not busy & (1 << (sig - 1)):
                 return int(sig)
