@@ -233,7 +233,7 @@ def refuse_unsupported(ctx) -> None:
         pd.status = proc.read_status(pid)
         pd.swapped = pd.status.vm_swap > 0
         pd.timers = proc.read_timers(pid)
-        theirs = proc.read_ns_ids(pid)
+        theirs = pd.ns_inodes = proc.read_ns_ids(pid)
         for name in sorted(set(ours) & set(theirs)):
             if ours[name] != theirs[name]:
                 raise Unsupported(f"pid {pid} lives in another {name} namespace: namespaces "
@@ -414,7 +414,7 @@ def collect_proc_state(ctx, procs=None) -> None:
         pd.loginuid = proc.read_loginuid(pid)
         pd.oom_score_adj = proc.read_oom_score_adj(pid)
         pd.auxv = proc.read_auxv(pid)
-        pd.ns_ids = task.namespace_ids(pid)
+        pd.ns_ids = task.namespace_ids(pid, pd.ns_inodes)   # frozen: as when checked
         exe = proc.read_link(pid, "exe")
         pd.exe_id = mapped_file_id(pd, exe, os.stat(f"/proc/{pid}/exe"), os.O_RDONLY,
                                    f"/proc/{pid}/exe", f"pid {pid}: its executable")

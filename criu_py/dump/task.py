@@ -158,10 +158,12 @@ def fill_ids(ids, ns_ids: dict, kobj: dict | None = None) -> None:
         setattr(ids, NS_FIELDS[name], value)
 
 
-def namespace_ids(pid: int) -> dict:
-    """Small ids for the task's namespaces, numbered in NS_NAMES order (as upstream does)."""
+def namespace_ids(pid: int, inodes: dict | None = None) -> dict:
+    """Small ids for the task's namespaces, numbered in NS_NAMES order (as upstream does);
+    inodes: its proc.read_ns_ids() when read already."""
     from criu_py.proc import read_ns_ids
-    inodes = read_ns_ids(pid)
+    if inodes is None:
+        inodes = read_ns_ids(pid)
     return {name: i + 1 for i, name in enumerate(n for n in NS_NAMES if n in inodes)}
 
 
