@@ -378,8 +378,9 @@ def read_link(pid: int, name: str) -> str:
 
 def read_auxv(pid: int) -> list[int]:
     """The saved auxiliary vector as a flat list of u64 (type, value, ..., AT_NULL pair)."""
+    import struct
     raw = _read(pid, "auxv", binary=True)
-    words = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw) - len(raw) % 8, 8)]
+    words = list(struct.unpack_from(f"<{len(raw) // 8}Q", raw))
     # Trim after the AT_NULL terminator pair.
     for i in range(0, len(words) - 1, 2):
         if words[i] == 0:
@@ -513,11 +514,12 @@ def read_limits(pid: int) -> list[Rlimit]:
     out = []
     for line in _read(pid, "limits").splitlines()[1:]:
         # "Max open files            1024                 4096                 files"
-        words = line[26:].split()
+        words = line[26:].split(None, 2)
         if len(words) < 2:
             continue
-        cur, mx = (_RLIM_INF if w == "unlimited" else int(w) for w in words[:2])
-        out.append(Rlimit(cur, mx))
+        cur, mx = words[0], words[1]
+        out.append(Rlimit(_RLIM_INF if cur == "unlimited" else int(cur),
+                          _RLIM_INF if mx == "unlimited" else int(mx)))
     return out
 
 
