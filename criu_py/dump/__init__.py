@@ -24,6 +24,8 @@ def dump_tasks(opts: dict) -> int:
     t0 = time.monotonic()
     step = functools.partial(log_step, "pre-dump" if pre else "dump")
     with contextlib.ExitStack() as stack:
+        gc.disable()        # no collector pause while modules load and the tree is frozen
+        stack.callback(gc.enable)
         with step("check target"):
             check_target(pid)
             if opts.get("ghost_limit") is not None:
@@ -50,8 +52,6 @@ def dump_tasks(opts: dict) -> int:
         with step("snapshot: protect memory"):
             start_snapshot(ctx, stack)
         with step("freeze the tree"):
-            gc.disable()                    # no collector pause while the tree is frozen
-            stack.callback(gc.enable)
             stack.callback(frozen_priority())
             t_freeze = time.monotonic()
             ctx.tree = stack.enter_context(Tree(pid))
