@@ -378,7 +378,9 @@ def collect_in_task_state(ctx, procs=None) -> None:
     for pd in procs or ctx.stopped():
         others = [th.tracee for th in pd.threads[1:]]
         pd.parasite = parasite.collect(pd.tracee, pd.leader.raw_gpregs, others,
-                                       [plan.vma for plan in pd.vma_plans] or None)
+                                       [plan.vma for plan in pd.vma_plans] or None,
+                                       {th.tid: (th.raw_gpregs, th.xstate, th.sigmask)
+                                        for th in pd.threads})
         for th in pd.threads:
             th.info = pd.parasite.threads[th.tid]
         if pd.timers:

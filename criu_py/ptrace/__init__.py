@@ -444,12 +444,16 @@ class InjectedThread:
     park() writes its frame; syscall() and run_blob() run code; unpark() gives it back its
     registers and mask and a fresh event stop."""
 
-    def __init__(self, site: InjectionSite, tracee: "Tracee", saved_gpregs: bytes | None = None):
+    def __init__(self, site: InjectionSite, tracee: "Tracee", saved_gpregs: bytes | None = None,
+                 saved_state: tuple | None = None):
+        """saved_gpregs, saved_state (xstate, signal mask): the thread's, when read since
+        it stopped (else read here and in park())."""
         from criu_py import arch_x86
         self.site = site
         self.t = tracee
         self.saved_regs = saved_gpregs if saved_gpregs is not None else tracee.get_gpregs()
         self.gp = arch_x86.gpregs_from_bytes(self.saved_regs)
+        self.saved_state = saved_state
         self.saved_mask = 0
         self.frame = 0
         self.parked = False
@@ -462,8 +466,11 @@ class InjectedThread:
     def park(self) -> None:
         from criu_py.restore.sigframe import (TaskRegisters, build_sigframe, frame_layout,
                                               fpstate_for_sigreturn)
-        self.saved_mask = self.t.get_sigmask()
-        xstate = self.t.get_xstate()
+        if self.saved_state is not None:
+            xstate, self.saved_mask = self.saved_state
+        else:
+            self.saved_mask = self.t.get_sigmask()
+            xstate = self.t.get_xstate()
         regs = TaskRegisters(gp=self.gp, xsave=xstate, sigmask=self.saved_mask,
                              altstack=(0, SS_NO_CHANGE, 0))
         total, _ = frame_layout(len(fpstate_for_sigreturn(xstate)))
@@ -606,17 +613,22 @@ class Injection:
     first use; leaving gives every parked thread back its exact registers and mask, on
     success and on failure alike."""
 
-    def __init__(self, tracee: Tracee, saved_gpregs: bytes | None = None, vmas=None):
+    def __init__(self, tracee: Tracee, saved_gpregs: bytes | None = None, vmas=None,
+                 states: dict | None = None):
         self.t = tracee
         self.saved_regs = saved_gpregs
         self.vmas = vmas               # its maps if just read (proc.Vma list)
+        # tid -> (NT_PRSTATUS bytes, xstate, signal mask) of threads read since they stopped
+        self.states = states or {}
         self.site = None
         self.threads: dict[int, InjectedThread] = {}
         self.calls = 0
 
     def __enter__(self):
         self.site = InjectionSite(self.t, self.vmas)
-        main = InjectedThread(self.site, self.t, self.saved_regs)
+        state = self.states.get(self.t.pid)
+        regs = self.saved_regs if self.saved_regs is not None or state is None else state[0]
+        main = InjectedThread(self.site, self.t, regs, state[1:] if state else None)
         self.threads[self.t.pid] = main
         main.park()
         return self
@@ -637,7 +649,9 @@ class Injection:
         tracee = tracee or self.t
         th = self.threads.get(tracee.pid)
         if th is None:
-            th = self.threads[tracee.pid] = InjectedThread(self.site, tracee)
+            state = self.states.get(tracee.pid)
+            th = self.threads[tracee.pid] = InjectedThread(
+                self.site, tracee, state[0] if state else None, state[1:] if state else None)
             th.park()
         return th
 
