@@ -35,6 +35,8 @@ def dump_tasks(opts: dict) -> int:
             images = stack.enter_context(open_images_dir(opts))
         with step("load modules"):
             load_modules()
+            gc.freeze()     # what the imports made is never scanned by a later collection
+            stack.callback(gc.unfreeze)
         from criu_py.dump.context import DumpContext
         from criu_py.dump.tree import Tree
         ctx = DumpContext(pid, opts, images)
