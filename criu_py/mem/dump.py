@@ -134,26 +134,34 @@ def scan_pages(pagemap_fd: int, start: int, end: int) -> list[tuple[int, int]]:
     """Ranges of [start, end) whose pages hold private data: present or swapped, not the
     zero page, not page cache. One PAGEMAP_SCAN ioctl per SCAN_VEC_LEN regions."""
     from criu_py.native import ffi, lib
-    vec = ffi.new("struct cp_page_region[]", SCAN_VEC_LEN)
-    walk_end = ffi.new("uint64_t *")
+    # the region vector (~100 KiB, zeroed when made) is made once and reused: a dump
+    # scans every VMA of every process
+    vec, walk_end = _SCAN_BUFFERS.pop() if _SCAN_BUFFERS else (
+        ffi.new("struct cp_page_region[]", SCAN_VEC_LEN), ffi.new("uint64_t *"))
     out = []
     addr = start
     not_wanted = PAGE_IS_FILE | PAGE_IS_PFNZERO
-    while addr < end:
-        n = lib.cp_pagemap_scan(pagemap_fd, addr, end, vec, SCAN_VEC_LEN,
-                                not_wanted, not_wanted, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, 0,
-                                walk_end)
-        check_errno(n, "PAGEMAP_SCAN")
-        for i in range(n):
-            r = vec[i]
-            if out and out[-1][1] == r.start:
-                out[-1] = (out[-1][0], r.end)
-            else:
-                out.append((r.start, r.end))
-        if walk_end[0] <= addr:
-            raise DumpError(f"PAGEMAP_SCAN made no progress at {addr:#x}")
-        addr = walk_end[0]
+    try:
+        while addr < end:
+            n = lib.cp_pagemap_scan(pagemap_fd, addr, end, vec, SCAN_VEC_LEN,
+                                    not_wanted, not_wanted, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, 0,
+                                    walk_end)
+            check_errno(n, "PAGEMAP_SCAN")
+            for i in range(n):
+                r = vec[i]
+                if out and out[-1][1] == r.start:
+                    out[-1] = (out[-1][0], r.end)
+                else:
+                    out.append((r.start, r.end))
+            if walk_end[0] <= addr:
+                raise DumpError(f"PAGEMAP_SCAN made no progress at {addr:#x}")
+            addr = walk_end[0]
+    finally:
+        _SCAN_BUFFERS.append((vec, walk_end))
     return out
+
+
+_SCAN_BUFFERS = []          # (region vector, walk end) free for the next scan_pages()
 
 
 def lazy_allowed(plan: VmaPlan) -> bool:
