@@ -135,15 +135,29 @@ def _fill_task_core(tc, proc) -> None:
         tc.signals_s.signals.add().siginfo = raw
     tc.loginuid = proc.loginuid
     tc.oom_score_adj = proc.oom_score_adj
-    # 62 entries, signals 1..64 without SIGKILL and SIGSTOP: what upstream writes and
-    # insists on reading.
-    for sig, sa in enumerate(par.sigactions, start=1):
-        if sig in (SIGKILL, SIGSTOP):
-            continue
-        e = tc.sigactions.add()
-        e.sigaction, e.flags, e.restorer, e.mask = sa.handler, sa.flags, sa.restorer, sa.mask
-        e.compat_sigaction = False
+    tc.MergeFromString(_sigactions_wire(par.sigactions))
     tc.child_subreaper = par.child_subreaper
+
+
+_SIGACTIONS_WIRE = {}
+
+
+def _sigactions_wire(sigactions) -> bytes:
+    """task_core_entry.sigactions on the wire: 62 entries, signals 1..64 without SIGKILL
+    and SIGSTOP (what upstream writes and insists on reading). Built once per distinct
+    set: the processes of a tree mostly share theirs."""
+    key = tuple((sa.handler, sa.flags, sa.restorer, sa.mask) for sa in sigactions)
+    wire = _SIGACTIONS_WIRE.get(key)
+    if wire is None:
+        from criu_py.images.pb import core_pb2
+        tc = core_pb2.task_core_entry()
+        add = tc.sigactions.add
+        for sig, (handler, flags, restorer, mask) in enumerate(key, start=1):
+            if sig not in (SIGKILL, SIGSTOP):
+                add(sigaction=handler, flags=flags, restorer=restorer, mask=mask,
+                    compat_sigaction=False)
+        wire = _SIGACTIONS_WIRE[key] = tc.SerializePartialToString()
+    return wire
 
 
 def fill_ids(ids, ns_ids: dict, kobj: dict | None = None) -> None:
