@@ -109,6 +109,8 @@ def dump_tasks(opts: dict) -> int:
                 write_file_images(ctx)
             with step("write pstree, inventory"):
                 write_tree_images(ctx)
+            with step("wait for the image writes"):
+                images.finish_writes()     # every image on disk before the tree may go
             with step("wait for the memory copy"):
                 wait_memory_copies(ctx)
             with step("kill or release the tree"):
@@ -126,6 +128,7 @@ def dump_tasks(opts: dict) -> int:
             finish_tracking(ctx)
         with step("write stats"):
             write_stats(ctx)
+            images.finish_writes()
         integrity.seal(images)
         if ctx.lazy_kept is not None:
             with step("serve lazy pages"):
@@ -183,7 +186,8 @@ def check_target(pid: int) -> None:
 
 def open_images_dir(opts: dict):
     from criu_py.images import ImageDir
-    return ImageDir(opts.get("images_dir") or ".", create=True, crc_on_write=True)
+    return ImageDir(opts.get("images_dir") or ".", create=True, crc_on_write=True,
+                    background=True)
 
 
 def load_modules() -> None:
