@@ -190,6 +190,21 @@ _U32x2 = struct.Struct("<II")
 
 def kind_of(name: str) -> str | None:
     """The image kind a file name stands for (RAW for raw images), None when unknown."""
+    kind = _KINDS_SEEN.get(name, _UNSEEN)
+    if kind is _UNSEEN:
+        if len(_KINDS_SEEN) >= 1 << 16:
+            _KINDS_SEEN.clear()
+        kind = _KINDS_SEEN[name] = _kind_of(name)
+    return kind
+
+
+# name -> kind of the names looked at so far (a dump names each file when it writes it,
+# and again when it seals it)
+_KINDS_SEEN: dict = {}
+_UNSEEN = object()
+
+
+def _kind_of(name: str) -> str | None:
     base = os.path.basename(name)
     for prefix, kind in _HEX_NAMES.items():
         ident = base[len(prefix):-4]
@@ -447,6 +462,8 @@ class ImageDir:
         # write_bytes wrote): the seal then needs not read them back
         self.block_crcs = {}
         self.crc_on_write = crc_on_write
+        # name -> the entries a writer encoded into it (note_written), while unchanged
+        self.written_entries = {}
         # name -> bytes the restore's integrity check read and checked (CheckedBytes):
         # read_bytes hands each out once instead of reading the file again
         self.checked = {}
@@ -529,6 +546,7 @@ class ImageDir:
             raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
         if write:
             self.block_crcs.pop(name, None)      # whatever is written now, not what was
+            self.written_entries.pop(name, None)
             os.fchmod(fd, 0o600)
         return fd
 
@@ -554,6 +572,7 @@ class ImageDir:
             if self._writer is None:
                 self._writer = _Writer(self)
             self.block_crcs.pop(name, None)
+            self.written_entries.pop(name, None)
             self._writer.put(name, data if isinstance(data, bytes) else bytes(data))
             return
         fd = self.open_raw(name, write=True)
@@ -568,12 +587,16 @@ class ImageDir:
             raise ImageError(f"{name}: write failed ({exc.strerror})") from None
         self.note_written(name, data)
 
-    def note_written(self, name: str, data) -> None:
+    def note_written(self, name: str, data, entries=None) -> None:
         """`name` now holds exactly `data` (bytes or a buffer), written through an fd of
         open_raw(write=True) or by write_bytes: with crc_on_write, its block CRCs for
-        the seal."""
+        the seal, and the `entries` encoded in it (the seal reads pagemaps)."""
         if not self.crc_on_write:
             return
+        if entries is not None:
+            self.written_entries[name] = entries
+        else:
+            self.written_entries.pop(name, None)
         from criu_py.native import ffi, lib
         size = len(data)
         crcs = ffi.new("uint32_t[]", -(-size // 4096))

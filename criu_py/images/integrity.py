@@ -89,8 +89,8 @@ def _known_digest(dirfd: int, name: str, runs, known) -> tuple | None:
         return None                     # digest() opens it and says what is wrong
     if not stat.S_ISREG(st.st_mode) or st.st_size != known[0]:
         return None
-    flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
-    out_runs = ffi.new("uint64_t[]", max(len(runs), 1))
+    flat = ffi.new("uint64_t[]", [x for run in runs for x in run]) if runs else ffi.NULL
+    out_runs = ffi.new("uint64_t[]", len(runs)) if runs else ffi.NULL
     out_file = ffi.new("uint64_t *")
     r = lib.cp_digest_crcs(known[1], known[0], flat, len(runs), out_runs, out_file)
     if r < 0:
@@ -107,7 +107,8 @@ def _page_runs(images, names=None) -> dict:
     for name in (images.list() if names is None else names):
         if kind_of(name) != "pagemap":
             continue
-        entries = images.read_entries(name)
+        # as the dump encoded it, when it has not been written again since
+        entries = getattr(images, "written_entries", {}).get(name) or images.read_entries(name)
         if not entries:
             continue
         pages = f"pages-{entries[0].pages_id}.img"

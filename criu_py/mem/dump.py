@@ -609,13 +609,13 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
                     done += os.pwrite(pages_fd, view[done:], done)
                 images.note_written(f"pages-{pages_id}.img", view)
                 view.release()
-                data = encode_file("pagemap", pagemap_entries(pages.ranges, pages_id,
-                                                              pagemap_flags(pages)), pagemap_name)
+                entries = pagemap_entries(pages.ranges, pages_id, pagemap_flags(pages))
+                data = encode_file("pagemap", entries, pagemap_name)
                 done = 0
                 while done < len(data):
                     done += os.pwrite(pagemap_fd, data[done:], done)
                 os.ftruncate(pagemap_fd, len(data))
-                images.note_written(pagemap_name, data)
+                images.note_written(pagemap_name, data, entries)
             finally:
                 os.close(pages_fd)
                 os.close(pagemap_fd)
