@@ -342,14 +342,13 @@ def landing_offset() -> int | None:
     by register clears and `ret`; None when this kernel's vdso has none."""
     global _LANDING, _OWN_LANDING_BYTES
     if _LANDING is None:
-        import ctypes
         _LANDING = -1
         _OWN_LANDING_BYTES = b""
         with open("/proc/self/maps") as f:
             for line in f:
                 if line.rstrip().endswith("[vdso]"):
                     s, e = (int(x, 16) for x in line.split()[0].split("-"))
-                    image = ctypes.string_at(s, e - s)
+                    image = _own_memory(s, e - s)
                     at = image.find(b"\x0f\x05")
                     while at >= 0:
                         if _is_clear_then_ret(image[at + 2:at + 34]):
@@ -359,6 +358,15 @@ def landing_offset() -> int | None:
                         at = image.find(b"\x0f\x05", at + 1)
                     break
     return None if _LANDING < 0 else _LANDING
+
+
+def _own_memory(addr: int, size: int) -> bytes:
+    """Bytes of our own memory (through /proc/self/mem: no ctypes to load)."""
+    fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, addr)
+    finally:
+        os.close(fd)
 
 
 # Our own vdso's bytes at the landing (what a target's must hold there too); (file, offset
