@@ -295,7 +295,13 @@ class Tree:
                     t.detach()
 
 
+_SYSCALL6 = None
+
+
 def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:
     """kcmp(2): 0 when the two tasks' objects are the same, else 1/2 (ordering); -errno."""
-    from criu_py.native import lib
-    return lib.criu_py_raw_syscall6(NR_KCMP, pid1, pid2, kind, idx1, idx2, 0)
+    global _SYSCALL6
+    if _SYSCALL6 is None:               # looked up once: a dump makes n log n calls
+        from criu_py.native import lib
+        _SYSCALL6 = lib.criu_py_raw_syscall6
+    return _SYSCALL6(NR_KCMP, pid1, pid2, kind, idx1, idx2, 0)

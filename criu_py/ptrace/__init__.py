@@ -34,9 +34,17 @@ WALL = 0x40000000
 NR_MMAP, NR_MUNMAP = 9, 11
 
 
+_NATIVE = None
+
+
 def _lib():
-    from criu_py.native import ffi, lib
-    return ffi, lib
+    """(ffi, lib) of criu_py.native, loaded on first use (an import statement on every
+    ptrace call costs more than the call)."""
+    global _NATIVE
+    if _NATIVE is None:
+        from criu_py.native import ffi, lib
+        _NATIVE = ffi, lib
+    return _NATIVE
 
 
 class Tracee:
