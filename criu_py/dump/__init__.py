@@ -109,10 +109,10 @@ def dump_tasks(opts: dict) -> int:
                 write_file_images(ctx)
             with step("write pstree, inventory"):
                 write_tree_images(ctx)
-            with step("wait for the image writes"):
-                images.finish_writes()     # every image on disk before the tree may go
             with step("wait for the memory copy"):
                 wait_memory_copies(ctx)
+            with step("wait for the image writes"):
+                finish_image_writes(ctx)   # every image on disk before the tree may go
             with step("kill or release the tree"):
                 from criu_py import interrupts
                 interrupts.hold()          # the images are complete: finish, whatever comes
@@ -704,14 +704,37 @@ def wait_memory_copies(ctx) -> None:
             pd.page_stats.copied = None
 
 
+# While the image writer still works, copied page data of processes up to this size is
+# written meanwhile (a bigger one could keep the tree frozen after the writer is done).
+PENDING_MEANWHILE_MAX = 4 << 20
+
+
+def finish_image_writes(ctx) -> None:
+    """Wait for the image writer thread (ImageDir background), which raises the first
+    failure. While it is still at it, the small processes' page data copied into memory
+    (written once the tree is gone otherwise) goes to their pages files meanwhile."""
+    for pd in ctx.procs:
+        if not ctx.images.writing():
+            break
+        st = pd.page_stats
+        if st is not None and st.pending is not None and st.copied is None and \
+                st.pages_written * 4096 <= PENDING_MEANWHILE_MAX:
+            _write_pending(pd)
+    ctx.images.finish_writes()
+
+
 def write_deferred_memory(ctx) -> None:
     """The page data copied into memory while the tree was frozen, now on disk."""
     for pd in ctx.procs:
         if pd.page_stats is not None and pd.page_stats.pending is not None:
-            t = time.monotonic()
-            pd.page_stats.pending()
-            pd.page_stats.pending = None
-            pd.page_stats.memwrite_us += int((time.monotonic() - t) * 1e6)
+            _write_pending(pd)
+
+
+def _write_pending(pd) -> None:
+    t = time.monotonic()
+    pd.page_stats.pending()
+    pd.page_stats.pending = None
+    pd.page_stats.memwrite_us += int((time.monotonic() - t) * 1e6)
 
 
 def _same_mm(pd) -> bool:

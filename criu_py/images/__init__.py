@@ -511,6 +511,10 @@ class ImageDir:
         if self._writer is not None:
             self._writer.wait()
 
+    def writing(self) -> bool:
+        """Whether the writer thread has files left to write."""
+        return self._writer is not None and self._writer.active()
+
     def finish_writes(self) -> None:
         """flush(), and write synchronously from now on."""
         self.background = False
@@ -666,6 +670,9 @@ class _Writer:
                 raise self.error
             self.queue.append((name, data))
             self.cond.notify()
+
+    def active(self) -> bool:
+        return bool(self.queue) or self.busy
 
     def wait(self) -> None:
         with self.cond:
