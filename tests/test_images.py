@@ -381,3 +381,39 @@ def test_import_is_light():
 ])
 def test_kind_of_names(name, kind):
     assert img.kind_of(name) == kind
+
+
+def test_background_writes_and_the_seal_from_their_crcs(tmp_path):
+    """A dump's ImageDir (background writer, CRCs noted while writing): the files are as
+    written (0600, a later write of the same name wins), reads wait for the writer, and
+    the seal it makes from the noted CRCs equals one made by reading every file back."""
+    from criu_py.images import integrity
+    from criu_py.images.pb import pstree_pb2
+    d = img.ImageDir(tmp_path / "imgs", create=True, crc_on_write=True, background=True)
+    for pid in range(1, 120):
+        e = pstree_pb2.pstree_entry(pid=pid, ppid=0, pgid=pid, sid=pid, threads=[pid] * pid)
+        d.write_entries("pstree.img", [e])
+        d.write_bytes(f"pages-{pid}.img", bytes([pid]) * (pid * 999))
+    d.write_bytes("pages-7.img", b"again")
+    assert d.read_bytes("pages-7.img") == b"again"          # waits for the writer
+    assert d.read_bytes("pages-8.img") == bytes([8]) * 7992
+    assert stat.S_IMODE(os.stat(tmp_path / "imgs" / "pages-9.img").st_mode) == 0o600
+    assert d.read_one("pstree.img").pid == 119
+    d.finish_writes()
+    integrity.seal(d)
+    sealed = d.read_entries(integrity.CHECKSUM_IMAGE)
+    assert len(d.block_crcs) >= 120
+    d.close()
+    with img.ImageDir(tmp_path / "imgs") as again:          # no CRCs known: files read
+        integrity.seal(again)
+        assert again.read_entries(integrity.CHECKSUM_IMAGE) == sealed
+
+
+def test_background_write_failure_is_raised_before_the_next_read(tmp_path):
+    d = img.ImageDir(tmp_path / "imgs", create=True, background=True)
+    d.write_bytes("no-such-dir/pages-1.img", b"x")
+    with pytest.raises(ImageError, match="no-such-dir/pages-1.img: write failed"):
+        d.list()
+    with pytest.raises(ImageError):
+        d.write_bytes("pages-2.img", b"y")                   # nothing more is written
+    d.close()

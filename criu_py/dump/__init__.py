@@ -24,6 +24,8 @@ def dump_tasks(opts: dict) -> int:
     t0 = time.monotonic()
     step = functools.partial(log_step, "pre-dump" if pre else "dump")
     with contextlib.ExitStack() as stack:
+        gc.disable()        # no collector pause while modules load and the tree is frozen
+        stack.callback(gc.enable)
         with step("check target"):
             check_target(pid)
             if opts.get("ghost_limit") is not None:
@@ -33,6 +35,8 @@ def dump_tasks(opts: dict) -> int:
             images = stack.enter_context(open_images_dir(opts))
         with step("load modules"):
             load_modules()
+            gc.freeze()     # what the imports made is never scanned by a later collection
+            stack.callback(gc.unfreeze)
         from criu_py.dump.context import DumpContext
         from criu_py.dump.tree import Tree
         ctx = DumpContext(pid, opts, images)
@@ -50,8 +54,6 @@ def dump_tasks(opts: dict) -> int:
         with step("snapshot: protect memory"):
             start_snapshot(ctx, stack)
         with step("freeze the tree"):
-            gc.disable()                    # no collector pause while the tree is frozen
-            stack.callback(gc.enable)
             stack.callback(frozen_priority())
             t_freeze = time.monotonic()
             ctx.tree = stack.enter_context(Tree(pid))
@@ -109,6 +111,8 @@ def dump_tasks(opts: dict) -> int:
                 write_tree_images(ctx)
             with step("wait for the memory copy"):
                 wait_memory_copies(ctx)
+            with step("wait for the image writes"):
+                finish_image_writes(ctx)   # every image on disk before the tree may go
             with step("kill or release the tree"):
                 from criu_py import interrupts
                 interrupts.hold()          # the images are complete: finish, whatever comes
@@ -124,6 +128,7 @@ def dump_tasks(opts: dict) -> int:
             finish_tracking(ctx)
         with step("write stats"):
             write_stats(ctx)
+            images.finish_writes()
         integrity.seal(images)
         if ctx.lazy_kept is not None:
             with step("serve lazy pages"):
@@ -181,7 +186,8 @@ def check_target(pid: int) -> None:
 
 def open_images_dir(opts: dict):
     from criu_py.images import ImageDir
-    return ImageDir(opts.get("images_dir") or ".", create=True)
+    return ImageDir(opts.get("images_dir") or ".", create=True, crc_on_write=True,
+                    background=True)
 
 
 def load_modules() -> None:
@@ -233,7 +239,7 @@ def refuse_unsupported(ctx) -> None:
         pd.status = proc.read_status(pid)
         pd.swapped = pd.status.vm_swap > 0
         pd.timers = proc.read_timers(pid)
-        theirs = proc.read_ns_ids(pid)
+        theirs = pd.ns_inodes = proc.read_ns_ids(pid)
         for name in sorted(set(ours) & set(theirs)):
             if ours[name] != theirs[name]:
                 raise Unsupported(f"pid {pid} lives in another {name} namespace: namespaces "
@@ -377,7 +383,10 @@ def collect_in_task_state(ctx, procs=None) -> None:
         ctx.snapshot.before_injection(procs or ctx.stopped())
     for pd in procs or ctx.stopped():
         others = [th.tracee for th in pd.threads[1:]]
-        pd.parasite = parasite.collect(pd.tracee, pd.leader.raw_gpregs, others)
+        pd.parasite = parasite.collect(pd.tracee, pd.leader.raw_gpregs, others,
+                                       [plan.vma for plan in pd.vma_plans] or None,
+                                       {th.tid: (th.raw_gpregs, th.xstate, th.sigmask)
+                                        for th in pd.threads})
         for th in pd.threads:
             th.info = pd.parasite.threads[th.tid]
         if pd.timers:
@@ -413,7 +422,7 @@ def collect_proc_state(ctx, procs=None) -> None:
         pd.loginuid = proc.read_loginuid(pid)
         pd.oom_score_adj = proc.read_oom_score_adj(pid)
         pd.auxv = proc.read_auxv(pid)
-        pd.ns_ids = task.namespace_ids(pid)
+        pd.ns_ids = task.namespace_ids(pid, pd.ns_inodes)   # frozen: as when checked
         exe = proc.read_link(pid, "exe")
         pd.exe_id = mapped_file_id(pd, exe, os.stat(f"/proc/{pid}/exe"), os.O_RDONLY,
                                    f"/proc/{pid}/exe", f"pid {pid}: its executable")
@@ -695,14 +704,37 @@ def wait_memory_copies(ctx) -> None:
             pd.page_stats.copied = None
 
 
+# While the image writer still works, copied page data of processes up to this size is
+# written meanwhile (a bigger one could keep the tree frozen after the writer is done).
+PENDING_MEANWHILE_MAX = 4 << 20
+
+
+def finish_image_writes(ctx) -> None:
+    """Wait for the image writer thread (ImageDir background), which raises the first
+    failure. While it is still at it, the small processes' page data copied into memory
+    (written once the tree is gone otherwise) goes to their pages files meanwhile."""
+    for pd in ctx.procs:
+        if not ctx.images.writing():
+            break
+        st = pd.page_stats
+        if st is not None and st.pending is not None and st.copied is None and \
+                st.pages_written * 4096 <= PENDING_MEANWHILE_MAX:
+            _write_pending(pd)
+    ctx.images.finish_writes()
+
+
 def write_deferred_memory(ctx) -> None:
     """The page data copied into memory while the tree was frozen, now on disk."""
     for pd in ctx.procs:
         if pd.page_stats is not None and pd.page_stats.pending is not None:
-            t = time.monotonic()
-            pd.page_stats.pending()
-            pd.page_stats.pending = None
-            pd.page_stats.memwrite_us += int((time.monotonic() - t) * 1e6)
+            _write_pending(pd)
+
+
+def _write_pending(pd) -> None:
+    t = time.monotonic()
+    pd.page_stats.pending()
+    pd.page_stats.pending = None
+    pd.page_stats.memwrite_us += int((time.monotonic() - t) * 1e6)
 
 
 def _same_mm(pd) -> bool:

@@ -147,6 +147,7 @@ class ProcDump:
         self.oom_score_adj = 0
         self.auxv = []
         self.ns_ids = {}
+        self.ns_inodes = None                   # proc.read_ns_ids, read once frozen
         self.signals_shared = []
         self.exe_id = self.cwd_id = self.root_id = 0
         self.vma_plans = []                     # mem.dump.VmaPlan

@@ -69,15 +69,18 @@ def _signal_ending(blob: bytes) -> bytes:
     return blob[:-len(BLOB_END)] + SIGNAL_END + BLOB_END
 
 
-def collect(tracee: Tracee, saved_regs: bytes, threads=()) -> ParasiteInfo:
+def collect(tracee: Tracee, saved_regs: bytes, threads=(), vmas=None,
+            states: dict | None = None) -> ParasiteInfo:
     """Run the blob in the stopped leader `tracee` and the thread blob in every other
-    stopped thread of `threads` (Tracees of the same process)."""
+    stopped thread of `threads` (Tracees of the same process). vmas: its maps, states:
+    tid -> (NT_PRSTATUS bytes, xstate, signal mask), as read while it is stopped (else
+    read again)."""
     assert BLOB.endswith(BLOB_END) and len(BLOB) + len(SIGNAL_END) <= OUT_OFFSET
     assert THREAD_BLOB.endswith(BLOB_END) \
         and THREAD_BLOB_OFFSET + len(THREAD_BLOB) + len(SIGNAL_END) <= THREAD_OUT_OFFSET
     others = [t for t in threads if t is not tracee]
     size = -(-(THREAD_OUT_OFFSET + THREAD_OUT_SIZE * len(others)) // 4096) * 4096
-    with Injection(tracee, saved_regs) as inj:
+    with Injection(tracee, saved_regs, vmas, states) as inj:
         # free-running blobs (two stops instead of two per syscall) when the process has
         # a signal to end them with; stepped from syscall to syscall otherwise
         sig = inj.end_signal([tracee, *others])

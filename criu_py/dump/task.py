@@ -135,15 +135,29 @@ def _fill_task_core(tc, proc) -> None:
         tc.signals_s.signals.add().siginfo = raw
     tc.loginuid = proc.loginuid
     tc.oom_score_adj = proc.oom_score_adj
-    # 62 entries, signals 1..64 without SIGKILL and SIGSTOP: what upstream writes and
-    # insists on reading.
-    for sig, sa in enumerate(par.sigactions, start=1):
-        if sig in (SIGKILL, SIGSTOP):
-            continue
-        e = tc.sigactions.add()
-        e.sigaction, e.flags, e.restorer, e.mask = sa.handler, sa.flags, sa.restorer, sa.mask
-        e.compat_sigaction = False
+    tc.MergeFromString(_sigactions_wire(par.sigactions))
     tc.child_subreaper = par.child_subreaper
+
+
+_SIGACTIONS_WIRE = {}
+
+
+def _sigactions_wire(sigactions) -> bytes:
+    """task_core_entry.sigactions on the wire: 62 entries, signals 1..64 without SIGKILL
+    and SIGSTOP (what upstream writes and insists on reading). Built once per distinct
+    set: the processes of a tree mostly share theirs."""
+    key = tuple((sa.handler, sa.flags, sa.restorer, sa.mask) for sa in sigactions)
+    wire = _SIGACTIONS_WIRE.get(key)
+    if wire is None:
+        from criu_py.images.pb import core_pb2
+        tc = core_pb2.task_core_entry()
+        add = tc.sigactions.add
+        for sig, (handler, flags, restorer, mask) in enumerate(key, start=1):
+            if sig not in (SIGKILL, SIGSTOP):
+                add(sigaction=handler, flags=flags, restorer=restorer, mask=mask,
+                    compat_sigaction=False)
+        wire = _SIGACTIONS_WIRE[key] = tc.SerializePartialToString()
+    return wire
 
 
 def fill_ids(ids, ns_ids: dict, kobj: dict | None = None) -> None:
@@ -158,10 +172,12 @@ def fill_ids(ids, ns_ids: dict, kobj: dict | None = None) -> None:
         setattr(ids, NS_FIELDS[name], value)
 
 
-def namespace_ids(pid: int) -> dict:
-    """Small ids for the task's namespaces, numbered in NS_NAMES order (as upstream does)."""
+def namespace_ids(pid: int, inodes: dict | None = None) -> dict:
+    """Small ids for the task's namespaces, numbered in NS_NAMES order (as upstream does);
+    inodes: its proc.read_ns_ids() when read already."""
     from criu_py.proc import read_ns_ids
-    inodes = read_ns_ids(pid)
+    if inodes is None:
+        inodes = read_ns_ids(pid)
     return {name: i + 1 for i, name in enumerate(n for n in NS_NAMES if n in inodes)}
 
 

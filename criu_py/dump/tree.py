@@ -129,8 +129,9 @@ class Tree:
         return out
 
     def _wait_stopped(self, tracees: list) -> None:
+        owner = {tid: p for p in self.procs.values() for tid in p.tracees}
         for t in tracees:
-            p = self.procs[self._tgid(t.pid)]
+            p = owner[t.pid]
             if t.pid == p.pid and self._vfork_blocked(p):
                 continue                 # stops only once its vfork child is gone
             try:
@@ -140,12 +141,6 @@ class Tree:
                 if t.pid == p.pid:
                     raise NoSuchProcess(f"pid {p.pid} exited while the tree was frozen") from None
                 log.debug("thread %d of %d exited while the tree was frozen", t.pid, p.pid)
-
-    def _tgid(self, tid: int) -> int:
-        for p in self.procs.values():
-            if tid in p.tracees:
-                return p.pid
-        raise KeyError(tid)
 
     def _vfork_blocked(self, p: Proc) -> bool:
         """True when p's leader sleeps in vfork() until a child execs or exits: a
@@ -170,7 +165,7 @@ class Tree:
         return False
 
     def _unseen_children(self, P) -> list[int]:
-        out = []
+        out, seen = [], set()
         for p in self.procs.values():
             if p.zombie:
                 continue
@@ -179,7 +174,8 @@ class Tree:
             except NoSuchProcess:
                 kids = []
             for kid in kids:
-                if kid not in self.procs and kid not in out:
+                if kid not in self.procs and kid not in seen:
+                    seen.add(kid)
                     out.append(kid)
         return out
 
@@ -299,7 +295,13 @@ class Tree:
                     t.detach()
 
 
+_SYSCALL6 = None
+
+
 def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:
     """kcmp(2): 0 when the two tasks' objects are the same, else 1/2 (ordering); -errno."""
-    from criu_py.native import lib
-    return lib.criu_py_raw_syscall6(NR_KCMP, pid1, pid2, kind, idx1, idx2, 0)
+    global _SYSCALL6
+    if _SYSCALL6 is None:               # looked up once: a dump makes n log n calls
+        from criu_py.native import lib
+        _SYSCALL6 = lib.criu_py_raw_syscall6
+    return _SYSCALL6(NR_KCMP, pid1, pid2, kind, idx1, idx2, 0)

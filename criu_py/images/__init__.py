@@ -190,6 +190,21 @@ _U32x2 = struct.Struct("<II")
 
 def kind_of(name: str) -> str | None:
     """The image kind a file name stands for (RAW for raw images), None when unknown."""
+    kind = _KINDS_SEEN.get(name, _UNSEEN)
+    if kind is _UNSEEN:
+        if len(_KINDS_SEEN) >= 1 << 16:
+            _KINDS_SEEN.clear()
+        kind = _KINDS_SEEN[name] = _kind_of(name)
+    return kind
+
+
+# name -> kind of the names looked at so far (a dump names each file when it writes it,
+# and again when it seals it)
+_KINDS_SEEN: dict = {}
+_UNSEEN = object()
+
+
+def _kind_of(name: str) -> str | None:
     base = os.path.basename(name)
     for prefix, kind in _HEX_NAMES.items():
         ident = base[len(prefix):-4]
@@ -430,13 +445,25 @@ def warn_if_readable(path: str, what: str) -> None:
 
 class ImageDir:
     """A checkpoint directory. Paths are resolved against a directory fd held open.
-    create=True makes a missing directory 0700; an existing one keeps its mode."""
+    create=True makes a missing directory 0700; an existing one keeps its mode.
+    crc_on_write=True (a dump's dir, which it seals): write_bytes() notes the block CRCs
+    of what it writes, so that the seal need not read those files back. background=True
+    (a dump's dir): write_bytes() hands the file to a writer thread (_Writer) and returns;
+    whatever reads or lists the dir, or opens a file in it, waits for the writes first,
+    and so does finish_writes(), which raises the first failure."""
 
-    def __init__(self, path: str, create: bool = False):
+    def __init__(self, path: str, create: bool = False, crc_on_write: bool = False,
+                 background: bool = False):
         self.dirpath = os.fspath(path)
+        self.background = background
+        self._writer = None
         # name -> (size, CRC-32C of each 4 KiB block) of files whose writer computed
-        # them while writing (big pages files): the seal then needs not read them back
+        # them while writing (big pages files, and with crc_on_write every file
+        # write_bytes wrote): the seal then needs not read them back
         self.block_crcs = {}
+        self.crc_on_write = crc_on_write
+        # name -> the entries a writer encoded into it (note_written), while unchanged
+        self.written_entries = {}
         # name -> bytes the restore's integrity check read and checked (CheckedBytes):
         # read_bytes hands each out once instead of reading the file again
         self.checked = {}
@@ -453,6 +480,9 @@ class ImageDir:
             raise ImageError(f"{self.dirpath}: cannot open the images dir ({exc.strerror})") from None
 
     def close(self):
+        if self._writer is not None:
+            self._writer.close()        # what is queued is written; a failure was raised
+            self._writer = None         # by finish_writes() or a read, or goes unseen
         if self.dirfd >= 0:
             os.close(self.dirfd)
             self.dirfd = -1
@@ -476,7 +506,27 @@ class ImageDir:
     def path(self, name: str) -> str:
         return os.path.join(self.dirpath, name)
 
+    def flush(self) -> None:
+        """Wait for the files handed to the writer thread; ImageError if one failed."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def writing(self) -> bool:
+        """Whether the writer thread has files left to write."""
+        return self._writer is not None and self._writer.active()
+
+    def finish_writes(self) -> None:
+        """flush(), and write synchronously from now on."""
+        self.background = False
+        if self._writer is not None:
+            try:
+                self._writer.wait()
+            finally:
+                self._writer.close()
+                self._writer = None
+
     def exists(self, name: str) -> bool:
+        self.flush()
         if name in self.checked:
             return True
         try:
@@ -486,21 +536,26 @@ class ImageDir:
             return False
 
     def list(self) -> list[str]:
+        self.flush()
         return sorted(os.listdir(self.dirfd))
 
     # --- raw ---
     def open_raw(self, name: str, write: bool = False) -> int:
         """An fd on a raw image: read-only, or write (created/truncated, 0600)."""
         flags = os.O_CLOEXEC | ((os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY)
+        self.flush()
         try:
             fd = os.open(name, flags, 0o600, dir_fd=self.dirfd)
         except OSError as exc:
             raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
         if write:
+            self.block_crcs.pop(name, None)      # whatever is written now, not what was
+            self.written_entries.pop(name, None)
             os.fchmod(fd, 0o600)
         return fd
 
     def read_bytes(self, name: str) -> bytes:
+        self.flush()
         data = self.checked.pop(name, None)
         if data is not None:
             return data
@@ -517,12 +572,45 @@ class ImageDir:
             raise ImageError(f"{name}: read failed ({exc.strerror})") from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        if self.background:
+            if self._writer is None:
+                self._writer = _Writer(self)
+            self.block_crcs.pop(name, None)
+            self.written_entries.pop(name, None)
+            self._writer.put(name, data if isinstance(data, bytes) else bytes(data))
+            return
         fd = self.open_raw(name, write=True)
         try:
-            with open(fd, "wb", closefd=True) as f:
-                f.write(data)
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:] if done else data)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise ImageError(f"{name}: write failed ({exc.strerror})") from None
+        self.note_written(name, data)
+
+    def note_written(self, name: str, data, entries=None) -> None:
+        """`name` now holds exactly `data` (bytes or a buffer), written through an fd of
+        open_raw(write=True) or by write_bytes: with crc_on_write, its block CRCs for
+        the seal, and the `entries` encoded in it (the seal reads pagemaps)."""
+        if not self.crc_on_write:
+            return
+        if entries is not None:
+            self.written_entries[name] = entries
+        else:
+            self.written_entries.pop(name, None)
+        from criu_py.native import ffi, lib
+        size = len(data)
+        crcs = ffi.new("uint32_t[]", -(-size // 4096))
+        if size:
+            ptr = ffi.from_buffer(data)
+            try:
+                lib.cp_crc_blocks(ptr, size, crcs)
+            finally:
+                ffi.release(ptr)
+        self.block_crcs[name] = (size, crcs)
 
     # --- entries ---
     def _kind(self, name: str) -> str:
@@ -557,3 +645,84 @@ class ImageDir:
         if len(entries) != 1:
             raise ImageError(f"{name}: expected exactly one entry, found {len(entries)}")
         return entries[0]
+
+
+class _Writer:
+    """The writer thread of an ImageDir(background=True): it takes whatever files are
+    queued and writes them in one cp_write_files() call, which runs without the GIL, so
+    creating them (most of their cost) overlaps the dump's Python. After the first
+    failure nothing more is written, and wait() raises it."""
+
+    def __init__(self, images: ImageDir):
+        import threading
+        self.images = images
+        self.cond = threading.Condition()
+        self.queue = []                 # (name, bytes) in the order written
+        self.busy = False
+        self.stopping = False
+        self.error = None               # ImageError of the first failure
+        self.thread = threading.Thread(target=self._run, name="image-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, name: str, data: bytes) -> None:
+        with self.cond:
+            if self.error is not None:
+                raise self.error
+            self.queue.append((name, data))
+            self.cond.notify()
+
+    def active(self) -> bool:
+        return bool(self.queue) or self.busy
+
+    def wait(self) -> None:
+        with self.cond:
+            while self.queue or self.busy:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.stopping:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                batch, self.queue = self.queue, []
+                self.busy = True
+            error = ImageError(f"{batch[0][0]}: write failed (image writer)")
+            try:
+                done, error = self._write(batch)
+                for name, data in batch[:done]:
+                    self.images.note_written(name, data)
+            finally:
+                with self.cond:
+                    if error is not None:
+                        self.error = self.error or error
+                        self.queue = []
+                    self.busy = False
+                    self.cond.notify_all()
+
+    def _write(self, batch) -> tuple:
+        """(how many of batch were written, ImageError or None)."""
+        try:
+            from criu_py.native import ffi, lib
+            names = [ffi.new("char[]", os.fsencode(name)) for name, _ in batch]
+            bufs = [ffi.from_buffer(data) for _, data in batch]
+            failed = ffi.new("long *")
+            r = lib.cp_write_files(self.images.dirfd, len(batch), ffi.new("char *[]", names),
+                                   ffi.new("char *[]", bufs),
+                                   ffi.new("uint64_t[]", [len(data) for _, data in batch]),
+                                   failed)
+        except Exception as exc:        # noqa: BLE001 - reported by wait()
+            return 0, ImageError(f"{batch[0][0]}: write failed ({exc})")
+        if r < 0:
+            return failed[0], ImageError(f"{batch[failed[0]][0]}: write failed "
+                                         f"({os.strerror(-r)})")
+        return len(batch), None

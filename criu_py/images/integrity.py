@@ -78,6 +78,26 @@ def digest(dirfd: int, name: str, runs=(), known=None, threads=None) -> tuple[in
     return size, out_file[0], [out_runs[i] for i in range(len(runs))]
 
 
+def _known_digest(dirfd: int, name: str, runs, known) -> tuple | None:
+    """digest() from known = (size, CRC of each 4 KiB block) its writer computed,
+    without opening the file: None unless it is still a regular file of that size."""
+    import stat
+    from criu_py.native import ffi, lib
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except OSError:
+        return None                     # digest() opens it and says what is wrong
+    if not stat.S_ISREG(st.st_mode) or st.st_size != known[0]:
+        return None
+    flat = ffi.new("uint64_t[]", [x for run in runs for x in run]) if runs else ffi.NULL
+    out_runs = ffi.new("uint64_t[]", len(runs)) if runs else ffi.NULL
+    out_file = ffi.new("uint64_t *")
+    r = lib.cp_digest_crcs(known[1], known[0], flat, len(runs), out_runs, out_file)
+    if r < 0:
+        raise ImageError(f"{name}: cannot checksum ({os.strerror(-r)})")
+    return known[0], out_file[0], [out_runs[i] for i in range(len(runs))]
+
+
 def _page_runs(images, names=None) -> dict:
     """pages file name -> [(offset, length, pagemap name, vaddr)] of the PE_PRESENT runs
     every pagemap of the set (or of `names`) describes, in file order, cut in pieces of
@@ -87,7 +107,8 @@ def _page_runs(images, names=None) -> dict:
     for name in (images.list() if names is None else names):
         if kind_of(name) != "pagemap":
             continue
-        entries = images.read_entries(name)
+        # as the dump encoded it, when it has not been written again since
+        entries = getattr(images, "written_entries", {}).get(name) or images.read_entries(name)
         if not entries:
             continue
         pages = f"pages-{entries[0].pages_id}.img"
@@ -114,16 +135,25 @@ def seal(images, names=None, image: str = CHECKSUM_IMAGE) -> None:
                  if kind_of(n) is not None and n not in CHECKSUM_IMAGES]
         runs = _page_runs(images, names)
         entries = [pb.integrity_head(algorithm=ALGORITHM, block_size=BLOCK)]
+        known = getattr(images, "block_crcs", {})
+        from_crcs = 0
         for name in names:
             file_runs = runs.get(name, [])
-            size, whole, parts = digest(images.dirfd, name, [(o, n) for o, n, _, _ in file_runs],
-                                        getattr(images, "block_crcs", {}).get(name))
+            offsets = [(o, n) for o, n, _, _ in file_runs]
+            got = _known_digest(images.dirfd, name, offsets, known[name]) \
+                if name in known else None
+            if got is not None:
+                from_crcs += 1
+            size, whole, parts = got or digest(images.dirfd, name, offsets)
             e = pb.integrity_file_entry(name=name, size=size, digest=whole)
             for (o, n, pagemap, vaddr), d in zip(file_runs, parts):
                 e.runs.add(offset=o, length=n, digest=d, pagemap=pagemap, vaddr=vaddr)
             entries.append(e)
         images.write_entries(image, entries)
         log.info("dump: checksums of %d image files in %s", len(entries) - 1, image)
+        if from_crcs:
+            log.debug("dump: %d of them: digest from the block CRCs computed while they "
+                      "were written", from_crcs)
 
 
 def verify(images_dir: str, opts: dict) -> None:

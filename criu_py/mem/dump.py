@@ -134,26 +134,34 @@ def scan_pages(pagemap_fd: int, start: int, end: int) -> list[tuple[int, int]]:
     """Ranges of [start, end) whose pages hold private data: present or swapped, not the
     zero page, not page cache. One PAGEMAP_SCAN ioctl per SCAN_VEC_LEN regions."""
     from criu_py.native import ffi, lib
-    vec = ffi.new("struct cp_page_region[]", SCAN_VEC_LEN)
-    walk_end = ffi.new("uint64_t *")
+    # the region vector (~100 KiB, zeroed when made) is made once and reused: a dump
+    # scans every VMA of every process
+    vec, walk_end = _SCAN_BUFFERS.pop() if _SCAN_BUFFERS else (
+        ffi.new("struct cp_page_region[]", SCAN_VEC_LEN), ffi.new("uint64_t *"))
     out = []
     addr = start
     not_wanted = PAGE_IS_FILE | PAGE_IS_PFNZERO
-    while addr < end:
-        n = lib.cp_pagemap_scan(pagemap_fd, addr, end, vec, SCAN_VEC_LEN,
-                                not_wanted, not_wanted, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, 0,
-                                walk_end)
-        check_errno(n, "PAGEMAP_SCAN")
-        for i in range(n):
-            r = vec[i]
-            if out and out[-1][1] == r.start:
-                out[-1] = (out[-1][0], r.end)
-            else:
-                out.append((r.start, r.end))
-        if walk_end[0] <= addr:
-            raise DumpError(f"PAGEMAP_SCAN made no progress at {addr:#x}")
-        addr = walk_end[0]
+    try:
+        while addr < end:
+            n = lib.cp_pagemap_scan(pagemap_fd, addr, end, vec, SCAN_VEC_LEN,
+                                    not_wanted, not_wanted, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, 0,
+                                    walk_end)
+            check_errno(n, "PAGEMAP_SCAN")
+            for i in range(n):
+                r = vec[i]
+                if out and out[-1][1] == r.start:
+                    out[-1] = (out[-1][0], r.end)
+                else:
+                    out.append((r.start, r.end))
+            if walk_end[0] <= addr:
+                raise DumpError(f"PAGEMAP_SCAN made no progress at {addr:#x}")
+            addr = walk_end[0]
+    finally:
+        _SCAN_BUFFERS.append((vec, walk_end))
     return out
+
+
+_SCAN_BUFFERS = []          # (region vector, walk end) free for the next scan_pages()
 
 
 def lazy_allowed(plan: VmaPlan) -> bool:
@@ -443,7 +451,9 @@ class BufferedCopy:
     """The data pages of a PagePlan being read from the task into memory by a thread of
     ours (process_vm_readv releases the GIL) while the dump goes on with its other
     frozen work; join() before the task may run or die. (A second reader thread does not
-    help: both wait on the task's page tables.)"""
+    help: both wait on the task's page tables.) One reader thread takes the copies of
+    every process in turn (_Reader): starting a thread per process costs more than a
+    small process's copy."""
 
     def __init__(self, pid: int, pages: PagePlan, pool: PageBuffer | None = None):
         import mmap
@@ -457,8 +467,9 @@ class BufferedCopy:
         else:
             self.buf, self.off, self.own = mmap.mmap(-1, max(total, M.PAGE_SIZE)), 0, True
         self.error = 0
-        self.thread = threading.Thread(target=self._read, name="page-copy", daemon=True)
-        self.thread.start()
+        self.exc = None
+        self.done = threading.Event()
+        _READER.submit(self)
 
     def _read(self) -> None:
         from criu_py.native import ffi, lib
@@ -475,9 +486,48 @@ class BufferedCopy:
             ffi.release(cbuf)
 
     def join(self):
-        self.thread.join()
+        self.done.wait()
+        if self.exc is not None:
+            raise self.exc
         check_errno(self.error, "copying memory with process_vm_readv", self.pid)
         return self.buf, self.off, self.total, self.own
+
+
+class _Reader:
+    """The thread that runs queued BufferedCopy reads in order; it ends once none is
+    left, and the next copy starts another."""
+
+    def __init__(self):
+        self.lock = None
+        self.jobs = []
+        self.thread = None
+
+    def submit(self, job: BufferedCopy) -> None:
+        import threading
+        if self.lock is None:
+            self.lock = threading.Lock()
+        with self.lock:
+            self.jobs.append(job)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._serve, name="page-copy", daemon=True)
+                self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            with self.lock:
+                if not self.jobs:
+                    self.thread = None
+                    return
+                job = self.jobs.pop(0)
+            try:
+                job._read()
+            except BaseException as exc:       # noqa: BLE001 - raised again by join()
+                job.exc = exc
+            finally:
+                job.done.set()
+
+
+_READER = _Reader()
 
 
 def pagemap_flags(pages: PagePlan) -> list:
@@ -557,13 +607,15 @@ def dump_private_pages(pid: int, plans: list[VmaPlan], images, pages_id: int,
                 done = 0
                 while done < total:
                     done += os.pwrite(pages_fd, view[done:], done)
+                images.note_written(f"pages-{pages_id}.img", view)
                 view.release()
-                data = encode_file("pagemap", pagemap_entries(pages.ranges, pages_id,
-                                                              pagemap_flags(pages)), pagemap_name)
+                entries = pagemap_entries(pages.ranges, pages_id, pagemap_flags(pages))
+                data = encode_file("pagemap", entries, pagemap_name)
                 done = 0
                 while done < len(data):
                     done += os.pwrite(pagemap_fd, data[done:], done)
                 os.ftruncate(pagemap_fd, len(data))
+                images.note_written(pagemap_name, data, entries)
             finally:
                 os.close(pages_fd)
                 os.close(pagemap_fd)

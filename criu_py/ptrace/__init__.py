@@ -34,9 +34,17 @@ WALL = 0x40000000
 NR_MMAP, NR_MUNMAP = 9, 11
 
 
+_NATIVE = None
+
+
 def _lib():
-    from criu_py.native import ffi, lib
-    return ffi, lib
+    """(ffi, lib) of criu_py.native, loaded on first use (an import statement on every
+    ptrace call costs more than the call)."""
+    global _NATIVE
+    if _NATIVE is None:
+        from criu_py.native import ffi, lib
+        _NATIVE = ffi, lib
+    return _NATIVE
 
 
 class Tracee:
@@ -281,6 +289,7 @@ RED_ZONE = 128
 SS_NO_CHANGE = 4             # an invalid ss_flags: rt_sigreturn leaves sigaltstack alone
 RESTORER_GADGETS = (bytes.fromhex("48c7c00f0000000f05"),   # mov $15, %rax; syscall
                     bytes.fromhex("b80f0000000f05"))         # mov $15, %eax; syscall
+_GADGET_MAX = max(len(g) for g in RESTORER_GADGETS)
 BLOB_END = bytes.fromhex("b80f0000000f05")   # how every blob ends (rt_sigreturn)
 # tgkill(r14, r15, ebp): a free-running blob's last call before BLOB_END (see above)
 SIGNAL_END = bytes.fromhex("b8ea0000004c89f74c89fe89ea0f05")
@@ -339,40 +348,62 @@ _LANDING = None
 def landing_offset() -> int | None:
     """Offset in the vdso image (the same in every process) of a `syscall` followed only
     by register clears and `ret`; None when this kernel's vdso has none."""
-    global _LANDING
+    global _LANDING, _OWN_LANDING_BYTES
     if _LANDING is None:
-        import ctypes
         _LANDING = -1
+        _OWN_LANDING_BYTES = b""
         with open("/proc/self/maps") as f:
             for line in f:
                 if line.rstrip().endswith("[vdso]"):
                     s, e = (int(x, 16) for x in line.split()[0].split("-"))
-                    image = ctypes.string_at(s, e - s)
+                    image = _own_memory(s, e - s)
                     at = image.find(b"\x0f\x05")
                     while at >= 0:
                         if _is_clear_then_ret(image[at + 2:at + 34]):
                             _LANDING = at
+                            _OWN_LANDING_BYTES = image[at:at + 34]
                             break
                         at = image.find(b"\x0f\x05", at + 1)
                     break
     return None if _LANDING < 0 else _LANDING
 
 
+def _own_memory(addr: int, size: int) -> bytes:
+    """Bytes of our own memory (through /proc/self/mem: no ctypes to load)."""
+    fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, size, addr)
+    finally:
+        os.close(fd)
+
+
+# Our own vdso's bytes at the landing (what a target's must hold there too); (file, offset
+# in it, size) of an executable mapping -> offset of an rt_sigreturn gadget found in it.
+_OWN_LANDING_BYTES = b""
+_GADGETS_SEEN: dict = {}
+
+
+def _mapping_key(v) -> tuple:
+    return (v.dev_major, v.dev_minor, v.inode, v.path, v.offset, v.end - v.start)
+
+
 class InjectionSite:
     """Where a process's injected code returns through: the landing `syscall` of its
     vdso, the rt_sigreturn gadget in its own code, and its writable mappings (for frames)."""
 
-    def __init__(self, tracee: "Tracee"):
+    def __init__(self, tracee: "Tracee", vmas=None):
+        """vmas: the process's maps as just read (proc.Vma list), else read here."""
         from criu_py import proc
         self.pid = tracee.pid
-        vmas = proc.read_maps(tracee.pid)
+        if vmas is None:
+            vmas = proc.read_maps(tracee.pid)
         self.writable = [(v.start, v.end) for v in vmas if v.perms[1] == "w" and not v.shared]
         vdso = [v for v in vmas if v.path == "[vdso]"]
         off = landing_offset()
         self.landing = 0
         if vdso and off is not None:
-            want = self._own_vdso_bytes(off)
-            if tracee.read_mem(vdso[0].start + off, len(want)) == want:
+            want = _OWN_LANDING_BYTES
+            if want and tracee.read_mem(vdso[0].start + off, len(want)) == want:
                 self.landing = vdso[0].start + off
         self.restorer = self._find_restorer(tracee, vmas)
         self.safe = bool(self.landing and self.restorer)
@@ -382,16 +413,6 @@ class InjectionSite:
                         "vdso landing" if not self.landing else "rt_sigreturn gadget")
             if not self.landing:
                 self.landing = self._plain_vdso_syscall(tracee, vdso)
-
-    @staticmethod
-    def _own_vdso_bytes(off: int) -> bytes:
-        import ctypes
-        with open("/proc/self/maps") as f:
-            for line in f:
-                if line.rstrip().endswith("[vdso]"):
-                    start = int(line.split("-")[0], 16)
-                    return ctypes.string_at(start + off, 34)
-        return b""
 
     @staticmethod
     def _plain_vdso_syscall(tracee, vdso) -> int:
@@ -405,9 +426,22 @@ class InjectionSite:
 
     @staticmethod
     def _find_restorer(tracee, vmas) -> int:
-        """An rt_sigreturn gadget in the task's own executable file mappings (libc first)."""
+        """An rt_sigreturn gadget in the task's own executable file mappings (libc first).
+        Where one was found in a mapping of the same file part before (every process of
+        a tree maps the same libc), only the gadget's bytes are read and compared there;
+        a whole mapping (~2 MiB of libc) is read only when they differ or it is new."""
         code = [v for v in vmas if v.perms[2] == "x" and v.path.startswith("/")]
         code.sort(key=lambda v: "libc" not in v.path)
+        for v in code:
+            at = _GADGETS_SEEN.get(_mapping_key(v))
+            if at is None or at + _GADGET_MAX > v.end - v.start:
+                continue
+            try:
+                data = tracee.read_mem(v.start + at, _GADGET_MAX)
+            except CriuError:
+                continue
+            if any(data.startswith(g) for g in RESTORER_GADGETS):
+                return v.start + at
         for v in code:
             try:
                 data = tracee.read_mem(v.start, v.end - v.start)
@@ -416,6 +450,7 @@ class InjectionSite:
             for gadget in RESTORER_GADGETS:
                 at = data.find(gadget)
                 if at >= 0:
+                    _GADGETS_SEEN[_mapping_key(v)] = at
                     return v.start + at
         return 0
 
@@ -425,12 +460,16 @@ class InjectedThread:
     park() writes its frame; syscall() and run_blob() run code; unpark() gives it back its
     registers and mask and a fresh event stop."""
 
-    def __init__(self, site: InjectionSite, tracee: "Tracee", saved_gpregs: bytes | None = None):
+    def __init__(self, site: InjectionSite, tracee: "Tracee", saved_gpregs: bytes | None = None,
+                 saved_state: tuple | None = None):
+        """saved_gpregs, saved_state (xstate, signal mask): the thread's, when read since
+        it stopped (else read here and in park())."""
         from criu_py import arch_x86
         self.site = site
         self.t = tracee
         self.saved_regs = saved_gpregs if saved_gpregs is not None else tracee.get_gpregs()
         self.gp = arch_x86.gpregs_from_bytes(self.saved_regs)
+        self.saved_state = saved_state
         self.saved_mask = 0
         self.frame = 0
         self.parked = False
@@ -443,8 +482,11 @@ class InjectedThread:
     def park(self) -> None:
         from criu_py.restore.sigframe import (TaskRegisters, build_sigframe, frame_layout,
                                               fpstate_for_sigreturn)
-        self.saved_mask = self.t.get_sigmask()
-        xstate = self.t.get_xstate()
+        if self.saved_state is not None:
+            xstate, self.saved_mask = self.saved_state
+        else:
+            self.saved_mask = self.t.get_sigmask()
+            xstate = self.t.get_xstate()
         regs = TaskRegisters(gp=self.gp, xsave=xstate, sigmask=self.saved_mask,
                              altstack=(0, SS_NO_CHANGE, 0))
         total, _ = frame_layout(len(fpstate_for_sigreturn(xstate)))
@@ -587,16 +629,22 @@ class Injection:
     first use; leaving gives every parked thread back its exact registers and mask, on
     success and on failure alike."""
 
-    def __init__(self, tracee: Tracee, saved_gpregs: bytes | None = None):
+    def __init__(self, tracee: Tracee, saved_gpregs: bytes | None = None, vmas=None,
+                 states: dict | None = None):
         self.t = tracee
         self.saved_regs = saved_gpregs
+        self.vmas = vmas               # its maps if just read (proc.Vma list)
+        # tid -> (NT_PRSTATUS bytes, xstate, signal mask) of threads read since they stopped
+        self.states = states or {}
         self.site = None
         self.threads: dict[int, InjectedThread] = {}
         self.calls = 0
 
     def __enter__(self):
-        self.site = InjectionSite(self.t)
-        main = InjectedThread(self.site, self.t, self.saved_regs)
+        self.site = InjectionSite(self.t, self.vmas)
+        state = self.states.get(self.t.pid)
+        regs = self.saved_regs if self.saved_regs is not None or state is None else state[0]
+        main = InjectedThread(self.site, self.t, regs, state[1:] if state else None)
         self.threads[self.t.pid] = main
         main.park()
         return self
@@ -617,7 +665,9 @@ class Injection:
         tracee = tracee or self.t
         th = self.threads.get(tracee.pid)
         if th is None:
-            th = self.threads[tracee.pid] = InjectedThread(self.site, tracee)
+            state = self.states.get(tracee.pid)
+            th = self.threads[tracee.pid] = InjectedThread(
+                self.site, tracee, state[0] if state else None, state[1:] if state else None)
             th.park()
         return th
 
@@ -637,10 +687,11 @@ class Injection:
         """A signal a blob may end with (see SIGNAL_END): one of END_SIGNALS that the
         process does not catch and that no thread of `threads` has pending; 0 if none."""
         from criu_py import proc
-        st = proc.read_status(self.t.pid)
-        busy = st.sig_cgt | st.shd_pnd
-        for t in threads or (self.t,):
-            busy |= proc.read_status(self.t.pid, t.pid).sig_pnd
+        st = proc.read_signal_bits(self.t.pid)
+        busy = st.sig_cgt | st.shd_pnd | st.sig_pnd         # the main thread's own too
+        for t in threads:
+            if t.pid != self.t.pid:
+                busy |= proc.read_signal_bits(self.t.pid, t.pid).sig_pnd
         for sig in END_SIGNALS:
             if not busy & (1 << (sig - 1)):
                 return int(sig)
