@@ -232,7 +232,7 @@ class TaskRun:
         from criu_py.restore.fork import clone_with_pid
         if os.environ.get("CRIU_PY_TEST_TAKE_PID") == str(c.pid):
             take_pid_for_test(c.pid)
-        pid = clone_with_pid(c.pid, c.clone_flags)
+        pid = clone_with_pid(c.pid, c.clone_flags, hooks=False)   # one thread, signals blocked
         if pid == 0:
             TaskRun(self.rs, c).run()
             os._exit(1)
