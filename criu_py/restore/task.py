@@ -213,8 +213,8 @@ class TaskRun:
         self.stage = "children"
         children = [c for c in t.children if not c.in_parent_mm]   # the restorer makes those
         early = [c for c in children if t.forks_before_setsid(c)]
-        for c in early:
-            self.fork_child(c)
+        if early:
+            self.fork_children(early)
         self.stage = "session"
         if t.sid == t.pid and os.getsid(0) != t.pid:
             os.setsid()
@@ -224,17 +224,20 @@ class TaskRun:
             self.stage = "controlling terminal"
             self.take_ctty()
         self.stage = "children"
-        for c in children:
-            if c not in early:
-                self.fork_child(c)
+        late = [c for c in children if c not in early]
+        if late:
+            self.fork_children(late)
 
-    def fork_child(self, c) -> None:
-        from criu_py.restore.fork import clone_with_pid
-        if os.environ.get("CRIU_PY_TEST_TAKE_PID") == str(c.pid):
-            take_pid_for_test(c.pid)
-        pid = clone_with_pid(c.pid, c.clone_flags, hooks=False)   # one thread, signals blocked
-        if pid == 0:
-            TaskRun(self.rs, c).run()
+    def fork_children(self, batch: list) -> None:
+        """Fork the children in `batch` in one go (fork.clone_children)."""
+        from criu_py.restore.fork import clone_children
+        taken = os.environ.get("CRIU_PY_TEST_TAKE_PID")
+        for c in batch if taken else ():
+            if taken == str(c.pid):
+                take_pid_for_test(c.pid)
+        i = clone_children([(c.pid, c.clone_flags) for c in batch])
+        if i:
+            TaskRun(self.rs, batch[i - 1]).run()
             os._exit(1)
 
     def open_resources(self) -> None:
