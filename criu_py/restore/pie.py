@@ -223,11 +223,18 @@ def free_gap(size: int, busy: list[tuple[int, int]], low: int = 0x10000, high: i
 
 
 def current_layout() -> list[tuple[int, int]]:
+    """This process's mappings as [start, end) spans, adjacent ones merged (free_gap()
+    sees the same free ranges: ~300 mappings of the restore command are ~30 spans, and
+    every task looks for a free range in them twice)."""
     out = []
     with open("/proc/self/maps") as f:
         for line in f:
             s, e = line.split(None, 1)[0].split("-")
-            out.append((int(s, 16), int(e, 16)))
+            s, e = int(s, 16), int(e, 16)
+            if out and s <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], e))
+            else:
+                out.append((s, e))
     return out
 
 
