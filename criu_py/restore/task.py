@@ -434,10 +434,11 @@ class TaskRun:
         self.tcp_repair_off()
         if t.fs_owner:
             set_fs(self.rs.tree, img)
-        set_personality(img)
-        set_rlimits(img)
+        parts = self.rs.restorer_parts[t.pid]
+        set_personality(parts.personality)
+        set_rlimits(parts.rlimits)
         from criu_py.restore.sigframe import request_xfeatures
-        request_xfeatures(self.rs.restorer_parts[t.pid].threads[0].regs.xsave)
+        request_xfeatures(parts.threads[0].regs.xsave)
         plan = self.build_plan()
         log.debug("pid %d: entering the restorer (%d VMAs, %d threads) after %.2f ms", t.pid,
                   len(plan.vmas), len(plan.threads), (time.monotonic() - t0) * 1e3)
@@ -561,7 +562,8 @@ class RestorerParts(Record):
     signals. Computed for every process in the restore command before the fork
     (restorer_parts), where that costs a fraction of the same Python work in each forked
     task: there, every object it makes or touches first costs a copy-on-write fault."""
-    _fields = ("threads", "sigactions", "mm_map", "itimers", "posix_timers", "signals")
+    _fields = ("threads", "sigactions", "mm_map", "itimers", "posix_timers", "signals",
+               "personality", "rlimits")
 
 
 def restorer_parts(rs, t) -> RestorerParts:
@@ -572,7 +574,8 @@ def restorer_parts(rs, t) -> RestorerParts:
         threads=[thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads],
         sigactions=sigactions(core), mm_map=mm_map(img.mm), itimers=itimers(core),
         posix_timers=posix_timers(core),
-        signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [])
+        signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [],
+        personality=core.tc.personality, rlimits=rlimits_to_set(core))
 
 
 def _log_traceback() -> None:
@@ -750,9 +753,9 @@ def _prctl(option: int, arg: int) -> None:
 
 
 # ---------------------------------------------------------------- process state
-def set_personality(img) -> None:
+def set_personality(persona: int) -> None:
     from criu_py.native import lib
-    r = lib.criu_py_restore_syscall(NR_PERSONALITY, img.core.tc.personality, 0, 0, 0, 0, 0)
+    r = lib.criu_py_restore_syscall(NR_PERSONALITY, persona, 0, 0, 0, 0, 0)
     if r < 0:
         raise OSError(-r, os.strerror(-r))
 
@@ -809,19 +812,38 @@ def raise_fd_limit() -> tuple[int, int]:
     return hard, hard
 
 
-def set_rlimits(img) -> None:
-    """The task's resource limits, best effort: without CAP_SYS_RESOURCE a hard limit
-    above ours cannot be set, and then ours stays (documented in image-contract.md)."""
-    if not img.core.tc.HasField("rlimits"):
-        return
-    inf = 2**64 - 1
-    for res, rl in enumerate(img.core.tc.rlimits.rlimits):
-        cur = resource.RLIM_INFINITY if rl.cur == inf else rl.cur
-        hi = resource.RLIM_INFINITY if rl.max == inf else rl.max
+def set_rlimits(limits: list) -> None:
+    """The task's resource limits (rlimits_to_set), best effort: without
+    CAP_SYS_RESOURCE a hard limit above ours cannot be set, and then ours stays
+    (documented in image-contract.md)."""
+    for res, cur, hi in limits:
         try:
             resource.setrlimit(res, (cur, hi))
         except (OSError, ValueError):
             pass
+
+
+def rlimits_to_set(core) -> list:
+    """(resource, soft, hard) of the dumped limits that set_rlimits() sets: those that
+    differ from ours (the restore command's now, which every task inherits: nothing
+    changes them before) and the fd limit, which raise_fd_limit() moves. Made in the
+    restore command (RestorerParts): the core's 16 limits read in every task cost it
+    protobuf work and a setrlimit each."""
+    if not core.tc.HasField("rlimits"):
+        return []
+    inf = 2**64 - 1
+    out = []
+    for res, rl in enumerate(core.tc.rlimits.rlimits):
+        cur = resource.RLIM_INFINITY if rl.cur == inf else rl.cur
+        hi = resource.RLIM_INFINITY if rl.max == inf else rl.max
+        if res != resource.RLIMIT_NOFILE:
+            try:
+                if resource.getrlimit(res) == (cur, hi):
+                    continue
+            except (OSError, ValueError):
+                pass
+        out.append((res, cur, hi))
+    return out
 
 
 def block_signals() -> None:
