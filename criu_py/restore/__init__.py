@@ -441,9 +441,10 @@ def load_modules(rs: Restore) -> None:
     import criu_py.cgroup.restore  # noqa: F401
     from criu_py.arch_x86 import xsave_layout
     from criu_py.native import lib
-    from criu_py.restore.pie import known_layout
+    from criu_py.restore.pie import known_layout, warm_types
     from criu_py.restore.sigframe import local_xstate
     known_layout()              # where the tasks look for free ranges (map_free)
+    warm_types()                # the C types they name
     local_xstate()
     xsave_layout()
     lib.criu_py_glibc_rseq_addr()
