@@ -52,6 +52,7 @@ class Restore:
         self.lazy_dir = None          # restore --lazy-pages: the daemon's work dir (absolute)
         self.pages_check = None       # integrity.PagesCheck: the pages files, in a thread
         self.restorer_parts = {}      # pid -> restore.task.RestorerParts
+        self.cg_moves = {}            # pid -> (its cgroup set, its parent's): cg_yard.move()
         self._status_buf = b""
 
     def parent_of(self, t) -> int:
@@ -261,11 +262,14 @@ def host_creds() -> HostCreds:
 
 def plan_restorers(rs: Restore) -> None:
     """What each process's restorer gets from its images alone (restore.task.
-    RestorerParts), computed here once for the whole tree: in every forked task the same
-    Python work would cost several times as much (copy-on-write faults)."""
-    from criu_py.restore.task import restorer_parts
+    RestorerParts), and the cgroup sets every task moves between, computed here once for
+    the whole tree: in every forked task the same Python work would cost several times
+    as much (copy-on-write faults)."""
+    from criu_py.restore.task import cg_set_of, restorer_parts
     rs.restorer_parts = {t.pid: restorer_parts(rs, t) for t in rs.plan.alive
                          if not t.in_parent_mm}
+    rs.cg_moves = {t.pid: (cg_set_of(t), cg_set_of(t.parent) if t.parent else None)
+                   for t in rs.plan.forked}
 
 
 def plan_file_locks(rs: Restore) -> None:

@@ -199,7 +199,7 @@ class TaskRun:
     def fork_stage(self) -> None:
         t = self.t
         self.stage = "cgroups"
-        self.rs.cg_yard.move(0, cg_set_of(t), cg_set_of(t.parent) if t.parent else None)
+        self.rs.cg_yard.move(0, *self.rs.cg_moves[t.pid])
         self.stage = "session"
         if t.subreaper:
             _prctl(PR_SET_CHILD_SUBREAPER, 1)
