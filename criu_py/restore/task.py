@@ -395,20 +395,17 @@ class TaskRun:
         """Every fd of the table at its number, from the parked resources; then every
         fd that is neither the task's nor still needed (inherited copies of resources,
         what the restore command had open) is closed."""
-        from criu_py.files import FD_CLOEXEC
-        img = self.t.img
-        tree = self.rs.tree
         task_fds = set()
-        for fi in img.fdinfos:
-            src = self.resource_fd(resource_key(tree, fi.id))[fi.id]
-            os.dup2(src, fi.fd, inheritable=not fi.flags & FD_CLOEXEC)
-            task_fds.add(fi.fd)
-        keep = task_fds | self.fds.own - self.resource_set()
+        for fd, key, fid, inheritable in self.rs.fd_tables[self.t.pid]:
+            os.dup2(self.resource_fd(key)[fid], fd, inheritable=inheritable)
+            task_fds.add(fd)
+        resources = self.resource_set()
+        keep = task_fds | self.fds.own - resources
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if fd in keep:
                 continue
-            if fd < self.fds.base or fd in self.fds.inherited or fd in self.resource_set():
+            if fd < self.fds.base or fd in self.fds.inherited or fd in resources:
                 try:
                     os.close(fd)
                 except OSError:
@@ -675,6 +672,16 @@ class FileContext:
             os.close(fd)
         self.raw_fds = []
         self._groups = {}
+
+
+def fd_table(tree, img) -> list:
+    """(fd, resource key, files.img id, inheritable) of each fd of a task's table, in
+    its fdinfo order: what install_fds() puts where. Made in the restore command: the
+    fdinfos and file entries read through protobuf, and each file kind's resource key,
+    cost every task copy-on-write faults."""
+    from criu_py.files import FD_CLOEXEC
+    return [(fi.fd, resource_key(tree, fi.id), fi.id, not fi.flags & FD_CLOEXEC)
+            for fi in img.fdinfos]
 
 
 def resource_key(tree, fid: int) -> tuple:
