@@ -434,8 +434,9 @@ class TaskRun:
         parts = self.rs.restorer_parts[t.pid]
         set_personality(parts.personality)
         set_rlimits(parts.rlimits)
-        from criu_py.restore.sigframe import request_xfeatures
-        request_xfeatures(parts.threads[0].regs.xsave)
+        if parts.xfeatures:
+            from criu_py.restore.sigframe import request_xfeatures
+            request_xfeatures(parts.xfeatures)
         plan = self.build_plan()
         log.debug("pid %d: entering the restorer (%d VMAs, %d threads) after %.2f ms", t.pid,
                   len(plan.vmas), len(plan.threads), (time.monotonic() - t0) * 1e3)
@@ -556,19 +557,25 @@ class TaskRun:
 class RestorerParts(Record):
     """What a process's restorer gets from its images alone: its threads' PieThreads
     (registers, sigframe state, credentials), sigactions, mm_map, timers and pending
-    signals. Computed for every process in the restore command before the fork
-    (restorer_parts), where that costs a fraction of the same Python work in each forked
-    task: there, every object it makes or touches first costs a copy-on-write fault."""
+    signals; and what the task sets before it: its personality, the resource limits
+    (rlimits_to_set) and the xsave features its leader's state uses that it may not use
+    yet (sigframe.missing_xfeatures, usually none: the tasks may use what the restore
+    command may; request_xfeatures asks for them). Computed for every process in the
+    restore command before the fork (restorer_parts), where that costs a fraction of the
+    same Python work in each forked task: there, every object it makes or touches first
+    costs a copy-on-write fault."""
     _fields = ("threads", "sigactions", "mm_map", "itimers", "posix_timers", "signals",
-               "personality", "rlimits")
+               "personality", "rlimits", "xfeatures")
 
 
 def restorer_parts(rs, t) -> RestorerParts:
+    from criu_py.restore.sigframe import missing_xfeatures
     img = t.img
     core = img.core
     trap = rs.trap.get(t.pid, False)
+    threads = [thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads]
     return RestorerParts(
-        threads=[thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads],
+        threads=threads, xfeatures=missing_xfeatures(threads[0].regs.xsave),
         sigactions=sigactions(core), mm_map=mm_map(img.mm), itimers=itimers(core),
         posix_timers=posix_timers(core),
         signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [],
