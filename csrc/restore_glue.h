@@ -12,6 +12,7 @@ void criu_py_enter_restorer(uint64_t entry, uint64_t args, uint64_t stack_top);
 int64_t criu_py_restore_syscall(int64_t nr, int64_t a, int64_t b, int64_t c, int64_t d, int64_t e, int64_t f);
 uint64_t criu_py_xcr0(void);
 long criu_py_clone3_flags(int32_t pid, uint64_t flags);
+long criu_py_clone3_batch(const char *pids, const char *flags, int32_t n, int32_t *made);
 long criu_py_futex_wait(uint64_t addr, uint32_t val, int64_t timeout_ns);
 long criu_py_futex_wake(uint64_t addr);
 uint32_t criu_py_atomic_add(uint64_t addr, int32_t delta);

@@ -52,6 +52,8 @@ class Restore:
         self.lazy_dir = None          # restore --lazy-pages: the daemon's work dir (absolute)
         self.pages_check = None       # integrity.PagesCheck: the pages files, in a thread
         self.restorer_parts = {}      # pid -> restore.task.RestorerParts
+        self.cg_moves = {}            # pid -> (its cgroup set, its parent's): cg_yard.move()
+        self.fd_tables = {}           # pid -> restore.task.fd_table() of each fd table owner
         self._status_buf = b""
 
     def parent_of(self, t) -> int:
@@ -261,11 +263,16 @@ def host_creds() -> HostCreds:
 
 def plan_restorers(rs: Restore) -> None:
     """What each process's restorer gets from its images alone (restore.task.
-    RestorerParts), computed here once for the whole tree: in every forked task the same
-    Python work would cost several times as much (copy-on-write faults)."""
-    from criu_py.restore.task import restorer_parts
+    RestorerParts), the cgroup sets every task moves between and the fd tables, computed
+    here once for the whole tree: in every forked task the same Python work would cost
+    several times as much (copy-on-write faults)."""
+    from criu_py.restore.task import cg_set_of, fd_table, restorer_parts
     rs.restorer_parts = {t.pid: restorer_parts(rs, t) for t in rs.plan.alive
                          if not t.in_parent_mm}
+    rs.fd_tables = {t.pid: fd_table(rs.tree, t.img) for t in rs.plan.alive
+                    if t.files_owner and not t.in_parent_mm}
+    rs.cg_moves = {t.pid: (cg_set_of(t), cg_set_of(t.parent) if t.parent else None)
+                   for t in rs.plan.forked}
 
 
 def plan_file_locks(rs: Restore) -> None:
@@ -441,7 +448,10 @@ def load_modules(rs: Restore) -> None:
     import criu_py.cgroup.restore  # noqa: F401
     from criu_py.arch_x86 import xsave_layout
     from criu_py.native import lib
+    from criu_py.restore.pie import known_layout, warm_types
     from criu_py.restore.sigframe import local_xstate
+    known_layout()              # where the tasks look for free ranges (map_free)
+    warm_types()                # the C types they name
     local_xstate()
     xsave_layout()
     lib.criu_py_glibc_rseq_addr()

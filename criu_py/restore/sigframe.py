@@ -103,15 +103,21 @@ def local_xstate() -> tuple[int, int, dict[int, tuple[int, int]]]:
     return _LOCAL_XSTATE
 
 
-def request_xfeatures(xsave: bytes) -> None:
-    """Ask for the dynamically enabled features (AMX) the dumped state uses, before the
-    frame is built: a task that had them back gets them again."""
-    global _LOCAL_XSTATE
+def missing_xfeatures(xsave: bytes) -> int:
+    """The dynamically enabled features (AMX) the dumped state uses that this process may
+    not use yet (request_xfeatures asks for them)."""
     if len(xsave) < LEGACY_XSAVE_SIZE:
-        return
+        return 0
     used = struct.unpack_from("<Q", xsave, XSAVE_HEADER_OFFSET)[0]
     from criu_py.native import lib
-    missing = used & lib.criu_py_xcr0() & ~xcomp_perm()
+    return used & lib.criu_py_xcr0() & ~xcomp_perm()
+
+
+def request_xfeatures(missing: int) -> None:
+    """Ask for the missing features (missing_xfeatures), before the frame is built: a
+    task that had them back gets them again."""
+    global _LOCAL_XSTATE
+    from criu_py.native import lib
     for bit in range(2, 64):
         if missing >> bit & 1:
             lib.criu_py_restore_syscall(NR_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, bit, 0, 0, 0, 0)

@@ -199,7 +199,7 @@ class TaskRun:
     def fork_stage(self) -> None:
         t = self.t
         self.stage = "cgroups"
-        self.rs.cg_yard.move(0, cg_set_of(t), cg_set_of(t.parent) if t.parent else None)
+        self.rs.cg_yard.move(0, *self.rs.cg_moves[t.pid])
         self.stage = "session"
         if t.subreaper:
             _prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -213,8 +213,8 @@ class TaskRun:
         self.stage = "children"
         children = [c for c in t.children if not c.in_parent_mm]   # the restorer makes those
         early = [c for c in children if t.forks_before_setsid(c)]
-        for c in early:
-            self.fork_child(c)
+        if early:
+            self.fork_children(early)
         self.stage = "session"
         if t.sid == t.pid and os.getsid(0) != t.pid:
             os.setsid()
@@ -224,17 +224,20 @@ class TaskRun:
             self.stage = "controlling terminal"
             self.take_ctty()
         self.stage = "children"
-        for c in children:
-            if c not in early:
-                self.fork_child(c)
+        late = [c for c in children if c not in early]
+        if late:
+            self.fork_children(late)
 
-    def fork_child(self, c) -> None:
-        from criu_py.restore.fork import clone_with_pid
-        if os.environ.get("CRIU_PY_TEST_TAKE_PID") == str(c.pid):
-            take_pid_for_test(c.pid)
-        pid = clone_with_pid(c.pid, c.clone_flags)
-        if pid == 0:
-            TaskRun(self.rs, c).run()
+    def fork_children(self, batch: list) -> None:
+        """Fork the children in `batch` in one go (fork.clone_children)."""
+        from criu_py.restore.fork import clone_children
+        taken = os.environ.get("CRIU_PY_TEST_TAKE_PID")
+        for c in batch if taken else ():
+            if taken == str(c.pid):
+                take_pid_for_test(c.pid)
+        i = clone_children([(c.pid, c.clone_flags) for c in batch])
+        if i:
+            TaskRun(self.rs, batch[i - 1]).run()
             os._exit(1)
 
     def open_resources(self) -> None:
@@ -392,20 +395,17 @@ class TaskRun:
         """Every fd of the table at its number, from the parked resources; then every
         fd that is neither the task's nor still needed (inherited copies of resources,
         what the restore command had open) is closed."""
-        from criu_py.files import FD_CLOEXEC
-        img = self.t.img
-        tree = self.rs.tree
         task_fds = set()
-        for fi in img.fdinfos:
-            src = self.resource_fd(resource_key(tree, fi.id))[fi.id]
-            os.dup2(src, fi.fd, inheritable=not fi.flags & FD_CLOEXEC)
-            task_fds.add(fi.fd)
-        keep = task_fds | self.fds.own - self.resource_set()
+        for fd, key, fid, inheritable in self.rs.fd_tables[self.t.pid]:
+            os.dup2(self.resource_fd(key)[fid], fd, inheritable=inheritable)
+            task_fds.add(fd)
+        resources = self.resource_set()
+        keep = task_fds | self.fds.own - resources
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if fd in keep:
                 continue
-            if fd < self.fds.base or fd in self.fds.inherited or fd in self.resource_set():
+            if fd < self.fds.base or fd in self.fds.inherited or fd in resources:
                 try:
                     os.close(fd)
                 except OSError:
@@ -431,10 +431,12 @@ class TaskRun:
         self.tcp_repair_off()
         if t.fs_owner:
             set_fs(self.rs.tree, img)
-        set_personality(img)
-        set_rlimits(img)
-        from criu_py.restore.sigframe import request_xfeatures
-        request_xfeatures(self.rs.restorer_parts[t.pid].threads[0].regs.xsave)
+        parts = self.rs.restorer_parts[t.pid]
+        set_personality(parts.personality)
+        set_rlimits(parts.rlimits)
+        if parts.xfeatures:
+            from criu_py.restore.sigframe import request_xfeatures
+            request_xfeatures(parts.xfeatures)
         plan = self.build_plan()
         log.debug("pid %d: entering the restorer (%d VMAs, %d threads) after %.2f ms", t.pid,
                   len(plan.vmas), len(plan.threads), (time.monotonic() - t0) * 1e3)
@@ -555,21 +557,29 @@ class TaskRun:
 class RestorerParts(Record):
     """What a process's restorer gets from its images alone: its threads' PieThreads
     (registers, sigframe state, credentials), sigactions, mm_map, timers and pending
-    signals. Computed for every process in the restore command before the fork
-    (restorer_parts), where that costs a fraction of the same Python work in each forked
-    task: there, every object it makes or touches first costs a copy-on-write fault."""
-    _fields = ("threads", "sigactions", "mm_map", "itimers", "posix_timers", "signals")
+    signals; and what the task sets before it: its personality, the resource limits
+    (rlimits_to_set) and the xsave features its leader's state uses that it may not use
+    yet (sigframe.missing_xfeatures, usually none: the tasks may use what the restore
+    command may; request_xfeatures asks for them). Computed for every process in the
+    restore command before the fork (restorer_parts), where that costs a fraction of the
+    same Python work in each forked task: there, every object it makes or touches first
+    costs a copy-on-write fault."""
+    _fields = ("threads", "sigactions", "mm_map", "itimers", "posix_timers", "signals",
+               "personality", "rlimits", "xfeatures")
 
 
 def restorer_parts(rs, t) -> RestorerParts:
+    from criu_py.restore.sigframe import missing_xfeatures
     img = t.img
     core = img.core
     trap = rs.trap.get(t.pid, False)
+    threads = [thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads]
     return RestorerParts(
-        threads=[thread_plan(tid, c, trap, rs.host_creds) for tid, c in img.threads],
+        threads=threads, xfeatures=missing_xfeatures(threads[0].regs.xsave),
         sigactions=sigactions(core), mm_map=mm_map(img.mm), itimers=itimers(core),
         posix_timers=posix_timers(core),
-        signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [])
+        signals=[s.siginfo for s in core.tc.signals_s.signals] if core.tc.HasField("signals_s") else [],
+        personality=core.tc.personality, rlimits=rlimits_to_set(core))
 
 
 def _log_traceback() -> None:
@@ -671,6 +681,16 @@ class FileContext:
         self._groups = {}
 
 
+def fd_table(tree, img) -> list:
+    """(fd, resource key, files.img id, inheritable) of each fd of a task's table, in
+    its fdinfo order: what install_fds() puts where. Made in the restore command: the
+    fdinfos and file entries read through protobuf, and each file kind's resource key,
+    cost every task copy-on-write faults."""
+    from criu_py.files import FD_CLOEXEC
+    return [(fi.fd, resource_key(tree, fi.id), fi.id, not fi.flags & FD_CLOEXEC)
+            for fi in img.fdinfos]
+
+
 def resource_key(tree, fid: int) -> tuple:
     from criu_py.files import ops_by_type
     fe = tree.files[fid]
@@ -747,9 +767,9 @@ def _prctl(option: int, arg: int) -> None:
 
 
 # ---------------------------------------------------------------- process state
-def set_personality(img) -> None:
+def set_personality(persona: int) -> None:
     from criu_py.native import lib
-    r = lib.criu_py_restore_syscall(NR_PERSONALITY, img.core.tc.personality, 0, 0, 0, 0, 0)
+    r = lib.criu_py_restore_syscall(NR_PERSONALITY, persona, 0, 0, 0, 0, 0)
     if r < 0:
         raise OSError(-r, os.strerror(-r))
 
@@ -806,19 +826,38 @@ def raise_fd_limit() -> tuple[int, int]:
     return hard, hard
 
 
-def set_rlimits(img) -> None:
-    """The task's resource limits, best effort: without CAP_SYS_RESOURCE a hard limit
-    above ours cannot be set, and then ours stays (documented in image-contract.md)."""
-    if not img.core.tc.HasField("rlimits"):
-        return
-    inf = 2**64 - 1
-    for res, rl in enumerate(img.core.tc.rlimits.rlimits):
-        cur = resource.RLIM_INFINITY if rl.cur == inf else rl.cur
-        hi = resource.RLIM_INFINITY if rl.max == inf else rl.max
+def set_rlimits(limits: list) -> None:
+    """The task's resource limits (rlimits_to_set), best effort: without
+    CAP_SYS_RESOURCE a hard limit above ours cannot be set, and then ours stays
+    (documented in image-contract.md)."""
+    for res, cur, hi in limits:
         try:
             resource.setrlimit(res, (cur, hi))
         except (OSError, ValueError):
             pass
+
+
+def rlimits_to_set(core) -> list:
+    """(resource, soft, hard) of the dumped limits that set_rlimits() sets: those that
+    differ from ours (the restore command's now, which every task inherits: nothing
+    changes them before) and the fd limit, which raise_fd_limit() moves. Made in the
+    restore command (RestorerParts): the core's 16 limits read in every task cost it
+    protobuf work and a setrlimit each."""
+    if not core.tc.HasField("rlimits"):
+        return []
+    inf = 2**64 - 1
+    out = []
+    for res, rl in enumerate(core.tc.rlimits.rlimits):
+        cur = resource.RLIM_INFINITY if rl.cur == inf else rl.cur
+        hi = resource.RLIM_INFINITY if rl.max == inf else rl.max
+        if res != resource.RLIMIT_NOFILE:
+            try:
+                if resource.getrlimit(res) == (cur, hi):
+                    continue
+            except (OSError, ValueError):
+                pass
+        out.append((res, cur, hi))
+    return out
 
 
 def block_signals() -> None:
