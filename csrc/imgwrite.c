@@ -20,7 +20,9 @@ long cp_write_files(int dirfd, long n, char **names, char **bufs, const uint64_t
 		int fd, err;
 
 		*failed = i;
-		fd = openat(dirfd, names[i], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+		/* never through a symlink someone left under that name */
+		fd = openat(dirfd, names[i], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW,
+			    0600);
 		if (fd < 0)
 			return -errno;
 		/* an existing file keeps its mode through O_TRUNC, a new one loses the umask */

@@ -63,3 +63,20 @@ def test_existing_log_target_keeps_its_mode(h, tmp_path):
     res = cli_with_umask(h, 0, "dump", "-t", task.pid, "-D", images, "-R", "-o", "/dev/null")
     assert res.returncode == 0, res.stderr
     assert stat.S_IMODE(os.stat("/dev/null").st_mode) == null_mode
+
+
+@pytest.mark.parametrize("name", ["pstree.img", "pages-1.img"])
+def test_a_symlink_left_in_the_images_dir_is_not_followed(h, name):
+    """An image name taken by a symlink to a file elsewhere: the dump writes nothing
+    through it (that file stays as it was), fails in one line naming the image, and the
+    task runs on untraced."""
+    from conftest import assert_one_line_error, assert_running_untraced
+    task = h.start("counter", ready=r"\d+ 3")
+    images = h.images_dir()
+    victim = h.path("victim.txt")
+    victim.write_text("not an image\n")
+    os.symlink(victim, images / name)
+    res = h.cli("dump", "-t", task.pid, "-D", images)
+    assert_one_line_error(res, name)
+    assert_running_untraced(task)
+    assert victim.read_text() == "not an image\n"

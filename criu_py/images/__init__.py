@@ -541,8 +541,10 @@ class ImageDir:
 
     # --- raw ---
     def open_raw(self, name: str, write: bool = False) -> int:
-        """An fd on a raw image: read-only, or write (created/truncated, 0600)."""
-        flags = os.O_CLOEXEC | ((os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if write else os.O_RDONLY)
+        """An fd on a raw image: read-only, or write (created/truncated, 0600; never
+        through a symlink someone left under that name)."""
+        flags = os.O_CLOEXEC | ((os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
+                                if write else os.O_RDONLY)
         self.flush()
         try:
             fd = os.open(name, flags, 0o600, dir_fd=self.dirfd)
