@@ -259,4 +259,6 @@ def vmsplice_pages(tracee: Tracee, saved_regs: bytes, pidfd: int, ranges: list, 
     if out < 0:
         raise DumpError(f"vmsplice inside task {tracee.pid} failed after {handed} bytes: "
                         f"{os.strerror(-out)}")
-    return result[0] if result else None
+    if not result:                  # the reader raised: what it sent is unknown
+        raise DumpError(f"the reader of task {tracee.pid}'s pages failed")
+    return result[0]
