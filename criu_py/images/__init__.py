@@ -8,6 +8,7 @@
 #   core = d.read_one("core-42.img")
 #
 # Every problem with an image raises criu_py.errors.ImageError whose text names the file.
+import functools
 import importlib
 import os
 import re
@@ -188,23 +189,10 @@ _U32 = struct.Struct("<I")
 _U32x2 = struct.Struct("<II")
 
 
+# remembered: a dump names each file when it writes it, and again when it seals it
+@functools.lru_cache(maxsize=1 << 16)
 def kind_of(name: str) -> str | None:
     """The image kind a file name stands for (RAW for raw images), None when unknown."""
-    kind = _KINDS_SEEN.get(name, _UNSEEN)
-    if kind is _UNSEEN:
-        if len(_KINDS_SEEN) >= 1 << 16:
-            _KINDS_SEEN.clear()
-        kind = _KINDS_SEEN[name] = _kind_of(name)
-    return kind
-
-
-# name -> kind of the names looked at so far (a dump names each file when it writes it,
-# and again when it seals it)
-_KINDS_SEEN: dict = {}
-_UNSEEN = object()
-
-
-def _kind_of(name: str) -> str | None:
     base = os.path.basename(name)
     for prefix, kind in _HEX_NAMES.items():
         ident = base[len(prefix):-4]
@@ -443,6 +431,22 @@ def warn_if_readable(path: str, what: str) -> None:
         log.warning("%s %s is readable by others (mode %04o); its files are 0600", what, path, mode)
 
 
+def block_crcs(data):
+    """The CRC-32C of each 4 KiB block of data (bytes or a buffer; the last block may be
+    short), as a cffi uint32_t array (at least one entry): what the checksums of
+    images/integrity.py are made of."""
+    from criu_py.native import ffi, lib
+    size = len(data)
+    crcs = ffi.new("uint32_t[]", max(-(-size // 4096), 1))
+    if size:
+        ptr = ffi.from_buffer(data)
+        try:
+            lib.cp_crc_blocks(ptr, size, crcs)
+        finally:
+            ffi.release(ptr)
+    return crcs
+
+
 class ImageDir:
     """A checkpoint directory. Paths are resolved against a directory fd held open.
     create=True makes a missing directory 0700; an existing one keeps its mode.
@@ -603,16 +607,7 @@ class ImageDir:
             self.written_entries[name] = entries
         else:
             self.written_entries.pop(name, None)
-        from criu_py.native import ffi, lib
-        size = len(data)
-        crcs = ffi.new("uint32_t[]", -(-size // 4096))
-        if size:
-            ptr = ffi.from_buffer(data)
-            try:
-                lib.cp_crc_blocks(ptr, size, crcs)
-            finally:
-                ffi.release(ptr)
-        self.block_crcs[name] = (size, crcs)
+        self.block_crcs[name] = (len(data), block_crcs(data))
 
     # --- entries ---
     def _kind(self, name: str) -> str:

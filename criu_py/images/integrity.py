@@ -54,48 +54,51 @@ def _open_listed(dirfd: int, name: str) -> int:
         raise ImageError(f"{name}: cannot open ({exc.strerror})") from None
 
 
-def digest(dirfd: int, name: str, runs=(), known=None, threads=None) -> tuple[int, int, list[int]]:
-    """(size, digest of the file, [digest of each (offset, length) run]) of one file;
-    known: (size, CRC of each block) its writer computed, used when the file still has
-    that size (else the file is read)."""
-    from criu_py.native import ffi, lib
+def digest(dirfd: int, name: str, runs=(), threads=None) -> tuple[int, int, list[int]]:
+    """(size, digest of the file, [digest of each (offset, length) run]) of one file,
+    read through a private mapping."""
+    from criu_py.native import lib
     fd = _open_listed(dirfd, name)
     try:
         size = os.fstat(fd).st_size
-        flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
-        out_runs = ffi.new("uint64_t[]", max(len(runs), 1))
-        out_file = ffi.new("uint64_t *")
-        if known is not None and known[0] == size:
-            r = lib.cp_digest_crcs(known[1], size, flat, len(runs), out_runs, out_file)
-            log.debug("%s: digest from the block CRCs computed while it was written", name)
-        else:
-            r = lib.cp_digest_file(fd, size, flat, len(runs), out_runs, out_file,
-                                   threads or _threads())
+        return size, *_digests(name, runs, lambda flat, out_runs, out_file: lib.cp_digest_file(
+            fd, size, flat, len(runs), out_runs, out_file, threads or _threads()))
     finally:
         os.close(fd)
+
+
+def _digests_of_crcs(name: str, size: int, crcs, runs=()) -> tuple[int, list[int]]:
+    """(digest of the file, [digest of each run]) of a file of `size` bytes from the
+    CRC of each of its 4 KiB blocks: the same as digest() would read from it."""
+    from criu_py.native import lib
+    return _digests(name, runs, lambda flat, out_runs, out_file: lib.cp_digest_crcs(
+        crcs, size, flat, len(runs), out_runs, out_file))
+
+
+def _digests(name: str, runs, compute) -> tuple[int, list[int]]:
+    """compute(runs as a flat array, their digests out, the file's out) of csrc/digest.c,
+    its -errno as ImageError."""
+    from criu_py.native import ffi
+    flat = ffi.new("uint64_t[]", [x for run in runs for x in run] or [0])
+    out_runs = ffi.new("uint64_t[]", max(len(runs), 1))
+    out_file = ffi.new("uint64_t *")
+    r = compute(flat, out_runs, out_file)
     if r < 0:
         raise ImageError(f"{name}: cannot checksum ({os.strerror(-r)})")
-    return size, out_file[0], [out_runs[i] for i in range(len(runs))]
+    return out_file[0], [out_runs[i] for i in range(len(runs))]
 
 
 def _known_digest(dirfd: int, name: str, runs, known) -> tuple | None:
     """digest() from known = (size, CRC of each 4 KiB block) its writer computed,
     without opening the file: None unless it is still a regular file of that size."""
     import stat
-    from criu_py.native import ffi, lib
     try:
         st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     except OSError:
         return None                     # digest() opens it and says what is wrong
     if not stat.S_ISREG(st.st_mode) or st.st_size != known[0]:
         return None
-    flat = ffi.new("uint64_t[]", [x for run in runs for x in run]) if runs else ffi.NULL
-    out_runs = ffi.new("uint64_t[]", len(runs)) if runs else ffi.NULL
-    out_file = ffi.new("uint64_t *")
-    r = lib.cp_digest_crcs(known[1], known[0], flat, len(runs), out_runs, out_file)
-    if r < 0:
-        raise ImageError(f"{name}: cannot checksum ({os.strerror(-r)})")
-    return known[0], out_file[0], [out_runs[i] for i in range(len(runs))]
+    return known[0], *_digests_of_crcs(name, known[0], known[1], runs)
 
 
 def _page_runs(images, names=None) -> dict:
@@ -442,7 +445,7 @@ def _check(images, e, threads=None, whole: bool = True) -> bytes | None:
 def _read_checked(images, e) -> bytes:
     """The bytes of a listed file without page runs, read once and checked against its
     size and digest (the same digest digest() computes, from the bytes in memory)."""
-    from criu_py.native import ffi, lib
+    from criu_py.images import block_crcs
     name = e.name
     fd = _open_listed(images.dirfd, name)
     try:
@@ -465,16 +468,7 @@ def _read_checked(images, e) -> bytes:
     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if len(data) != e.size:
         raise ImageError(f"{name}: damaged ({len(data)} bytes, the dump wrote {e.size})")
-    crcs = ffi.new("uint32_t[]", max((size + BLOCK - 1) // BLOCK, 1))
-    if size:
-        lib.cp_crc_blocks(ffi.from_buffer(data), size, crcs)
-    out_runs = ffi.new("uint64_t[]", 1)
-    out_file = ffi.new("uint64_t *")
-    flat = ffi.new("uint64_t[]", 1)
-    r = lib.cp_digest_crcs(crcs, size, flat, 0, out_runs, out_file)
-    if r < 0:
-        raise ImageError(f"{name}: cannot checksum ({os.strerror(-r)})")
-    if out_file[0] != e.digest:
+    if _digests_of_crcs(name, size, block_crcs(data))[0] != e.digest:
         raise ImageError(f"{name}: damaged (checksum mismatch)")
     return data
 
