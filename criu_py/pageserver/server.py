@@ -61,7 +61,8 @@ class _Xfer:
             set_pagemap_nr_pages(pe, nr)
             out.append(pe)
         self.images.write_entries(self.name, out)
-        if hasattr(self.images, "block_crcs") and self.written == len(self.crcs) // 4 * PAGE:
+        if hasattr(self.images, "block_crcs") and \
+                self.written == len(self.crcs) // P.CRC_SIZE * PAGE:
             from criu_py.native import ffi
             # seal() takes the file's digests from these (no second read of the file)
             self.images.block_crcs[self.pages_name] = (
@@ -112,7 +113,7 @@ class _Writer:
                     w = 0
                     while w < n:
                         w += os.write(xfer.fd, view[w:n])
-                    xfer.crcs += ffi.buffer(crcs, n // PAGE * 4)
+                    xfer.crcs += ffi.buffer(crcs, n // PAGE * P.CRC_SIZE)
                     xfer.written += n
             except BaseException as exc:         # noqa: BLE001 - raised by the receiver
                 self.error = exc
