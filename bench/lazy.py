@@ -202,6 +202,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def settle() -> None:
+    """Before a timed dump: the previous round's writeback and discards done (on this
+    disk they otherwise land in the middle of the next dump, of either kind)."""
+    os.sync()
+    time.sleep(0.2)
+
+
 def dump_rates(bins, work: Path, mib: int, rounds: int) -> dict:
     """Local dumps and page-server dumps of a memhog of mib MiB, interleaved: the wall
     times of each (the last page-server dump's images restored and checked)."""
@@ -209,6 +216,7 @@ def dump_rates(bins, work: Path, mib: int, rounds: int) -> dict:
     for i in range(rounds):
         pid, log = start_memhog(bins, work, mib)
         d = fresh(work / "local")
+        settle()
         wall, res = run(criu_py("dump", "-t", pid, "-D", d, "-o", "dump.log"))
         if res.returncode:
             raise RuntimeError(f"dump failed: {res.stderr}")
@@ -227,6 +235,7 @@ def dump_rates(bins, work: Path, mib: int, rounds: int) -> dict:
         os.close(w)
         os.read(r, 1)
         os.close(r)
+        settle()
         wall, res = run(criu_py("dump", "-t", pid, "-D", src, "-o", "dump.log",
                                 "--page-server", "--address", "127.0.0.1", "--port", port))
         if res.returncode:
