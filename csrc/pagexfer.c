@@ -131,7 +131,7 @@ long cp_ps_send_pages(int pid, int sock, const struct cp_ps_entry *ents, long ne
 	long total = 0, err = 0;
 	int i = 0;
 
-	if (bufsize % PAGE)
+	if (bufsize % PAGE || !bufsize)
 		return -EINVAL;
 	r.sock = sock;
 	r.send_crcs = send_crcs;

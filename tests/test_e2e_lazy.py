@@ -214,7 +214,11 @@ def test_page_server_dump_of_other_memory(h, workload):
         task = h.start("protnone", python=True, ready=r"ready \d+")
     assert ask(task) == f"OK {task.pid}"
     src, dst = dump_to_page_server(h, task)
+    # every page went to the server: shared memory's pagemaps too, as upstream sends them
+    assert not list(src.glob("pages-*.img")) and not list(src.glob("pagemap-*.img"))
     assert list(dst.glob("pages-*.img"))
+    if workload == "shmem":
+        assert len(list(dst.glob("pagemap-shmem-*.img"))) >= 2    # anonymous and memfd
     copy_images(src, dst)
     restored = h.restore(dst, task=task)
     assert ask(restored) == f"OK {task.pid}"

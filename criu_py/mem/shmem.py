@@ -123,11 +123,14 @@ def _copy(src: int, dst: int, start: int, length: int) -> None:
 
 
 def write_images(ctx) -> None:
-    """pagemap-shmem-SHMID.img + pages-N.img per object; memfd.img for memfds."""
+    """pagemap-shmem-SHMID.img + pages-N.img per object (with --page-server, sent to the
+    page server, which writes both there, as upstream's dump does); memfd.img for
+    memfds."""
     from criu_py.images import PE_PRESENT
     from criu_py.mem.dump import pagemap_entries
     scanned = written = 0
     memfd_inodes = []
+    sink = ctx.page_sink
     for obj in sorted(ctx.shmem.values(), key=lambda o: o.shmid):
         obj.pages_id = ctx.alloc_pages_id()
         try:
@@ -136,23 +139,30 @@ def write_images(ctx) -> None:
             raise from_oserror(exc, f"opening {obj.open_path}", ctx.pid) from None
         try:
             ranges = data_ranges(src, obj.size)
-            out = ctx.images.open_raw(f"pages-{obj.pages_id}.img", write=True)
-            try:
-                for start, end in ranges:
-                    _copy(src, out, start, end - start)
-            finally:
-                os.close(out)
+            if sink is not None:
+                from criu_py.pageserver.client import send_object_pages
+                send_object_pages(sink, obj.shmid, src, ranges)
+                where = f"the page server {sink.where}"
+            else:
+                out = ctx.images.open_raw(f"pages-{obj.pages_id}.img", write=True)
+                try:
+                    for start, end in ranges:
+                        _copy(src, out, start, end - start)
+                finally:
+                    os.close(out)
+                where = f"pages-{obj.pages_id}.img"
             if obj.memfd_name is not None:
                 memfd_inodes.append(_memfd_inode_entry(obj, src))
         finally:
             os.close(src)
-        ctx.images.write_entries(f"pagemap-shmem-{obj.shmid}.img",
-                                 pagemap_entries(ranges, obj.pages_id, PE_PRESENT))
+        if sink is None:
+            ctx.images.write_entries(f"pagemap-shmem-{obj.shmid}.img",
+                                     pagemap_entries(ranges, obj.pages_id, PE_PRESENT))
         scanned += (obj.size + M.PAGE_SIZE - 1) // M.PAGE_SIZE
         written += sum(e - s for s, e in ranges) // M.PAGE_SIZE
-        log.info("shmem %d (%s): %d bytes, %d ranges -> pages-%d.img", obj.shmid,
+        log.info("shmem %d (%s): %d bytes, %d ranges -> %s", obj.shmid,
                  obj.memfd_name if obj.memfd_name is not None else "anon", obj.size,
-                 len(ranges), obj.pages_id)
+                 len(ranges), where)
     if memfd_inodes:
         ctx.images.write_entries("memfd.img", memfd_inodes)
     ctx.shmem_stats = {"scanned": scanned, "written": written}

@@ -150,7 +150,7 @@ def send_process_pages(sink: Sink, pid: int, pid_for_name: int, pages, flags: li
                     mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
 
                 def read(addr, off, n, fd=mem_fd, base=start):
-                    _pread_into(fd, addr, n, base + off, pid)
+                    _pread_into(fd, addr, n, base + off, f"memory of pid {pid}")
             else:
                 def read(addr, off, n, base=start):
                     from criu_py.native import ffi
@@ -165,14 +165,33 @@ def send_process_pages(sink: Sink, pid: int, pid_for_name: int, pages, flags: li
     return total
 
 
-def _pread_into(fd: int, addr: int, n: int, offset: int, pid: int) -> None:
+def send_object_pages(sink: Sink, shmid: int, fd: int, ranges: list) -> int:
+    """A shared memory object's pagemap and data pages to the page server: ranges
+    [(start, end)] of offsets in it (mem/shmem.py's data_ranges), read from fd (past
+    its end, a last page reads as zeros). Returns the data bytes sent."""
+    from criu_py.images import PE_PRESENT
+    sink.open(P.PS_TYPE_SHMEM, shmid)
+    for start, end in ranges:
+        def read(addr, off, n, base=start):
+            _pread_into(fd, addr, n, base + off, f"shared memory {shmid}", eof_zeros=True)
+        sink.pages(start, end - start, PE_PRESENT, read)
+    return sum(end - start for start, end in ranges)
+
+
+def _pread_into(fd: int, addr: int, n: int, offset: int, what: str,
+                eof_zeros: bool = False) -> None:
+    """n bytes at offset of fd (what: its name in an error) into memory at addr;
+    eof_zeros: zeros past its end."""
     from criu_py.native import ffi
     view = memoryview(ffi.buffer(ffi.cast("char *", addr), n))
     done = 0
     while done < n:
         got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0 and eof_zeros:
+            view[done:] = bytes(n - done)
+            return
         if got <= 0:
-            raise CriuError(f"cannot read memory of pid {pid} at {offset + done:#x}")
+            raise CriuError(f"cannot read {what} at {offset + done:#x}")
         done += got
 
 
