@@ -369,6 +369,22 @@ def test_import_is_light():
     subprocess.run([os.sys.executable, "-c", code], check=True)
 
 
+def test_protobuf_python_message_loaded_on_use():
+    """With upb, protobuf's pure-Python message implementation (and text_format) is not
+    loaded by the image modules, and still works when used (crit's text output)."""
+    code = ("import sys; from google.protobuf.internal import api_implementation as a; "
+            "upb = a.Type() == 'upb'; "
+            "from criu_py.images.pb import core_pb2, pagemap_pb2; "
+            "assert not upb or 'google.protobuf.text_format' not in sys.modules, 'loaded'; "
+            "e = core_pb2.core_entry(mtype=1); "
+            "assert core_pb2.core_entry.FromString(e.SerializeToString()).mtype == 1; "
+            "from google.protobuf import text_format; "
+            "assert text_format.MessageToString(e).strip() == 'mtype: X86_64'; "
+            "from google.protobuf.internal import python_message; "
+            "assert callable(python_message._AttachFieldHelpers)")
+    subprocess.run([os.sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("name, kind", [
     ("core-123.img", "core"), ("pagemap-7.img", "pagemap"), ("pagemap-shmem-9.img", "pagemap"),
     ("pages-1.img", img.RAW), ("pages-shmem-2.img", img.RAW), ("route6-1.img", img.RAW),
