@@ -455,7 +455,6 @@ def load_modules(rs: Restore) -> None:
     local_xstate()
     xsave_layout()
     lib.criu_py_glibc_rseq_addr()
-    gc.collect()
     gc.freeze()
 
 
