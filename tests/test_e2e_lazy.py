@@ -89,6 +89,30 @@ def test_daemon_killed_midway_kills_the_task(h):
     wait_for(lambda: not guards_of(), 10, "the guard to exit")
 
 
+def test_damaged_lazy_source_is_never_served(h):
+    """One byte of a lazy page flipped in the lazy source after the dump: the daemon
+    finds the piece damaged by its digest (its check-ahead thread gets there first),
+    copies none of it, fails naming the file, and its guard SIGKILLs the task before
+    the uffd closes: the task never runs on the wrong byte (nor on zeros)."""
+    task = h.start("memhog", 64, SEED, ready=r"ready \d+")
+    full, lazy = lazy_images(h, task)
+    pages = max(full.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    with open(pages, "r+b") as f:
+        where = f.seek(0, os.SEEK_END) * 3 // 4
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x01]))
+    # no background fill for 2 s: the restore sees its task running first
+    daemon = start_daemon(h, lazy, env={"CRIU_PY_TEST_LAZY_DELAY": "2"})
+    restored = h.restore(lazy, "--lazy-pages", task=task)
+    assert daemon.wait(60) != 0
+    err = daemon.stderr.read()
+    assert f"{pages.name}: damaged page run" in err and "not served" in err, err
+    assert restored.reap(timeout=10) == -signal.SIGKILL
+    assert not restored.log.matches(rf"BAD {task.pid}")
+
+
 def guards_of():
     """Live lazy-pages guards (comm criu-py-guard) reparented to us, the subreaper;
     the exited ones are reaped here."""
