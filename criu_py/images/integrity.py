@@ -355,12 +355,12 @@ class PageDigests:
     ImageError naming it). What a lazy restore uses instead of checking the whole file
     up front. entry None: the set has no checksums (upstream's images): nothing checked.
 
-    With ahead, from the first check on, a thread checks the pieces ahead, in file order
-    from the first one asked for: the lazy-pages daemon's background fill then finds its next
-    pieces checked and only copies (the check was a sixth of the daemon's time, on the
-    same CPU as the copies). What the thread finds damaged is raised by check() when
-    that piece is asked for: a damaged piece is never served either way. close() stops
-    the thread before the file is unmapped."""
+    With ahead, from the first check on, a thread checks the pieces ahead, in file
+    order from the first one asked for: the lazy-pages daemon's background fill then
+    finds its next pieces checked and only copies (the check was a sixth of the
+    daemon's time, in series with its copies). What the thread finds damaged is raised
+    by check() when that piece is asked for: a damaged piece is never served either
+    way. close() stops the thread before the file is unmapped."""
 
     def __init__(self, images, name: str, entry=None, where: str = "", ahead: bool = False):
         import mmap

@@ -299,7 +299,7 @@ def page_server(opts: dict) -> int:
     images = ImageDir(opts.get("images_dir") or ".", create=True)
     # what a session needs, loaded before the dump can connect: done after its last
     # byte, these imports (~30 ms, protobuf's runtime) kept the dump waiting
-    from criu_py.images import integrity, pb  # noqa: F401
+    from criu_py.images import integrity  # noqa: F401
     from criu_py.images.pb import integrity_pb2, pagemap_pb2  # noqa: F401
     from criu_py.native import lib  # noqa: F401
     try:
