@@ -91,9 +91,9 @@ def test_daemon_killed_midway_kills_the_task(h):
 
 def test_damaged_lazy_source_is_never_served(h):
     """One byte of a lazy page flipped in the lazy source after the dump: the daemon
-    finds the piece damaged by its digest (its check-ahead thread gets there first),
-    copies none of it, fails naming the file, and its guard SIGKILLs the task before
-    the uffd closes: the task never runs on the wrong byte (nor on zeros)."""
+    finds the piece damaged by its digest before it copies any of it, fails naming the
+    file, and its guard SIGKILLs the task before the uffd closes: the task never runs on
+    the wrong byte (nor on zeros)."""
     task = h.start("memhog", 64, SEED, ready=r"ready \d+")
     full, lazy = lazy_images(h, task)
     pages = max(full.glob("pages-*.img"), key=lambda p: p.stat().st_size)

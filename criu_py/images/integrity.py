@@ -353,30 +353,16 @@ class PageDigests:
     """One pages file mapped read-only with the digests of its pieces: check(offset,
     length) checks every piece overlapping that byte range once (a damaged piece is an
     ImageError naming it). What a lazy restore uses instead of checking the whole file
-    up front. entry None: the set has no checksums (upstream's images): nothing checked.
+    up front. entry None: the set has no checksums (upstream's images): nothing checked."""
 
-    With ahead, from the first check on, a thread checks the pieces ahead, in file
-    order from the first one asked for: the lazy-pages daemon's background fill then
-    finds its next pieces checked and only copies (the check was a sixth of the
-    daemon's time, in series with its copies). What the thread finds damaged is raised
-    by check() when that piece is asked for: a damaged piece is never served either
-    way. close() stops the thread before the file is unmapped."""
-
-    def __init__(self, images, name: str, entry=None, where: str = "", ahead: bool = False):
+    def __init__(self, images, name: str, entry=None, where: str = ""):
         import mmap
-        import threading
         self.name = name
         self.where = where
         self.runs = sorted((r.offset, r.length, r.digest, r.pagemap, r.vaddr)
                            for r in entry.runs) if entry is not None else None
         self._starts = [r[0] for r in self.runs or ()]
         self.ok = set()              # indexes of the pieces checked so far
-        self.bad = {}                # index -> ImageError, found by the thread
-        self.lock = threading.Condition()
-        self.busy = None             # the index the thread checks right now
-        self.want_ahead = ahead
-        self.ahead = None            # the thread (started by the first check)
-        self.stop = False
         fd = images.open_raw(name)
         try:
             self.size = os.fstat(fd).st_size
@@ -389,40 +375,6 @@ class PageDigests:
         from criu_py.native import ffi
         self.base = int(ffi.cast("uintptr_t", ffi.from_buffer(self.map))) if self.map else 0
 
-    def _digest_error(self, i: int) -> ImageError | None:
-        """Check piece i: None, or the ImageError naming it."""
-        from criu_py.native import ffi, lib
-        o, n, dg, pagemap, vaddr = self.runs[i]
-        out = ffi.new("uint64_t *")
-        lib.cp_digest_mem(ffi.cast("void *", self.base + o), n, out)
-        if out[0] == dg:
-            return None
-        where = f" ({pagemap} at {vaddr:#x})" if pagemap else ""
-        return ImageError(f"{self.where}{self.name}: damaged page run at offset {o:#x}, "
-                          f"{n // BLOCK} pages{where}")
-
-    def _check_ahead(self, first: int) -> None:
-        n = len(self.runs)
-        for k in range(n):
-            i = (first + k) % n
-            with self.lock:
-                if self.stop:
-                    return
-                if i in self.ok or i in self.bad:
-                    continue
-                self.busy = i
-            try:
-                err = self._digest_error(i)
-            except BaseException as exc:    # noqa: BLE001 - check() does it itself then
-                err = exc
-            with self.lock:
-                self.busy = None
-                if err is None:
-                    self.ok.add(i)
-                elif isinstance(err, ImageError):
-                    self.bad[i] = err
-                self.lock.notify_all()
-
     def check(self, offset: int, length: int) -> None:
         import bisect
         if self.runs is None:
@@ -430,34 +382,21 @@ class PageDigests:
         if offset + length > self.size:
             raise ImageError(f"{self.where}{self.name}: {length} bytes at {offset:#x} are "
                              f"past its end")
+        from criu_py.native import ffi, lib
         i = max(0, bisect.bisect_right(self._starts, offset) - 1)
-        if self.want_ahead and self.ahead is None and len(self.runs) > 1:
-            import threading
-            self.ahead = threading.Thread(target=self._check_ahead, args=(i,),
-                                          name="pages-check-ahead", daemon=True)
-            self.ahead.start()
+        out = ffi.new("uint64_t *")
         while i < len(self.runs) and self.runs[i][0] < offset + length:
-            if self.runs[i][0] + self.runs[i][1] > offset:
-                with self.lock:
-                    while self.busy == i:
-                        self.lock.wait()
-                    done, err = i in self.ok, self.bad.get(i)
-                if err is not None:
-                    raise err
-                if not done:
-                    err = self._digest_error(i)
-                    if err is not None:
-                        raise err
-                    with self.lock:
-                        self.ok.add(i)
+            o, n, dg, pagemap, vaddr = self.runs[i]
+            if o + n > offset and i not in self.ok:
+                lib.cp_digest_mem(ffi.cast("void *", self.base + o), n, out)
+                if out[0] != dg:
+                    where = f" ({pagemap} at {vaddr:#x})" if pagemap else ""
+                    raise ImageError(f"{self.where}{self.name}: damaged page run at offset "
+                                     f"{o:#x}, {n // BLOCK} pages{where}")
+                self.ok.add(i)
             i += 1
 
     def close(self) -> None:
-        if self.ahead is not None:
-            with self.lock:
-                self.stop = True
-            self.ahead.join()
-            self.ahead = None
         if self.map is not None:
             self.map.close()
             self.map = None

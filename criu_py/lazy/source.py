@@ -27,7 +27,7 @@ class FileSource:
         from criu_py.images.integrity import PageDigests
         self.images = images
         self.name = name
-        self.digests = PageDigests(images, name, entry, where, ahead=True)
+        self.digests = PageDigests(images, name, entry, where)
         self.base = self.digests.base
         self.size = self.digests.size
 
