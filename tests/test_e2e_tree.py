@@ -295,15 +295,7 @@ def test_restore_killed_while_helpers_end_leaves_nothing(h, stage):
                          env={**os.environ, "CRIU_PY_TEST_KILL_AFTER_STAGE": str(stage)},
                          timeout=60)
     assert res.returncode == -signal.SIGKILL, res
-
-    def gone():
-        for x in pids:
-            try:
-                os.waitpid(x, os.WNOHANG)
-            except ChildProcessError:
-                pass
-        return not any(os.path.exists(f"/proc/{x}") for x in pids)
-    wait_for(gone, timeout=10, what="every task of the killed restore to be gone")
+    reap_gone(pids, timeout=10)         # every task of the killed restore, or it fails
 
 
 def test_restore_killed_at_any_instant_leaves_no_half_restored_tree(h):
