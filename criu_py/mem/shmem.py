@@ -140,8 +140,8 @@ def write_images(ctx) -> None:
         try:
             ranges = data_ranges(src, obj.size)
             if sink is not None:
-                from criu_py.pageserver.client import send_object_pages
-                send_object_pages(sink, obj.shmid, src, ranges)
+                from criu_py.pageserver.client import send_shmem_pages
+                send_shmem_pages(sink, obj.shmid, src, ranges)
                 where = f"the page server {sink.where}"
             else:
                 out = ctx.images.open_raw(f"pages-{obj.pages_id}.img", write=True)

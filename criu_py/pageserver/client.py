@@ -165,7 +165,7 @@ def send_process_pages(sink: Sink, pid: int, pid_for_name: int, pages, flags: li
     return total
 
 
-def send_object_pages(sink: Sink, shmid: int, fd: int, ranges: list) -> int:
+def send_shmem_pages(sink: Sink, shmid: int, fd: int, ranges: list) -> int:
     """A shared memory object's pagemap and data pages to the page server: ranges
     [(start, end)] of offsets in it (mem/shmem.py's data_ranges), read from fd (past
     its end, a last page reads as zeros). Returns the data bytes sent."""
