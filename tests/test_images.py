@@ -2,6 +2,7 @@
 # read by Debian's crit (an independent implementation), and every kind of damage is one ImageError
 # naming the file.
 import json
+import re
 import os
 import stat
 import struct
@@ -383,6 +384,37 @@ def test_protobuf_python_message_loaded_on_use():
             "from google.protobuf.internal import python_message; "
             "assert callable(python_message._AttachFieldHelpers)")
     subprocess.run([os.sys.executable, "-c", code], check=True)
+
+
+def test_protobuf_descriptor_pb2_and_well_known_types_not_loaded():
+    """With upb, loading the image modules builds none of descriptor_pb2's classes and
+    imports no well_known_types (nor its datetime and calendar); the (criu) field
+    options crit reads still work, and so does descriptor_pb2 once imported."""
+    code = ("import sys; from google.protobuf.internal import api_implementation as a; "
+            "upb = a.Type() == 'upb'; "
+            "from criu_py.images.pb import mm_pb2, opts_pb2, core_pb2; "
+            "e = mm_pb2.mm_entry(mm_brk=0x1000); "
+            "assert mm_pb2.mm_entry.FromString(e.SerializePartialToString()).mm_brk == 0x1000; "
+            "assert not upb or not any(m in sys.modules for m in ('calendar', 'datetime')); "
+            "d = sys.modules.get('google.protobuf.descriptor_pb2'); "
+            "assert not upb or type(d).__name__ == '_LoadedOnUse', type(d); "
+            "f = mm_pb2.mm_entry.DESCRIPTOR.fields_by_name['mm_brk']; "
+            "assert f.GetOptions().Extensions[opts_pb2.criu].hex; "
+            "f = core_pb2.task_core_entry.DESCRIPTOR.fields_by_name['comm']; "
+            "assert not f.GetOptions().Extensions[opts_pb2.criu].hex; "
+            "from google.protobuf import descriptor_pb2; "
+            "o = descriptor_pb2.FieldOptions(deprecated=True); "
+            "assert descriptor_pb2.FieldOptions.FromString(o.SerializeToString()).deprecated; "
+            "assert type(sys.modules['google.protobuf.descriptor_pb2']).__name__ == 'module'")
+    subprocess.run([os.sys.executable, "-c", code], check=True)
+
+
+def test_image_protos_use_no_well_known_type():
+    """criu_py/images/pb gives upb no well-known-type mixins: that holds while no image
+    proto imports a google/protobuf file but descriptor.proto (for opts.proto)."""
+    imports = {m for path in (Path(__file__).resolve().parent.parent / "proto").glob("*.proto")
+               for m in re.findall(r'^import\s+"(google/protobuf/[^"]+)"', path.read_text(), re.M)}
+    assert imports <= {"google/protobuf/descriptor.proto"}, imports
 
 
 @pytest.mark.parametrize("name, kind", [

@@ -1,13 +1,24 @@
 # The generated protobuf modules of the images (tools/gen_proto.sh). Loading this package
-# first also spares each command protobuf's pure-Python message implementation:
-# descriptor_pool.py and internal/builder.py import it (python_message, which imports
-# text_format: ~25 ms) even when the upb backend does all the work. With upb, a stand-in
-# takes its place in sys.modules and loads it on the first use of any of its names
-# (none in a dump or a restore; crit's text output, for one).
+# first also spares each command three modules of protobuf's that a dump or a restore
+# never uses, ~15 ms of its start-up all told, all with the upb backend only:
+# - the pure-Python message implementation (python_message, which imports text_format):
+#   descriptor_pool.py and internal/builder.py import it although upb does all the work;
+# - descriptor_pb2: opts.proto extends FieldOptions, so every image module needs
+#   descriptor.proto in the pool, but importing descriptor_pb2 also builds its 30-odd
+#   message classes. The pool gets the file from the installed descriptor_pb2's own
+#   compiled code (the very bytes its import adds, which the pool then takes as the
+#   same file);
+# - well_known_types (datetime, calendar, locale): upb asks it for the mixins of the
+#   well-known message types (Timestamp, Any, ...). No image proto uses one
+#   (tests/test_images.py checks proto/), so upb gets an empty table.
+# Each module stands in sys.modules until one of its names is used, then loads itself
+# in its place (crit's text output; crit reading the (criu) field options).
 import sys
 import types
 
 _PYTHON_MESSAGE = "google.protobuf.internal.python_message"
+_WELL_KNOWN = "google.protobuf.internal.well_known_types"
+_DESCRIPTOR_PB2 = "google.protobuf.descriptor_pb2"
 
 
 class _LoadedOnUse(types.ModuleType):
@@ -22,17 +33,49 @@ class _LoadedOnUse(types.ModuleType):
         return getattr(real, attr)
 
 
-def _defer_python_message() -> None:
+class _WellKnownTypes(_LoadedOnUse):
+    """well_known_types as upb first asks for it: no mixins (no image proto uses a
+    well-known type)."""
+
+    WKTBASES: dict = {}
+
+
+def _stand_in(spec, kind=_LoadedOnUse) -> None:
+    if spec is not None:
+        stand_in = kind(spec.name)
+        stand_in.__spec__ = spec
+        sys.modules[spec.name] = stand_in
+
+
+def _descriptor_proto(spec) -> bytes | None:
+    """The serialized descriptor.proto that descriptor_pb2's import would add to the
+    pool, read from the constants of its compiled code (None if it is not there)."""
+    try:
+        code = spec.loader.get_code(spec.name)
+    except (ImportError, OSError, AttributeError):
+        return None
+    for const in code.co_consts:
+        if isinstance(const, bytes) and const.startswith(b"\n google/protobuf/descriptor.proto"):
+            return const
+    return None
+
+
+def _defer_unused_modules() -> None:
     import importlib.util
     from google.protobuf.internal import api_implementation
-    if api_implementation.Type() != "upb" or _PYTHON_MESSAGE in sys.modules:
+    if api_implementation.Type() != "upb":
         return
-    spec = importlib.util.find_spec(_PYTHON_MESSAGE)
-    if spec is None:
-        return
-    stand_in = _LoadedOnUse(_PYTHON_MESSAGE)
-    stand_in.__spec__ = spec
-    sys.modules[_PYTHON_MESSAGE] = stand_in
+    if _PYTHON_MESSAGE not in sys.modules:
+        _stand_in(importlib.util.find_spec(_PYTHON_MESSAGE))
+    if _WELL_KNOWN not in sys.modules:
+        _stand_in(importlib.util.find_spec(_WELL_KNOWN), _WellKnownTypes)
+    if _DESCRIPTOR_PB2 not in sys.modules:
+        spec = importlib.util.find_spec(_DESCRIPTOR_PB2)
+        data = _descriptor_proto(spec) if spec is not None else None
+        if data is not None:
+            from google.protobuf import descriptor_pool
+            descriptor_pool.Default().AddSerializedFile(data)
+            _stand_in(spec)
 
 
-_defer_python_message()
+_defer_unused_modules()
