@@ -82,6 +82,16 @@ def no_lock_left(request):
                 subprocess.run([cmd, "-w", "-D"] + line.split()[1:], capture_output=True)
 
 
+def our_locks(h) -> list[str]:
+    """The lines of lock_state() that belong to the dumps in the test's dir: the tables
+    named after their run ids, the iptables rules of their connections. Tests check
+    these, never the machine's whole state: another test session may hold a lock."""
+    tables, ports = locks_of_dumps(h.dir)
+    return [line for line in lock_state().splitlines()
+            if (line.startswith("table inet CRIU-") and " ".join(line.split()[1:3]) in tables)
+            or (line.startswith("-A ") and _rule_ports(line) in ports)]
+
+
 def locks_of_dumps(top) -> tuple[set, set]:
     """The network locks the dumps under `top` took: nftables table names ("inet
     CRIU-..."), and (port, port) of their connections, both ways (the iptables rules)."""
