@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import proc_is_running, proc_status
+from conftest import proc_is_running, proc_status, wait_for
 
 
 def maps_of(pid: int) -> list[tuple]:
@@ -99,6 +99,38 @@ def test_pid_in_use_is_one_line_and_leaves_nothing(h):
     n = len(task.log)
     task.log.wait(rf"{task.pid} \d+", count=n + 2)          # the original runs on, alone
     assert {line.split()[0] for line in task.log.lines()} == {str(task.pid)}
+
+
+@pytest.mark.needs_tool
+def test_restore_right_after_the_dump_waits_for_the_pid_to_be_reaped(h):
+    """`dump && restore`: the killed task's zombie holds its PID until its parent reaps
+    it (an orphan's waits for init, about a second here). The restore waits for that;
+    a zombie nobody reaps is named after PID_RELEASE_WAIT (5 s) and nothing is made."""
+    from conftest import Task
+    task = h.start("counter", ready=r"\d+ 3")
+    images = h.images_dir()
+    res = h.cli("dump", "-t", task.pid, "-D", images)
+    assert res.returncode == 0, res.stderr
+    dumped = last_count(task)
+    assert proc_status(task.pid)["State"].startswith("Z"), "our zombie until we reap it"
+    res = h.cli("restore", "-D", images, "-d")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(lines) == 1, res.stderr
+    assert f"pid {task.pid} is in use by a dead process (counter) its parent {os.getpid()} " \
+           f"has not reaped (for over 5 s)" in lines[0]
+    assert proc_status(task.pid)["State"].startswith("Z"), "nothing restored"
+
+    restore = h.cli_background("restore", "-D", images, "-d", "-v3", "-o", "restore.log")
+    wait_for(lambda: "waiting up to 5 s" in (images / "restore.log").read_text()
+             if (images / "restore.log").exists() else False, timeout=30)
+    assert restore.poll() is None
+    task.reap()
+    _, err = restore.communicate(timeout=60)
+    assert restore.returncode == 0, err
+    restored = Task(task.pid, task.marker, task.log)
+    h.tasks.append(restored)
+    task.log.wait(rf"{task.pid} {dumped + 3}")
+    assert restored.running()
 
 
 def _corrupt_cases(images):

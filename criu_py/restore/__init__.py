@@ -196,12 +196,55 @@ def plan_tree(rs: Restore) -> None:
                            f"use --shell-job")
 
 
+# How long the restore waits, in all, for PIDs still held by dead processes nobody has
+# reaped yet: a dump that killed the tree has just returned, and the zombies of its
+# orphans wait for init (here it takes it about a second).
+PID_RELEASE_WAIT = 5.0
+PF_EXITING = 0x4
+
+
 def check_pids_free(rs: Restore) -> None:
+    """Every PID and TID of the tree free. A PID held by a process that is exiting or
+    dead but not yet reaped is waited for (PID_RELEASE_WAIT); by anything else, or for
+    longer, it is an error naming the holder."""
+    deadline = None
     for t in rs.plan.all:
         ids = [t.pid] + (t.img.tids[1:] if t.img is not None and not t.img.zombie else [])
         for pid in ids:
-            if os.path.exists(f"/proc/{pid}"):
-                raise RestoreError(f"pid {pid} is in use: cannot restore the task with its PID")
+            while (holder := _pid_holder(pid)) is not None:
+                what, dying = holder
+                if not dying:
+                    raise RestoreError(f"pid {pid} is in use by {what}: cannot restore the "
+                                       f"task with its PID")
+                if deadline is None:
+                    deadline = time.monotonic() + PID_RELEASE_WAIT
+                    log.info("restore: pid %d is still held by %s: waiting up to %.0f s for "
+                             "it to be released", pid, what, PID_RELEASE_WAIT)
+                if time.monotonic() > deadline:
+                    raise RestoreError(f"pid {pid} is in use by {what} (for over "
+                                       f"{PID_RELEASE_WAIT:.0f} s): cannot restore the task "
+                                       f"with its PID")
+                time.sleep(0.005)
+
+
+def _pid_holder(pid: int) -> tuple[str, bool] | None:
+    """None if nothing holds pid; else (what holds it, whether that is only a process
+    that is exiting or dead and waits to be reaped)."""
+    from criu_py import proc
+    from criu_py.errors import CriuError, NoSuchProcess
+    if not proc.pid_exists(pid):
+        return None
+    try:
+        st = proc.read_stat(pid)
+    except NoSuchProcess:
+        return None
+    except CriuError:
+        return "a task we cannot read", False
+    if st.num_threads <= 1 and st.state in ("Z", "X"):
+        return f"a dead process ({st.comm}) its parent {st.ppid} has not reaped", True
+    if st.num_threads <= 1 and st.flags & PF_EXITING:
+        return f"an exiting process ({st.comm})", True
+    return f"{st.comm} (state {st.state})", False
 
 
 def check_vdso(rs: Restore) -> None:
