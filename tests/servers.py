@@ -1,11 +1,13 @@
 # Real servers from Debian's packages for the socket tests (redis-server, nginx,
-# python3 -m http.server): installing what a test needs with apt-get (a test skips only
-# when that is impossible), picking free ports on 127.0.0.1, starting them in their own
-# session with their files in the test's dir and tracking every process they make so
-# the harness kills them (servers that rename themselves or daemonize do not keep the
-# test's dir in their command line), and small clients: RESP for redis, HTTP GET.
+# PostgreSQL, python3 -m http.server): installing what a test needs with apt-get (a
+# test skips only when that is impossible), picking free ports on 127.0.0.1, starting
+# them in their own session with their files in the test's dir and tracking every
+# process they make so the harness kills them (servers that rename themselves or
+# daemonize do not keep the test's dir in their command line), and small clients: RESP
+# for redis, PostgreSQL's simple query protocol, HTTP GET.
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import urllib.request
@@ -18,11 +20,14 @@ from conftest import Task, wait_for
 _APT_UPDATED = False
 
 
-def need_debian(binary: str, package: str) -> str:
+def need_debian(binary: str, package: str, find=None) -> str:
     """The path of `binary`, installing Debian's `package` when it is missing; skip (with
-    the reason) only when it cannot be installed."""
+    the reason) only when it cannot be installed. find(): where the package puts it when
+    that is not on PATH."""
     global _APT_UPDATED
-    found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin:/usr/bin")
+    find = find or (lambda: shutil.which(binary) or
+                    shutil.which(binary, path="/usr/sbin:/sbin:/usr/bin"))
+    found = find()
     if found:
         return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -35,7 +40,7 @@ def need_debian(binary: str, package: str) -> str:
             _APT_UPDATED = True
         res = subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env,
                              capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-        found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin:/usr/bin")
+        found = find()
         if found:
             return found
     pytest.skip(f"cannot install {package}: {res.stderr.strip()[-300:]}")
@@ -131,13 +136,14 @@ def free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
         s.close()
 
 
-def start_server(h, argv: list, marker: str, log_name: str, cwd=None) -> Task:
+def start_server(h, argv: list, marker: str, log_name: str, cwd=None, **popen) -> Task:
     """A server in its own session, stdin /dev/null, stdout/stderr to a file in the
-    test's dir; tracked (by pid and a string of its command line) for cleanup."""
+    test's dir; tracked (by pid and a string of its command line) for cleanup. popen:
+    more of Popen's options (user, group)."""
     out = open(h.path(log_name), "ab")
     try:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                             start_new_session=True, cwd=cwd or h.dir, close_fds=True)
+                             start_new_session=True, cwd=cwd or h.dir, close_fds=True, **popen)
     finally:
         out.close()
     task = Task(p.pid, marker, None, p)
@@ -229,6 +235,130 @@ def start_redis(h, port: int, *extra) -> Task:
     task = start_server(h, argv, f"127.0.0.1:{port}", "redis.out")
     wait_port(port)
     return task
+
+
+# ---------------------------------------------------------------- PostgreSQL
+def need_postgres() -> Path:
+    """The bin dir of Debian's PostgreSQL server (not on PATH: /usr/lib/postgresql/N/bin)."""
+    def find():
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+        return str(found[-1]) if found else None
+    return Path(need_debian("postgres", "postgresql", find)).parent
+
+
+def start_postgres(h, port: int) -> Task:
+    """A PostgreSQL cluster of its own in the test's dir, run as the postgres user (it
+    refuses root), listening on 127.0.0.1:port and on a unix socket in its data dir."""
+    import pwd
+    bindir = need_postgres()
+    user = pwd.getpwnam("postgres")
+    as_postgres = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    os.chmod(h.dir, 0o755)
+    data = h.path("pgdata")
+    data.mkdir(mode=0o700)
+    os.chown(data, user.pw_uid, user.pw_gid)
+    res = subprocess.run([bindir / "initdb", "-D", data, "-A", "trust", "-U", "postgres",
+                          "--no-sync"], capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL, cwd=data, **as_postgres)
+    assert res.returncode == 0, res.stderr
+    argv = [bindir / "postgres", "-D", data, "-p", port, "-k", data,
+            "-c", "listen_addresses=127.0.0.1", "-c", "shared_buffers=16MB",
+            "-c", "max_connections=10", "-c", "fsync=off"]
+    task = start_server(h, [str(a) for a in argv], str(data), "postgres.log", cwd=data,
+                        **as_postgres)
+    wait_port(port)
+    wait_for(lambda: _postgres_answers(port), timeout=30, what="postgres to accept queries")
+    return task
+
+
+def _postgres_answers(port: int) -> bool:
+    """It listens before its startup process is done ("the database system is starting
+    up"): true once a connection gets an answer."""
+    try:
+        db = Postgres(port)
+    except (OSError, RuntimeError):
+        return False
+    try:
+        return db("select 1") == [("1",)]
+    except (OSError, RuntimeError):
+        return False
+    finally:
+        db.close()
+
+
+def stop_postgres(task: Task) -> None:
+    """A fast shutdown (SIGINT): the postmaster removes its System V segment and its
+    dynamic shared memory in /dev/shm on the way out, which a SIGKILL would leave."""
+    try:
+        os.kill(task.pid, signal.SIGINT)
+    except ProcessLookupError:
+        return
+    wait_for(lambda: not task.running(), timeout=30, what="the postmaster to shut down")
+
+
+class Postgres:
+    """PostgreSQL's simple query protocol on one TCP connection (trust authentication):
+    db("SQL") -> rows as tuples of str (None for NULL). backend_pid: the server process
+    that serves this connection (BackendKeyData)."""
+
+    def __init__(self, port: int, user: str = "postgres", database: str = "postgres"):
+        import struct
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+        params = b"user\0%s\0database\0%s\0\0" % (user.encode(), database.encode())
+        self.sock.sendall(struct.pack("!ii", 8 + len(params), 3 << 16) + params)
+        self.backend_pid = None
+        self.error = None               # the last ErrorResponse's severity and message
+        self._until_ready()
+
+    def close(self):
+        self.sock.close()
+
+    def _message(self) -> tuple[bytes, bytes]:
+        import struct
+        while True:
+            if len(self.buf) >= 5:
+                n = struct.unpack_from("!i", self.buf, 1)[0]
+                if len(self.buf) >= 1 + n:
+                    kind, body = self.buf[:1], self.buf[5:1 + n]
+                    self.buf = self.buf[1 + n:]
+                    return kind, body
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("postgres closed the connection" +
+                                      (f": {self.error}" if self.error else ""))
+            self.buf += chunk
+
+    def _until_ready(self) -> list:
+        import struct
+        rows, self.error = [], None
+        while True:
+            kind, body = self._message()
+            if kind == b"Z":                        # ReadyForQuery
+                if self.error:
+                    raise RuntimeError(self.error)
+                return rows
+            if kind == b"E":                        # ErrorResponse: fields, then ready
+                self.error = " ".join(f[1:].decode(errors="replace")
+                                 for f in body.split(b"\0") if f[:1] in (b"S", b"M"))
+            elif kind == b"K":                      # BackendKeyData: pid, secret
+                self.backend_pid = struct.unpack_from("!i", body)[0]
+            elif kind == b"R" and struct.unpack_from("!i", body)[0] != 0:
+                raise RuntimeError("postgres asks for a password (trust expected)")
+            elif kind == b"D":                      # DataRow
+                n, pos, row = struct.unpack_from("!h", body)[0], 2, []
+                for _ in range(n):
+                    size = struct.unpack_from("!i", body, pos)[0]
+                    pos += 4
+                    row.append(None if size < 0 else body[pos:pos + size].decode())
+                    pos += max(size, 0)
+                rows.append(tuple(row))
+
+    def __call__(self, sql: str) -> list:
+        import struct
+        query = sql.encode() + b"\0"
+        self.sock.sendall(b"Q" + struct.pack("!i", 4 + len(query)) + query)
+        return self._until_ready()
 
 
 # ---------------------------------------------------------------- HTTP

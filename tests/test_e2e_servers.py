@@ -3,8 +3,10 @@
 # on, and a client connected during the dump that keeps its connection with
 # --tcp-established, under each network lock; or loses it with --tcp-close), nginx
 # with a master and two workers running as www-data (every worker serves the static
-# file after restore), and python3 -m http.server. Each server listens on 127.0.0.1 on
-# a free port; the tests install the packages they need and stop every process.
+# file after restore), PostgreSQL (a postmaster and its background processes as the
+# postgres user, its rows, a client's connection kept by its backend, new backends
+# forked after restore), and python3 -m http.server. Each server listens on 127.0.0.1
+# on a free port; the tests install the packages they need and stop every process.
 import os
 import subprocess
 import time
@@ -12,8 +14,9 @@ import time
 import pytest
 
 from conftest import assert_one_line_error, assert_running_untraced, proc_status, wait_for
-from servers import (Redis, children, free_port, http_get, need_debian, need_nftables,
-                     no_lock_left, our_locks, start_redis, start_server, track, wait_port)
+from servers import (Postgres, Redis, children, free_port, http_get, need_debian,
+                     need_nftables, no_lock_left, our_locks, start_postgres, start_redis,
+                     start_server, stop_postgres, track, wait_port)
 
 assert no_lock_left            # an autouse fixture: every test here cleans up its locks
 
@@ -198,6 +201,45 @@ def _workers_serving(port: int, page: bytes) -> set:
             if len(seen) >= 2:
                 break
     return seen
+
+
+# ---------------------------------------------------------------- PostgreSQL
+def test_postgres_keeps_rows_a_connected_client_and_forks_new_backends(h):
+    """PostgreSQL as the postgres user: the postmaster and its background processes
+    (checkpointer, background and WAL writers, autovacuum and logical replication
+    launchers) sharing System V and anonymous shared memory, and the backend of a client
+    connected over TCP during the dump. After restore with --tcp-established that same
+    backend answers on that same connection; a new connection gets a backend the restored
+    postmaster forks, whose write both see."""
+    port = free_port()
+    master = start_postgres(h, port)
+    try:
+        db = Postgres(port)
+        try:
+            db("create table t (k int primary key, v text)")
+            db("insert into t select g, 'v' || g from generate_series(1, 1000) g")
+            procs = wait_for(lambda: (lambda c: c if len(c) >= 6 else None)(children(master.pid)),
+                             what="postgres's background processes and backend")
+            assert db.backend_pid in procs
+            for pid in procs:
+                track(h, pid, "postgres")
+            images = h.dump(master, None, "--tcp-established")
+            h.restore(images, "--tcp-established", task=master)
+            assert sorted(children(master.pid)) == sorted(procs)
+            assert db("select count(*), sum(k), pg_backend_pid() from t") == \
+                [("1000", "500500", str(db.backend_pid))], "not the same backend and rows"
+            other = Postgres(port)
+            try:
+                assert other.backend_pid not in procs
+                other("insert into t values (1001, 'after the restore')")
+                assert other("select count(*) from t") == [("1001",)]
+            finally:
+                other.close()
+            assert db("select v from t where k = 1001") == [("after the restore",)]
+        finally:
+            db.close()
+    finally:
+        stop_postgres(master)
 
 
 # ---------------------------------------------------------------- http.server
