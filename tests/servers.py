@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -302,7 +303,6 @@ class Postgres:
     that serves this connection (BackendKeyData)."""
 
     def __init__(self, port: int, user: str = "postgres", database: str = "postgres"):
-        import struct
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buf = b""
         params = b"user\0%s\0database\0%s\0\0" % (user.encode(), database.encode())
@@ -315,7 +315,6 @@ class Postgres:
         self.sock.close()
 
     def _message(self) -> tuple[bytes, bytes]:
-        import struct
         while True:
             if len(self.buf) >= 5:
                 n = struct.unpack_from("!i", self.buf, 1)[0]
@@ -330,7 +329,6 @@ class Postgres:
             self.buf += chunk
 
     def _until_ready(self) -> list:
-        import struct
         rows, self.error = [], None
         while True:
             kind, body = self._message()
@@ -355,7 +353,6 @@ class Postgres:
                 rows.append(tuple(row))
 
     def __call__(self, sql: str) -> list:
-        import struct
         query = sql.encode() + b"\0"
         self.sock.sendall(b"Q" + struct.pack("!i", 4 + len(query)) + query)
         return self._until_ready()
