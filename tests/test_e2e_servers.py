@@ -5,7 +5,8 @@
 # with a master and two workers running as www-data (every worker serves the static
 # file after restore), PostgreSQL (a postmaster and its background processes as the
 # postgres user, its rows, a client's connection kept by its backend, new backends
-# forked after restore), and python3 -m http.server. Each server listens on 127.0.0.1
+# forked after restore), Node.js (a timer-driven counter and an HTTP server), and
+# python3 -m http.server. Each server listens on 127.0.0.1
 # on a free port; the tests install the packages they need and stop every process.
 import os
 import subprocess
@@ -240,6 +241,44 @@ def test_postgres_keeps_rows_a_connected_client_and_forks_new_backends(h):
             db.close()
     finally:
         stop_postgres(master)
+
+
+# ---------------------------------------------------------------- Node.js
+NODE_SERVER = """
+const http = require('http');
+let ticks = 0;
+setInterval(() => {{ ticks++; }}, 20);
+http.createServer((req, res) => {{ res.end(`${{ticks}} ${{process.pid}}\\n`); }})
+    .listen({port}, '127.0.0.1');
+"""
+
+
+def test_node_timer_and_http_server(h):
+    """Node.js (V8 and libuv: worker threads, epoll, eventfds): the counter a setInterval
+    drives goes on after restore from where it was (not from 0), in the same process with
+    the same threads, and the same server answers with it."""
+    node = need_debian("node", "nodejs")
+    port = free_port()
+    script = h.path("server.js")
+    script.write_text(NODE_SERVER.format(port=port))
+    task = start_server(h, [node, str(script)], str(script), "node.out")
+    wait_port(port)
+
+    def ticks() -> int:
+        body = http_get(port)[0].split()
+        assert int(body[1]) == task.pid
+        return int(body[0])
+
+    wait_for(lambda: ticks() >= 50, what="node's timer")
+    threads = tids(task.pid)
+    assert len(threads) > 1, "node runs threads"
+    before = ticks()
+    images = h.dump(task)
+    h.restore(images, task=task)
+    assert tids(task.pid) == threads
+    first = ticks()
+    assert first >= before, "the counter started again"
+    wait_for(lambda: ticks() >= first + 5, what="node's timer after restore")
 
 
 # ---------------------------------------------------------------- http.server
