@@ -6,8 +6,8 @@
 # file after restore), PostgreSQL (a postmaster and its background processes as the
 # postgres user, its rows, a client's connection kept by its backend, new backends
 # forked after restore), Node.js (a timer-driven counter and an HTTP server), and
-# python3 -m http.server. Each server listens on 127.0.0.1
-# on a free port; the tests install the packages they need and stop every process.
+# python3 -m http.server. Each server listens on 127.0.0.1 on a free port; the tests
+# install the packages they need and stop every process.
 import os
 import subprocess
 import time
