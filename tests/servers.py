@@ -287,14 +287,19 @@ def _postgres_answers(port: int) -> bool:
         db.close()
 
 
-def stop_postgres(task: Task) -> None:
+def stop_postgres(h, task: Task) -> None:
     """A fast shutdown (SIGINT): the postmaster removes its System V segment and its
-    dynamic shared memory in /dev/shm on the way out, which a SIGKILL would leave."""
-    try:
+    dynamic shared memory in /dev/shm on the way out. One that is gone already (killed
+    by a failed restore) leaves its segment: removed here by the id in postmaster.pid."""
+    if task.running():
         os.kill(task.pid, signal.SIGINT)
-    except ProcessLookupError:
-        return
-    wait_for(lambda: not task.running(), timeout=30, what="the postmaster to shut down")
+        wait_for(lambda: not task.running(), timeout=30, what="the postmaster to shut down")
+    try:
+        lines = (h.path("pgdata") / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return                          # removed by the shutdown: nothing left
+    if len(lines) >= 7 and len(lines[6].split()) == 2:
+        subprocess.run(["ipcrm", "-m", lines[6].split()[1]], capture_output=True)
 
 
 class Postgres:

@@ -240,7 +240,7 @@ def test_postgres_keeps_rows_a_connected_client_and_forks_new_backends(h):
         finally:
             db.close()
     finally:
-        stop_postgres(master)
+        stop_postgres(h, master)
 
 
 # ---------------------------------------------------------------- Node.js
