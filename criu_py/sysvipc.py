@@ -3,8 +3,9 @@
 # a namespace shared with the rest of the system, what a user of it expects is this:
 # - a segment the tree has attached is the tree's state: its id, key, owner, mode, size
 #   and contents go into ipcns-shm-N.img (upstream's ipc_shm_entry + the contents), and
-#   every attachment is a VMA (status VMA_AREA_SYSVIPC, shmid = the segment id) that the
-#   restorer attaches again at its address with shmat(SHM_REMAP);
+#   every attachment is a VMA (status VMA_ANON_SHARED | VMA_AREA_SYSVIPC, shmid = the
+#   segment id, as upstream encodes it) that the restorer attaches again at its
+#   address with shmat(SHM_REMAP);
 # - on restore a segment that still exists with the same id, key and size (a dump
 #   without --leave-running does not remove segments: they outlive their users) is the
 #   same segment and is attached as it is, its contents untouched, since other
@@ -181,8 +182,9 @@ def plan_vma(ctx, plan) -> None:
                           f"{v.start:#x}: not supported")
     if row["perms"] & SHM_HUGETLB:
         raise Unsupported(f"pid {ctx.pid}: hugetlb SysV segment {shmid}: not supported")
-    e.status = M.VMA_AREA_REGULAR | M.VMA_AREA_SYSVIPC
-    e.flags = M.MAP_SHARED
+    # as upstream writes it: shared anonymous memory that is a SysV attachment
+    e.status = M.VMA_AREA_REGULAR | M.VMA_ANON_SHARED | M.VMA_AREA_SYSVIPC
+    e.flags = M.MAP_SHARED | M.MAP_ANONYMOUS
     e.shmid = shmid
     e.pgoff = 0
     if shmid not in dump.sysv.segments:

@@ -24,6 +24,19 @@ def maps_of(pid: int) -> list:
         return sorted(" ".join(line.split()[:2] + line.split()[5:]) for line in f if "/SYSV" in line)
 
 
+def sysv_vmas(images, pid: int) -> set:
+    """The segment ids of the SysV VMAs of mm-PID.img, each encoded as upstream encodes
+    one (shared anonymous memory with the SYSVIPC bit, MAP_SHARED | MAP_ANONYMOUS)."""
+    from criu_py import mem as M
+    from criu_py.images import ImageDir
+    with ImageDir(images) as d:
+        vmas = [v for v in d.read_one(f"mm-{pid}.img").vmas if v.status & M.VMA_AREA_SYSVIPC]
+    for v in vmas:
+        assert v.status == M.VMA_AREA_REGULAR | M.VMA_ANON_SHARED | M.VMA_AREA_SYSVIPC
+        assert v.flags == M.MAP_SHARED | M.MAP_ANONYMOUS
+    return {v.shmid for v in vmas}
+
+
 def test_sysv_shm_segments(h):
     key = random.randrange(0x10000000, 0x7FFFFFFF)
     task = h.start("sysvshm", hex(key), ready=r"ready .*")
@@ -35,6 +48,8 @@ def test_sysv_shm_segments(h):
         maps = {p: maps_of(p) for p in (pid, child)}
         assert len(maps[pid]) == 2 and maps[pid] == maps[child]
         images = h.dump(task)
+        if not h.no_cr:
+            assert sysv_vmas(images, pid) == {ida, idb}
         seg = segments()
         assert ida not in seg and idb in seg, "A ends with the tree, B outlives it"
         restored = h.restore(images, task=task)
