@@ -264,7 +264,8 @@ def start_postgres(h, port: int) -> Task:
     assert res.returncode == 0, res.stderr
     argv = [bindir / "postgres", "-D", data, "-p", port, "-k", data,
             "-c", "listen_addresses=127.0.0.1", "-c", "shared_buffers=16MB",
-            "-c", "max_connections=10", "-c", "fsync=off"]
+            "-c", "max_connections=10", "-c", "fsync=off",
+            "-c", "autovacuum=off"]         # no worker coming and going during a test
     task = start_server(h, [str(a) for a in argv], str(data), "postgres.log", cwd=data,
                         **as_postgres)
     wait_port(port)
