@@ -66,10 +66,23 @@ def cross(h, task, direction):
 DIRECTIONS = ["upstream-to-criu-py", "criu-py-to-upstream"]
 
 
+def vdso_maps(pid: int) -> list[str]:
+    """The vdso and vvar areas of a process, as /proc/PID/maps shows them."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [" ".join(line.split()[::5]) for line in f
+                if line.rstrip().endswith(("[vdso]", "[vvar]", "[vvar_vclock]"))]
+
+
 @pytest.mark.parametrize("direction", DIRECTIONS)
 def test_counter(h, direction):
+    """The count goes on, and the vdso and vvar are back where they were (a restore that
+    takes the dumped vdso for another kernel's moves the live one elsewhere and leaves
+    a patched copy at the old address, upstream's "vdso proxy")."""
     task = h.start("counter", ready=r"\d+ 5")
+    before = vdso_maps(task.pid)
+    assert any("[vdso]" in m for m in before)
     restored = cross(h, task, direction)
+    assert vdso_maps(task.pid) == before
     dumped = int(task.log.lines()[-1].split()[1])
     task.log.wait(rf"{task.pid} {dumped + 3}")
     rows = [int(line.split()[1]) for line in task.log.lines()]
