@@ -403,11 +403,12 @@ class Harness:
 
     # -- workloads
     def start(self, workload: str, *args, log_name: str | None = None, ready: str | None = r"ready .*",
-              python: bool | str = False) -> Task:
+              python: bool | str = False, cwd: Path | None = None) -> Task:
         """Start a workload in its own session with stdio on /dev/null; its log path is
         its first argument. Waits for a line matching `ready` (None: do not wait).
         python=True runs tests/workloads/WORKLOAD.py with this venv's interpreter, a
-        path runs it with that interpreter."""
+        path runs it with that interpreter. cwd: its working directory (else the test's
+        dir)."""
         self._n += 1
         log = Log(self.dir / (log_name or f"{workload}-{self._n}.log"))
         if python:
@@ -417,7 +418,7 @@ class Harness:
             argv = [str(self.bins[workload]), str(log.path), *map(str, args)]
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True,
-                                 close_fds=True, cwd=self.dir)
+                                 close_fds=True, cwd=cwd or self.dir)
         task = Task(popen.pid, str(log.path), log, popen)
         self.tasks.append(task)
         if ready is not None:

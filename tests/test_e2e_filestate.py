@@ -3,7 +3,8 @@
 # privately, a file renamed since it was opened, and file locks (flock, POSIX, OFD)
 # that still keep another process out after restore. Refusals: a locked file without
 # --file-locks, a deleted file over --ghost-limit; a file whose size or mode changed
-# since the dump fails the restore in one line.
+# since the dump fails the restore in one line. A working directory removed with its
+# parent comes back as the task's cwd, deleted again.
 import fcntl
 import os
 import signal
@@ -135,6 +136,30 @@ def test_deleted_file_whose_name_was_taken_again(h):
     links = [os.readlink(f"/proc/{task.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{task.pid}/fd")]
     assert [link for link in links if link.startswith(str(workdir / "gone.cr."))
             and link.endswith(".ghost (deleted)")], links
+
+
+def test_deleted_cwd_comes_back_deleted(h):
+    """A process whose working directory was removed, with the directory above it, after
+    it went there (a shell left in a build dir that `rm -rf` took): its cwd is a ghost
+    directory. The restore makes both directories again, the task gets a new one as its
+    cwd, with the mode the old one had, and both are removed again."""
+    base = h.path("build")
+    cwd = base / "sub"
+    cwd.mkdir(parents=True)
+    cwd.chmod(0o750)
+    task = h.start("counter", ready=r"\d+ 3", cwd=cwd)
+    before = os.stat(f"/proc/{task.pid}/cwd")
+    cwd.rmdir()
+    base.rmdir()
+    assert os.readlink(f"/proc/{task.pid}/cwd") == f"{cwd} (deleted)"
+    images = h.dump(task)
+    restored = h.restore(images, task=task)
+    assert os.readlink(f"/proc/{task.pid}/cwd") == f"{cwd} (deleted)"
+    after = os.stat(f"/proc/{task.pid}/cwd")
+    assert after.st_mode == before.st_mode and after.st_nlink == 0
+    assert not base.exists(), "the recreated directories must go again"
+    task.log.wait(rf"{task.pid} \d+", count=len(task.log) + 2)
+    assert restored.running()
 
 
 def test_bad_ghost_limit_is_one_line(h):

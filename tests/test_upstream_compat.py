@@ -211,6 +211,21 @@ def test_fifo_ghost_and_locks(h, direction):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
+def test_deleted_cwd(h, direction):
+    """A working directory removed after the task went there: a ghost directory either
+    tool makes again for the other's restore, and removes again."""
+    cwd = h.path("gone")
+    cwd.mkdir()
+    task = h.start("counter", ready=r"\d+ 3", cwd=cwd)
+    cwd.rmdir()
+    restored = cross(h, task, direction)
+    assert os.readlink(f"/proc/{task.pid}/cwd") == f"{cwd} (deleted)"
+    assert not cwd.exists()
+    task.log.wait(rf"{task.pid} \d+", count=len(task.log) + 2)
+    assert restored.running()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_asyncio_epoll_loop(h, direction, tmp_path):
     # epoll watching the self-pipe and signal delivery through it; upstream's images
     # name epoll targets by fd number only, criu-py's also by files.img id

@@ -501,7 +501,7 @@ def plan_files(ctx) -> None:
     from criu_py.dump.context import FdPlan
     from criu_py.files import FILE_KINDS, O_CLOEXEC, FdRef, classify
     from criu_py.files.locks import note_locks
-    from criu_py.files.regular import path_entry_id
+    from criu_py.files.regular import mapped_file_id
     tables = {}
     for pd in ctx.procs:
         if pd.proc.kobj["files"] in tables:
@@ -545,9 +545,11 @@ def plan_files(ctx) -> None:
     for pd in ctx.procs:
         for name in ("cwd", "root"):
             path = proc.read_link(pd.pid, name)
-            if path.endswith(" (deleted)"):
-                raise Unsupported(f"pid {pd.pid}: its {name} {path} was deleted")
-            fid = path_entry_id(pd.files, path, os.stat(f"/proc/{pd.pid}/{name}"))
+            if name == "root" and path.endswith(" (deleted)"):
+                raise Unsupported(f"pid {pd.pid}: its root {path} was deleted")
+            # a deleted cwd (a shell left in a dir `rm -rf` took) is a ghost directory
+            fid = mapped_file_id(pd, path, os.stat(f"/proc/{pd.pid}/{name}"), os.O_RDONLY,
+                                 f"/proc/{pd.pid}/{name}", f"pid {pd.pid}: its {name}")
             setattr(pd, f"{name}_id", fid)
     check_terminals(ctx)
 

@@ -3,11 +3,15 @@
 # ghost_file_entry with owner, mode, times and size, then the bytes: raw for small
 # files, as (offset, length) chunks of the allocated ranges for files of 12 KiB and
 # more, as upstream writes them) and remap-fpath.img maps the files.img REG entry to it.
-# --ghost-limit caps the allocated size of each one (default 1 MiB, as CRIU).
+# --ghost-limit caps the allocated size of each one (default 1 MiB, as CRIU). A deleted
+# directory that is a task's cwd (a shell left in a dir `rm -rf` took) is a ghost too:
+# an entry with its owner, mode and times, no contents.
 # Restore: the restore command recreates each ghost before the tree is forked, at its
 # old path when that is free (else beside it, as PATH.cr.ID.ghost), with its owner,
-# mode, contents and times; the tasks open and map it like any file, and once every
-# task has done so the name is removed again, so the files are unlinked once more.
+# mode, contents and times (a directory with the missing directories above it, as
+# upstream does); the tasks open and map it like any file, and once every task has done
+# so the name is removed again, so the files are unlinked once more (directories once
+# every task has made its cwd: restore.remove_ghosts).
 import os
 import struct
 
@@ -53,7 +57,7 @@ def note(ctx, fid: int, link: str, st: os.stat_result, open_path: str, what: str
     if st.st_nlink:
         raise Unsupported(f"{what}: {link} was removed but the file has other names: not "
                           f"supported")
-    if not stat.S_ISREG(st.st_mode):
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise Unsupported(f"{what}: deleted {link} is not a regular file: not supported")
     limit = dump.opts.get("ghost_limit")
     limit = DEFAULT_LIMIT if limit is None else parse_size(limit)
@@ -99,6 +103,7 @@ def _read_at(fd: int, off: int, n: int) -> bytes:
 
 def write_images(dump) -> None:
     """ghost-file-ID.img for every ghost, remap-fpath.img for the entries using them."""
+    import stat
     from criu_py.errors import from_oserror
     from criu_py.images.pb import ghost_file_pb2, remap_file_path_pb2
     for g in dump.ghosts.values():
@@ -108,6 +113,10 @@ def write_images(dump) -> None:
         e.dev, e.ino = st.st_dev, st.st_ino
         e.atim.tv_sec, e.atim.tv_usec = int(st.st_atime), st.st_atime_ns // 1000 % 1_000_000
         e.mtim.tv_sec, e.mtim.tv_usec = int(st.st_mtime), st.st_mtime_ns // 1000 % 1_000_000
+        if stat.S_ISDIR(st.st_mode):
+            dump.images.write_entries_with_payload(f"ghost-file-{g.id:x}.img", [(e, b"")])
+            log.info("ghost directory %d: %s", g.id, g.path)
+            continue
         try:
             fd = os.open(g.open_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -185,13 +194,17 @@ def read_ghost(images, gid: int):
     return e, parts
 
 
-def create(images, gid: int, path: str) -> str:
-    """Recreate ghost `gid` (deleted file `path`): at path if free, else beside it.
-    Returns where it was made."""
+def create(images, gid: int, path: str) -> list[str]:
+    """Recreate ghost `gid` (deleted file or directory `path`): at path if free, else
+    beside it. Returns what was made, to be removed in reverse order, the ghost last (a
+    directory: with the missing directories above it)."""
+    import stat
     e, parts = read_ghost(images, gid)
     where = path
     if os.path.lexists(where):
         where = f"{path}.cr.{gid:x}.ghost"
+    if stat.S_ISDIR(e.mode):
+        return _create_dir(e, gid, path, where)
     try:
         fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -216,4 +229,37 @@ def create(images, gid: int, path: str) -> str:
         raise RestoreError(f"cannot recreate the deleted file {path}: {exc.strerror}") from None
     os.close(fd)
     log.info("ghost file %d recreated at %s", gid, where)
-    return where
+    return [where]
+
+
+def _create_dir(e, gid: int, path: str, where: str) -> list[str]:
+    made = []
+    missing, up = [], os.path.dirname(where)
+    while up and up != "/" and not os.path.lexists(up):
+        missing.append(up)
+        up = os.path.dirname(up)
+    try:
+        for d in reversed(missing):
+            os.mkdir(d, 0o700)
+            made.append(d)
+        os.mkdir(where, 0o700)
+        made.append(where)
+        fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, e.uid, e.gid)
+            os.fchmod(fd, e.mode & 0o7777)
+            if e.HasField("mtim"):
+                os.utime(fd, ns=(e.atim.tv_sec * 10**9 + e.atim.tv_usec * 1000,
+                                 e.mtim.tv_sec * 10**9 + e.mtim.tv_usec * 1000))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        for d in reversed(made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        raise RestoreError(f"cannot recreate the deleted directory {path} at {where}: "
+                           f"{exc.strerror}") from None
+    log.info("ghost directory %d recreated at %s", gid, where)
+    return made

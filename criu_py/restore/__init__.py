@@ -48,6 +48,7 @@ class Restore:
         self.posix_locks = {}         # pid -> POSIX lock entries its restorer takes
         self.caller_tty = -1          # parked: our stdin when it is a terminal (--shell-job)
         self.ghosts = []              # paths of the deleted files recreated for the restore
+        self.ghost_dirs = []          # and of the directories, in the order made
         self.sysv = None              # criu_py.sysvipc.Segments
         self.lazy_dir = None          # restore --lazy-pages: the daemon's work dir (absolute)
         self.pages_check = None       # integrity.PagesCheck: the pages files, in a thread
@@ -377,15 +378,21 @@ def unlock_network(rs: Restore) -> None:
 
 def make_ghosts(rs: Restore) -> None:
     """Deleted files come back under their old name for as long as the tasks open and
-    map them (removed again once every task has: remove_ghosts)."""
+    map them, deleted directories for as long as the tasks make them their cwd (removed
+    again once every task has: remove_ghosts)."""
+    import stat
     from criu_py.files import ghost
     tree = rs.tree
     names = {}
     for fid, gid in tree.remaps.items():
         names.setdefault(gid, tree.path(fid, "a deleted file"))
     for gid, name in sorted(names.items()):
-        tree.ghost_paths[gid] = ghost.create(tree.images, gid, name)
-        rs.ghosts.append(tree.ghost_paths[gid])
+        made = ghost.create(tree.images, gid, name)
+        tree.ghost_paths[gid] = made[-1]
+        if stat.S_ISDIR(os.lstat(made[-1]).st_mode):
+            rs.ghost_dirs += made           # a cwd: the tasks go there in stage RESTORE
+        else:
+            rs.ghosts += made
     for t in rs.plan.alive:
         for mf in t.img.memory.files.values():
             if mf.path is not None and mf.file_id in tree.remaps:
@@ -403,13 +410,23 @@ def make_sysv_segments(rs: Restore, stack) -> None:
     rs.sysv.prepare()
 
 
-def remove_ghosts(rs: Restore) -> None:
+def remove_ghosts(rs: Restore, dirs: bool = True) -> None:
+    """The recreated deleted files go (after stage PREPARE: every task has opened and
+    mapped them), and with dirs the recreated directories (after stage RESTORE: every
+    task has its cwd); all of them when the restore fails."""
     for path in rs.ghosts:
         try:
             os.unlink(path)
         except OSError:
             pass
     rs.ghosts = []
+    if dirs:
+        for path in reversed(rs.ghost_dirs):
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+        rs.ghost_dirs = []
 
 
 # ------------------------------------------------------------------ set-up
@@ -549,11 +566,12 @@ def run_stages(rs: Restore) -> None:
         if _KILL_AFTER_STAGE == stage:
             os.kill(os.getpid(), signal.SIGKILL)     # test hook (see _KILL_AFTER_STAGE)
         if stage == S.STAGE_PREPARE:
-            remove_ghosts(rs)           # every task has opened and mapped them
+            remove_ghosts(rs, dirs=False)   # every task has opened and mapped them
         elif stage == S.STAGE_FILES:
             unlock_network(rs)          # every connection exists (in repair mode until RESTORE)
         elif stage == S.STAGE_RESTORE:
             rs.sysv.attached()          # every segment is attached where it was
+            remove_ghosts(rs)           # every task has its cwd
     read_status(rs)
     place_threads_in_cgroups(rs)
 
