@@ -4,7 +4,8 @@
 # that still keep another process out after restore. Refusals: a locked file without
 # --file-locks, a deleted file over --ghost-limit; a file whose size or mode changed
 # since the dump fails the restore in one line. A working directory removed with its
-# parent comes back as the task's cwd, deleted again.
+# parent comes back as the task's cwd, and a directory held open as its fd, deleted
+# again.
 import fcntl
 import os
 import signal
@@ -159,6 +160,26 @@ def test_deleted_cwd_comes_back_deleted(h):
     assert after.st_mode == before.st_mode and after.st_nlink == 0
     assert not base.exists(), "the recreated directories must go again"
     task.log.wait(rf"{task.pid} \d+", count=len(task.log) + 2)
+    assert restored.running()
+
+
+def test_deleted_directory_held_open(h):
+    """An fd on a directory removed since it was opened: a ghost directory too; the
+    restored fd names a deleted directory with the old one's mode."""
+    held = h.path("held")
+    held.mkdir(mode=0o710)
+    held.chmod(0o710)
+    task = h.start("dirholder", held, python=True)
+    held.rmdir()
+    pattern = rf"tick {task.pid} (\d+) (.*) (\d+) (\d+)"
+    task.log.wait(pattern, count=len(task.log.matches(pattern)) + 1)
+    images = h.dump(task)
+    n = int(task.log.matches(pattern)[-1].group(1))
+    restored = h.restore(images, task=task)
+    m = task.log.wait(pattern, count=len(task.log.matches(pattern)) + 2)
+    assert int(m.group(1)) > n
+    assert m.group(2, 3, 4) == (f"{held} (deleted)", "40710", "0"), m.group(0)
+    assert not held.exists()
     assert restored.running()
 
 

@@ -95,7 +95,8 @@ class RegularFileOps(FileOps):
         """The files.img id of this fd's open file (dup'ed fds share one)."""
         from criu_py.files import ghost
         key = ("fd", ctx.file_description_key(ref))
-        deleted = ghost.is_deleted(ref.link, ref.st) and stat.S_ISREG(ref.st.st_mode)
+        deleted = ghost.is_deleted(ref.link, ref.st) and \
+            (stat.S_ISREG(ref.st.st_mode) or stat.S_ISDIR(ref.st.st_mode))
         path = ghost.live_path(ref.link) if deleted else ref.link
         fid = add_reg_entry(ctx.files, key, path, ref.flags, ref.pos, ref.st,
                             f"/proc/{ref.pid}/fd/{ref.fd}")
