@@ -4,14 +4,14 @@
 # files, as (offset, length) chunks of the allocated ranges for files of 12 KiB and
 # more, as upstream writes them) and remap-fpath.img maps the files.img REG entry to it.
 # --ghost-limit caps the allocated size of each one (default 1 MiB, as CRIU). A deleted
-# directory that is a task's cwd (a shell left in a dir `rm -rf` took) is a ghost too:
-# an entry with its owner, mode and times, no contents.
+# directory a task holds open or has as its cwd (a shell left in a dir `rm -rf` took)
+# is a ghost too: an entry with its owner, mode and times, no contents.
 # Restore: the restore command recreates each ghost before the tree is forked, at its
 # old path when that is free (else beside it, as PATH.cr.ID.ghost), with its owner,
 # mode, contents and times (a directory with the missing directories above it, as
 # upstream does); the tasks open and map it like any file, and once every task has done
-# so the name is removed again, so the files are unlinked once more (directories once
-# every task has made its cwd: restore.remove_ghosts).
+# so the name is removed again, so the files are unlinked once more (directories, and
+# the ones made above them, once every task has made its cwd: restore.remove_ghosts).
 import os
 import struct
 
@@ -233,6 +233,8 @@ def create(images, gid: int, path: str) -> list[str]:
 
 
 def _create_dir(e, gid: int, path: str, where: str) -> list[str]:
+    """mkdir -p of a ghost directory (owner, mode and times of the deleted one); on a
+    failure nothing made is left."""
     made = []
     missing, up = [], os.path.dirname(where)
     while up and up != "/" and not os.path.lexists(up):
