@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import proc_is_running, proc_status, wait_for
+from conftest import Task, proc_is_running, proc_status, wait_for
 
 
 def maps_of(pid: int) -> list[tuple]:
@@ -106,7 +106,6 @@ def test_restore_right_after_the_dump_waits_for_the_pid_to_be_reaped(h):
     """`dump && restore`: the killed task's zombie holds its PID until its parent reaps
     it (an orphan's waits for init, about a second here). The restore waits for that;
     a zombie nobody reaps is named after PID_RELEASE_WAIT (5 s) and nothing is made."""
-    from conftest import Task
     task = h.start("counter", ready=r"\d+ 3")
     images = h.images_dir()
     res = h.cli("dump", "-t", task.pid, "-D", images)
