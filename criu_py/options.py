@@ -115,6 +115,10 @@ DUMP_TREE = [
         help="Dump file locks (flock, POSIX, OFD); without it a locked file is refused."),
     Opt(("--ghost-limit",), "ghost_limit", metavar="SIZE",
         help="Largest deleted file to dump as a ghost file (default 1M; K, M, G suffixes)."),
+    Opt(("--link-remap",), "link_remap", "flag",
+        help="Accepted for CRIU's sake: a deleted file is always dumped as a ghost file "
+             "(its contents in the images, up to --ghost-limit), never linked back into "
+             "the file system."),
 ]
 
 PAGE_SERVER_ADDR = [

@@ -45,11 +45,11 @@ def test_plain_dump_does_not_load_click(tmp_path):
 def test_plain_parser_reads_crius_spellings():
     cmd, o = parse_plain(normalize_verbosity(
         ["dump", "-t123", "-D", "/tmp/x", "-vv", "--leave-running", "-o", "d.log",
-         "--kdat-path=none", "-j"]))
+         "--kdat-path=none", "-j", "--link-remap"]))
     assert cmd == "dump"
     assert (o["pid"], o["images_dir"], o["verbosity"], o["leave_running"], o["log_file"],
-            o["kdat_path"], o["shell_job"], o["work_dir"]) == (123, "/tmp/x", 4, True, "d.log",
-                                                               "none", True, None)
+            o["kdat_path"], o["shell_job"], o["work_dir"], o["link_remap"]) == \
+        (123, "/tmp/x", 4, True, "d.log", "none", True, None, True)
     cmd, o = parse_plain(["restore", "-D", "d", "-d", "--pidfile", "p", "-v0", "-W", "w"])
     assert cmd == "restore"
     assert (o["images_dir"], o["detach"], o["pidfile"], o["verbosity"], o["work_dir"],
