@@ -5,7 +5,6 @@
 # goes on printing. --shell-job: a job of a shell on a terminal is restored onto the
 # terminal of the restoring command, as CRIU does.
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import Log, Task, assert_one_line_error, descendants, dumped_pids, wait_for
+from conftest import Log, Task, assert_one_line_error, descendants, dumped_pids
 
 GOT = r"got {pid} ping (\d+) rows=(\d+) cols=(\d+) echo=(\d) fg=(\d)"
 

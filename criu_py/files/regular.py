@@ -112,7 +112,6 @@ class RegularFileOps(FileOps):
     def restore_fd(self, ctx, entry, fdinfo) -> int:
         """Reopen the file by path with its flags (never creating or truncating it) and
         put the position back; returns the new fd (the caller moves it into place)."""
-        from criu_py.images import get_str
         r = entry.reg
         name = ctx.tree.reg_path(entry.id)
         flags = (r.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | O_CLOEXEC)) | O_CLOEXEC
