@@ -79,21 +79,25 @@ def no_lock_left(request):
     new = set(lock_state().splitlines()) - before
     if not new or h is None:
         return
-    tables, ports = locks_of_dumps(h.dir)
-    for line in new:
-        if line.startswith("table inet CRIU-") and " ".join(line.split()[1:3]) in tables:
+    for line in _owned(new, h.dir):
+        if line.startswith("table "):
             subprocess.run(["nft", "delete"] + line.split()[:3], capture_output=True)
-        elif line.startswith("-A ") and _rule_ports(line) in ports:
+        else:
             for cmd in ("iptables", "ip6tables"):
                 subprocess.run([cmd, "-w", "-D"] + line.split()[1:], capture_output=True)
 
 
 def our_locks(h) -> list[str]:
-    """The lines of lock_state() that belong to the dumps in the test's dir: the tables
-    named after their run ids, the iptables rules of their connections. Tests check
+    """The lines of lock_state() that belong to the dumps in the test's dir. Tests check
     these, never the machine's whole state: another test session may hold a lock."""
-    tables, ports = locks_of_dumps(h.dir)
-    return [line for line in lock_state().splitlines()
+    return _owned(lock_state().splitlines(), h.dir)
+
+
+def _owned(lines, top) -> list[str]:
+    """Of lock_state() lines, those of the dumps under `top`: the tables named after
+    their run ids, the iptables rules of their connections."""
+    tables, ports = locks_of_dumps(top)
+    return [line for line in lines
             if (line.startswith("table inet CRIU-") and " ".join(line.split()[1:3]) in tables)
             or (line.startswith("-A ") and _rule_ports(line) in ports)]
 

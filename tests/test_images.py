@@ -2,20 +2,19 @@
 # read by Debian's crit (an independent implementation), and every kind of damage is one ImageError
 # naming the file.
 import json
-import re
 import os
+import re
 import stat
 import struct
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 import criu_py.images as img
 from criu_py.errors import ImageError
 
-from conftest import FIXTURES  # noqa: E402
+from conftest import FIXTURES, REPO  # noqa: E402
 CRIT = "/usr/bin/crit"
 
 
@@ -412,7 +411,7 @@ def test_protobuf_descriptor_pb2_and_well_known_types_not_loaded():
 def test_image_protos_use_no_well_known_type():
     """criu_py/images/pb gives upb no well-known-type mixins: that holds while no image
     proto imports a google/protobuf file but descriptor.proto (for opts.proto)."""
-    imports = {m for path in (Path(__file__).resolve().parent.parent / "proto").glob("*.proto")
+    imports = {m for path in (REPO / "proto").glob("*.proto")
                for m in re.findall(r'^import\s+"(google/protobuf/[^"]+)"', path.read_text(), re.M)}
     assert imports <= {"google/protobuf/descriptor.proto"}, imports
 

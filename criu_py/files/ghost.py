@@ -256,12 +256,17 @@ def _create_dir(e, gid: int, path: str, where: str) -> list[str]:
         finally:
             os.close(fd)
     except OSError as exc:
-        for d in reversed(made):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        remove_dirs(made)
         raise RestoreError(f"cannot recreate the deleted directory {path} at {where}: "
                            f"{exc.strerror}") from None
     log.info("ghost directory %d recreated at %s", gid, where)
     return made
+
+
+def remove_dirs(made: list[str]) -> None:
+    """Remove directories _create_dir made, deepest first (what fails stays)."""
+    for d in reversed(made):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass

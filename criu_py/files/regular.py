@@ -68,7 +68,8 @@ def path_entry_id(table: FileTable, path: str, st: os.stat_result | None = None,
 
 def mapped_file_id(ctx, link: str, st: os.stat_result, flags: int, open_path: str,
                    what: str) -> int:
-    """path_entry_id for a file the task maps or runs (its exe): a deleted one is a ghost."""
+    """path_entry_id for a file the task maps, runs (its exe) or works in (its cwd): a
+    deleted one is a ghost."""
     from criu_py.files import ghost
     deleted = ghost.is_deleted(link, st)
     fid = path_entry_id(ctx.files, ghost.live_path(link) if deleted else link, st, flags,

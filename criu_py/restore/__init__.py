@@ -421,11 +421,8 @@ def remove_ghosts(rs: Restore, dirs: bool = True) -> None:
             pass
     rs.ghosts = []
     if dirs:
-        for path in reversed(rs.ghost_dirs):
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
+        from criu_py.files.ghost import remove_dirs
+        remove_dirs(rs.ghost_dirs)
         rs.ghost_dirs = []
 
 
