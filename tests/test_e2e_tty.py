@@ -44,10 +44,13 @@ def test_program_in_a_pty(h):
 def test_script_with_a_bash_loop(h):
     out = h.path("script.out")
     # bash forks `date` and `sleep` in turn: the tree is whatever the dump froze, and
-    # it is compared right after the restore, well before the 2 s sleep can end
+    # it is compared right after the restore, well before the 2 s sleep can end. script
+    # runs its command with $SHELL -c (/bin/sh when unset, as under CI, and dash keeps
+    # itself between script and bash); SHELL=/bin/bash execs the loop's bash in its place
     cmd = ["script", "-qfc", 'bash -c "while :; do date +%s; sleep 2; done"', "/dev/null"]
     with open(out, "ab") as f:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+                             env=dict(os.environ, SHELL="/bin/bash"),
                              start_new_session=True, close_fds=True, cwd=h.dir)
     task = Task(p.pid, "script -qfc", Log(out), p)
     h.tasks.append(task)
