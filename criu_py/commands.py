@@ -76,6 +76,8 @@ def dump_action(opts: dict) -> int:
         raise CriuError("missing option -t/--tree PID")
     from criu_py.dump import dump_tasks
     opts["kdat"] = kerndat.load(opts["kdat_path"])
+    if opts.get("leave_stopped"):
+        opts["leave_running"] = True  # the tasks live on, each with a SIGSTOP (finish_tree)
     return dump_tasks(opts)
 
 

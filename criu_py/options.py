@@ -135,6 +135,9 @@ COMMANDS = {
     "dump": DUMP_TREE + [
         Opt(("-R", "--leave-running"), "leave_running", "flag",
             help="Let the tasks run on after the dump."),
+        Opt(("-s", "--leave-stopped"), "leave_stopped", "flag",
+            help="Leave the tasks stopped (SIGSTOP) after the dump instead of killing them; "
+                 "SIGCONT lets them go on."),
         Opt(("--page-server",), "page_server", "flag",
             help="Send the memory pages to the page server at --address/--port instead "
                  "of writing them into -D."),
@@ -150,6 +153,10 @@ COMMANDS = {
     "restore": [
         Opt(("-d", "--restore-detached"), "detach", "flag",
             help="Return once the tasks run instead of waiting for the root task."),
+        Opt(("-s", "--leave-stopped"), "leave_stopped", "flag",
+            help="Leave every restored task stopped (SIGSTOP) before it runs any of its "
+                 "code; SIGCONT lets it go on. Tasks dumped stopped come back stopped "
+                 "anyway."),
         Opt(("--pidfile",), "pidfile", "file",
             help="Write the restored root task's PID to this file."),
         Opt(("--shell-job", "-j"), "shell_job", "flag",

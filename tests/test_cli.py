@@ -50,10 +50,11 @@ def test_plain_parser_reads_crius_spellings():
     assert (o["pid"], o["images_dir"], o["verbosity"], o["leave_running"], o["log_file"],
             o["kdat_path"], o["shell_job"], o["work_dir"], o["link_remap"]) == \
         (123, "/tmp/x", 4, True, "d.log", "none", True, None, True)
-    cmd, o = parse_plain(["restore", "-D", "d", "-d", "--pidfile", "p", "-v0", "-W", "w"])
+    assert parse_plain(["dump", "-t", "1", "-s"])[1]["leave_stopped"] is True
+    cmd, o = parse_plain(["restore", "-D", "d", "-d", "--pidfile", "p", "-v0", "-W", "w", "-s"])
     assert cmd == "restore"
     assert (o["images_dir"], o["detach"], o["pidfile"], o["verbosity"], o["work_dir"],
-            o["shell_job"]) == ("d", True, "p", 0, "w", False)
+            o["shell_job"], o["leave_stopped"]) == ("d", True, "p", 0, "w", False, True)
 
 
 @pytest.mark.parametrize("argv", [

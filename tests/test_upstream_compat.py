@@ -91,6 +91,19 @@ def test_counter(h, direction):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
+def test_stopped_counter(h, direction):
+    """A task dumped in a group stop (task_state 3, stop_signo) comes back stopped and
+    counts on after a SIGCONT."""
+    from test_e2e_stopped import assert_goes_on, assert_stays_stopped, count, stop
+    task = h.start("counter", ready=r"\d+ 5")
+    stop(task.pid)
+    last = count(task)
+    cross(h, task, direction)
+    assert_stays_stopped(task.pid, task.log)
+    assert_goes_on(task, last)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_threads(h, direction):
     task = h.start("threads", ready=r"tids .*")
     tids = [int(x) for x in task.log.lines()[0].split()[2:]]

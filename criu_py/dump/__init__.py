@@ -175,8 +175,6 @@ def check_target(pid: int) -> None:
         raise Unsupported(f"pid {pid} is a thread of {status.tgid}: dump the process")
     if status.state == "Z":
         raise NoSuchProcess(f"pid {pid} is a zombie")
-    if status.state in ("T", "t") and status.tracer_pid == 0:
-        raise Unsupported(f"pid {pid} is stopped: stopped tasks are not supported")
     if status.tracer_pid:
         raise AccessDenied(f"pid {pid} is already traced by pid {status.tracer_pid}")
     st = proc.read_stat(pid)
@@ -839,8 +837,9 @@ def finish_tree(ctx) -> None:
     if ctx.opts.get("leave_running"):
         if ctx.sockets is not None:
             ctx.sockets.rollback()
-        ctx.tree.release()
-        log.info("the tree of %d left running", ctx.pid)
+        stop = bool(ctx.opts.get("leave_stopped"))
+        ctx.tree.release(stop=stop)
+        log.info("the tree of %d left %s", ctx.pid, "stopped" if stop else "running")
     else:
         ctx.tree.kill_all()
         if ctx.sockets is not None:

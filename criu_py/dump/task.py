@@ -33,7 +33,7 @@ def _caps(value: int) -> list[int]:
 
 
 SIGKILL, SIGSTOP = 9, 19
-TASK_DEAD = 2
+TASK_DEAD, TASK_STOPPED = 2, 3
 
 
 def build_core(proc, thread):
@@ -118,6 +118,9 @@ def _fill_task_core(tc, proc) -> None:
     st: Stat = proc.stat
     par = proc.parasite
     tc.task_state = TASK_ALIVE
+    if proc.proc.stop_signo:
+        tc.task_state = TASK_STOPPED
+        tc.stop_signo = proc.proc.stop_signo
     tc.exit_code = 0
     tc.personality = proc.personality
     tc.flags = st.flags

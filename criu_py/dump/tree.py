@@ -2,7 +2,10 @@
 # recursively) and every thread of each, all stopped with PTRACE_SEIZE + PTRACE_INTERRUPT.
 # Tasks keep forking and starting threads until they are stopped, so the walk is
 # repeated until a pass finds nothing new (as CRIU does); a thread that exits meanwhile
-# is dropped, not an error. Zombies are recorded but not seized. Which processes share
+# is dropped, not an error. Zombies are recorded but not seized. A process in a group
+# stop (SIGSTOP, or Ctrl-Z's SIGTSTP) is seized like any other: its trap reports the stop
+# signal, so it is dumped as stopped, and a detach leaves it stopped (the kernel keeps a
+# group stop across ptrace). Which processes share
 # an mm, fd table, fs or signal handlers is found with kcmp(2) and numbered as CRIU's
 # kernel-object ids (from 2: id 1 is the dumping tool's own, inventory's root_ids).
 import os
@@ -19,6 +22,7 @@ FIRST_TASK_KOBJ_ID = 2
 MAX_PASSES = 64
 
 NR_VFORK, NR_CLONE, NR_CLONE3 = 58, 56, 435
+SIGTRAP, STOP_SIGNALS = 5, (19, 20, 21, 22)     # SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU
 CLONE_VM, CLONE_VFORK = 0x100, 0x4000
 
 
@@ -26,12 +30,14 @@ class Proc(Record):
     """One process of the tree. threads: tids in pstree order (the leader first);
     tracees: tid -> ptrace.Tracee of the stopped threads; zombie: exited, not reaped
     (exit_code: its wait status); kobj: kernel-object kind -> id (vm, files, fs, sighand);
-    vfork_child: pid of the child it waits for in vfork() (its leader cannot stop)."""
+    vfork_child: pid of the child it waits for in vfork() (its leader cannot stop);
+    stop_signo: the signal of the group stop it was in when seized, else 0."""
     _fields = ("pid", "ppid", "pgid", "sid", "threads", "tracees", "zombie", "exit_code",
-               "comm", "children", "kobj", "vfork_child")
+               "comm", "children", "kobj", "vfork_child", "stop_signo")
     zombie = False
     exit_code = 0
     vfork_child = 0
+    stop_signo = 0
 
     def __init__(self, *args, **kwargs):
         self.threads, self.tracees, self.children, self.kobj = [], {}, [], {}
@@ -83,6 +89,7 @@ class Tree:
             raise CriuError(f"the tree of {self.root} keeps changing: gave up freezing it "
                             f"after {MAX_PASSES} passes")
         self._check_leaders()
+        self._note_group_stops()
         self._order()
 
     def _add_process(self, pid: int, P) -> list:
@@ -99,8 +106,8 @@ class Tree:
                 raise NoSuchProcess(f"pid {pid} is a zombie")
             p.zombie, p.exit_code, p.threads = True, st.exit_code, [pid]
             return []
-        if st.state in ("T", "t"):
-            raise Unsupported(f"pid {pid} is stopped: stopped tasks are not supported")
+        if st.state == "t":
+            raise Unsupported(f"pid {pid} is stopped by a tracer (a debugger?)")
         if st.flags & 0x00200000:         # PF_KTHREAD
             raise Unsupported(f"pid {pid} is a kernel thread")
         return self._seize_new_threads(p, P)
@@ -201,6 +208,20 @@ class Tree:
                 raise Unsupported(f"pid {p.pid}: its main thread has exited while other "
                                   f"threads run: not supported")
 
+    def _note_group_stops(self) -> None:
+        """The trap a PTRACE_INTERRUPT brings reports SIGTRAP, or the stop signal when the
+        process is in a group stop (a pending SIGSTOP was delivered while it stopped)."""
+        for p in self.procs.values():
+            t = p.leader
+            if p.zombie or t is None or p.vfork_child:     # (a vfork parent stops later)
+                continue
+            signo = int.from_bytes(t.get_siginfo()[:4], "little")
+            if signo in STOP_SIGNALS:
+                p.stop_signo = signo
+                log.info("pid %d is stopped (signal %d): dumped as stopped", p.pid, signo)
+            elif signo != SIGTRAP:
+                log.debug("pid %d: its trap reports signal %d", p.pid, signo)
+
     def _drop(self, p: Proc) -> None:
         if p.pid == self.root:
             raise NoSuchProcess(f"pid {p.pid} exited while the tree was frozen")
@@ -287,9 +308,17 @@ class Tree:
                 tr.attached, tr.dead = False, True
         self.killed = True
 
-    def release(self) -> None:
-        """Detach every thread still traced (the tasks run on)."""
+    def release(self, stop: bool = False) -> None:
+        """Detach every thread still traced: the tasks run on, or go back into the group
+        stop they were in. With stop (dump --leave-stopped), each process gets a SIGSTOP
+        first, which it takes as it leaves the trace: it stops before running its code."""
+        import signal
         for p in self.procs.values():
+            if stop and not p.zombie and p.tracees:
+                try:
+                    os.kill(p.pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
             for t in p.tracees.values():
                 if not t.dead:
                     t.detach()

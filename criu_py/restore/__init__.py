@@ -672,11 +672,15 @@ def release_tree(rs: Restore) -> None:
     from criu_py.restore.sync import SYNC_SIZE
     from criu_py.restore.tracer import commit, finish_release, prepare_release, seize, wait_trap
     traced = [t for t in rs.plan.alive if rs.trap.get(t.pid)]
+    stopping = [t for t in rs.plan.alive if t.img.stopped or rs.opts.get("leave_stopped")]
     for t in traced:
         if t.pid not in rs.regions:
             raise RestoreError(f"restore of pid {t.pid} failed: its restorer did not report")
         for tid in t.img.tids:
             seize(tid)
+    # the others return into the task on their own once the stage opens: stop them
+    # first, in the restorer's wait (a SIGCONT lets them on into their rt_sigreturn)
+    stop_tasks(t for t in stopping if not rs.trap.get(t.pid))
     rs.sync.open_stage(S.STAGE_GO, 0)
     for t in traced:
         for tid in t.img.tids:
@@ -687,7 +691,22 @@ def release_tree(rs: Restore) -> None:
     everyone = [tid for t in traced for tid in t.img.tids]
     commit(everyone)
     rs.running = True
+    # pending from their entry into rt_sigreturn: they stop before running any of their code
+    stop_tasks(t for t in stopping if rs.trap.get(t.pid))
     finish_release(everyone)
+
+
+def stop_tasks(tasks) -> None:
+    """A task dumped stopped comes back stopped, as does every task with --leave-stopped.
+    Always by SIGSTOP: the kernel discards SIGTSTP, SIGTTIN and SIGTTOU sent to an
+    orphaned process group, which the restored one may now be (the image keeps the
+    dumped signal)."""
+    for t in tasks:
+        log.info("restore: pid %d is left stopped", t.pid)
+        try:
+            os.kill(t.pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
 
 
 def kill_unless_running(rs: Restore) -> None:

@@ -5,7 +5,7 @@
 from criu_py.errors import ImageError, Unsupported
 from criu_py.proc import Record
 
-TASK_ALIVE, TASK_DEAD = 1, 2
+TASK_ALIVE, TASK_DEAD, TASK_STOPPED = 1, 2, 3
 
 
 class TaskImages(Record):
@@ -29,6 +29,11 @@ class TaskImages(Record):
     @property
     def tids(self) -> list[int]:
         return [tid for tid, _ in self.threads]
+
+    @property
+    def stopped(self) -> bool:
+        """Dumped in a group stop (SIGSTOP, a Ctrl-Z'ed job): restored stopped."""
+        return not self.zombie and self.core.tc.task_state == TASK_STOPPED
 
 
 class TreeImages(Record):
@@ -202,7 +207,7 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict, lazy: bool = Fal
         raise ImageError(f"core-{pid}.img: not an x86_64 task core")
     if core.tc.task_state == TASK_DEAD:
         return TaskImages(pid=pid, pstree=e, core=core, zombie=True)
-    if core.tc.task_state != TASK_ALIVE:
+    if core.tc.task_state not in (TASK_ALIVE, TASK_STOPPED):
         raise Unsupported(f"core-{pid}.img: task state {core.tc.task_state} is not supported")
     tids = [pid] + [tid for tid in e.threads if tid != pid]
     threads = [(pid, core)]
