@@ -113,6 +113,9 @@ DUMP_TREE = [
         help="Allow a task that shares the caller's session/tty."),
     Opt(("--file-locks", "-l"), "file_locks", "flag",
         help="Dump file locks (flock, POSIX, OFD); without it a locked file is refused."),
+    Opt(("--timeout",), "timeout", "int", 10, metavar="SECONDS",
+        help="Give up when a task of the tree has not stopped within this time (default "
+             "10, as CRIU; 0: wait for ever); the tree is left as it was."),
     Opt(("--ghost-limit",), "ghost_limit", metavar="SIZE",
         help="Largest deleted file to dump as a ghost file (default 1M; K, M, G suffixes)."),
     Opt(("--link-remap",), "link_remap", "flag",

@@ -50,7 +50,9 @@ def test_plain_parser_reads_crius_spellings():
     assert (o["pid"], o["images_dir"], o["verbosity"], o["leave_running"], o["log_file"],
             o["kdat_path"], o["shell_job"], o["work_dir"], o["link_remap"]) == \
         (123, "/tmp/x", 4, True, "d.log", "none", True, None, True)
-    assert parse_plain(["dump", "-t", "1", "-s"])[1]["leave_stopped"] is True
+    o = parse_plain(["dump", "-t", "1", "-s", "--timeout", "0"])[1]
+    assert (o["leave_stopped"], o["timeout"]) == (True, 0)
+    assert parse_plain(["dump", "-t", "1"])[1]["timeout"] == 10            # CRIU's default
     cmd, o = parse_plain(["restore", "-D", "d", "-d", "--pidfile", "p", "-v0", "-W", "w", "-s"])
     assert cmd == "restore"
     assert (o["images_dir"], o["detach"], o["pidfile"], o["verbosity"], o["work_dir"],

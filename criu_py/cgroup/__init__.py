@@ -148,6 +148,48 @@ def host_mounts() -> dict:
     return _host
 
 
+def frozen_cgroup(lines, seen: dict | None = None) -> str | None:
+    """Of a task's cgroups (`lines`, proc.read_cgroup of it), the one that freezes it,
+    as display() names it, or None: cgroup2's
+    cgroup.events says "frozen 1", or a v1 freezer's freezer.state FROZEN or FREEZING. A
+    frozen task stops for ptrace, but runs none of the code a dump would inject into it.
+    Looked up through the host's mounts (a hierarchy not mounted here is not checked);
+    seen caches the answer per cgroup across calls. Our own cgroups are not frozen (we
+    run): a tree that shares them costs no lookup."""
+    from criu_py import proc
+    seen = {} if seen is None else seen
+    if not seen:
+        seen.update(((line.controllers, line.path), False)
+                    for line in proc.read_cgroup(os.getpid()))
+    for line in lines:
+        if line.controllers == "":
+            name = "cgroup.events"
+        elif "freezer" in line.controllers.split(","):
+            name = "freezer.state"
+        else:
+            continue
+        key = (line.controllers, line.path)
+        if key not in seen:
+            seen[key] = _freezes(line.controllers, line.path, name)
+        if seen[key]:
+            return display(*key)
+    return None
+
+
+def _freezes(controllers: str, path: str, name: str) -> bool:
+    top = host_mounts().get(controllers)
+    if top is None:
+        return False
+    try:
+        with open(os.path.join(top, rel(path), name)) as f:
+            text = f.read()
+    except OSError:
+        return False
+    if name == "cgroup.events":
+        return "frozen 1" in text.splitlines()
+    return text.strip() in ("FROZEN", "FREEZING")
+
+
 def attach_hierarchy(name: str, where: str) -> None:
     """Mount hierarchy `name` on directory `where`: a clone of the host's mount of it
     when there is one (open_tree + move_mount), else a fresh mount."""

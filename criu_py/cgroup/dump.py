@@ -38,10 +38,12 @@ class Dir:
         self.path, self.st, self.props = path, st, props
 
 
-def dump_cgroups(pids, opts: dict, images, threads: dict | None = None) -> dict:
+def dump_cgroups(pids, opts: dict, images, threads: dict | None = None,
+                 known: dict | None = None) -> dict:
     """The cg_set id of every task in `pids` (and of every thread in `threads`, {pid:
     [tid]}), as {pid or tid: id}. Writes cgroup.img unless every task lives in the cgroups
-    of criu-py itself (as upstream: then there is nothing to restore)."""
+    of criu-py itself (as upstream: then there is nothing to restore). known: {pid:
+    proc.read_cgroup(pid)} already read."""
     from criu_py import proc
     from criu_py.cgroup.props import PropsConfig
     config = PropsConfig(opts.get("cgroup_props"), opts.get("cgroup_props_file"),
@@ -54,7 +56,8 @@ def dump_cgroups(pids, opts: dict, images, threads: dict | None = None) -> dict:
     out = {}
     try:
         for pid in pids:
-            out[pid] = d.add_set(_members(proc.read_cgroup(pid), config), who=f"pid {pid}")
+            lines = (known or {}).get(pid) or proc.read_cgroup(pid)
+            out[pid] = d.add_set(_members(lines, config), who=f"pid {pid}")
             for tid in (threads or {}).get(pid, ()):
                 if tid != pid:
                     out[tid] = d.add_set(_members(proc.read_cgroup(pid, tid), config),

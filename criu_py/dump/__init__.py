@@ -10,7 +10,7 @@ import gc
 import os
 import time
 
-from criu_py.errors import AccessDenied, NoSuchProcess, Unsupported
+from criu_py.errors import AccessDenied, CriuError, NoSuchProcess, Unsupported
 from criu_py.log import log
 from criu_py.log import step as log_step
 
@@ -28,6 +28,8 @@ def dump_tasks(opts: dict) -> int:
         stack.callback(gc.enable)
         with step("check target"):
             check_target(pid)
+            if (opts.get("timeout") or 0) < 0:
+                raise CriuError(f"--timeout {opts['timeout']}: seconds, 0 or more")
             if opts.get("ghost_limit") is not None:
                 from criu_py.files.ghost import parse_size
                 parse_size(opts["ghost_limit"])
@@ -57,7 +59,7 @@ def dump_tasks(opts: dict) -> int:
             stack.callback(frozen_priority())
             t_freeze = time.monotonic()
             ctx.tree = stack.enter_context(Tree(pid))
-            ctx.tree.freeze()
+            ctx.tree.freeze(opts.get("timeout") or 0)
             t_frozen = time.monotonic()
             ctx.dump_uptime = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
             ctx.times["freezing"] = int((t_frozen - t_freeze) * 1e6)
@@ -221,18 +223,25 @@ def load_modules() -> None:
 def refuse_unsupported(ctx) -> None:
     """What this version cannot dump, refused while the tree is frozen and before any
     image: other namespaces than ours, seccomp, a session or process group that belongs
-    to a live process outside the tree. (Fds and terminals: plan_files.)"""
+    to a live process outside the tree, a frozen cgroup. (Fds and terminals: plan_files.)"""
     from criu_py import proc
+    from criu_py.cgroup import frozen_cgroup
     from criu_py.dump.context import ProcDump
     tree = ctx.tree
     ours = proc.read_ns_ids(os.getpid())
     shell_job = ctx.opts.get("shell_job")
+    frozen = {}
     for p in tree.order:
         if p.zombie:
             continue
         pd = ProcDump(ctx, p)
         ctx.procs.append(pd)
         pid = p.pid
+        pd.cgroups = proc.read_cgroup(pid)
+        where = frozen_cgroup(pd.cgroups, frozen)
+        if where:
+            raise Unsupported(f"pid {pid} is in the frozen cgroup {where}: it would not run "
+                              f"the dump's code; thaw it first")
         pd.stat = proc.read_stat(pid)
         pd.status = proc.read_status(pid)
         pd.swapped = pd.status.vm_swap > 0
@@ -283,7 +292,6 @@ def open_page_server(ctx, stack) -> None:
     """dump --page-server: connect to the page server (its session ends once every
     page is there, before the tree is killed); dump --lazy-pages: listen for the
     lazy-pages daemon now, so that a taken port fails the dump before the freeze."""
-    from criu_py.errors import CriuError
     opts = ctx.opts
     if opts.get("page_server") and opts.get("lazy_pages"):
         raise CriuError("--page-server and --lazy-pages do not go together: --lazy-pages "
@@ -434,7 +442,6 @@ PREREAD_SMAPS_KB = 64 << 10
 
 def preread_smaps(ctx) -> None:
     from criu_py import proc
-    from criu_py.errors import CriuError
     todo, seen = [ctx.pid], set()
     while todo:
         pid = todo.pop()
@@ -594,7 +601,8 @@ def dump_cgroups(ctx) -> None:
     """Every task's cgroup set (core.tc.cg_set, thread_core.cg_set) and cgroup.img."""
     from criu_py.cgroup.dump import dump_cgroups as dump
     threads = {pd.pid: [th.tid for th in pd.threads] for pd in ctx.procs}
-    ctx.cg_sets = dump([pd.pid for pd in ctx.procs], ctx.opts, ctx.images, threads=threads)
+    ctx.cg_sets = dump([pd.pid for pd in ctx.procs], ctx.opts, ctx.images, threads=threads,
+                       known={pd.pid: pd.cgroups for pd in ctx.procs})
 
 
 def scan_memory(ctx) -> None:
@@ -620,7 +628,6 @@ def scan_memory(ctx) -> None:
 
 # ------------------------------------------------------------------ write
 def write_memory(ctx) -> None:
-    from criu_py.errors import CriuError
     from criu_py.mem import dump as memdump
     pre = ctx.opts.get("pre_dump")
     for pd in ctx.procs:
@@ -745,7 +752,6 @@ def _same_mm(pd) -> bool:
 def write_irmap_cache(ctx) -> None:
     """Pre-dump: the paths of the inodes that inotify/fanotify fds watch, found now
     (the tree runs again), in irmap-cache.img for the dump to revalidate."""
-    from criu_py.errors import CriuError
     from criu_py.irmap.handles import watch_path
     if not ctx.irmap_queue:
         return

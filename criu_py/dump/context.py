@@ -140,6 +140,7 @@ class ProcDump:
         self.pidfd = -1
         self.threads: list[ThreadDump] = []
         self.stat = self.status = None          # proc.Stat, proc.Status of the leader
+        self.cgroups = None                     # proc.read_cgroup of the leader
         self.parasite = None                    # parasite.ParasiteInfo
         self.personality = 0
         self.rlimits = []

@@ -10,7 +10,7 @@
 # kernel-object ids (from 2: id 1 is the dumping tool's own, inventory's root_ids).
 import os
 
-from criu_py.errors import CriuError, NoSuchProcess, Unsupported
+from criu_py.errors import CriuError, DumpError, NoSuchProcess, Unsupported
 from criu_py.log import log
 from criu_py.proc import Record
 
@@ -56,6 +56,7 @@ class Tree:
 
     def __init__(self, root: int):
         self.root = root
+        self.timeout = 0
         self.procs: dict[int, Proc] = {}
         self.order: list[Proc] = []
         self.killed = False
@@ -68,9 +69,17 @@ class Tree:
         return False
 
     # ---------------------------------------------------------------- freezing
-    def freeze(self) -> None:
+    def freeze(self, timeout: float = 0) -> None:
         """Seize every thread of every process below the root until a pass finds no new
-        task. Raises before returning if the root itself cannot be stopped."""
+        task. Raises before returning if the root itself cannot be stopped, or if a task
+        has not stopped within `timeout` seconds (dump --timeout; 0: no limit): one in an
+        uninterruptible sleep, as a task a cgroup freezer froze, never stops."""
+        from criu_py import interrupts
+        self.timeout = timeout
+        with interrupts.deadline(timeout):
+            self._freeze()
+
+    def _freeze(self) -> None:
         from criu_py import proc as P
         new = [self.root]
         for _ in range(MAX_PASSES):
@@ -136,18 +145,37 @@ class Tree:
         return out
 
     def _wait_stopped(self, tracees: list) -> None:
+        from criu_py import interrupts
         owner = {tid: p for p in self.procs.values() for tid in p.tracees}
         for t in tracees:
             p = owner[t.pid]
             if t.pid == p.pid and self._vfork_blocked(p):
                 continue                 # stops only once its vfork child is gone
             try:
-                t.wait_stopped()
+                with interrupts.abortable():         # a signal to us, or the timeout
+                    t.wait_stopped()
+            except interrupts.DeadlineExpired:
+                raise DumpError(self._not_stopping(t.pid, p.pid)) from None
             except NoSuchProcess:
                 p.tracees.pop(t.pid, None)
                 if t.pid == p.pid:
                     raise NoSuchProcess(f"pid {p.pid} exited while the tree was frozen") from None
                 log.debug("thread %d of %d exited while the tree was frozen", t.pid, p.pid)
+
+    def _not_stopping(self, tid: int, pid: int) -> str:
+        """Why the freeze gave up on thread tid of process pid, in one line."""
+        from criu_py import proc as P
+        from criu_py.cgroup import frozen_cgroup
+        who = f"pid {pid}" if tid == pid else f"thread {tid} of pid {pid}"
+        try:
+            state, wchan = P.read_stat(tid).state, P.read_wchan(tid)
+            frozen = frozen_cgroup(P.read_cgroup(pid, tid))
+        except CriuError:
+            state, wchan, frozen = "?", "", None
+        where = f" in {wchan}" if wchan else ""
+        hint = f", in the frozen cgroup {frozen}: thaw it first" if frozen else ""
+        return (f"{who} did not stop within {self.timeout:g} s (--timeout): it sleeps in "
+                f"state {state}{where}{hint}")
 
     def _vfork_blocked(self, p: Proc) -> bool:
         """True when p's leader sleeps in vfork() until a child execs or exits: a

@@ -529,6 +529,12 @@ def read_comm(pid: int, tid: int | None = None) -> str:
     return _read(pid, name).rstrip("\n")
 
 
+def read_wchan(pid: int) -> str:
+    """/proc/PID/wchan: the kernel function a sleeping task waits in ('' if none)."""
+    name = _read(pid, "wchan").strip()
+    return "" if name == "0" else name
+
+
 class Syscall(Record):
     # nr: the syscall the task is blocked in (-1: running, None: not blocked in one);
     # args: its six arguments; sp, pc: user stack pointer and instruction pointer.
