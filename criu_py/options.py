@@ -81,6 +81,12 @@ SOCKETS_RESTORE = [
              "dump's method."),
 ]
 
+STATS = [
+    Opt(("--display-stats",), "display_stats", "flag",
+        help="Print what the command measured (times, pages) on stdout at the end, as "
+             "CRIU does; the same is in the stats-dump or stats-restore image."),
+]
+
 COMMON = [
     Opt(("-D", "--images-dir"), "images_dir", "dir", ".", help="Directory of the image files."),
     Opt(("-W", "--work-dir"), "work_dir", "dir",
@@ -148,11 +154,12 @@ COMMANDS = {
             help="Leave the lazy pages out of the images; the dump keeps them and serves "
                  "them to a `lazy-pages --page-server` on --address/--port until all are "
                  "taken, then exits."),
-    ] + PAGE_SERVER_ADDR + SOCKETS_DUMP + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + COMMON,
+    ] + PAGE_SERVER_ADDR + SOCKETS_DUMP + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + STATS
+      + COMMON,
     "pre-dump": DUMP_TREE + [
         Opt(("-R", "--leave-running"), "leave_running", "flag",
             help="Accepted for CRIU's sake: the tasks always run on after a pre-dump."),
-    ] + INCREMENTAL + IRMAP + COMMON,
+    ] + INCREMENTAL + IRMAP + STATS + COMMON,
     "restore": [
         Opt(("-d", "--restore-detached"), "detach", "flag",
             help="Return once the tasks run instead of waiting for the root task."),
@@ -172,7 +179,7 @@ COMMANDS = {
         Opt(("--lazy-pages",), "lazy_pages", "flag",
             help="Let the tasks run at once; their lazy memory comes from the "
                  "`criu-py lazy-pages` daemon of the work dir as they touch it."),
-    ] + SOCKETS_RESTORE + CGROUP_BOTH + COMMON,
+    ] + SOCKETS_RESTORE + CGROUP_BOTH + STATS + COMMON,
     "lazy-pages": [
         Opt(("--page-server",), "page_server", "flag",
             help="Fetch the lazy pages from the page server of `dump --lazy-pages` at "

@@ -128,6 +128,8 @@ struct pie_sync {
 	int32_t err_tid;
 	int64_t err_ret;
 	uint64_t err_arg;
+	uint32_t pages_compared;	/* copy-on-write pages the tasks compared, and of */
+	uint32_t pages_skipped_cow;	/* those, kept shared (restore stats; Python adds) */
 };
 
 /* What the restorer writes to status_fd: one record on failure (stage, -errno) or

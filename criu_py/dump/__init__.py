@@ -132,6 +132,9 @@ def dump_tasks(opts: dict) -> int:
             write_stats(ctx)
             images.finish_writes()
         integrity.seal(images)
+        if opts.get("display_stats"):
+            from criu_py.stats import display
+            display(ctx.stats)
         if ctx.lazy_kept is not None:
             with step("serve lazy pages"):
                 from criu_py.dump import lazy
@@ -855,4 +858,5 @@ def finish_tree(ctx) -> None:
 
 def write_stats(ctx) -> None:
     from criu_py.dump import task
-    ctx.images.write_entries("stats-dump", [task.build_stats(ctx)])
+    ctx.stats = task.build_stats(ctx)
+    ctx.images.write_entries("stats-dump", [ctx.stats])

@@ -42,6 +42,7 @@ class DumpContext:
         self.shmem = {}                         # key -> mem.shmem.SharedObject
         self.shmem_stats = {}
         self.times = {}                         # stats-dump times, microseconds
+        self.stats = None                       # the stats_entry written (stats-dump)
         self.cg_sets = {}                       # pid or tid -> cgroup set id (criu_py.cgroup.dump)
         self.fifo_data = {}                     # fifo inode -> (bytes, pipe size)
         self.ghosts = {}                        # (dev, ino) -> files.ghost.Ghost

@@ -41,7 +41,7 @@ def premap_vmas(run) -> None:
     t.premap_area = (area, area + size)
     t.premap_addrs = {}
     fds = {}                        # source index -> pages fd
-    shared = written = 0
+    shared = written = compared = 0
     try:
         dst = area
         for v in vmas:
@@ -56,6 +56,7 @@ def premap_vmas(run) -> None:
                 n_written, n_same = _fill_inherited(fds, img.memory, v, dst)
                 written += n_written
                 shared += n_same
+                compared += n_written + n_same
             else:
                 _map_fresh(run, v, dst)
                 for addr, n, src, off in page_runs_in(img.memory, v.start, v.end):
@@ -70,6 +71,8 @@ def premap_vmas(run) -> None:
     from criu_py.log import log
     log.debug("pid %d: %d VMAs premapped at %#x (%d KiB): %d pages written, %d kept shared",
               t.pid, len(vmas), area, size >> 10, written, shared)
+    if compared:
+        run.rs.sync.count_cow(compared, shared)
 
 
 def _map_fresh(run, v, dst: int) -> None:

@@ -41,6 +41,8 @@ class Restore:
         self.cg_yard = None           # criu_py.cgroup.restore.Yard
         self.root_pid = 0
         self.running = False          # the tree was let go: do not kill it
+        self.started = self.fork_started = 0.0      # time.monotonic(), for stats-restore
+        self.forking_us = 0
         self.regions = {}             # pid -> (start, length) of its restorer region
         self.messages = []            # one-line failures the tasks reported
         self.failures = []            # failure records of the restorers
@@ -67,6 +69,7 @@ def restore_tasks(opts: dict) -> int:
     from criu_py.restore import images as restore_images
     lazy = bool(opts.get("lazy_pages"))
     rs = Restore(opts)
+    rs.started = time.monotonic()
     with contextlib.ExitStack() as stack:
         # the pages files are checked in a thread while the tree is built and fills its
         # memory (the rest is checked now); nothing runs and no connection is let go
@@ -114,6 +117,7 @@ def restore_tasks(opts: dict) -> int:
         with _step("load modules"):
             load_modules(rs)
         with _step("fork the root"):
+            rs.fork_started = time.monotonic()
             fork_root(rs, stack)
         rs.pages_check.start()          # a thread only now: our one fork must not copy it
         with _step("stages"):
@@ -125,6 +129,8 @@ def restore_tasks(opts: dict) -> int:
         if lazy:
             with _step("lazy-pages: the tasks run"):
                 tell_lazy_daemon(rs)
+        with _step("stats"):
+            write_stats(rs)
     log.info("restore: the tree of %d runs (%d processes)", rs.root_pid,
              len(rs.plan.alive))
     if opts.get("detach"):
@@ -560,6 +566,8 @@ def run_stages(rs: Restore) -> None:
             raise RestoreError(failure_message(rs, stage)) from None
         log.debug("restore: stage %s done in %.2f ms", S.STAGE_NAMES[stage],
                   (time.monotonic() - t) * 1e3)
+        if stage == S.STAGE_FORK:
+            rs.forking_us = int((time.monotonic() - rs.fork_started) * 1e6)
         if _KILL_AFTER_STAGE == stage:
             os.kill(os.getpid(), signal.SIGKILL)     # test hook (see _KILL_AFTER_STAGE)
         if stage == S.STAGE_PREPARE:
@@ -707,6 +715,32 @@ def stop_tasks(tasks) -> None:
             os.kill(t.pid, signal.SIGSTOP)
         except ProcessLookupError:
             pass
+
+
+def write_stats(rs: Restore) -> None:
+    """stats-restore in the work dir, as CRIU writes it, and with --display-stats on
+    stdout. The tree runs already: a dir we may not write to only costs the file."""
+    from criu_py import mem as M
+    from criu_py.errors import CriuError
+    from criu_py.images import ImageDir
+    from criu_py.images.pb import stats_pb2
+    entry = stats_pb2.stats_entry()
+    r = entry.restore
+    r.pages_compared, r.pages_skipped_cow = rs.sync.cow_counts
+    r.pages_restored = sum(n for t in rs.plan.alive if not t.in_parent_mm
+                           for src in t.img.memory.sources
+                           for addr, n in src.iovs if addr is not None) // M.PAGE_SIZE
+    r.forking_time = rs.forking_us
+    r.restore_time = int((time.monotonic() - rs.started) * 1e6)
+    work_dir = rs.opts.get("work_dir") or rs.opts.get("images_dir") or "."
+    try:
+        with ImageDir(work_dir) as d:
+            d.write_entries("stats-restore", [entry])
+    except (CriuError, OSError) as exc:
+        log.info("restore: stats-restore not written in %s: %s", work_dir, exc)
+    if rs.opts.get("display_stats"):
+        from criu_py.stats import display
+        display(entry)
 
 
 def kill_unless_running(rs: Restore) -> None:

@@ -29,6 +29,7 @@ POLL_NS = 100_000_000
 
 # struct pie_sync field offsets
 OFF_STAGE, OFF_NR, OFF_ERR_STAGE, OFF_ERR_TID, OFF_ERR_RET, OFF_ERR_ARG = 0, 4, 8, 12, 16, 24
+OFF_PAGES_COMPARED, OFF_PAGES_SKIPPED_COW = 32, 36
 
 
 class Aborted(Exception):
@@ -85,6 +86,16 @@ class SyncPage:
         return (stage, ctypes.c_int64.from_address(self.addr + OFF_ERR_RET).value,
                 ctypes.c_int32.from_address(self.addr + OFF_ERR_TID).value,
                 ctypes.c_uint64.from_address(self.addr + OFF_ERR_ARG).value)
+
+    def count_cow(self, compared: int, kept: int) -> None:
+        """A task's copy-on-write pages: how many it compared, how many stayed shared."""
+        from criu_py.native import lib
+        lib.criu_py_atomic_add(self.addr + OFF_PAGES_COMPARED, compared)
+        lib.criu_py_atomic_add(self.addr + OFF_PAGES_SKIPPED_COW, kept)
+
+    @property
+    def cow_counts(self) -> tuple[int, int]:
+        return self._load(OFF_PAGES_COMPARED), self._load(OFF_PAGES_SKIPPED_COW)
 
     # -- the restore command's side
     def open_stage(self, stage: int, participants: int) -> None:
