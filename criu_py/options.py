@@ -173,6 +173,10 @@ COMMANDS = {
             help="Restore into the caller's session/tty."),
         Opt(("--file-locks", "-l"), "file_locks", "flag",
             help="Accepted for CRIU compatibility: dumped file locks are always restored."),
+        Opt(("--inherit-fd",), "inherit_fd", multiple=True, metavar="fd[N]:RESOURCE",
+            help="Give the tasks our fd N where the dump had the file CRIU calls RESOURCE: "
+                 "pipe:[INODE], or a regular file's path without its first '/' (a pipe or "
+                 "file outside the tree, such as the tasks' stdout). Repeatable."),
         Opt(("--no-verify",), "no_verify", "flag",
             help="Do not check the images against the checksums the dump wrote "
                  "(criu-py-checksums.img)."),

@@ -53,6 +53,11 @@ class FileOps:
     def check_image(self, tree, fe, what: str) -> None:
         """Restore: what must hold before anything is created (paths, sizes, ...)."""
 
+    def inherit_name(self, fe) -> str | None:
+        """The name by which `restore --inherit-fd fd[N]:NAME` hands this files.img
+        entry's file in from the caller, as CRIU names it (None: not possible)."""
+        return None
+
 
 def describe_unsupported(ref: FdRef) -> str:
     """A short name of what an fd is, for refusals: socket, io_uring, bpf-map, ..."""

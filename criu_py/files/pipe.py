@@ -81,6 +81,9 @@ class PipeOps(FileOps):
     def resource_key(self, fe, tree=None) -> tuple:
         return ("pipe", fe.pipe.pipe_id)        # both ends come from one pipe2
 
+    def inherit_name(self, fe) -> str:
+        return f"pipe:[{fe.pipe.pipe_id}]"
+
     def dump_fd(self, ctx, ref: FdRef) -> int:
         pipe_id = ref.st.st_ino
         key = ("fd", ctx.file_description_key(ref))
@@ -97,8 +100,14 @@ class PipeOps(FileOps):
         The first description of each end is that end; any other (the pipe opened again
         through /proc) is a new one, with flags of its own."""
         p = entry.pipe
-        rd, wr = ctx.pipe_ends(p.pipe_id, lambda: make_pipe(*ctx.pipe_data.get(p.pipe_id, (b"", 0))))
         write = p.flags & os.O_ACCMODE == os.O_WRONLY
+        given = ctx.inherited(self.inherit_name(entry))
+        if given is not None:
+            # --inherit-fd: the caller's pipe (an end outside the tree), opened again
+            # with the dumped end and flags, as CRIU does; its queued data is its own
+            return os.open(f"/proc/self/fd/{given}", (os.O_WRONLY if write else os.O_RDONLY)
+                           | (p.flags & os.O_NONBLOCK) | O_CLOEXEC)
+        rd, wr = ctx.pipe_ends(p.pipe_id, lambda: make_pipe(*ctx.pipe_data.get(p.pipe_id, (b"", 0))))
         end = wr if write else rd
         if end not in ctx.handed:
             ctx.handed.add(end)

@@ -6,6 +6,7 @@
 # as CRIU does). A file renamed since it was opened is reopened by the path the kernel
 # reports now. Also the entries for mapped files, the exe link, cwd and root, which
 # upstream stores the same way. A deleted file is a ghost (files/ghost.py).
+import fcntl
 import os
 import stat
 
@@ -110,10 +111,18 @@ class RegularFileOps(FileOps):
     def check_image(self, tree, fe, what: str) -> None:
         tree.check_file(fe.id, what)
 
+    def inherit_name(self, fe) -> str:
+        from criu_py.images import get_str
+        return get_str(fe.reg.name)[1:]          # CRIU's: the path without its first "/"
+
     def restore_fd(self, ctx, entry, fdinfo) -> int:
         """Reopen the file by path with its flags (never creating or truncating it) and
         put the position back; returns the new fd (the caller moves it into place)."""
         r = entry.reg
+        given = ctx.inherited(self.inherit_name(entry))
+        if given is not None:
+            # --inherit-fd: the caller's open file stands for it, as it is (CRIU's way)
+            return fcntl.fcntl(given, fcntl.F_DUPFD_CLOEXEC, 0)
         name = ctx.tree.reg_path(entry.id)
         flags = (r.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | O_CLOEXEC)) | O_CLOEXEC
         try:

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 
-from criu_py.errors import RestoreError
+from criu_py.errors import CriuError, RestoreError
 from criu_py.log import log
 from criu_py.log import step as log_step
 
@@ -49,6 +49,8 @@ class Restore:
         self.desc_locks = {}          # files.img id -> flock/OFD entries to take when opened
         self.posix_locks = {}         # pid -> POSIX lock entries its restorer takes
         self.caller_tty = -1          # parked: our stdin when it is a terminal (--shell-job)
+        self.inherit = {}             # --inherit-fd: CRIU's name of a file -> the caller's fd
+        self.inherit_fds = {}         # and -> its parked copy, for the tasks
         self.ghosts = []              # paths of the deleted files recreated for the restore
         self.ghost_dirs = []          # and of the directories, in the order made
         self.sysv = None              # criu_py.sysvipc.Segments
@@ -82,8 +84,10 @@ def restore_tasks(opts: dict) -> int:
                 check_lazy_daemon(rs)
             stack.push(lambda *exc: abort_lazy_daemon(rs, exc[1]))
         with _step("read and check images"):
+            rs.inherit = inherited_fds(opts.get("inherit_fd") or ())
             rs.tree = restore_images.load(opts.get("images_dir") or ".", lazy=lazy,
-                                          checked=rs.pages_check.checked)
+                                          checked=rs.pages_check.checked,
+                                          inherited=frozenset(rs.inherit))
             rs.pages_check.checked = None
             rs.images = rs.tree.images
         stack.callback(rs.tree.close)
@@ -238,7 +242,7 @@ def _pid_holder(pid: int) -> tuple[str, bool] | None:
     """None if nothing holds pid; else (what holds it, whether that is only a process
     that is exiting or dead and waits to be reaped)."""
     from criu_py import proc
-    from criu_py.errors import CriuError, NoSuchProcess
+    from criu_py.errors import NoSuchProcess
     if not proc.pid_exists(pid):
         return None
     try:
@@ -460,6 +464,7 @@ def prepare_shared(rs: Restore, stack) -> None:
         parent.dirfd = rs.fds.park(parent.dirfd)
     if os.isatty(0):                        # the caller's terminal (--shell-job)
         rs.caller_tty = rs.fds.dup(0)
+    rs.inherit_fds = {name: rs.fds.dup(fd) for name, fd in rs.inherit.items()}
     if rs.cg_yard.fd >= 0:                  # every task moves itself in through it
         rs.cg_yard.fd = rs.fds.park(rs.cg_yard.fd)
     if logger.file is not None:
@@ -468,6 +473,29 @@ def prepare_shared(rs: Restore, stack) -> None:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     stack.callback(_prctl, PR_SET_CHILD_SUBREAPER, 0)
     stack.callback(kill_unless_running, rs)
+
+
+def inherited_fds(specs) -> dict:
+    """--inherit-fd fd[N]:NAME, as CRIU: the caller's fd N stands for the dumped file
+    CRIU calls NAME (pipe:[INODE], a regular file's path without its first '/').
+    {name: fd}; one-line errors for a malformed spec or a closed fd."""
+    import re
+    out = {}
+    for spec in specs:
+        m = re.fullmatch(r"fd\[(\d+)\]:(.+)", spec, re.DOTALL)
+        if m is None:
+            raise CriuError(f"--inherit-fd {spec}: not fd[N]:RESOURCE")
+        fd, name = int(m.group(1)), m.group(2)
+        try:
+            os.fstat(fd)
+        except OSError as exc:
+            raise CriuError(f"--inherit-fd {spec}: fd {fd} is not open here "
+                            f"({exc.strerror})") from None
+        if name in out:
+            raise CriuError(f"--inherit-fd {spec}: {name} is given twice")
+        out[name] = fd
+        log.info("restore: %s comes from our fd %d", name, fd)
+    return out
 
 
 def parked_fd_range(rs: Restore, hard: int) -> tuple[int, int]:
@@ -721,7 +749,6 @@ def write_stats(rs: Restore) -> None:
     """stats-restore in the work dir, as CRIU writes it, and with --display-stats on
     stdout. The tree runs already: a dir we may not write to only costs the file."""
     from criu_py import mem as M
-    from criu_py.errors import CriuError
     from criu_py.images import ImageDir
     from criu_py.images.pb import stats_pb2
     entry = stats_pb2.stats_entry()

@@ -52,6 +52,7 @@ class TreeImages(Record):
                  inventory=None, unix_sockets=None, inet_sockets=None):
         self.images = images               # criu_py.images.ImageDir
         self.tasks = tasks
+        self.inherited = frozenset()       # names of the files --inherit-fd hands in
         self.files = files                 # file id -> file_entry
         self.pipe_data = {} if pipe_data is None else pipe_data   # pipe_id -> (bytes, pipe size)
         self.shared = {} if shared is None else shared            # shmid -> shmem_restore.SharedObject
@@ -105,9 +106,13 @@ class TreeImages(Record):
 
     def check_file(self, file_id: int, what: str) -> None:
         """The file REG entry file_id names must exist and be the one dumped (once per
-        entry; files/identity.py). A deleted file is made from its ghost image instead."""
+        entry; files/identity.py). A deleted file is made from its ghost image instead;
+        one the caller hands in (--inherit-fd) is whatever the caller gives."""
         self.reg(file_id, what)
-        if file_id not in self.checks.passed and file_id not in self.remaps:
+        if file_id in self.checks.passed or file_id in self.remaps:
+            return
+        from criu_py.files.regular import OPS
+        if OPS.inherit_name(self.files[file_id]) not in self.inherited:
             _check_path(self, file_id, what)
 
     def check_opened(self, file_id: int, fd: int, what: str) -> None:
@@ -121,16 +126,18 @@ class TreeImages(Record):
         self.images.close()
 
 
-def load(images_dir: str, lazy: bool = False, checked=None) -> TreeImages:
+def load(images_dir: str, lazy: bool = False, checked=None,
+         inherited: frozenset = frozenset()) -> TreeImages:
     """lazy: restore --lazy-pages (each process's memory plan leaves its lazy ranges to
     the lazy-pages daemon). checked: integrity.CheckedBytes, the files as the integrity
-    check read them (parsed from those bytes rather than read again)."""
+    check read them (parsed from those bytes rather than read again). inherited: the
+    names of the files the caller hands in (--inherit-fd), which must all be there."""
     from criu_py.images import ImageDir
     images = ImageDir(images_dir)
     try:
         if checked is not None:
             checked.hand_to(images)
-        tree = _load(images, lazy)
+        tree = _load(images, lazy, inherited)
     except BaseException:
         images.close()
         raise
@@ -138,7 +145,7 @@ def load(images_dir: str, lazy: bool = False, checked=None) -> TreeImages:
     return tree
 
 
-def _load(images, lazy: bool = False) -> TreeImages:
+def _load(images, lazy: bool = False, inherited: frozenset = frozenset()) -> TreeImages:
     from criu_py.files.identity import FileChecks
     from criu_py.mem import shmem_restore
     from criu_py.mem.chain import open_chain
@@ -151,6 +158,8 @@ def _load(images, lazy: bool = False) -> TreeImages:
     files = {fe.id: fe for fe in images.read_entries("files.img")}
     tree = TreeImages(images=images, tasks=[], files=files, checks=FileChecks(images),
                       inventory=inventory)
+    tree.inherited = inherited
+    _check_inherited(files, inherited)
     tree.chain = open_chain(images)
     tree.memfd_inodes = shmem_restore.memfd_inodes(images)
     tree.remaps = ghost.load_remaps(images)
@@ -238,6 +247,19 @@ def _load_task(images, tree: TreeImages, e, fdinfo_cache: dict, lazy: bool = Fal
         if mf.path is not None:
             tree.check_file(mf.file_id, f"pid {pid}: a mapping")
     return t
+
+
+def _check_inherited(files: dict, inherited: frozenset) -> None:
+    """Every name given with --inherit-fd is a file of the dump (a typo must not go
+    unnoticed: the task would get a file of its own instead)."""
+    if not inherited:
+        return
+    from criu_py.files import ops_by_type
+    kinds = ops_by_type()
+    names = {kinds[fe.type].inherit_name(fe) for fe in files.values() if fe.type in kinds}
+    for name in sorted(inherited - names):
+        raise ImageError(f"--inherit-fd: no file of the dump is {name!r} (CRIU's names: "
+                         f"pipe:[INODE], or a regular file's path without its first '/')")
 
 
 def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:

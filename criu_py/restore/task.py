@@ -617,6 +617,10 @@ class FileContext:
     def shared_fd(self, shmid: int) -> int:
         return self.run.resource_fd(("shmem", shmid))
 
+    def inherited(self, name: str | None) -> int | None:
+        """The parked fd `restore --inherit-fd` gave for the file CRIU calls `name`."""
+        return self.run.rs.inherit_fds.get(name) if name is not None else None
+
     def memfd_shmid(self, inode_id: int) -> int:
         return self.run.rs.tree.memfd_inodes[inode_id].shmid
 
