@@ -160,6 +160,7 @@ def fuzz(args) -> int:
     rc, err = run_forked(["restore", "-D", base, "-d"])   # the baseline must restore
     if rc != 0 or not alive(pid):
         raise SystemExit(f"fuzz: the undamaged images do not restore: {err}")
+    os.unlink(os.path.join(base, "stats-restore"))     # the restore's, not the dump's
     os.kill(pid, signal.SIGKILL)
     reap_all()
     rng = random.Random(args.seed)
