@@ -3,8 +3,10 @@
 # packet mode on the master, a second pty left locked; after restore the child still
 # gets its input and sees the same terminal. `script` running a bash loop in its pty
 # goes on printing. --shell-job: a job of a shell on a terminal is restored onto the
-# terminal of the restoring command, as CRIU does.
+# terminal of the restoring command, as CRIU does. A tmux server with a shell in its
+# pane answers its clients after the restore, and the shell obeys keys.
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import Log, Task, assert_one_line_error, descendants, dumped_pids
+from conftest import Log, Task, assert_one_line_error, descendants, dumped_pids, wait_for
 
 GOT = r"got {pid} ping (\d+) rows=(\d+) cols=(\d+) echo=(\d) fg=(\d)"
 
@@ -141,3 +143,44 @@ def test_shell_job_on_the_callers_terminal(h, workload_bins):
         job.log.wait(rf"{job_pid} {n + 3}")
     finally:
         os.close(master)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_tmux_server_with_a_shell(h):
+    """A tmux server (a daemon: its own session, a unix socket its clients connect to, the
+    master of a pty) with an interactive bash in its window, running a loop. After the
+    restore the same server answers its clients, the loop goes on in the pane, and the
+    shell still obeys keys: ^C ends the loop, and a command typed then runs."""
+    env = dict(os.environ, TMUX_TMPDIR=str(h.path("tmux")))
+    os.mkdir(env["TMUX_TMPDIR"])
+
+    def tmux(*args, check=True):
+        res = subprocess.run(["tmux", "-L", "criu-py-test", *args], env=env, capture_output=True,
+                             text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert res.returncode == 0 or not check, res.stderr
+        return res.stdout
+
+    def ticks():
+        return [int(line.split()[1]) for line in tmux("capture-pane", "-p", "-t", "s1").splitlines()
+                if re.fullmatch(r"tick \d+", line)]
+    tmux("new-session", "-d", "-s", "s1", "-x", "80", "-y", "24", "bash --norc --noprofile")
+    server = int(tmux("display-message", "-p", "#{pid}").strip())
+    task = Task(server, "tmux -L criu-py-test", None)
+    h.tasks.append(task)
+    try:
+        tmux("send-keys", "-t", "s1", "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done",
+             "Enter")
+        wait_for(lambda: len(ticks()) >= 5, timeout=10, what="ticks in the pane")
+        before = ticks()[-1]
+        images = h.dump(task)
+        assert len(dumped_pids(images)) >= 2 or h.no_cr      # the server, bash (and sleep)
+        h.restore(images, task=task)
+        wait_for(lambda: ticks()[-1] >= before + 3, timeout=10, what="the loop to go on")
+        seen = ticks()                       # the pane's lines, then the loop's new ones
+        assert seen == list(range(seen[0], seen[0] + len(seen))), seen
+        tmux("send-keys", "-t", "s1", "C-c")
+        tmux("send-keys", "-t", "s1", "echo hello-$((6*7))", "Enter")
+        wait_for(lambda: "hello-42" in tmux("capture-pane", "-p", "-t", "s1").split(),
+                 timeout=10, what="the shell to run a command")
+    finally:
+        tmux("kill-server", check=False)
