@@ -5,7 +5,8 @@
 # with a master and two workers running as www-data (every worker serves the static
 # file after restore), PostgreSQL (a postmaster and its background processes as the
 # postgres user, its rows, a client's connection kept by its backend, new backends
-# forked after restore), Node.js (a timer-driven counter and an HTTP server), and
+# forked after restore), Node.js (a timer-driven counter and an HTTP server), a JVM
+# (an HTTP server answering from a cache a timer keeps filling), and
 # python3 -m http.server. Each server listens on 127.0.0.1 on a free port; the tests
 # install the packages they need and stop every process.
 import os
@@ -279,6 +280,74 @@ def test_node_timer_and_http_server(h):
     first = ticks()
     assert first >= before, "the counter started again"
     wait_for(lambda: ticks() >= first + 5, what="node's timer after restore")
+
+
+# ---------------------------------------------------------------- Java
+JAVA_SERVER = """
+import com.sun.net.httpserver.HttpServer;
+import java.net.InetSocketAddress;
+import java.util.concurrent.*;
+import java.util.concurrent.atomic.AtomicLong;
+
+public class Warm {
+    public static void main(String[] args) throws Exception {
+        AtomicLong ticks = new AtomicLong();
+        ConcurrentHashMap<Long, Long> cache = new ConcurrentHashMap<>();
+        ScheduledExecutorService timer = Executors.newScheduledThreadPool(2);
+        timer.scheduleAtFixedRate(() -> {
+            long n = ticks.incrementAndGet();
+            cache.put(n % 1000, n * n);
+        }, 0, 10, TimeUnit.MILLISECONDS);
+        HttpServer http = HttpServer.create(
+            new InetSocketAddress("127.0.0.1", Integer.parseInt(args[0])), 0);
+        http.setExecutor(Executors.newFixedThreadPool(4));
+        http.createContext("/", x -> {
+            long n = ticks.get();
+            byte[] body = (n + " " + ProcessHandle.current().pid() + " " + cache.size() + " "
+                           + cache.get(n % 1000) + "\\n").getBytes();
+            x.sendResponseHeaders(200, body.length);
+            x.getResponseBody().write(body);
+            x.close();
+        });
+        http.start();
+    }
+}
+"""
+
+
+def test_java_http_server_with_a_warm_cache(h):
+    """A JVM (HotSpot: ~20 threads, its JIT and GC, the perf-data file it maps): a timer
+    fills a cache while an HTTP server answers with it. After the restore the same JVM
+    answers, its cache and counter where they were (not empty, not from 0), and both go
+    on: the warm state is the point of restoring a JVM instead of starting one."""
+    javac = need_debian("javac", "default-jdk-headless")
+    java = os.path.join(os.path.dirname(os.path.realpath(javac)), "java")
+    src = h.path("java")
+    src.mkdir()
+    (src / "Warm.java").write_text(JAVA_SERVER)
+    res = subprocess.run([javac, "-d", str(src), str(src / "Warm.java")], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    port = free_port()
+    task = start_server(h, [java, "-Xmx64m", "-cp", str(src), "Warm", str(port)], str(src),
+                        "java.out")
+    wait_port(port, timeout=30)
+
+    def state() -> tuple[int, int, int]:
+        ticks, pid, size, square = http_get(port)[0].split()
+        assert int(pid) == task.pid and int(square) == int(ticks) ** 2
+        return int(ticks), int(size)
+
+    wait_for(lambda: state()[0] >= 300, timeout=30, what="the JVM's cache to warm up")
+    threads = tids(task.pid)
+    assert len(threads) > 10, "a JVM runs threads"
+    before = state()
+    images = h.dump(task)
+    h.restore(images, task=task)
+    assert tids(task.pid) == threads
+    first = state()
+    assert first[0] >= before[0] and first[1] >= before[1], (before, first)
+    wait_for(lambda: state()[0] >= first[0] + 20, what="the JVM's timer after restore")
 
 
 # ---------------------------------------------------------------- http.server
