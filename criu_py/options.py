@@ -62,7 +62,8 @@ SOCKETS_DUMP = [
         help="Let connections a TCP listener has not accepted yet be lost (reset) instead of "
              "refusing the dump."),
     Opt(("--ext-unix-sk", "-x"), "ext_unix_sk", "flag",
-        help="Allow unix datagram sockets connected to a named socket outside the tree."),
+        help="Allow unix sockets connected outside the tree: a datagram one to a named "
+             "socket, or a stream one (its restore needs --inherit-fd)."),
     Opt(("--network-lock",), "network_lock", "choice", None, choices=NETWORK_LOCK_METHODS,
         metavar="METHOD",
         help="How established TCP connections are kept quiet between dump and restore: "
@@ -175,7 +176,8 @@ COMMANDS = {
             help="Accepted for CRIU compatibility: dumped file locks are always restored."),
         Opt(("--inherit-fd",), "inherit_fd", multiple=True, metavar="fd[N]:RESOURCE",
             help="Give the tasks our fd N where the dump had the file CRIU calls RESOURCE: "
-                 "pipe:[INODE], or a regular file's path without its first '/' (a pipe or "
+                 "pipe:[INODE], socket:[INODE] (a unix socket connected outside the tree) "
+                 "or a regular file's path without its first '/' (a pipe, connection or "
                  "file outside the tree, such as the tasks' stdout). Repeatable."),
         Opt(("--no-verify",), "no_verify", "flag",
             help="Do not check the images against the checksums the dump wrote "

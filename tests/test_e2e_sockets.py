@@ -10,10 +10,11 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 
 import pytest
 
-from conftest import assert_one_line_error, assert_running_untraced, wait_for
+from conftest import Task, assert_one_line_error, assert_running_untraced, wait_for
 from servers import need_nftables, no_lock_left, our_locks
 
 assert no_lock_left            # an autouse fixture: every test here cleans up its locks
@@ -126,7 +127,10 @@ def test_fds_in_flight_are_refused(h):
 def test_peer_outside_the_tree(h):
     """A datagram socket connected to a named socket outside the tree: refused, unless
     --ext-unix-sk (then restored connected to that name, and the restore needs the
-    option too); a stream connection to outside is refused even with it."""
+    option too). A stream connection to outside (a service's stdout to a log collector):
+    refused, unless --ext-unix-sk; then only the caller can give a connection back, with
+    --inherit-fd fd[N]:socket:[INODE] (without, the restore fails in one line), and the
+    restored task echoes what arrives on the connection it was given."""
     path = str(h.path("outside.sock"))
     outside = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     outside.bind(path)
@@ -154,11 +158,36 @@ def test_peer_outside_the_tree(h):
     listener.listen(1)
     try:
         task = h.start("sockmisc", "ext-stream", spath, python=True)
+        fd = int(task.log.matches(r"ready \d+ (\d+)")[0].group(1))
+        ino = os.stat(f"/proc/{task.pid}/fd/{fd}").st_ino
         conn, _ = listener.accept()
-        res = h.cli("dump", "-t", task.pid, "-D", h.images_dir("stream"), "--ext-unix-sk")
-        assert_one_line_error(res, f"pid {task.pid}", "outside the tree")
+        conn.settimeout(10)
+        res = h.cli("dump", "-t", task.pid, "-D", h.images_dir("stream"))
+        assert_one_line_error(res, f"pid {task.pid} fd {fd}", "outside the tree", "--ext-unix-sk")
         assert_running_untraced(task)
+        conn.sendall(b"before")
+        assert conn.recv(100) == b"before"
+        images = h.dump(task, h.images_dir("stream"), "--ext-unix-sk")
         conn.close()
+        res = h.cli("restore", "-D", images, "-d")
+        assert_one_line_error(res, "--inherit-fd", f"socket:[{ino}]")
+        assert not os.path.exists(f"/proc/{task.pid}")
+        given = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        given.connect(spath)
+        conn2, _ = listener.accept()
+        conn2.settimeout(10)
+        restored = Task(task.pid, task.marker, task.log)
+        h.tasks.append(restored)
+        res = subprocess.run(h.cli_argv("restore", "-D", images, "-d", "--inherit-fd",
+                                        f"fd[{given.fileno()}]:socket:[{ino}]"),
+                             capture_output=True, text=True, timeout=60, cwd=h.dir,
+                             stdin=subprocess.DEVNULL, pass_fds=(given.fileno(),))
+        given.close()
+        assert res.returncode == 0, res.stderr
+        conn2.sendall(b"after")
+        assert conn2.recv(100) == b"after"
+        assert restored.running()
+        conn2.close()
     finally:
         listener.close()
 

@@ -337,7 +337,8 @@ def plan_file_locks(rs: Restore) -> None:
 def check_sockets(rs: Restore) -> None:
     """Sockets the options must allow (as CRIU: established TCP connections need
     --tcp-established or --tcp-close, a dump made with --tcp-close needs --tcp-close,
-    unix sockets outside the tree --ext-unix-sk); queued data and TCP streams are read
+    datagram peers outside the tree --ext-unix-sk; stream ones come from --inherit-fd,
+    see unix.UnixOps.check_image); queued data and TCP streams are read
     now, so a bad image stops the restore before anything is made."""
     from criu_py.files.sockets import inet, unix
     tree, opts = rs.tree, rs.opts
@@ -360,7 +361,8 @@ def check_sockets(rs: Restore) -> None:
                                    f"--tcp-close")
     if not opts.get("ext_unix_sk"):
         for fe in tree.files.values():
-            if fe.HasField("usk") and fe.usk.uflags & unix.USK_EXTERN:
+            if fe.HasField("usk") and fe.usk.uflags & unix.USK_EXTERN and \
+                    fe.usk.type == unix.SOCK_DGRAM:
                 raise RestoreError(f"unix socket {unix.show_name(fe.usk.name)} is outside the "
                                    f"tree: restore with --ext-unix-sk")
 

@@ -259,7 +259,8 @@ def _check_inherited(files: dict, inherited: frozenset) -> None:
     names = {kinds[fe.type].inherit_name(fe) for fe in files.values() if fe.type in kinds}
     for name in sorted(inherited - names):
         raise ImageError(f"--inherit-fd: no file of the dump is {name!r} (CRIU's names: "
-                         f"pipe:[INODE], or a regular file's path without its first '/')")
+                         f"pipe:[INODE], socket:[INODE], or a regular file's path without its "
+                         f"first '/')")
 
 
 def _load_fdinfo(images, tree: TreeImages, files_id: int) -> list:

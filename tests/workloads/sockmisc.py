@@ -4,7 +4,8 @@
 #                      not received) ... refused by dump; PATH unused
 #   ext-dgram PATH     a datagram socket connected to a socket outside the tree bound at
 #                      PATH; on each SIGUSR1 it sends "ping <pid> <n>"
-#   ext-stream PATH    a stream socket connected to a listener outside the tree at PATH
+#   ext-stream PATH    a stream socket connected to a listener outside the tree at PATH,
+#                      echoing what arrives
 #   tcp-scm PORT       a TCP connection to 127.0.0.1:PORT (echoing what arrives) and,
 #                      at a higher fd, a socketpair with a descriptor in flight
 #   tcp-echo PORT      a TCP connection to 127.0.0.1:PORT, echoing what arrives
@@ -64,6 +65,7 @@ elif mode == "ext-stream":
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(arg)
     log.write(f"ready {pid} {s.fileno()}\n")
+    echo(s)
     while True:
         time.sleep(0.05)
 elif mode in ("tcp-scm", "tcp-echo"):

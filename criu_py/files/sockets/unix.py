@@ -7,9 +7,11 @@
 # in a listener's queue; the queue is read with MSG_PEEK through the dumper's duplicate of
 # the task's fd (SO_PEEK_OFF walks it), so the task's socket is left as it was. The bound
 # file (mode, owner, whether it was deleted, the directory of a relative name) comes from
-# SIOCUNIXFILE. As in CRIU: a peer outside the tree is refused, except a named datagram
-# peer with --ext-unix-sk (written as an entry of its own, flagged USK_EXTERN, which the
-# restore connects to by name); a client whose connection still waits in a listener of
+# SIOCUNIXFILE. As in CRIU: a peer outside the tree is refused, except with --ext-unix-sk
+# (the peer written as an entry of its own, flagged USK_EXTERN): a named datagram peer
+# the restore connects to by name, or the peer of a stream or seqpacket connection (a
+# service's stdout to a log collector), which only the caller can give back: the restore
+# takes the socket from `--inherit-fd fd[N]:socket:[INODE]`; a client whose connection still waits in a listener of
 # the tree is recorded with that listener as its peer; a connection waiting in a
 # listener from a client outside the tree is lost; file descriptors in flight
 # (SCM_RIGHTS) are refused.
@@ -175,26 +177,19 @@ class UnixOps(FileOps):
             if d.peer in sd.in_tree:
                 return d.peer
             p = sd.unix.get(d.peer)
-            if d.type != socket.SOCK_DGRAM:
-                raise refuse(ref, f"{what} is connected to a peer outside the tree (socket "
-                                  f"{d.peer}): not supported (--ext-unix-sk covers datagram "
-                                  f"sockets only)")
             if not ctx.opts.get("ext_unix_sk"):
                 raise refuse(ref, f"{what} is connected to a peer outside the tree (socket "
                                   f"{d.peer}{' ' + show_name(p.name) if p else ''}): use "
                                   f"--ext-unix-sk")
-            if p is None or not p.name:
+            if p is None:
+                raise refuse(ref, f"{what} is connected to socket {d.peer} outside the tree, "
+                                  f"which sock_diag does not show here")
+            if d.type != socket.SOCK_DGRAM:
+                return self._extern_peer(ctx, sd, d, p, d.type)
+            if not p.name:
                 raise refuse(ref, f"{what} is connected to an unnamed socket outside the tree "
                                   f"({d.peer}): cannot connect it again")
-            if d.peer not in sd.extern:
-                fid = ctx.files.add(("unix-extern", d.peer),
-                                    lambda i: unix_entry(i, p, None, ctx.ns_ids.get("net", 0)))
-                e = ctx.files.entry(fid).usk
-                e.type, e.state, e.uflags, e.peer, e.backlog = socket.SOCK_DGRAM, TCP_LISTEN, USK_EXTERN, 0, 0
-                sd.extern[d.peer] = fid
-                log.info("unix socket %d outside the tree (%s): restored as a connection to "
-                         "that name", d.peer, show_name(p.name))
-            return d.peer
+            return self._extern_peer(ctx, sd, d, p, socket.SOCK_DGRAM)
         if d.state == TCP_ESTABLISHED and d.type != socket.SOCK_DGRAM:
             listener = next((x for x in sd.unix.values() if x.state == TCP_LISTEN
                              and d.ino in x.icons), None)
@@ -211,7 +206,28 @@ class UnixOps(FileOps):
                                   f"not supported")
         return 0
 
+    @staticmethod
+    def _extern_peer(ctx, sd, d, p, type_: int) -> int:
+        """Record the peer outside the tree (--ext-unix-sk) as an USK_EXTERN entry, as
+        upstream does; its inode goes into the socket's entry."""
+        if d.peer not in sd.extern:
+            fid = ctx.files.add(("unix-extern", d.peer),
+                                lambda i: unix_entry(i, p, None, ctx.ns_ids.get("net", 0)))
+            e = ctx.files.entry(fid).usk
+            e.type, e.state, e.uflags, e.peer, e.backlog = type_, TCP_LISTEN, USK_EXTERN, 0, 0
+            sd.extern[d.peer] = fid
+        if type_ == SOCK_DGRAM:
+            log.info("unix socket %d outside the tree (%s): restored as a connection to "
+                     "that name", d.peer, show_name(p.name))
+        else:
+            log.info("unix socket %d is connected to %d outside the tree: its restore needs "
+                     "--inherit-fd fd[N]:socket:[%d]", d.ino, d.peer, d.ino)
+        return d.peer
+
     # ---- restore
+    def inherit_name(self, fe) -> str:
+        return f"socket:[{fe.usk.ino}]"
+
     def resource_key(self, fe, tree=None) -> tuple:
         if tree is not None:
             partner = pair_partner(tree, fe)
@@ -239,8 +255,25 @@ class UnixOps(FileOps):
                              f"files.img does not have")
         if u.deleted and not (u.name and u.name[:1] != b"\0"):
             raise ImageError(f"files.img: unix socket {fe.id} is deleted but has no path")
+        p = images_of(tree).unix.get(u.peer)
+        if u.type != SOCK_DGRAM and p is not None and p.usk.uflags & USK_EXTERN and \
+                self.inherit_name(fe) not in tree.inherited:
+            raise Unsupported(f"{what}: unix socket {u.ino} was connected to socket {u.peer} "
+                              f"outside the tree: restore with --inherit-fd "
+                              f"fd[N]:socket:[{u.ino}], N a socket connected where it should be")
 
     def restore_fd(self, ctx, entry, fdinfo) -> int:
+        given = ctx.inherited(self.inherit_name(entry))
+        if given is not None:
+            # --inherit-fd: the caller's socket, as it is (its queue, its options), with
+            # the dumped file flags
+            from criu_py.files.sockets import set_file_flags
+            fd = fcntl.fcntl(given, fcntl.F_DUPFD_CLOEXEC, 0)
+            set_file_flags(fd, entry.usk.flags)
+            if images_of(ctx.tree).queues.get(entry.id):
+                log.warning("unix socket %d: the data queued in it at the dump is dropped: "
+                            "the socket given with --inherit-fd holds its own", entry.usk.ino)
+            return fd
         partner = pair_partner(ctx.tree, entry)
         if partner is not None:
             key = ("usk-pair", min(entry.usk.ino, partner.usk.ino))
