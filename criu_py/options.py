@@ -82,6 +82,13 @@ SOCKETS_RESTORE = [
              "dump's method."),
 ]
 
+SCRIPTS = [
+    Opt(("--action-script",), "action_script", multiple=True, metavar="SCRIPT",
+        help="Run SCRIPT at CRIU's action points ($CRTOOLS_SCRIPT_ACTION: pre-dump, "
+             "post-dump, pre-restore, post-restore, pre-resume, post-resume); a failing "
+             "post-dump script keeps the tree running. Repeatable."),
+]
+
 STATS = [
     Opt(("--display-stats",), "display_stats", "flag",
         help="Print what the command measured (times, pages) on stdout at the end, as "
@@ -156,7 +163,7 @@ COMMANDS = {
                  "them to a `lazy-pages --page-server` on --address/--port until all are "
                  "taken, then exits."),
     ] + PAGE_SERVER_ADDR + SOCKETS_DUMP + INCREMENTAL + IRMAP + CGROUP_BOTH + CGROUP_DUMP + STATS
-      + COMMON,
+      + SCRIPTS + COMMON,
     "pre-dump": DUMP_TREE + [
         Opt(("-R", "--leave-running"), "leave_running", "flag",
             help="Accepted for CRIU's sake: the tasks always run on after a pre-dump."),
@@ -185,7 +192,7 @@ COMMANDS = {
         Opt(("--lazy-pages",), "lazy_pages", "flag",
             help="Let the tasks run at once; their lazy memory comes from the "
                  "`criu-py lazy-pages` daemon of the work dir as they touch it."),
-    ] + SOCKETS_RESTORE + CGROUP_BOTH + STATS + COMMON,
+    ] + SOCKETS_RESTORE + CGROUP_BOTH + STATS + SCRIPTS + COMMON,
     "lazy-pages": [
         Opt(("--page-server",), "page_server", "flag",
             help="Fetch the lazy pages from the page server of `dump --lazy-pages` at "

@@ -33,6 +33,10 @@ def dump_tasks(opts: dict) -> int:
             if opts.get("ghost_limit") is not None:
                 from criu_py.files.ghost import parse_size
                 parse_size(opts["ghost_limit"])
+        if opts.get("action_script") and not pre:
+            with step("pre-dump scripts"):
+                from criu_py import scripts
+                scripts.run(opts, "pre-dump", pid)
         with step("open images dir"):
             images = stack.enter_context(open_images_dir(opts))
         with step("load modules"):
@@ -118,7 +122,11 @@ def dump_tasks(opts: dict) -> int:
             with step("kill or release the tree"):
                 from criu_py import interrupts
                 interrupts.hold()          # the images are complete: finish, whatever comes
-                finish_tree(ctx)
+                # with action scripts, a tree to be killed waits for post-dump's word
+                ctx.kill_after_scripts = bool(opts.get("action_script")) and \
+                    not opts.get("leave_running") and ctx.lazy_kept is None
+                if not ctx.kill_after_scripts:
+                    finish_tree(ctx)
                 ctx.times["frozen"] = int((time.monotonic() - t_frozen) * 1e6)
                 gc.enable()                 # its first collection comes after the freeze
                 frozen_priority(restore=True)
@@ -132,6 +140,9 @@ def dump_tasks(opts: dict) -> int:
             write_stats(ctx)
             images.finish_writes()
         integrity.seal(images)
+        if opts.get("action_script") and not pre:
+            with step("post-dump scripts"):
+                post_dump_scripts(ctx)
         if opts.get("display_stats"):
             from criu_py.stats import display
             display(ctx.stats)
@@ -839,11 +850,27 @@ def write_tree_images(ctx) -> None:
     ctx.images.write_entries("inventory.img", [task.build_inventory(ctx)])
 
 
-def finish_tree(ctx) -> None:
+def post_dump_scripts(ctx) -> None:
+    """--action-script post-dump, the images complete and sealed. A tree to be killed
+    is still frozen: killed once every script succeeded, else let go, as CRIU does (a
+    migration whose copy failed leaves the program running here)."""
+    from criu_py import scripts
+    try:
+        scripts.run(ctx.opts, "post-dump", ctx.pid)
+    except scripts.ScriptFailed as exc:
+        if not ctx.kill_after_scripts:
+            raise
+        finish_tree(ctx, keep=True)
+        raise scripts.ScriptFailed(f"{exc}: the tree runs on") from None
+    if ctx.kill_after_scripts:
+        finish_tree(ctx)
+
+
+def finish_tree(ctx, keep: bool | None = None) -> None:
     """Kill the tree (its TCP connections in repair mode close without a packet; the
     network lock stays for the restore to lift), or let it run on (connections out of
-    repair mode and the lock lifted first)."""
-    if ctx.opts.get("leave_running"):
+    repair mode and the lock lifted first): keep, by default --leave-running."""
+    if ctx.opts.get("leave_running") if keep is None else keep:
         if ctx.sockets is not None:
             ctx.sockets.rollback()
         stop = bool(ctx.opts.get("leave_stopped"))

@@ -43,6 +43,7 @@ class DumpContext:
         self.shmem_stats = {}
         self.times = {}                         # stats-dump times, microseconds
         self.stats = None                       # the stats_entry written (stats-dump)
+        self.kill_after_scripts = False         # killed after the post-dump scripts
         self.cg_sets = {}                       # pid or tid -> cgroup set id (criu_py.cgroup.dump)
         self.fifo_data = {}                     # fifo inode -> (bytes, pipe size)
         self.ghosts = {}                        # (dev, ino) -> files.ghost.Ghost

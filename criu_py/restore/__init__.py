@@ -67,6 +67,7 @@ class Restore:
 
 
 def restore_tasks(opts: dict) -> int:
+    from criu_py import scripts
     from criu_py.images import integrity
     from criu_py.restore import images as restore_images
     lazy = bool(opts.get("lazy_pages"))
@@ -83,6 +84,9 @@ def restore_tasks(opts: dict) -> int:
             with _step("lazy-pages daemon"):
                 check_lazy_daemon(rs)
             stack.push(lambda *exc: abort_lazy_daemon(rs, exc[1]))
+        if opts.get("action_script"):
+            with _step("pre-restore scripts"):
+                scripts.run(opts, "pre-restore")
         with _step("read and check images"):
             rs.inherit = inherited_fds(opts.get("inherit_fd") or ())
             rs.tree = restore_images.load(opts.get("images_dir") or ".", lazy=lazy,
@@ -128,11 +132,18 @@ def restore_tasks(opts: dict) -> int:
             run_stages(rs)
         with _step("pages files checked"):
             rs.pages_check.wait()
+        if opts.get("action_script"):
+            with _step("post-restore, pre-resume scripts"):
+                scripts.run(opts, "post-restore", rs.root_pid)   # fails: the tree is killed
+                scripts.report(opts, "pre-resume", rs.root_pid)
         with _step("release the tree"):
             release_tree(rs)
         if lazy:
             with _step("lazy-pages: the tasks run"):
                 tell_lazy_daemon(rs)
+        if opts.get("action_script"):
+            with _step("post-resume scripts"):
+                scripts.report(opts, "post-resume", rs.root_pid)
         with _step("stats"):
             write_stats(rs)
     log.info("restore: the tree of %d runs (%d processes)", rs.root_pid,
