@@ -94,6 +94,16 @@ def page_server(**opts):
     run_page_server(opts)
 
 
+@cli.command()
+@click.argument("fd", type=int)
+def swrk(fd):
+    """Serve CRIU's RPC (criu_req/criu_resp) on the SOCK_SEQPACKET socket FD, as `criu
+    swrk` does for pycriu, go-criu and container runtimes."""
+    from criu_py.commands import run_command
+    from criu_py.rpc import swrk as serve
+    run_command({"verbosity": 2, "log_file": None}, lambda opts: serve(fd))
+
+
 def _add_plugin_commands():
     # Each feature keeps its click commands in a light module of its own.
     from criu_py.kerndat.cli import register as register_kerndat

@@ -64,7 +64,8 @@ def leave(code: int):
     log.close()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:          # None: started with that fd closed
+                stream.flush()
         except (OSError, ValueError):
             pass
     os._exit(code)
