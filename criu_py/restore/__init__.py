@@ -490,7 +490,8 @@ def prepare_shared(rs: Restore, stack) -> None:
 
 def inherited_fds(specs) -> dict:
     """--inherit-fd fd[N]:NAME, as CRIU: the caller's fd N stands for the dumped file
-    CRIU calls NAME (pipe:[INODE], a regular file's path without its first '/').
+    CRIU calls NAME (pipe:[INODE], socket:[INODE], a regular file's path without its
+    first '/'; FileOps.inherit_name of each kind).
     {name: fd}; one-line errors for a malformed spec or a closed fd."""
     import re
     out = {}
