@@ -229,22 +229,43 @@ static void drain(int pipe_r, void *buf, unsigned long size, volatile int *stop)
 	}
 }
 
+/* One chunk of a present entry flagged CP_PS_COPY: read now with process_vm_readv into
+ * buf, its CRCs computed here, header, data and (with digests) CRCs sent. */
+static long send_copied(int pid, int sock, uint64_t addr, unsigned long n, uint32_t wire,
+			int digests, uint32_t *crcs, void *buf)
+{
+	struct iovec l = { buf, n }, rem = { (void *)addr, n };
+	long got = syscall(SYS_process_vm_readv, pid, &l, 1UL, &rem, 1UL, 0UL);
+
+	if (got < 0 || (unsigned long)got != n)
+		return got < 0 ? -errno : -EFAULT;
+	struct ps_header hdr = { wire << PS_CMD_SHIFT | PS_IOV_ADD_F, 0, n / PAGE, addr, 0 };
+	struct iovec iov[3] = { { &hdr, sizeof(hdr) }, { buf, n }, { crcs, n / PAGE * 4 } };
+	if (digests)
+		cp_crc_blocks(buf, n, crcs);
+	return send_all(sock, iov, digests ? 3 : 2);
+}
+
 /* The same session as cp_ps_send_pages, but the data of the present entries is in the
  * pipe pipe_r reads, in entry order (the task itself vmsplices its pages there,
  * dump/parasite.py), and goes from the pipe to the socket without a copy. With
  * crc_remote, the task has also put the CRC of each 4 KiB block there (u32 each, one
  * after the other over all the data), each chunk's before its data: they are read
- * from it once the data is through (crcs: room for chunk / 4096). buf (bufsize bytes)
- * is for draining. Returns the data bytes sent or -errno; either way the pipe is read
- * until its writer closes it (or the caller sets *stop, when it could not close it). */
+ * from it once the data is through (crcs: room for chunk / 4096). Entries flagged
+ * CP_PS_COPY are not in the pipe: pages the kernel itself may still write while the
+ * task runs its blob (a thread's rseq area: the CPU it resumes on), read and summed
+ * here instead, so that what is sent and its CRCs agree. buf (bufsize >= chunk bytes)
+ * is for those and for draining. Returns the data bytes sent or -errno; either way the
+ * pipe is read until its writer closes it (or the caller sets *stop, when it could not
+ * close it). */
 long cp_ps_splice_pages(int pid, int sock, int pipe_r, const struct cp_ps_entry *ents,
 			long nents, uint32_t present, uint32_t data_flags, uint64_t crc_remote,
 			uint32_t *crcs, unsigned long chunk, void *buf, unsigned long bufsize,
 			volatile int *stop)
 {
-	long total = 0, err = 0;
+	long total = 0, err = 0, spliced = 0;
 
-	if (chunk % PAGE || !chunk || !bufsize)
+	if (chunk % PAGE || !chunk || bufsize < chunk)
 		return -EINVAL;
 	for (long k = 0; k < nents && !err; k++) {
 		uint64_t addr = ents[k].start, end = ents[k].end;
@@ -255,6 +276,16 @@ long cp_ps_splice_pages(int pid, int sock, int pipe_r, const struct cp_ps_entry 
 		if (addr % PAGE || end % PAGE || end < addr) {
 			err = -EINVAL;
 			break;
+		}
+		if ((flags & present) && (ents[k].flags & CP_PS_COPY)) {
+			while (addr < end && !err) {
+				unsigned long n = end - addr < chunk ? end - addr : chunk;
+				err = send_copied(pid, sock, addr, n, flags | data_flags, crc_remote != 0,
+						  crcs, buf);
+				addr += n;
+				total += n;
+			}
+			continue;
 		}
 		if (!(flags & present)) {
 			hdr = (struct ps_header){ flags << PS_CMD_SHIFT | PS_IOV_ADD_F, 0,
@@ -297,7 +328,7 @@ long cp_ps_splice_pages(int pid, int sock, int pipe_r, const struct cp_ps_entry 
 			}
 			if (!err && crc_remote) {
 				unsigned long m = n / PAGE * 4;
-				struct iovec l = { crcs, m }, rem = { (void *)(crc_remote + total / PAGE * 4), m };
+				struct iovec l = { crcs, m }, rem = { (void *)(crc_remote + spliced / PAGE * 4), m };
 				long got = syscall(SYS_process_vm_readv, pid, &l, 1UL, &rem, 1UL, 0UL);
 				if (got < 0 || (unsigned long)got != m)
 					err = got < 0 ? -errno : -EFAULT;
@@ -307,6 +338,7 @@ long cp_ps_splice_pages(int pid, int sock, int pipe_r, const struct cp_ps_entry 
 			}
 			addr += n;
 			total += n;
+			spliced += n;
 		}
 	}
 	drain(pipe_r, buf, bufsize, stop);

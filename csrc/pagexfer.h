@@ -4,6 +4,10 @@
 #include <stdint.h>
 
 /* One pagemap entry: [start, end) with its PE_* flags. */
+/* In cp_ps_entry.flags, above the PE_* bits sent: read this one with process_vm_readv
+ * rather than take it from the task's vmsplice (cp_ps_splice_pages). */
+#define CP_PS_COPY (1ULL << 32)
+
 struct cp_ps_entry {
 	uint64_t start;
 	uint64_t end;

@@ -660,7 +660,8 @@ def write_memory(ctx) -> None:
         if ctx.page_sink is not None:
             pd.page_stats = memdump.send_private_pages(
                 pd.pid, pd.vma_plans, ctx.page_sink, pd.pages,
-                task=(pd.tracee, pd.leader.raw_gpregs, pd.pidfd))
+                task=(pd.tracee, pd.leader.raw_gpregs, pd.pidfd,
+                      [th.rseq["pointer"] for th in pd.threads if th.rseq]))
             continue
         try:
             pd.page_stats = memdump.dump_private_pages(pd.pid, pd.vma_plans, ctx.images,

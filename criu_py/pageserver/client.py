@@ -72,32 +72,44 @@ class Sink:
         """A process's pagemap entries [(start, end, PE_* flags)] in address order, the
         data of those with PE_PRESENT from pid's memory (csrc/pagexfer.c); returns the
         data bytes sent. With task (its Tracee, saved registers and pidfd: stopped and
-        seized), the task vmsplices its pages to us (dump/parasite.py) and they go on
-        to the socket without a copy; else they are read with process_vm_readv."""
+        seized; and the addresses of its threads' rseq areas), the task vmsplices its
+        pages to us (dump/parasite.py) and they go on to the socket without a copy; else
+        they are read with process_vm_readv. The pages of the rseq areas are read, not
+        vmspliced: the kernel writes there (the CPU) whenever the blob's thread resumes,
+        so a vmspliced page could leave with other bytes than the task summed."""
         from criu_py.errors import check_errno
         from criu_py.images import PE_PRESENT
         from criu_py.native import ffi, lib
-        arr = ffi.new("struct cp_ps_entry[]", len(entries))
-        for i, (start, end, flags) in enumerate(entries):
-            arr[i].start, arr[i].end, arr[i].flags = start, end, flags
         flags = P.PS_FLAG_DIGEST if self.digests else 0
-        present = [(start, end) for start, end, f in entries if f & PE_PRESENT]
         sent = None
+        present = []
+        if task is not None:
+            kernel_written = {a & ~(PAGE - 1) for a in task[3]}
+            split = _copied_apart(entries, kernel_written)
+            present = [(s, e) for s, e, f in split if f & PE_PRESENT and not f & CP_PS_COPY]
         if task is not None and present:
             from criu_py.dump import parasite
+            arr = ffi.new("struct cp_ps_entry[]", len(split))
+            for i, (start, end, f) in enumerate(split):
+                arr[i].start, arr[i].end, arr[i].flags = start, end, f
+            nents = len(split)
 
             def reader(pipe_r, crcs_remote, stop):
                 return lib.cp_ps_splice_pages(pid, self.sock.fileno(), pipe_r, arr,
-                                              len(entries), PE_PRESENT, flags,
+                                              nents, PE_PRESENT, flags,
                                               crcs_remote if self.digests else 0,
                                               self.crcs, P.MAX_CHUNK, self.bufs,
                                               P.MAX_CHUNK, stop)
-            tracee, saved_regs, pidfd = task
+            tracee, saved_regs, pidfd, _ = task
             sent = parasite.vmsplice_pages(tracee, saved_regs, pidfd, present, reader)
             if sent is not None:
-                log.debug("pid %d: pages handed over by the task (vmsplice)", pid)
+                log.debug("pid %d: pages handed over by the task (vmsplice), but %d read "
+                          "(rseq areas)", pid, sum(1 for *_, f in split if f & CP_PS_COPY))
         if sent is None:
             log.debug("pid %d: pages read with process_vm_readv", pid)
+            arr = ffi.new("struct cp_ps_entry[]", len(entries))
+            for i, (start, end, f) in enumerate(entries):
+                arr[i].start, arr[i].end, arr[i].flags = start, end, f
             sent = lib.cp_ps_send_pages(pid, self.sock.fileno(), arr, len(entries),
                                         PE_PRESENT, flags, int(self.digests), self.bufs,
                                         P.MAX_CHUNK, self.crcs)
@@ -124,6 +136,26 @@ class Sink:
 
     def abort(self) -> None:
         self.sock.close()
+
+
+CP_PS_COPY = 1 << 32             # csrc/pagexfer.h: an entry read, not vmspliced
+
+
+def _copied_apart(entries: list, pages: set) -> list:
+    """entries with each present page of `pages` split off into an entry of its own,
+    flagged CP_PS_COPY."""
+    from criu_py.images import PE_PRESENT
+    out = []
+    for start, end, f in entries:
+        cuts = sorted(p for p in pages if start <= p < end) if f & PE_PRESENT else []
+        for p in cuts:
+            if p > start:
+                out.append((start, p, f))
+            out.append((p, p + PAGE, f | CP_PS_COPY))
+            start = p + PAGE
+        if start < end:
+            out.append((start, end, f))
+    return out
 
 
 def send_process_pages(sink: Sink, pid: int, pid_for_name: int, pages, flags: list,
