@@ -75,7 +75,7 @@ def serve(req, client: int):
             from criu_py import kerndat
             facts = kerndat.load(None)
             resp.features.mem_track = bool(facts.mem_tracking)
-            resp.features.lazy_pages = bool(getattr(facts, "uffd", False))
+            resp.features.lazy_pages = bool(facts.uffd_syscall and facts.uffd_missing)
             resp.features.pidfd_store = False
             resp.success = True
         elif req.type == rpc_pb2.CHECK:

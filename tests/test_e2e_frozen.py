@@ -118,6 +118,14 @@ def assert_counts_on(task) -> None:
     task.log.wait(rf"{task.pid} {last + 3}")
 
 
+def assert_left_as_it_was(task, freezer: Freezer, images) -> None:
+    """No image was written; once thawed, the task runs untraced and counts on."""
+    assert no_images(images)
+    freezer.thaw()
+    assert_running_untraced(task)
+    assert_counts_on(task)
+
+
 def test_v1_frozen_task_fails_after_the_timeout(h, freezer):
     task = h.start("counter", ready=r"\d+ 5")
     f = freezer("v1")
@@ -128,10 +136,7 @@ def test_v1_frozen_task_fails_after_the_timeout(h, freezer):
     took = time.monotonic() - started
     assert_one_line_error(res, f"pid {task.pid} did not stop within 1 s", "freezer:/criu-py-test")
     assert took < 6, took
-    assert no_images(images)
-    f.thaw()
-    assert_running_untraced(task)
-    assert_counts_on(task)
+    assert_left_as_it_was(task, f, images)
 
 
 def test_v1_frozen_member_of_a_tree(h, freezer):
@@ -161,10 +166,7 @@ def test_cgroup2_frozen_task_is_refused_at_once(h, freezer):
     res = h.cli("dump", "-t", task.pid, "-D", images, "-o", "dump.log", "-v4")
     assert_one_line_error(res, f"pid {task.pid} is in the frozen cgroup unified:/criu-py-test")
     assert time.monotonic() - started < 5
-    assert no_images(images)
-    f.thaw()
-    assert_running_untraced(task)
-    assert_counts_on(task)
+    assert_left_as_it_was(task, f, images)
 
 
 def test_a_signal_cuts_a_stuck_freeze_short(h, freezer):
@@ -183,10 +185,7 @@ def test_a_signal_cuts_a_stuck_freeze_short(h, freezer):
     assert p.returncode == 128 + signal.SIGTERM
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: interrupted by SIGTERM"), lines
-    assert no_images(images)
-    f.thaw()
-    assert_running_untraced(task)
-    assert_counts_on(task)
+    assert_left_as_it_was(task, f, images)
 
 
 def test_negative_timeout_is_refused(h):

@@ -77,7 +77,7 @@ def test_version_check_features_and_errors_on_one_connection(h):
     resp = c.call(rpc_pb2.criu_req(type=rpc_pb2.CHECK, keep_open=True))
     assert resp.success, resp.cr_errmsg
     resp = c.call(rpc_pb2.criu_req(type=rpc_pb2.FEATURE_CHECK, keep_open=True))
-    assert resp.success and resp.features.HasField("mem_track")
+    assert resp.success and resp.features.mem_track and resp.features.lazy_pages
     fd = os.open(h.images_dir(), os.O_RDONLY | os.O_DIRECTORY)
     try:
         resp = c.call(request(rpc_pb2.DUMP, fd, keep_open=True, pid=4194304))
