@@ -238,12 +238,13 @@ class Tree:
 
     def _note_group_stops(self) -> None:
         """The trap a PTRACE_INTERRUPT brings reports SIGTRAP, or the stop signal when the
-        process is in a group stop (a pending SIGSTOP was delivered while it stopped)."""
+        process is in a group stop (a pending SIGSTOP was delivered while it stopped):
+        the leader's wait status said which (Tracee.stop_sig)."""
         for p in self.procs.values():
             t = p.leader
             if p.zombie or t is None or p.vfork_child:     # (a vfork parent stops later)
                 continue
-            signo = int.from_bytes(t.get_siginfo()[:4], "little")
+            signo = t.stop_sig
             if signo in STOP_SIGNALS:
                 p.stop_signo = signo
                 log.info("pid %d is stopped (signal %d): dumped as stopped", p.pid, signo)

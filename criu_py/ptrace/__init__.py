@@ -55,6 +55,9 @@ class Tracee:
         self.attached = False
         self.dead = False
         self._mem_fd = -1
+        # the signal the PTRACE_EVENT_STOP trap reported: SIGTRAP for our interrupt, the
+        # stop signal when the task was (or went) into a group stop
+        self.stop_sig = 0
 
     # ------------------------------------------------------------ attach / stop
     def seize(self) -> None:
@@ -113,6 +116,7 @@ class Tracee:
             status = self._wait()
             sig, event = os.WSTOPSIG(status), status >> 16
             if event == PTRACE_EVENT_STOP:
+                self.stop_sig = sig
                 return
             # A signal-delivery stop: deliver it and wait for the pending interrupt.
             log.debug("pid %d: signal %d %s while stopping", self.pid, sig,
