@@ -79,7 +79,7 @@ class Sink:
         so a vmspliced page could leave with other bytes than the task summed."""
         from criu_py.errors import check_errno
         from criu_py.images import PE_PRESENT
-        from criu_py.native import ffi, lib
+        from criu_py.native import lib
         flags = P.PS_FLAG_DIGEST if self.digests else 0
         sent = None
         present = []
@@ -89,10 +89,7 @@ class Sink:
             present = [(s, e) for s, e, f in split if f & PE_PRESENT and not f & CP_PS_COPY]
         if task is not None and present:
             from criu_py.dump import parasite
-            arr = ffi.new("struct cp_ps_entry[]", len(split))
-            for i, (start, end, f) in enumerate(split):
-                arr[i].start, arr[i].end, arr[i].flags = start, end, f
-            nents = len(split)
+            arr, nents = _entry_array(split), len(split)
 
             def reader(pipe_r, crcs_remote, stop):
                 return lib.cp_ps_splice_pages(pid, self.sock.fileno(), pipe_r, arr,
@@ -107,12 +104,9 @@ class Sink:
                           "(rseq areas)", pid, sum(1 for *_, f in split if f & CP_PS_COPY))
         if sent is None:
             log.debug("pid %d: pages read with process_vm_readv", pid)
-            arr = ffi.new("struct cp_ps_entry[]", len(entries))
-            for i, (start, end, f) in enumerate(entries):
-                arr[i].start, arr[i].end, arr[i].flags = start, end, f
-            sent = lib.cp_ps_send_pages(pid, self.sock.fileno(), arr, len(entries),
-                                        PE_PRESENT, flags, int(self.digests), self.bufs,
-                                        P.MAX_CHUNK, self.crcs)
+            sent = lib.cp_ps_send_pages(pid, self.sock.fileno(), _entry_array(entries),
+                                        len(entries), PE_PRESENT, flags, int(self.digests),
+                                        self.bufs, P.MAX_CHUNK, self.crcs)
         if sent < 0:
             import errno
             if -sent in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ETIMEDOUT):
@@ -139,6 +133,15 @@ class Sink:
 
 
 CP_PS_COPY = 1 << 32             # csrc/pagexfer.h: an entry read, not vmspliced
+
+
+def _entry_array(entries: list):
+    """[(start, end, flags)] as the struct cp_ps_entry array csrc/pagexfer.c takes."""
+    from criu_py.native import ffi
+    arr = ffi.new("struct cp_ps_entry[]", len(entries))
+    for i, (start, end, flags) in enumerate(entries):
+        arr[i].start, arr[i].end, arr[i].flags = start, end, flags
+    return arr
 
 
 def _copied_apart(entries: list, pages: set) -> list:
