@@ -56,6 +56,23 @@ def read_lines(fd: int, want: int, timeout: float = 10) -> list[tuple[int, float
     return out
 
 
+def dumped_printer_on_a_pipe(h, lines: int):
+    """A printer whose stdout is a pipe read here, outside the tree, dumped once it
+    printed `lines` lines; then the reader is gone too. (task, the pipe's inode, images,
+    every line it printed)."""
+    r, w = os.pipe()
+    task = start_printer(h, w)
+    os.close(w)
+    try:
+        inode = os.fstat(r).st_ino
+        seen = read_lines(r, lines)
+        images = h.dump(task)
+        seen += read_lines(r, 0)
+    finally:
+        os.close(r)
+    return task, inode, images, seen
+
+
 def restore_with(h, images, task, *extra, pass_fds=()):
     restored = Task(task.pid, task.marker, None)
     h.tasks.append(restored)
@@ -67,14 +84,7 @@ def restore_with(h, images, task, *extra, pass_fds=()):
 
 
 def test_stdout_pipe_to_outside_the_tree(h):
-    r, w = os.pipe()
-    task = start_printer(h, w)
-    os.close(w)
-    inode = os.fstat(r).st_ino
-    seen = read_lines(r, 5)
-    images = h.dump(task)
-    seen += read_lines(r, 0)
-    os.close(r)                         # the reader outside the tree is gone
+    task, inode, images, seen = dumped_printer_on_a_pipe(h, 5)
     last = max(n for n, _ in seen)
     r2, w2 = os.pipe()
     try:
@@ -117,13 +127,7 @@ def test_stdout_file_handed_in_by_path(h):
 
 
 def test_bad_inherit_fd_specs(h):
-    r, w = os.pipe()
-    task = start_printer(h, w)
-    os.close(w)
-    inode = os.fstat(r).st_ino
-    read_lines(r, 2)
-    images = h.dump(task)
-    os.close(r)
+    task, inode, images, _ = dumped_printer_on_a_pipe(h, 2)
     closed = os.open("/dev/null", os.O_RDONLY)
     os.close(closed)
     for spec, words in (("fd3:pipe", ["not fd[N]:RESOURCE"]),

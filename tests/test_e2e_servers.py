@@ -27,6 +27,22 @@ def tids(pid: int) -> list[int]:
     return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
 
 
+def assert_comes_back_warm(h, task, state, min_threads: int, more: int, what: str) -> None:
+    """Dump and restore a server whose state() (a tuple, its counter first) is read from
+    outside: the same threads (more than min_threads) come back, every number of the
+    state is where it was or further (not started again), and the counter goes on by
+    at least `more`."""
+    threads = tids(task.pid)
+    assert len(threads) > min_threads, f"{what} runs threads"
+    before = state()
+    images = h.dump(task)
+    h.restore(images, task=task)
+    assert tids(task.pid) == threads
+    first = state()
+    assert all(f >= b for f, b in zip(first, before)), (before, first)
+    wait_for(lambda: state()[0] >= first[0] + more, what=f"{what}'s timer after restore")
+
+
 # ---------------------------------------------------------------- redis
 def _fill(r: Redis, n: int = 300) -> None:
     for i in range(n):
@@ -265,21 +281,13 @@ def test_node_timer_and_http_server(h):
     task = start_server(h, [node, str(script)], str(script), "node.out")
     wait_port(port)
 
-    def ticks() -> int:
+    def ticks() -> tuple[int]:
         body = http_get(port)[0].split()
         assert int(body[1]) == task.pid
-        return int(body[0])
+        return (int(body[0]),)
 
-    wait_for(lambda: ticks() >= 50, what="node's timer")
-    threads = tids(task.pid)
-    assert len(threads) > 1, "node runs threads"
-    before = ticks()
-    images = h.dump(task)
-    h.restore(images, task=task)
-    assert tids(task.pid) == threads
-    first = ticks()
-    assert first >= before, "the counter started again"
-    wait_for(lambda: ticks() >= first + 5, what="node's timer after restore")
+    wait_for(lambda: ticks()[0] >= 50, what="node's timer")
+    assert_comes_back_warm(h, task, ticks, 1, 5, "node")
 
 
 # ---------------------------------------------------------------- Java
@@ -333,21 +341,13 @@ def test_java_http_server_with_a_warm_cache(h):
                         "java.out")
     wait_port(port, timeout=30)
 
-    def state() -> tuple[int, int, int]:
+    def state() -> tuple[int, int]:
         ticks, pid, size, square = http_get(port)[0].split()
         assert int(pid) == task.pid and int(square) == int(ticks) ** 2
         return int(ticks), int(size)
 
     wait_for(lambda: state()[0] >= 300, timeout=30, what="the JVM's cache to warm up")
-    threads = tids(task.pid)
-    assert len(threads) > 10, "a JVM runs threads"
-    before = state()
-    images = h.dump(task)
-    h.restore(images, task=task)
-    assert tids(task.pid) == threads
-    first = state()
-    assert first[0] >= before[0] and first[1] >= before[1], (before, first)
-    wait_for(lambda: state()[0] >= first[0] + 20, what="the JVM's timer after restore")
+    assert_comes_back_warm(h, task, state, 10, 20, "the JVM")
 
 
 # ---------------------------------------------------------------- http.server

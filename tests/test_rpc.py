@@ -107,14 +107,8 @@ def test_a_failed_rpc_dump_leaves_the_task_running(h):
 def test_restore_with_inherit_fd_over_rpc(h):
     """inherit_fd in criu_opts: the client's pipe (not inheritable: reopened through
     /proc) becomes the restored printer's stdout."""
-    from test_e2e_inherit_fd import read_lines, start_printer
-    r, w = os.pipe()
-    task = start_printer(h, w)
-    os.close(w)
-    inode = os.fstat(r).st_ino
-    read_lines(r, 3)
-    images = h.dump(task)
-    os.close(r)
+    from test_e2e_inherit_fd import dumped_printer_on_a_pipe, read_lines
+    task, inode, images, _ = dumped_printer_on_a_pipe(h, 3)
     r2, w2 = os.pipe()
     fd = os.open(images, os.O_RDONLY | os.O_DIRECTORY)
     try:
